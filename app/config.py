@@ -1,0 +1,44 @@
+"""Settings: one typed object, read from NEEDLE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from platformdirs import user_data_dir
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{Path(user_data_dir('needle')) / 'needle.sqlite'}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEEDLE_", extra="ignore")
+
+    database_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Neurons per page on a layer page.
+    page_size: int = 100
+    # Workers send a heartbeat this often; a running job with no heartbeat for
+    # stale_seconds goes back to the queue.
+    heartbeat_seconds: float = 5.0
+    stale_seconds: float = 60.0
+    max_attempts: int = 3
+    # Neurons decoded per batch: [batch x vocabulary] floats are held at a time.
+    decode_batch_size: int = 512
+    demo_name: str = "stdlib-demo"
+
+    def resolved_database_url(self) -> str:
+        url = self.database_url or default_database_url()
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

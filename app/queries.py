@@ -1,0 +1,355 @@
+"""Every read and write of the store, named. Routes, page builders and workers call these;
+nothing else holds SQL."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
+
+from app.schema import Job, Model, Neuron, SearchPart, TokenIndex, Vocab
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+# ---------------------------------------------------------------- models
+
+
+def list_models(session: Session) -> list[Model]:
+    return list(session.scalars(select(Model).order_by(Model.name)))
+
+
+def get_model(session: Session, name: str) -> Model | None:
+    return session.scalar(select(Model).where(Model.name == name))
+
+
+def save_model(session: Session, name: str, **fields) -> Model:
+    """Insert the model, or update its fields if the name exists."""
+    now = utcnow()
+    model = get_model(session, name)
+    if model is None:
+        model = Model(name=name, created_at=now, updated_at=now, **fields)
+        session.add(model)
+    else:
+        for k, v in fields.items():
+            setattr(model, k, v)
+        model.updated_at = now
+    session.flush()
+    return model
+
+
+def layer_counts(session: Session, model_id: int) -> dict[int, int]:
+    """Stored neurons per layer."""
+    rows = session.execute(
+        select(Neuron.layer, func.count()).where(Neuron.model_id == model_id).group_by(Neuron.layer)
+    )
+    return {layer: n for layer, n in rows}
+
+
+def layer_summaries(session: Session, model_id: int) -> list[dict]:
+    """Per stored layer: neuron count, best and mean top score."""
+    rows = session.execute(
+        select(Neuron.layer, func.count(), func.max(Neuron.top_score), func.avg(Neuron.top_score))
+        .where(Neuron.model_id == model_id)
+        .group_by(Neuron.layer)
+        .order_by(Neuron.layer)
+    )
+    return [
+        {"layer": layer, "neurons": n, "max_score": float(mx), "mean_score": float(avg)}
+        for layer, n, mx, avg in rows
+    ]
+
+
+# ---------------------------------------------------------------- vocabulary
+
+
+def replace_vocab(session: Session, model_id: int, rows: Sequence[dict]) -> None:
+    """rows: {"token_id", "token", "piece", "key"}."""
+    session.execute(delete(Vocab).where(Vocab.model_id == model_id))
+    if rows:
+        session.execute(Vocab.__table__.insert(), [{"model_id": model_id, **r} for r in rows])
+
+
+def vocab_size_stored(session: Session, model_id: int) -> int:
+    return session.scalar(select(func.count()).select_from(Vocab).where(Vocab.model_id == model_id)) or 0
+
+
+def tokens_by_ids(session: Session, model_id: int, token_ids: Iterable[int]) -> dict[int, str]:
+    ids = sorted({int(t) for t in token_ids})
+    out: dict[int, str] = {}
+    for i in range(0, len(ids), 900):
+        chunk = ids[i : i + 900]
+        rows = session.execute(
+            select(Vocab.token_id, Vocab.token).where(Vocab.model_id == model_id, Vocab.token_id.in_(chunk))
+        )
+        out.update({tid: tok for tid, tok in rows})
+    return out
+
+
+def tokens_by_key(session: Session, model_id: int, key: str) -> list[Vocab]:
+    """Vocabulary entries whose search key (see app.tokens.search_key) equals key."""
+    return list(
+        session.scalars(select(Vocab).where(Vocab.model_id == model_id, Vocab.key == key).order_by(Vocab.token_id))
+    )
+
+
+def tokens_by_text(session: Session, model_id: int, texts: Sequence[str]) -> list[Vocab]:
+    """Vocabulary entries whose decoded token or raw piece is exactly one of texts."""
+    return list(
+        session.scalars(
+            select(Vocab)
+            .where(Vocab.model_id == model_id, or_(Vocab.token.in_(texts), Vocab.piece.in_(texts)))
+            .order_by(Vocab.token_id)
+        )
+    )
+
+
+# ---------------------------------------------------------------- neurons
+
+
+def replace_neurons(session: Session, model_id: int, layers: Sequence[int], rows: Sequence[dict]) -> None:
+    """Replace the stored decodings of these layers with rows, in the caller's transaction."""
+    session.execute(delete(Neuron).where(Neuron.model_id == model_id, Neuron.layer.in_(list(layers))))
+    for i in range(0, len(rows), 5000):
+        session.execute(Neuron.__table__.insert(), [{"model_id": model_id, **r} for r in rows[i : i + 5000]])
+
+
+def get_neuron(session: Session, model_id: int, layer: int, neuron: int) -> Neuron | None:
+    return session.get(Neuron, (model_id, layer, neuron))
+
+
+LAYER_SORTS = {
+    "neuron": (Neuron.neuron.asc(),),
+    "score": (Neuron.top_score.desc(), Neuron.neuron.asc()),
+    "-score": (Neuron.top_score.asc(), Neuron.neuron.asc()),
+}
+
+
+def layer_neurons(session: Session, model_id: int, layer: int, sort: str, offset: int, limit: int) -> list[Neuron]:
+    return list(
+        session.scalars(
+            select(Neuron)
+            .where(Neuron.model_id == model_id, Neuron.layer == layer)
+            .order_by(*LAYER_SORTS[sort])
+            .offset(offset)
+            .limit(limit)
+        )
+    )
+
+
+def random_neuron(session: Session, model_id: int, rng: random.Random | None = None) -> tuple[int, int] | None:
+    counts = layer_counts(session, model_id)
+    if not counts:
+        return None
+    rng = rng or random.Random()
+    total = sum(counts.values())
+    pick = rng.randrange(total)
+    for layer in sorted(counts):
+        if pick < counts[layer]:
+            row = session.execute(
+                select(Neuron.layer, Neuron.neuron)
+                .where(Neuron.model_id == model_id, Neuron.layer == layer)
+                .order_by(Neuron.neuron)
+                .offset(pick)
+                .limit(1)
+            ).one()
+            return int(row.layer), int(row.neuron)
+        pick -= counts[layer]
+    return None
+
+
+# ---------------------------------------------------------------- search index
+
+
+def put_search_part(session: Session, model_id: int, part: str, **arrays) -> None:
+    session.execute(delete(SearchPart).where(SearchPart.model_id == model_id, SearchPart.part == part))
+    session.add(SearchPart(model_id=model_id, part=part, **arrays))
+    session.flush()
+
+
+def search_parts(session: Session, model_id: int) -> list[SearchPart]:
+    return list(session.scalars(select(SearchPart).where(SearchPart.model_id == model_id).order_by(SearchPart.part)))
+
+
+def delete_search_parts(session: Session, model_id: int, keep: Iterable[str] = ()) -> None:
+    session.execute(
+        delete(SearchPart).where(SearchPart.model_id == model_id, SearchPart.part.not_in(list(keep)))
+    )
+
+
+def replace_token_index(session: Session, model_id: int, rows: Sequence[dict]) -> None:
+    session.execute(delete(TokenIndex).where(TokenIndex.model_id == model_id))
+    for i in range(0, len(rows), 5000):
+        session.execute(TokenIndex.__table__.insert(), [{"model_id": model_id, **r} for r in rows[i : i + 5000]])
+
+
+def token_index_rows(session: Session, model_id: int, token_ids: Iterable[int]) -> dict[int, TokenIndex]:
+    ids = sorted({int(t) for t in token_ids})
+    rows = session.scalars(select(TokenIndex).where(TokenIndex.model_id == model_id, TokenIndex.token_id.in_(ids)))
+    return {r.token_id: r for r in rows}
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def enqueue_job(
+    session: Session,
+    model_id: int,
+    stage: str,
+    key: str,
+    params: dict,
+    *,
+    requires_stage: str | None = None,
+    max_attempts: int = 3,
+    force: bool = False,
+) -> Job:
+    """Add a job unless the same (model, stage, key) exists. An existing job is reset to the
+    queue when forced, or when it failed; a done job stays done otherwise."""
+    now = utcnow()
+    job = session.scalar(select(Job).where(Job.model_id == model_id, Job.stage == stage, Job.key == key))
+    if job is None:
+        job = Job(
+            model_id=model_id,
+            stage=stage,
+            key=key,
+            params=params,
+            requires_stage=requires_stage,
+            state="queued",
+            attempts=0,
+            max_attempts=max_attempts,
+            progress=0.0,
+            run_after=now,
+            created_at=now,
+        )
+        session.add(job)
+    elif force or job.state == "failed":
+        job.params, job.requires_stage, job.max_attempts = params, requires_stage, max_attempts
+        job.state, job.attempts, job.progress, job.error = "queued", 0, 0.0, None
+        job.worker, job.heartbeat_at, job.started_at, job.finished_at = None, None, None, None
+        job.run_after = now
+    session.flush()
+    return job
+
+
+def jobs_for_model(session: Session, model_id: int) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.model_id == model_id).order_by(Job.id)))
+
+
+def pending_jobs(session: Session, model_id: int | None = None) -> int:
+    q = select(func.count()).select_from(Job).where(Job.state.in_(("queued", "running")))
+    if model_id is not None:
+        q = q.where(Job.model_id == model_id)
+    return session.scalar(q) or 0
+
+
+def claim_job(session: Session, worker: str, model_id: int | None = None) -> Job | None:
+    """Claim the next runnable job in one statement (FOR UPDATE SKIP LOCKED on Postgres).
+
+    Runnable: queued, its run_after passed, and no job of the same model in its
+    requires_stage left undone.
+    """
+    now = utcnow()
+    blocker = aliased(Job)
+    candidate = (
+        select(Job.id)
+        .where(
+            Job.state == "queued",
+            Job.run_after <= now,
+            ~exists().where(
+                blocker.model_id == Job.model_id,
+                blocker.stage == Job.requires_stage,
+                blocker.state != "done",
+            ),
+        )
+        .order_by(Job.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    if model_id is not None:
+        candidate = candidate.where(Job.model_id == model_id)
+    job_id = session.execute(
+        update(Job)
+        .where(Job.id == candidate.scalar_subquery(), Job.state == "queued")
+        .values(
+            state="running",
+            worker=worker,
+            attempts=Job.attempts + 1,
+            heartbeat_at=now,
+            started_at=now,
+            finished_at=None,
+            progress=0.0,
+            error=None,
+        )
+        .returning(Job.id)
+    ).scalar()
+    if job_id is None:
+        return None
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def heartbeat(session: Session, job_id: int, worker: str, progress: float | None = None) -> bool:
+    """Record that worker still holds job_id; False if it no longer does."""
+    values: dict = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = float(progress)
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == "running").values(**values)
+    )
+    return res.rowcount == 1
+
+
+def finish_job(session: Session, job_id: int, worker: str) -> bool:
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker == worker, Job.state == "running")
+        .values(state="done", progress=1.0, finished_at=utcnow(), error=None)
+    )
+    return res.rowcount == 1
+
+
+def fail_job(session: Session, job_id: int, worker: str, error: str, *, retry: bool = True, backoff_s: float = 5.0) -> str:
+    """Record a failure: back to the queue after a backoff while attempts remain, else failed."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.worker != worker or job.state != "running":
+        return "lost"
+    now = utcnow()
+    job.error = error
+    job.finished_at = now
+    if retry and job.attempts < job.max_attempts:
+        job.state = "queued"
+        job.run_after = now + timedelta(seconds=backoff_s * (2 ** (job.attempts - 1)))
+    else:
+        job.state = "failed"
+    session.flush()
+    return job.state
+
+
+def release_job(session: Session, job_id: int, worker: str) -> None:
+    """Give a claimed job back to the queue untouched (its attempt is not counted)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker == worker, Job.state == "running")
+        .values(state="queued", worker=None, attempts=Job.attempts - 1, heartbeat_at=None)
+    )
+
+
+def requeue_stale(session: Session, stale_seconds: float) -> int:
+    """Jobs whose worker stopped sending heartbeats go back to the queue (or fail when out of attempts)."""
+    cutoff = utcnow() - timedelta(seconds=stale_seconds)
+    stale = and_(Job.state == "running", Job.heartbeat_at < cutoff)
+    n_failed = session.execute(
+        update(Job)
+        .where(stale, Job.attempts >= Job.max_attempts)
+        .values(state="failed", error="worker stopped sending heartbeats", finished_at=utcnow())
+    ).rowcount
+    n_queued = session.execute(
+        update(Job)
+        .where(stale, Job.attempts < Job.max_attempts)
+        .values(state="queued", worker=None, heartbeat_at=None, error="worker stopped sending heartbeats")
+    ).rowcount
+    return n_failed + n_queued

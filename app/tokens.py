@@ -1,0 +1,21 @@
+"""Token strings: search keys and visible whitespace."""
+
+from __future__ import annotations
+
+LEADING_MARKERS = (" ", "Ġ", "▁")
+_VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
+
+
+def search_key(text: str) -> str:
+    """The key a token is searched by: one leading space, Ġ or ▁ dropped, then case-folded.
+
+    So "dog", " dog", "Ġdog", "▁Dog" and "DOG" all share the key "dog".
+    """
+    if text[:1] in LEADING_MARKERS and len(text) > 1:
+        text = text[1:]
+    return text.casefold()
+
+
+def visible(text: str) -> str:
+    """Whitespace made visible for display: ␣ for a space, ↵ for a newline, ⇥ for a tab."""
+    return text.translate(_VISIBLE) if text else "∅"

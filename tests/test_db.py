@@ -1,0 +1,91 @@
+"""The store: migrations and the job queue, on SQLite and Postgres."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from app import queries
+from app.db import current_revision, head_revision, make_engine, require_migrated, session_scope
+from app.errors import NeedleError
+
+
+def _model(session):
+    return queries.save_model(
+        session, "m", source="x", family="gpt2", architecture="GPT2LMHeadModel", n_layers=2, d_model=4,
+        d_mlp=8, vocab_size=10, device="cpu", dtype="float32", decode_norm="none", info={},
+    )
+
+
+def test_fresh_database_is_at_head(engine):
+    assert current_revision(engine) == head_revision()
+    require_migrated(engine)
+
+
+def test_unmigrated_database_is_refused_naming_the_command(tmp_path):
+    eng = make_engine(f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    with pytest.raises(NeedleError) as err:
+        require_migrated(eng)
+    assert "needle db upgrade" in str(err.value)
+
+
+def test_jobs_wait_for_required_stage_and_claim_once(engine):
+    with session_scope(engine) as s:
+        m = _model(s)
+        queries.enqueue_job(s, m.id, "decode", "layers:0-1", {"layers": [0, 1]})
+        queries.enqueue_job(s, m.id, "search_index", "all", {}, requires_stage="decode")
+    with session_scope(engine) as s:
+        job = queries.claim_job(s, "w1")
+        assert job.stage == "decode" and job.attempts == 1
+    with session_scope(engine) as s:
+        # decode is running, so search_index must wait
+        assert queries.claim_job(s, "w2") is None
+    with session_scope(engine) as s:
+        assert queries.finish_job(s, job.id, "w1")
+    with session_scope(engine) as s:
+        nxt = queries.claim_job(s, "w2")
+        assert nxt.stage == "search_index"
+
+
+def test_enqueue_is_idempotent_and_force_requeues(engine):
+    with session_scope(engine) as s:
+        m = _model(s)
+        a = queries.enqueue_job(s, m.id, "decode", "k", {})
+        b = queries.enqueue_job(s, m.id, "decode", "k", {})
+        assert a.id == b.id
+    with session_scope(engine) as s:
+        j = queries.claim_job(s, "w")
+        queries.finish_job(s, j.id, "w")
+    with session_scope(engine) as s:
+        assert queries.enqueue_job(s, m.id, "decode", "k", {}).state == "done"
+        assert queries.enqueue_job(s, m.id, "decode", "k", {}, force=True).state == "queued"
+
+
+def test_stale_job_goes_back_to_queue_then_fails_after_max_attempts(engine):
+    with session_scope(engine) as s:
+        m = _model(s)
+        queries.enqueue_job(s, m.id, "decode", "k", {}, max_attempts=2)
+    for attempt in (1, 2):
+        with session_scope(engine) as s:
+            j = queries.claim_job(s, f"w{attempt}")
+            assert j is not None and j.attempts == attempt
+            j.heartbeat_at = queries.utcnow() - timedelta(seconds=120)
+        with session_scope(engine) as s:
+            assert queries.requeue_stale(s, stale_seconds=60) == 1
+    with session_scope(engine) as s:
+        (job,) = queries.jobs_for_model(s, m.id)
+        assert job.state == "failed" and "heartbeat" in job.error
+
+
+def test_failure_retries_with_backoff_then_fails(engine):
+    with session_scope(engine) as s:
+        m = _model(s)
+        queries.enqueue_job(s, m.id, "decode", "k", {}, max_attempts=2)
+    with session_scope(engine) as s:
+        j = queries.claim_job(s, "w")
+        assert queries.fail_job(s, j.id, "w", "boom", backoff_s=0) == "queued"
+    with session_scope(engine) as s:
+        j = queries.claim_job(s, "w")
+        assert queries.fail_job(s, j.id, "w", "boom again", backoff_s=0) == "failed"
+        assert j.error == "boom again"

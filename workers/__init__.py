@@ -1,0 +1,1 @@
+"""Needle's compute side: model loading, neuron access, stages run as jobs, results stored through app/."""
