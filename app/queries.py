@@ -28,6 +28,10 @@ def get_model(session: Session, name: str) -> Model | None:
     return session.scalar(select(Model).where(Model.name == name))
 
 
+def get_model_by_id(session: Session, model_id: int) -> Model | None:
+    return session.get(Model, model_id)
+
+
 def save_model(session: Session, name: str, **fields) -> Model:
     """Insert the model, or update its fields if the name exists."""
     now = utcnow()
@@ -247,6 +251,13 @@ def pending_jobs(session: Session, model_id: int | None = None) -> int:
     return session.scalar(q) or 0
 
 
+def failed_jobs(session: Session, model_id: int | None = None) -> list[Job]:
+    q = select(Job).where(Job.state == "failed").order_by(Job.id)
+    if model_id is not None:
+        q = q.where(Job.model_id == model_id)
+    return list(session.scalars(q))
+
+
 def claim_job(session: Session, worker: str, model_id: int | None = None) -> Job | None:
     """Claim the next runnable job in one statement (FOR UPDATE SKIP LOCKED on Postgres).
 
@@ -353,3 +364,63 @@ def requeue_stale(session: Session, stale_seconds: float) -> int:
         .values(state="queued", worker=None, heartbeat_at=None, error="worker stopped sending heartbeats")
     ).rowcount
     return n_failed + n_queued
+
+
+# ---------------------------------------------------------------- web pages (reads)
+
+
+def neuron_counts_by_model(session: Session) -> dict[int, int]:
+    """Stored neurons per model, for the models list."""
+    rows = session.execute(select(Neuron.model_id, func.count()).group_by(Neuron.model_id))
+    return {model_id: n for model_id, n in rows}
+
+
+def job_states_by_model(session: Session) -> dict[int, dict[str, int]]:
+    """Jobs per model per state, for the models list."""
+    out: dict[int, dict[str, int]] = {}
+    rows = session.execute(select(Job.model_id, Job.state, func.count()).group_by(Job.model_id, Job.state))
+    for model_id, state, n in rows:
+        out.setdefault(model_id, {})[state] = n
+    return out
+
+
+def layer_summary(session: Session, model_id: int, layer: int) -> dict:
+    """One layer: stored neuron count and best top score (None when nothing is stored)."""
+    n, best = session.execute(
+        select(func.count(), func.max(Neuron.top_score)).where(Neuron.model_id == model_id, Neuron.layer == layer)
+    ).one()
+    return {"layer": layer, "neurons": n, "max_score": None if best is None else float(best)}
+
+
+def next_neuron(session: Session, model_id: int, layer: int, neuron: int) -> tuple[int, int] | None:
+    """The stored neuron after (layer, neuron), crossing into the next layer at the end of one."""
+    row = session.execute(
+        select(Neuron.layer, Neuron.neuron)
+        .where(
+            Neuron.model_id == model_id,
+            or_(Neuron.layer > layer, and_(Neuron.layer == layer, Neuron.neuron > neuron)),
+        )
+        .order_by(Neuron.layer, Neuron.neuron)
+        .limit(1)
+    ).first()
+    return None if row is None else (int(row.layer), int(row.neuron))
+
+
+def previous_neuron(session: Session, model_id: int, layer: int, neuron: int) -> tuple[int, int] | None:
+    """The stored neuron before (layer, neuron), crossing into the previous layer at the start of one."""
+    row = session.execute(
+        select(Neuron.layer, Neuron.neuron)
+        .where(
+            Neuron.model_id == model_id,
+            or_(Neuron.layer < layer, and_(Neuron.layer == layer, Neuron.neuron < neuron)),
+        )
+        .order_by(Neuron.layer.desc(), Neuron.neuron.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else (int(row.layer), int(row.neuron))
+
+
+def has_token_index(session: Session, model_id: int) -> bool:
+    """Whether the search_index stage has written any token rows for the model yet."""
+    row = session.execute(select(TokenIndex.token_id).where(TokenIndex.model_id == model_id).limit(1)).first()
+    return row is not None

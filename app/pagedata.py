@@ -1,0 +1,360 @@
+"""One builder per page. Each returns the page's data as a plain, JSON-ready dict: the HTML
+page, its .json twin and its htmx fragment all render from it.
+
+Builders take path segments and query values as the user typed them and raise NotFound
+(404) for a model, layer or neuron that does not exist, NeedleError (400) for bad input.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from app import queries, urls
+from app.arrays import FLOAT32, INT32, unpack
+from app.errors import NeedleError, NotFound
+from app.schema import Job, Model
+from app.search import matching_tokens, number, ranked_neurons, tokenize_query
+
+DIGITS = re.compile(r"[0-9]+")
+MAX_QUERY_CHARS = 200
+LAYER_ROW_TOKENS = 5
+DECODE_NORMS = {
+    "none": "Input weights decoded as they are, as in Davies (2025): p = softmax(W_U · w_in), no final norm.",
+    "final": "Input weights multiplied elementwise by the final norm's weight (Gemma: 1 + w) before the LM head: "
+    "p = softmax(W_U · (γ ⊙ w_in)). The norm's centring and scaling by the input's RMS are not applied.",
+}
+SORT_LABELS = {"score": "best score first", "-score": "lowest score first", "neuron": "neuron index"}
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def _model(session: Session, name: str) -> Model:
+    model = queries.get_model(session, name)
+    if model is None:
+        raise NotFound(f"There is no model named {name!r}.", hint="The models list shows the models indexed here.")
+    return model
+
+
+def _index(text: str, what: str, model: Model, count: int) -> int:
+    """A layer or neuron number from a path segment: a non-negative integer below count."""
+    if not DIGITS.fullmatch(text):
+        raise NotFound(
+            f"{what.capitalize()} {text!r} is not a {what} number: {what}s are numbered 0 to {count - 1}.",
+        )
+    value = int(text)
+    if value >= count:
+        raise NotFound(f"Model {model.name!r} has no {what} {value}: its {what}s are numbered 0 to {count - 1}.")
+    return value
+
+
+def _token(token_id: int, text: dict[int, str], **values) -> dict:
+    return {"token": text.get(int(token_id)), "token_id": int(token_id), **values}
+
+
+def _time(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return round((end - start).total_seconds(), 1) if start and end else None
+
+
+def _job(job: Job) -> dict:
+    return {
+        "stage": job.stage,
+        "key": job.key,
+        "state": job.state,
+        "progress": number(job.progress or 0.0),
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "worker": job.worker,
+        "error": job.error,
+        "started_at": _time(job.started_at),
+        "finished_at": _time(job.finished_at),
+        "seconds": _seconds(job.started_at, job.finished_at) if job.state == "done" else None,
+    }
+
+
+def _stage_state(states: set[str]) -> str:
+    for state in ("failed", "running", "queued"):
+        if state in states:
+            return state
+    return "done"
+
+
+def _stages(jobs: list[Job]) -> list[dict]:
+    """Per stage: overall state, jobs done, and the time taken (first start to last finish)."""
+    by_stage: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_stage.setdefault(job.stage, []).append(job)
+    out = []
+    for stage, group in by_stage.items():
+        state = _stage_state({j.state for j in group})
+        starts = [j.started_at for j in group if j.started_at]
+        ends = [j.finished_at for j in group if j.finished_at]
+        out.append(
+            {
+                "stage": stage,
+                "state": state,
+                "jobs": len(group),
+                "done": sum(j.state == "done" for j in group),
+                "started_at": _time(min(starts, default=None)),
+                "finished_at": _time(max(ends, default=None)) if state == "done" else None,
+                "seconds": _seconds(min(starts, default=None), max(ends, default=None)) if state == "done" else None,
+            }
+        )
+    return out
+
+
+def _status(jobs: dict[str, int], stored: int) -> str:
+    if jobs.get("failed"):
+        return "failed"
+    if jobs.get("running") or jobs.get("queued"):
+        return "indexing"
+    return "ready" if stored else "empty"
+
+
+# ---------------------------------------------------------------- pages
+
+
+def models_page(session: Session) -> dict:
+    stored = queries.neuron_counts_by_model(session)
+    jobs = queries.job_states_by_model(session)
+    return {
+        "url": urls.models_url(),
+        "json_url": urls.models_url(fmt=urls.JSON),
+        "models": [
+            {
+                "name": m.name,
+                "url": urls.model_url(m.name),
+                "json_url": urls.model_url(m.name, fmt=urls.JSON),
+                "source": m.source,
+                "family": m.family,
+                "architecture": m.architecture,
+                "n_layers": m.n_layers,
+                "d_mlp": m.d_mlp,
+                "neurons": m.n_layers * m.d_mlp,
+                "neurons_stored": stored.get(m.id, 0),
+                "jobs": jobs.get(m.id, {}),
+                "status": _status(jobs.get(m.id, {}), stored.get(m.id, 0)),
+            }
+            for m in queries.list_models(session)
+        ],
+    }
+
+
+def model_page(session: Session, name: str) -> dict:
+    model = _model(session, name)
+    summaries = {s["layer"]: s for s in queries.layer_summaries(session, model.id)}
+    jobs = queries.jobs_for_model(session, model.id)
+    layers = []
+    for layer in range(model.n_layers):
+        summary = summaries.get(layer, {})
+        layers.append(
+            {
+                "layer": layer,
+                "url": urls.layer_url(model.name, layer),
+                "neurons": summary.get("neurons", 0),
+                "max_score": number(summary["max_score"]) if summary else None,
+                "mean_score": number(summary["mean_score"]) if summary else None,
+            }
+        )
+    return {
+        "model": model.name,
+        "url": urls.model_url(model.name),
+        "json_url": urls.model_url(model.name, fmt=urls.JSON),
+        "source": model.source,
+        "family": model.family,
+        "architecture": model.architecture,
+        "n_layers": model.n_layers,
+        "d_model": model.d_model,
+        "d_mlp": model.d_mlp,
+        "vocab_size": model.vocab_size,
+        "device": model.device,
+        "dtype": model.dtype,
+        "decode_norm": model.decode_norm,
+        "decode_norm_text": DECODE_NORMS.get(model.decode_norm, model.decode_norm),
+        "has_tokenizer": bool(model.tokenizer_json),
+        "info": model.info or {},
+        "created_at": _time(model.created_at),
+        "updated_at": _time(model.updated_at),
+        "neurons": model.n_layers * model.d_mlp,
+        "neurons_stored": sum(layer["neurons"] for layer in layers),
+        "layers": layers,
+        "stages": _stages(jobs),
+        "jobs": [_job(j) for j in jobs],
+        "jobs_pending": any(j.state in ("queued", "running") for j in jobs),
+    }
+
+
+def layer_page(
+    session: Session, name: str, layer_text: str, *, page: str | None, sort: str | None, page_size: int
+) -> dict:
+    model = _model(session, name)
+    layer = _index(layer_text, "layer", model, model.n_layers)
+    sort = sort or urls.DEFAULT_LAYER_SORT
+    if sort not in urls.LAYER_SORTS:
+        raise NeedleError(f"Unknown sort {sort!r}: use one of {', '.join(urls.LAYER_SORTS)}.")
+    if page is None:
+        page_number = 1
+    elif DIGITS.fullmatch(page) and int(page) >= 1:
+        page_number = int(page)
+    else:
+        raise NeedleError(f"Page {page!r} is not a page number: pages are numbered from 1.")
+    summary = queries.layer_summary(session, model.id, layer)
+    pages = max(1, math.ceil(summary["neurons"] / page_size))
+    if page_number > pages:
+        raise NeedleError(f"Page {page_number} is out of range: layer {layer} has {pages} page(s) of neurons.")
+
+    rows = queries.layer_neurons(session, model.id, layer, sort, (page_number - 1) * page_size, page_size)
+    top_ids = {row.neuron: unpack(row.in_ids, INT32)[:LAYER_ROW_TOKENS] for row in rows}
+    top_scores = {row.neuron: unpack(row.in_scores, FLOAT32)[:LAYER_ROW_TOKENS] for row in rows}
+    text = queries.tokens_by_ids(
+        session, model.id, [t for ids in top_ids.values() for t in ids] + [r.top_token_id for r in rows]
+    )
+
+    def page_url(n: int | None, s: str = sort, fmt: str | None = None) -> str | None:
+        return None if n is None else urls.layer_url(model.name, layer, page=n, sort=s, fmt=fmt)
+
+    return {
+        "model": model.name,
+        "layer": layer,
+        "n_layers": model.n_layers,
+        "d_mlp": model.d_mlp,
+        "url": page_url(page_number),
+        "json_url": page_url(page_number, fmt=urls.JSON),
+        "sort": sort,
+        "sorts": [
+            {"sort": s, "label": label, "url": page_url(1, s), "current": s == sort} for s, label in SORT_LABELS.items()
+        ],
+        "page": page_number,
+        "pages": pages,
+        "page_size": page_size,
+        "neurons_stored": summary["neurons"],
+        "max_score": number(summary["max_score"]) if summary["max_score"] is not None else None,
+        "prev_page_url": page_url(page_number - 1 if page_number > 1 else None),
+        "next_page_url": page_url(page_number + 1 if page_number < pages else None),
+        "prev_layer_url": urls.layer_url(model.name, layer - 1) if layer > 0 else None,
+        "next_layer_url": urls.layer_url(model.name, layer + 1) if layer + 1 < model.n_layers else None,
+        "neurons": [
+            {
+                "neuron": row.neuron,
+                "url": urls.neuron_url(model.name, layer, row.neuron),
+                "top_token": _token(row.top_token_id, text),
+                "top_score": number(row.top_score),
+                "top_prob": number(row.top_prob),
+                "tokens": [
+                    _token(t, text, score=number(s)) for t, s in zip(top_ids[row.neuron], top_scores[row.neuron])
+                ],
+            }
+            for row in rows
+        ],
+    }
+
+
+def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str) -> dict:
+    model = _model(session, name)
+    layer = _index(layer_text, "layer", model, model.n_layers)
+    index = _index(neuron_text, "neuron", model, model.d_mlp)
+    row = queries.get_neuron(session, model.id, layer, index)
+    if row is None:
+        raise NotFound(
+            f"Neuron {index} of layer {layer} of {model.name!r} has not been decoded yet.",
+            hint="The model page shows the indexing jobs and their progress.",
+        )
+    in_ids, out_pos_ids, out_neg_ids = (unpack(b, INT32) for b in (row.in_ids, row.out_pos_ids, row.out_neg_ids))
+    text = queries.tokens_by_ids(session, model.id, [*in_ids, *out_pos_ids, *out_neg_ids, row.top_token_id])
+    previous = queries.previous_neuron(session, model.id, layer, index)
+    following = queries.next_neuron(session, model.id, layer, index)
+
+    def link(pos: tuple[int, int] | None) -> dict | None:
+        if pos is None:
+            return None
+        return {"layer": pos[0], "neuron": pos[1], "url": urls.neuron_url(model.name, *pos)}
+
+    return {
+        "model": model.name,
+        "layer": layer,
+        "neuron": index,
+        "url": urls.neuron_url(model.name, layer, index),
+        "json_url": urls.neuron_url(model.name, layer, index, fmt=urls.JSON),
+        "decode_norm": model.decode_norm,
+        "decode_norm_text": DECODE_NORMS.get(model.decode_norm, model.decode_norm),
+        "top_token": _token(row.top_token_id, text),
+        "top_prob": number(row.top_prob),
+        "top_score": number(row.top_score),
+        "mean_top100": number(row.mean_top100),
+        "input_tokens": [
+            _token(t, text, prob=number(p), score=number(s))
+            for t, p, s in zip(in_ids, unpack(row.in_probs, FLOAT32), unpack(row.in_scores, FLOAT32))
+        ],
+        "output_tokens": {
+            "promoted": [
+                _token(t, text, logit=number(v)) for t, v in zip(out_pos_ids, unpack(row.out_pos_logits, FLOAT32))
+            ],
+            "suppressed": [
+                _token(t, text, logit=number(v)) for t, v in zip(out_neg_ids, unpack(row.out_neg_logits, FLOAT32))
+            ],
+        },
+        "previous": link(previous),
+        "next": link(following),
+    }
+
+
+def random_neuron_target(session: Session, name: str, fmt: str | None = None, rng: random.Random | None = None) -> str:
+    """Where /{model}/random sends the browser: a random decoded neuron's permalink."""
+    model = _model(session, name)
+    pick = queries.random_neuron(session, model.id, rng)
+    if pick is None:
+        raise NotFound(f"Model {model.name!r} has no decoded neurons yet.", hint="Its model page shows the jobs.")
+    return urls.neuron_url(model.name, *pick, fmt=fmt)
+
+
+def search_page(session: Session, name: str, token: str | None) -> dict:
+    model = _model(session, name)
+    if not token:
+        raise NeedleError(
+            "Give a token to search for, for example ?token=dog.",
+            hint="Search finds the neurons whose input weights decode most strongly to one token.",
+        )
+    if len(token) > MAX_QUERY_CHARS:
+        raise NeedleError(f"The search query is {len(token)} characters long; the limit is {MAX_QUERY_CHARS}.")
+
+    matches = matching_tokens(session, model.id, token)
+    method = "token"
+    tokenized: list[dict] | None = None
+    ids = [m.token_id for m in matches]
+    text = {m.token_id: m.token for m in matches}
+    if not matches:
+        pieces = tokenize_query(model, token)
+        if pieces:
+            method = "tokenized"
+            ids = list(dict.fromkeys(pieces))
+            text = queries.tokens_by_ids(session, model.id, ids)
+            tokenized = [_token(t, text) for t in pieces]
+
+    index_rows = queries.token_index_rows(session, model.id, ids) if ids else {}
+    results = ranked_neurons(model.name, index_rows, text)
+    data = {
+        "model": model.name,
+        "query": token,
+        "url": urls.search_url(model.name, token),
+        "json_url": urls.search_url(model.name, token, fmt=urls.JSON),
+        "method": method,
+        "matches": [_token(t, text) for t in ids],
+        "index_ready": bool(index_rows) or queries.has_token_index(session, model.id),
+        "results": results,
+    }
+    if tokenized is not None:
+        data["tokenized"] = tokenized
+        data["groups"] = []
+        for t in ids:
+            own_rows = {t: index_rows[t]} if t in index_rows else {}
+            data["groups"].append({**_token(t, text), "results": ranked_neurons(model.name, own_rows, text)})
+    return data

@@ -1,0 +1,61 @@
+"""Turning a page's data into a response: the full HTML page, its htmx fragment (the
+template's "content" block), or its JSON twin. Autoescaping is on: token text is untrusted."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
+
+from app import urls
+from app.config import ROOT
+from app.tokens import visible
+
+TEMPLATES = ROOT / "templates"
+
+
+@lru_cache(maxsize=1)
+def environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["visible"] = visible
+    env.globals.update(urls.template_globals())
+    return env
+
+
+def wants_fragment(request: Request) -> bool:
+    """An htmx request gets the content block; a history restore needs the whole page."""
+    return request.headers.get("HX-Request") == "true" and request.headers.get("HX-History-Restore-Request") != "true"
+
+
+def render_block(template: Template, block: str, context: dict) -> str:
+    return "".join(template.blocks[block](template.new_context(context)))
+
+
+def render_html(request: Request, template_name: str, data: dict) -> str:
+    template = environment().get_template(template_name)
+    if not wants_fragment(request):
+        return template.render(data)
+    # htmx takes the document title from a top-level <title> in a fragment.
+    title = render_block(template, "title", data)
+    return f"<title>{title} · Needle</title>\n" + render_block(template, "content", data)
+
+
+def respond(request: Request, template_name: str, data: dict, fmt: str | None = None, status: int = 200) -> Response:
+    """The page as JSON (fmt="json"), as a fragment (htmx request) or as a whole page."""
+    if fmt == urls.JSON:
+        return JSONResponse(data, status_code=status)
+    return HTMLResponse(render_html(request, template_name, data), status_code=status, headers={"Vary": "HX-Request"})
+
+
+def render_partial(template_name: str, data: dict, headers: dict | None = None) -> HTMLResponse:
+    """A partial template (_name.html) alone, for a panel that polls itself."""
+    html = environment().get_template(template_name).render(data)
+    return HTMLResponse(html, headers=headers)

@@ -1,0 +1,91 @@
+"""The one error handler: NeedleError, FastAPI's 404/405/422 and unexpected exceptions all
+become an HTML error page, or {"ok": false, "error": ..., "status": ...} for a .json path.
+Never a stack trace; an unexpected exception is logged and answered with a generic 500."""
+
+from __future__ import annotations
+
+import logging
+from html import escape
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from app.errors import NeedleError
+from app.rendering import environment
+
+log = logging.getLogger("needle.web")
+
+
+def _describe(request: Request, exc: Exception) -> tuple[int, str, str | None]:
+    """(status, message, hint) for any exception."""
+    if isinstance(exc, NeedleError):
+        return exc.status, exc.message, exc.hint
+    if isinstance(exc, RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+            for e in exc.errors()
+        )
+        return 422, f"The request is not valid: {problems}.", None
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 404:
+            return 404, f"There is no page at {request.url.path}.", "The models list is at /."
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed at {request.url.path}; Needle's pages are read with GET."
+            return 405, message, None
+        return exc.status_code, str(exc.detail), None
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return 500, "Something went wrong on the server; the error was logged.", None
+
+
+def is_json_path(request: Request) -> bool:
+    return request.url.path.rstrip("/").endswith(".json")
+
+
+async def handle_error(request: Request, exc: Exception) -> Response:
+    status, message, hint = _describe(request, exc)
+    headers = getattr(exc, "headers", None) if isinstance(exc, HTTPException) else None
+    if is_json_path(request):
+        body = {"ok": False, "error": message, "status": status}
+        if hint:
+            body["hint"] = hint
+        return JSONResponse(body, status_code=status, headers=headers)
+    try:
+        html = environment().get_template("error.html").render(status=status, error=message, hint=hint)
+    except Exception:  # noqa: BLE001 - the error page itself must not fail
+        log.exception("error page could not be rendered")
+        html = f"<!doctype html><title>Error {status}</title><h1>Error {status}</h1><p>{escape(message)}</p>"
+    return HTMLResponse(html, status_code=status, headers=headers)
+
+
+class AnswerUnexpectedErrors:
+    """ASGI middleware: an exception no handler took becomes the generic 500 page here, so it
+    does not reach the server, which would log it a second time and drop the connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracking_start(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking_start)
+        except Exception as exc:
+            if started:
+                raise  # too late to answer with an error page
+            response = await handle_error(Request(scope), exc)
+            await response(scope, receive, send)
+
+
+def install_error_handler(app: FastAPI) -> None:
+    for exc_type in (NeedleError, HTTPException, RequestValidationError):
+        app.add_exception_handler(exc_type, handle_error)
+    app.add_middleware(AnswerUnexpectedErrors)

@@ -1,0 +1,96 @@
+"""Search by token: which vocabulary entries a query names, how a longer query tokenizes,
+and the neurons the search index ranks highest for those tokens.
+
+Uses the `tokenizers` library only (no transformers), with the tokenizer JSON the model
+was stored with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+
+from sqlalchemy.orm import Session
+
+from app import queries, urls
+from app.arrays import FLOAT32, INT32, unpack
+from app.schema import Model, TokenIndex, Vocab
+from app.tokens import search_key
+
+log = logging.getLogger(__name__)
+
+_tokenizers: dict[tuple[str, object], object] = {}
+_tokenizers_lock = threading.Lock()
+
+
+def number(x) -> float | None:
+    """A float for JSON: six significant digits, None for NaN or infinity."""
+    x = float(x)
+    return float(f"{x:.6g}") if math.isfinite(x) else None
+
+
+def matching_tokens(session: Session, model_id: int, query: str) -> list[Vocab]:
+    """Vocabulary entries the query names: the decoded token or raw piece equal to it, then
+    those with the same search key (" dog", "Ġdog", "▁dog", "Dog", "DOG" for "dog")."""
+    found: dict[int, Vocab] = {}
+    for entry in queries.tokens_by_text(session, model_id, [query]) + queries.tokens_by_key(
+        session, model_id, search_key(query)
+    ):
+        found.setdefault(entry.token_id, entry)
+    return list(found.values())
+
+
+def tokenize_query(model: Model, query: str) -> list[int] | None:
+    """The query's token ids under the model's own tokenizer; None when there is none to use."""
+    if not model.tokenizer_json:
+        return None
+    cache_key = (model.name, model.updated_at)
+    with _tokenizers_lock:
+        tokenizer = _tokenizers.get(cache_key)
+    if tokenizer is None:
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_str(model.tokenizer_json)
+        except Exception:  # noqa: BLE001 - a bad stored tokenizer only disables this fallback
+            log.exception("stored tokenizer of model %s could not be loaded", model.name)
+            return None
+        with _tokenizers_lock:
+            if len(_tokenizers) >= 8:
+                _tokenizers.clear()
+            _tokenizers[cache_key] = tokenizer
+    return list(tokenizer.encode(query, add_special_tokens=False).ids)
+
+
+def ranked_neurons(model_name: str, index_rows: dict[int, TokenIndex], token_text: dict[int, str]) -> list[dict]:
+    """Merge the search-index rows of several tokens into one list, best score first, one
+    entry per (layer, neuron) carrying the token it scored best on."""
+    best: dict[tuple[int, int], dict] = {}
+    for token_id, row in index_rows.items():
+        columns = (
+            unpack(row.layers, INT32),
+            unpack(row.neurons, INT32),
+            unpack(row.scores, FLOAT32),
+            unpack(row.probs, FLOAT32),
+        )
+        for layer, neuron, score, prob in zip(*columns):
+            layer, neuron, score = int(layer), int(neuron), float(score)
+            if layer < 0 or neuron < 0 or not math.isfinite(score):
+                continue  # padding in a short index row
+            seen = best.get((layer, neuron))
+            if seen is None or score > seen["_score"]:
+                best[(layer, neuron)] = {
+                    "layer": layer,
+                    "neuron": neuron,
+                    "token": token_text.get(token_id),
+                    "token_id": token_id,
+                    "score": number(score),
+                    "prob": number(prob),
+                    "url": urls.neuron_url(model_name, layer, neuron),
+                    "_score": score,
+                }
+    ranked = sorted(best.values(), key=lambda r: (-r["_score"], r["layer"], r["neuron"]))
+    for r in ranked:
+        del r["_score"]
+    return ranked

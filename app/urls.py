@@ -1,0 +1,82 @@
+"""Every URL the app links to is built here (templates get these as globals).
+
+Each page has a JSON twin: pass fmt="json". Query strings are only added for values that
+differ from the page's defaults, so each page has one canonical address.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlencode
+
+JSON = "json"
+DEFAULT_LAYER_SORT = "score"
+LAYER_SORTS = ("score", "-score", "neuron")
+
+
+def _path(*segments: object, fmt: str | None = None) -> str:
+    path = "/" + "/".join(quote(str(s), safe="") for s in segments)
+    if fmt == JSON:
+        path += ".json"
+    elif fmt is not None:
+        raise ValueError(f"unknown format {fmt!r}")
+    return path
+
+
+def _with_query(path: str, **params: object) -> str:
+    query = {k: v for k, v in params.items() if v is not None}
+    return f"{path}?{urlencode(query)}" if query else path
+
+
+def models_url(fmt: str | None = None) -> str:
+    return "/-/models.json" if fmt == JSON else "/"
+
+
+def model_url(model: str, fmt: str | None = None) -> str:
+    return _path(model, fmt=fmt)
+
+
+def jobs_panel_url(model: str) -> str:
+    """The model page's jobs panel alone, which polls this address while jobs are pending."""
+    return _with_query(model_url(model), fragment="jobs")
+
+
+def layer_url(model: str, layer: int, *, page: int = 1, sort: str = DEFAULT_LAYER_SORT, fmt: str | None = None) -> str:
+    return _with_query(
+        _path(model, layer, fmt=fmt),
+        sort=None if sort == DEFAULT_LAYER_SORT else sort,
+        page=None if page == 1 else page,
+    )
+
+
+def neuron_url(model: str, layer: int, neuron: int, fmt: str | None = None) -> str:
+    return _path(model, layer, neuron, fmt=fmt)
+
+
+def random_neuron_url(model: str, fmt: str | None = None) -> str:
+    return _path(model, "random", fmt=fmt)
+
+
+def search_url(model: str, token: str | None = None, fmt: str | None = None) -> str:
+    return _with_query(_path(model, "search", fmt=fmt), token=token)
+
+
+def feature_url(model: str, feature: str, fmt: str | None = None) -> str:
+    return _path(model, "features", feature, fmt=fmt)
+
+
+def static_url(name: str) -> str:
+    return "/-/static/" + quote(name)
+
+
+def template_globals() -> dict:
+    return {
+        "models_url": models_url,
+        "model_url": model_url,
+        "jobs_panel_url": jobs_panel_url,
+        "layer_url": layer_url,
+        "neuron_url": neuron_url,
+        "random_neuron_url": random_neuron_url,
+        "search_url": search_url,
+        "feature_url": feature_url,
+        "static_url": static_url,
+    }
