@@ -1,0 +1,276 @@
+"""The `needle` command: demo, index, serve, worker, db."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+
+from app.config import ROOT, Settings, get_settings
+from app.errors import NeedleError
+
+DEMO_MODEL = ROOT / "assets" / "demo-model"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name) or name.endswith(".json"):
+        raise NeedleError(
+            f"{name!r} is not a valid model name.",
+            hint="Use lowercase letters, digits, '.', '_' and '-' (starting with a letter or digit, not ending in .json), e.g. --name pythia-70m.",
+        )
+    return name
+
+
+class TqdmProgress:
+    """A progress bar per job, on stderr."""
+
+    def __init__(self, desc: str, total: int):
+        from tqdm import tqdm
+
+        self.total, self.done = total, 0
+        self.bar = tqdm(total=total, desc=desc, unit="neuron" if total > 1 else "step", leave=True, dynamic_ncols=True)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.done < self.total:
+            self.bar.update(self.total - self.done)
+        self.bar.close()
+
+
+# ---------------------------------------------------------------- index
+
+
+def index_model(
+    settings: Settings,
+    source: str,
+    name: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    decode_norm: str = "none",
+    force: bool = False,
+    layers_per_job: int = 0,
+    queue_only: bool = False,
+    quiet: bool = False,
+) -> int:
+    """Register `source` as `name`, enqueue its stages and run them in this process.
+    Returns the model id. Raises NeedleError, leaving the database as it was, when the
+    model cannot be loaded or conflicts with what is stored."""
+    from app import queries
+    from app.db import get_engine, require_migrated, session_scope
+    from workers.loading import load_model, tokenizer_json, vocabulary
+    from workers.stages import ModelSpec, plan_index
+    from workers.worker import ModelCache, Progress, Worker
+
+    check_name(name)
+    engine = get_engine(settings)
+    require_migrated(engine)
+    loaded = load_model(source, device=device, dtype=dtype)
+    adapter = loaded.adapter
+    if decode_norm == "final" and adapter.final_norm_scale() is None:
+        raise NeedleError(f"{source} has no final norm weight to apply.", hint="Use --decode-norm none.")
+    fields = {
+        "source": str(source),
+        "family": adapter.family,
+        "architecture": (loaded.config.architectures or [type(loaded.model).__name__])[0],
+        "n_layers": adapter.n_layers,
+        "d_model": adapter.d_model,
+        "d_mlp": adapter.d_mlp,
+        "vocab_size": adapter.vocab_size,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
+        "decode_norm": decode_norm,
+    }
+    with session_scope(engine) as s:
+        existing = queries.get_model(s, name)
+        if existing is not None and not force:
+            changed = {k: (getattr(existing, k), v) for k, v in fields.items() if k != "device" and getattr(existing, k) != v}
+            if changed:
+                what = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items())
+                raise NeedleError(
+                    f"A model named {name!r} is already indexed with {what}.",
+                    hint="Pass --force to recompute it with the new settings, or choose another --name.",
+                )
+        model = queries.save_model(
+            s, name, tokenizer_json=tokenizer_json(loaded.tokenizer),
+            info={"hidden_act": getattr(loaded.config, "hidden_act", None) or getattr(loaded.config, "activation_function", None),
+                  "logit_softcap": adapter.logit_softcap, "head_bias": adapter.head_bias() is not None},
+            **fields,
+        )
+        if force or existing is None or queries.vocab_size_stored(s, model.id) != adapter.vocab_size:
+            queries.replace_vocab(s, model.id, vocabulary(loaded.tokenizer, adapter.vocab_size))
+        lpj = layers_per_job or adapter.n_layers
+        plan_index(s, model, force=force, layers_per_job=lpj, max_attempts=settings.max_attempts)
+        model_id, spec = model.id, ModelSpec.of(model)
+    if queue_only:
+        return model_id
+    cache = ModelCache()
+    cache.put(spec, loaded)
+    worker = Worker(
+        engine, settings, cache=cache, only_model_id=model_id,
+        progress_factory=Progress if quiet else TqdmProgress,
+    )
+    worker.run(until_idle=True, poll_seconds=0.5)
+    with session_scope(engine) as s:
+        failed = queries.failed_jobs(s, model_id)
+        if failed:
+            errors = "; ".join(f"{j.stage} {j.key}: {j.error}" for j in failed)
+            raise NeedleError(f"Indexing {name!r} failed: {errors}", status=500)
+    return model_id
+
+
+def _model_is_indexed(settings: Settings, name: str) -> bool:
+    from app import queries
+    from app.db import get_engine, session_scope
+
+    with session_scope(get_engine(settings)) as s:
+        model = queries.get_model(s, name)
+        if model is None:
+            return False
+        jobs = queries.jobs_for_model(s, model.id)
+        return bool(jobs) and all(j.state == "done" for j in jobs)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_index(args, settings: Settings) -> None:
+    t0 = time.time()
+    index_model(
+        settings, args.model, args.name, device=args.device, dtype=args.dtype, decode_norm=args.decode_norm,
+        force=args.force, layers_per_job=args.layers_per_job, queue_only=args.queue,
+    )
+    if args.queue:
+        print(f"Queued {args.name}: run `needle worker` to compute it.")
+    else:
+        print(f"Indexed {args.name} in {time.time() - t0:.1f}s. Browse it with `needle serve`: "
+              f"http://{settings.host}:{settings.port}/{args.name}")
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from app.db import get_engine, require_migrated
+    from app.main import create_app
+
+    require_migrated(get_engine(settings))
+    print(f"Needle is serving at http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
+def cmd_serve(args, settings: Settings) -> None:
+    serve(settings, args.host or settings.host, args.port or settings.port)
+
+
+def cmd_demo(args, settings: Settings) -> None:
+    from app.db import get_engine, upgrade
+
+    engine = get_engine(settings)
+    upgrade(engine)
+    name = settings.demo_name
+    if _model_is_indexed(settings, name):
+        print(f"The demo model {name!r} is already indexed; skipping.", flush=True)
+    else:
+        print(f"Indexing the demo model {name!r} from {DEMO_MODEL} ...", flush=True)
+        index_model(settings, str(DEMO_MODEL), name, device=args.device)
+    if args.no_serve:
+        return
+    host, port = args.host or settings.host, args.port or settings.port
+    print(f"Open http://{host}:{port}/{name}", flush=True)
+    serve(settings, host, port)
+
+
+def cmd_worker(args, settings: Settings) -> None:
+    from app.db import get_engine, require_migrated
+    from workers.worker import Worker
+
+    engine = get_engine(settings)
+    require_migrated(engine)
+    worker = Worker(engine, settings)
+    print(f"worker {worker.name} waiting for jobs on {engine.url.render_as_string(hide_password=True)}", flush=True)
+    summary = worker.run(until_idle=args.until_idle)
+    print(f"worker {worker.name}: {len(summary.done)} done, {len(summary.failed)} failed attempts")
+
+
+def cmd_db(args, settings: Settings) -> None:
+    from app.db import current_revision, get_engine, head_revision, safe_url, upgrade
+
+    engine = get_engine(settings)
+    if args.db_command == "upgrade":
+        upgrade(engine)
+        print(f"{safe_url(engine)} is at schema {current_revision(engine)} (head).")
+    else:
+        cur, head = current_revision(engine), head_revision()
+        print(f"{safe_url(engine)}: schema {cur or 'none'}, head {head}" + ("" if cur == head else " (run `needle db upgrade`)"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="needle", description="Find and browse the neurons of transformer language models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="index the bundled demo model (if needed) and serve the dashboard")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-serve", action="store_true", help="index only")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("index", help="decode a model's MLP neurons into the database")
+    p.add_argument("model", help="a Hugging Face hub id or a local folder")
+    p.add_argument("--name", required=True, help="the model's name in URLs (a slug)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--decode-norm", default="none", choices=["none", "final"],
+                   help="'final' multiplies input weights by the final norm's weight before decoding")
+    p.add_argument("--force", action="store_true", help="recompute what is already stored")
+    p.add_argument("--layers-per-job", type=int, default=0, help="layers per decode job (default: all in one)")
+    p.add_argument("--queue", action="store_true", help="only enqueue the jobs, for `needle worker`")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("serve", help="serve the dashboard")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="claim and run queued jobs")
+    p.add_argument("--until-idle", action="store_true", help="exit when no job is left")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("db", help="database schema")
+    p.add_argument("db_command", choices=["upgrade", "current"])
+    p.set_defaults(func=cmd_db)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args, get_settings())
+    except NeedleError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  {exc.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; what was stored is kept, and unfinished jobs go back to the queue.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so in one line
+        if os.environ.get("NEEDLE_DEBUG"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("  This is a bug in Needle; rerun with NEEDLE_DEBUG=1 for the traceback and report it.", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

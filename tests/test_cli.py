@@ -1,0 +1,183 @@
+"""The `needle` command as a user runs it: a real process, its exit code and what it prints.
+Bad input gets one clear line and a non-zero exit, and the database stays as it was."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from app.config import Settings
+from app.db import engine_for
+from needle.cli import index_model
+from tests.tinymodels import build_tiny, build_unsupported
+
+
+def needle(*args: str, db_url: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "NEEDLE_DATABASE_URL": db_url, **env}
+    return subprocess.run(
+        [sys.executable, "-m", "needle.cli", *args], capture_output=True, text=True, env=environ, timeout=timeout
+    )
+
+
+def dump(db_url: str) -> dict:
+    """Every row of every table, to show a failed command changed nothing."""
+    engine = engine_for(db_url)
+    out = {}
+    with engine.connect() as c:
+        for table in ("models", "vocab", "neurons", "token_index", "search_parts", "jobs"):
+            out[table] = sorted(map(tuple, c.execute(text(f"select * from {table}")).fetchall()), key=repr)
+    return out
+
+
+def test_console_script_is_installed():
+    assert shutil.which("needle"), "pip install -e . provides the `needle` command"
+
+
+@pytest.fixture
+def indexed(db_url, tmp_path):
+    """A database that already holds one indexed model, and the model's folder."""
+    path = build_tiny("gpt2", tmp_path / "gpt2")
+    index_model(Settings(database_url=db_url), str(path), "kept", quiet=True)
+    return db_url, path
+
+
+def _assert_clear_error(proc, *phrases):
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    first = proc.stderr.strip().splitlines()[0]
+    assert first.startswith("error: ")
+    for phrase in phrases:
+        assert phrase.lower() in proc.stderr.lower(), proc.stderr
+
+
+def test_unknown_architecture(indexed, tmp_path):
+    db_url, _ = indexed
+    before = dump(db_url)
+    bad = build_unsupported(tmp_path / "bert")
+    proc = needle("index", str(bad), "--name", "bert", db_url=db_url)
+    _assert_clear_error(proc, "gpt2", "llama")  # names the supported families
+    assert dump(db_url) == before
+
+
+def test_missing_folder(indexed, tmp_path):
+    db_url, _ = indexed
+    before = dump(db_url)
+    proc = needle("index", str(tmp_path / "nope"), "--name", "nope", db_url=db_url)
+    _assert_clear_error(proc, "no such folder")
+    assert dump(db_url) == before
+
+
+def test_hub_id_without_network(indexed):
+    db_url, _ = indexed
+    before = dump(db_url)
+    t0 = time.time()
+    proc = needle("index", "EleutherAI/pythia-70m", "--name", "pythia-70m", db_url=db_url)
+    _assert_clear_error(proc, "hub")
+    assert time.time() - t0 < 60
+    assert dump(db_url) == before
+
+
+def test_model_without_mlp(indexed, tmp_path):
+    """A saved Llama whose MLP weights were removed loads without an MLP the adapter can read."""
+    db_url, _ = indexed
+    before = dump(db_url)
+    from tests.tinymodels import build_without_mlp
+
+    proc = needle("index", str(build_without_mlp(tmp_path / "nomlp")), "--name", "nomlp", db_url=db_url)
+    _assert_clear_error(proc, "mlp")
+    assert dump(db_url) == before
+
+
+def test_conflicting_settings_need_force(indexed):
+    db_url, path = indexed
+    before = dump(db_url)
+    proc = needle("index", str(path), "--name", "kept", "--decode-norm", "final", db_url=db_url)
+    _assert_clear_error(proc, "--force")
+    assert dump(db_url) == before
+
+
+def test_cuda_without_gpu(indexed):
+    db_url, path = indexed
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    before = dump(db_url)
+    proc = needle("index", str(path), "--name", "x", "--device", "cuda", db_url=db_url)
+    _assert_clear_error(proc, "cuda")
+    assert dump(db_url) == before
+
+
+def test_index_and_serve_refuse_an_unmigrated_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.sqlite'}"
+    for args in (["index", str(tmp_path), "--name", "x"], ["serve", "--port", "8765"]):
+        proc = needle(*args, db_url=url, timeout=60)
+        _assert_clear_error(proc, "needle db upgrade")
+    proc = needle("db", "upgrade", db_url=url, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "head" in proc.stdout
+
+
+def test_unreachable_postgres_is_a_clear_error(tmp_path):
+    proc = needle("db", "current", db_url="postgresql+psycopg://postgres@127.0.0.1:1/none", timeout=60)
+    _assert_clear_error(proc, "cannot reach the database")
+
+
+def test_index_command_prints_progress_and_the_url(db_url, tmp_path):
+    path = build_tiny("llama", tmp_path / "m")
+    proc = needle("index", str(path), "--name", "tiny-llama", db_url=db_url)
+    assert proc.returncode == 0, proc.stderr
+    assert "neuron" in proc.stderr  # the progress bar
+    assert "/tiny-llama" in proc.stdout
+    again = needle("index", str(path), "--name", "tiny-llama", db_url=db_url)
+    assert again.returncode == 0, again.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
+    """`needle demo` on a fresh database: migrates, indexes the bundled model, serves pages."""
+    url = f"sqlite:///{tmp_path / 'demo.sqlite'}"
+    port = _free_port()
+    env = {**os.environ, "NEEDLE_DATABASE_URL": url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "needle.cli", "demo", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo.json", timeout=5)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("needle demo did not serve within 240 s")
+        model = r.json()
+        assert model["model"]["name"] == "stdlib-demo" if "model" in model else model["name"] == "stdlib-demo"
+        neuron = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo/0/0.json", timeout=10).json()
+        assert len(neuron["input_tokens"]) == 20
+        search = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo/search.json", params={"token": "def"}, timeout=10).json()
+        assert search["results"], "a common Python token has neurons"
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}/stdlib-demo" in out
+    # a second run skips indexing
+    again = needle("demo", "--no-serve", db_url=url)
+    assert again.returncode == 0 and "skipping" in again.stdout

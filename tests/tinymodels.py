@@ -1,0 +1,301 @@
+"""Tiny random causal LMs of every supported family, saved as a user's model folder would be.
+
+    build_tiny("llama", tmp_path / "llama")   # config.json, model.safetensors, tokenizer files
+
+Each model has 2 layers, a 32-wide residual stream and a 64-wide MLP, random weights drawn
+from `seed` (norm scales included, so a norm read as w instead of 1 + w shows), and a
+tokenizer trained here with the `tokenizers` library on the small fixed text below:
+
+- byte-level BPE (GPT-2 style, "Ġdog") for gpt2, gpt_neox, opt, gptj, qwen2, qwen3;
+- sentencepiece-like BPE (Metaspace "▁dog", byte fallback "<0x0A>") for the Llama and Gemma
+  families and phi3.
+
+Both have "dog" and " dog" as single tokens and the added token "<script>alert(1)</script>".
+gpt_neox and phi3 pad their vocabulary (W_U has more rows than the tokenizer has tokens),
+as Pythia and Phi-3 do. "opt_proj" is an OPT whose word_embed_proj_dim differs from its
+hidden size, so it has project_in / project_out. `build_unsupported` saves a tiny BERT and
+`build_without_mlp` a Llama whose checkpoint lacks its MLP weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+HIDDEN = 32
+MLP = 64
+LAYERS = 2
+HEADS = 4
+POSITIONS = 64
+
+SCRIPT_TOKEN = "<script>alert(1)</script>"
+
+BYTE_LEVEL_FAMILIES = ("gpt2", "gpt_neox", "opt", "opt_proj", "gptj", "qwen2", "qwen3")
+SENTENCEPIECE_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")
+TINY_FAMILIES = BYTE_LEVEL_FAMILIES + SENTENCEPIECE_FAMILIES
+GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
+
+TRAINING_TEXT = """\
+The dog sat on the mat. A dog is a good friend, and the dog likes the park.
+My dog runs fast; your dog sleeps all day. The dog and the cat play in the garden.
+dog food, dog house, dog days: every dog has its day. Is that dog yours?
+Where is the dog? The dog is in the house with the other dog.
+def feed(dog):
+    dog.eat(food)
+    return dog
+
+class Dog:
+    def __init__(self, name):
+        self.name = name
+
+    def bark(self):
+        print("woof", self.name)
+
+for dog in dogs:
+    if dog.hungry:
+        feed(dog)
+dog = Dog("Rex")
+dog.bark()
+import os
+import sys
+def main(argv=None):
+    args = parse(argv)
+    with open(args.path) as f:
+        for line in f:
+            print(line.strip())
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
+The quick brown fox jumps over the lazy dog. The lazy dog did not move.
+A small dog, a big dog, a red dog and a blue dog went to the city.
+bulldog, hotdog, sheepdog, underdog, watchdog: (dog) [dog] {dog} "dog" self.dog my.dog
+"""
+
+
+def _training_lines(*, keepends: bool = True) -> list[str]:
+    return TRAINING_TEXT.splitlines(keepends=keepends) * 8
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_level_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_lines(), trainer)
+    _check_dog(tok, "dog", "Ġdog")
+    return tok.to_str()
+
+
+@functools.lru_cache(maxsize=None)
+def _sentencepiece_json() -> str:
+    """A Llama-style tokenizer: ▁ pieces, <unk>/<s>/</s> at ids 0-2, byte fallback <0x00>..<0xFF>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=240, special_tokens=specials, show_progress=False)
+    # lines without "\n", so a newline is byte fallback "<0x0A>" as in Llama's tokenizer
+    trained.train_from_iterator(_training_lines(keepends=False), trainer)
+    spec = json.loads(trained.to_str())["model"]
+
+    vocab = {tok: i for i, tok in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(specials)
+    _check_dog(tok, "dog", "▁dog")
+    return tok.to_str()
+
+
+def _check_dog(tok, *pieces: str) -> None:
+    vocab = tok.get_vocab()
+    missing = [p for p in pieces if p not in vocab]
+    if missing:
+        raise AssertionError(f"tiny tokenizer lacks single-token pieces {missing}; add them to TRAINING_TEXT")
+
+
+def tiny_tokenizer(style: str):
+    """A fresh PreTrainedTokenizerFast of `style` ("byte_level" or "sentencepiece")."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if style == "byte_level":
+        backend = Tokenizer.from_str(_byte_level_json())
+        special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    elif style == "sentencepiece":
+        backend = Tokenizer.from_str(_sentencepiece_json())
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    else:
+        raise ValueError(f"unknown tokenizer style {style!r}")
+    backend.add_tokens([AddedToken(SCRIPT_TOKEN, normalized=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+def tokenizer_style(family: str) -> str:
+    return "sentencepiece" if family in SENTENCEPIECE_FAMILIES else "byte_level"
+
+
+def _padded(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _config(family: str, tokenizer):
+    import transformers as tf
+
+    vocab = len(tokenizer)
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.eos_token_id,
+    }
+    decoder = {
+        "vocab_size": vocab,
+        "hidden_size": HIDDEN,
+        "intermediate_size": MLP,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "max_position_embeddings": POSITIONS,
+        **ids,
+    }
+    if family == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=vocab, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=MLP, **ids
+        )
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**{**decoder, "vocab_size": _padded(vocab)}, rotary_pct=0.5, tie_word_embeddings=False)
+    if family == "llama":
+        return tf.LlamaConfig(**decoder, num_key_value_heads=2, tie_word_embeddings=False)
+    if family == "mistral":
+        return tf.MistralConfig(**decoder, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)
+    if family == "qwen2":
+        return tf.Qwen2Config(**decoder, num_key_value_heads=2, tie_word_embeddings=True)
+    if family == "qwen3":
+        return tf.Qwen3Config(**decoder, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    if family == "gemma":
+        return tf.GemmaConfig(**decoder, num_key_value_heads=1, head_dim=8, hidden_activation="gelu_pytorch_tanh")
+    if family == "gemma2":
+        return tf.Gemma2Config(
+            **decoder,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=16,
+            final_logit_softcapping=3.0,
+            attn_logit_softcapping=50.0,
+        )
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(
+            **decoder,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=16,
+            final_logit_softcapping=3.0,
+        )
+    if family in ("opt", "opt_proj"):
+        return tf.OPTConfig(
+            vocab_size=vocab,
+            hidden_size=HIDDEN,
+            ffn_dim=MLP,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=POSITIONS,
+            word_embed_proj_dim=16 if family == "opt_proj" else HIDDEN,
+            **ids,
+        )
+    if family == "gptj":
+        return tf.GPTJConfig(
+            vocab_size=vocab, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=MLP,
+            rotary_dim=4, tie_word_embeddings=False, **ids,
+        )  # fmt: skip
+    if family == "phi3":
+        return tf.Phi3Config(
+            **{**decoder, "vocab_size": _padded(vocab)},
+            num_key_value_heads=HEADS,
+            original_max_position_embeddings=POSITIONS,
+            tie_word_embeddings=False,
+        )
+    raise ValueError(f"no tiny model for family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+
+
+def _randomise(model, seed: int, *, norm_center: float) -> None:
+    """Weights that make every term visible: matrices ~ N(0, 0.3), norm scales ~ center + N(0, 0.2)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.dim() >= 2:
+                p.copy_(0.3 * noise)
+            elif name.endswith("weight"):  # a norm's scale
+                p.copy_(norm_center + 0.2 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def build_tiny(family: str, path, *, seed: int = 0) -> Path:
+    """Save a tiny random model of `family` (one of TINY_FAMILIES) with its tokenizer into `path`."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    tokenizer = tiny_tokenizer(tokenizer_style(family))
+    config = _config(family, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    _randomise(model, seed, norm_center=0.0 if family in GEMMA_FAMILIES else 1.0)
+    model.eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_unsupported(path, *, seed: int = 0) -> Path:
+    """Save a tiny BERT (an architecture Needle does not support) with a tokenizer into `path`."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    path = Path(path)
+    tokenizer = tiny_tokenizer("byte_level")
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=HEADS,
+        intermediate_size=MLP,
+        max_position_embeddings=POSITIONS,
+    )
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_without_mlp(path, *, seed: int = 0) -> Path:
+    """A tiny Llama whose checkpoint lacks every MLP weight (transformers would fill them with random values)."""
+    from safetensors.torch import load_file, save_file
+
+    path = build_tiny("llama", path, seed=seed)
+    weights = path / "model.safetensors"
+    kept = {name: t for name, t in load_file(str(weights)).items() if ".mlp." not in name}
+    save_file(kept, str(weights), metadata={"format": "pt"})
+    return path

@@ -1,0 +1,334 @@
+"""Per-family access to a causal LM's MLP neurons: their weights, the unembedding, read and clamp.
+
+Neuron i of layer L is input feature i of that layer's MLP output projection: its activation
+is what the output projection multiplies by column i. It is read with a forward-pre-hook on
+the output projection and clamped by replacing that feature in the same hook. Its input
+weights are the row that produces it (a column of GPT-2's Conv1D, the up_proj row for a
+gated MLP, as in Davies et al.).
+
+One `Family` per supported `config.model_type` says where each family keeps these modules;
+`adapter_for(model)` binds one to a loaded model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from app.errors import NeedleError, NotFound
+
+InputKind = Literal["conv1d", "linear", "gated", "fused_gate_up"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one architecture keeps its MLP, final norm and unembedding.
+
+    Paths are dotted attribute paths: `layers` from the CausalLM to the list of blocks,
+    `mlp_in` / `mlp_gate` / `mlp_out` from a block, `final_norm` / `project_out` from the CausalLM.
+    """
+
+    name: str
+    layers: str
+    mlp_in: str
+    mlp_out: str
+    kind: InputKind
+    final_norm: str | None
+    mlp_gate: str | None = None
+    norm_plus_one: bool = False  # Gemma's RMSNorm multiplies by (1 + w)
+    softcap: bool = False  # Gemma-2/3: logits = c * tanh(logits / c), c = final_logit_softcapping
+    project_out: str | None = None  # OPT-350m: hidden -> word_embed_proj_dim before lm_head
+    flattens_tokens: bool = False  # OPT runs its MLP on [batch * seq, d]
+
+
+def _gated(name: str, **extra: Any) -> Family:
+    return Family(
+        name,
+        layers="model.layers",
+        mlp_in="mlp.up_proj",
+        mlp_gate="mlp.gate_proj",
+        mlp_out="mlp.down_proj",
+        kind="gated",
+        final_norm="model.norm",
+        **extra,
+    )
+
+
+def _families() -> dict[str, Family]:
+    from transformers import CONFIG_MAPPING
+
+    families = [
+        Family("gpt2", "transformer.h", "mlp.c_fc", "mlp.c_proj", "conv1d", "transformer.ln_f"),
+        Family(
+            "gpt_neox",
+            "gpt_neox.layers",
+            "mlp.dense_h_to_4h",
+            "mlp.dense_4h_to_h",
+            "linear",
+            "gpt_neox.final_layer_norm",
+        ),
+        _gated("llama"),
+        _gated("mistral"),
+        _gated("qwen2"),
+        _gated("qwen3"),
+        _gated("gemma", norm_plus_one=True),
+        _gated("gemma2", norm_plus_one=True, softcap=True),
+        _gated("gemma3_text", norm_plus_one=True, softcap=True),
+        Family(
+            "opt",
+            "model.decoder.layers",
+            "fc1",
+            "fc2",
+            "linear",
+            "model.decoder.final_layer_norm",
+            project_out="model.decoder.project_out",
+            flattens_tokens=True,
+        ),
+        Family("gptj", "transformer.h", "mlp.fc_in", "mlp.fc_out", "linear", "transformer.ln_f"),
+        Family(
+            "phi3",
+            "model.layers",
+            "mlp.gate_up_proj",
+            "mlp.down_proj",
+            "fused_gate_up",
+            "model.norm",
+            mlp_gate="mlp.gate_up_proj",
+        ),
+    ]
+    return {f.name: f for f in families if f.name in CONFIG_MAPPING}
+
+
+FAMILIES: dict[str, Family] = _families()
+
+
+def supported_model_types() -> list[str]:
+    """The config.model_type values Needle can read neurons of, sorted."""
+    return sorted(FAMILIES)
+
+
+def family_for_config(config: Any) -> Family:
+    """The Family of a transformers config (or a config.json dict); NeedleError if unsupported."""
+    if isinstance(config, Mapping):
+        model_type, architectures = config.get("model_type"), config.get("architectures")
+    else:
+        model_type, architectures = getattr(config, "model_type", None), getattr(config, "architectures", None)
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is not None:
+        return family
+    what = f"model_type {model_type!r}" if model_type else "a config without model_type"
+    if architectures:
+        what += f" ({', '.join(map(str, architectures))})"
+    raise NeedleError(
+        f"unsupported architecture: {what}; Needle supports the model types {', '.join(supported_model_types())}"
+    )
+
+
+def _lookup(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _as_index(value: Any) -> int | None:
+    """An int from an int-like (numpy and 0-d torch integers too); None for anything else, bools included."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """An Adapter for a loaded Hugging Face causal LM; NeedleError if its family is unknown or its MLP missing."""
+    return Adapter(model, family_for_config(model.config))
+
+
+class Adapter:
+    """Neuron access for one loaded model. Weights come back as detached views on the model's device and dtype."""
+
+    def __init__(self, model: nn.Module, spec: Family):
+        self.model = model
+        self.spec = spec
+        self.family: str = spec.name
+        blocks = _lookup(model, spec.layers)
+        if not isinstance(blocks, (nn.ModuleList, list, tuple)) or len(blocks) == 0:
+            raise NeedleError(
+                f"model has no MLP layers at {spec.layers} as the {spec.name} family keeps them; "
+                "pass a causal LM (…ForCausalLM) of that family"
+            )
+        self._blocks = list(blocks)
+        self._in: list[nn.Module] = []
+        self._gate: list[nn.Module] = []
+        self._out: list[nn.Module] = []
+        for index, block in enumerate(self._blocks):
+            for path in (spec.mlp_in, spec.mlp_gate, spec.mlp_out):
+                if path is not None and _lookup(block, path) is None:
+                    raise NeedleError(
+                        f"model has no MLP module {spec.layers}.{index}.{path}, which the {spec.name} family "
+                        "must have; the checkpoint does not match its config"
+                    )
+            self._in.append(_lookup(block, spec.mlp_in))
+            if spec.mlp_gate is not None and spec.mlp_gate != spec.mlp_in:
+                self._gate.append(_lookup(block, spec.mlp_gate))
+            self._out.append(_lookup(block, spec.mlp_out))
+        self.n_layers: int = len(self._blocks)
+        w_out = self.output_weights(0)
+        self.d_mlp: int = int(w_out.shape[0])
+        self.d_model: int = int(w_out.shape[1])
+        head = model.get_output_embeddings()
+        if head is None or getattr(head, "weight", None) is None:
+            raise NeedleError(
+                "model has no LM head (get_output_embeddings() is None); pass a causal LM, not a base model"
+            )
+        self._head = head
+        self._project_out = _lookup(model, spec.project_out) if spec.project_out else None
+        self._unembedding: torch.Tensor | None = None
+        self.vocab_size: int = int(self.unembedding().shape[0])
+        cap = getattr(model.config, "final_logit_softcapping", None) if spec.softcap else None
+        self.logit_softcap: float | None = float(cap) if cap else None
+
+    def __repr__(self) -> str:
+        return (
+            f"Adapter({self.family}, n_layers={self.n_layers}, d_model={self.d_model}, "
+            f"d_mlp={self.d_mlp}, vocab_size={self.vocab_size})"
+        )
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def _layer(self, layer: int) -> int:
+        index = _as_index(layer)
+        if index is None or not 0 <= index < len(self._blocks):
+            raise NotFound(f"no layer {layer}: the model has layers 0 to {len(self._blocks) - 1}")
+        return index
+
+    def _neuron(self, neuron: int) -> int:
+        index = _as_index(neuron)
+        if index is None or not 0 <= index < self.d_mlp:
+            raise NotFound(f"no neuron {neuron}: each layer has neurons 0 to {self.d_mlp - 1}")
+        return index
+
+    def input_weights(self, layer: int) -> torch.Tensor:
+        """[d_mlp, d_model]: row i is the input weight vector of neuron i (the up_proj row for gated MLPs)."""
+        weight = self._in[self._layer(layer)].weight.detach()
+        if self.spec.kind == "conv1d":  # Conv1D stores [in, out]
+            return weight.T
+        if self.spec.kind == "fused_gate_up":  # [gate; up] stacked on the output axis
+            return weight[weight.shape[0] // 2 :]
+        return weight
+
+    def output_weights(self, layer: int) -> torch.Tensor:
+        """[d_mlp, d_model]: row i is the direction neuron i writes to the residual stream."""
+        weight = self._out[self._layer(layer)].weight.detach()
+        return weight if self.spec.kind == "conv1d" else weight.T
+
+    def out_projection(self, layer: int) -> nn.Module:
+        """The module whose forward input is the neuron activations [..., d_mlp]."""
+        return self._out[self._layer(layer)]
+
+    def unembedding(self) -> torch.Tensor:
+        """[V, d_model]: the LM head (composed with OPT's project_out), one row per token id."""
+        if self._unembedding is None:
+            weight = self._head.weight.detach()
+            if self._project_out is not None:
+                with torch.no_grad():
+                    weight = weight @ self._project_out.weight.detach()
+            self._unembedding = weight
+        return self._unembedding
+
+    def head_bias(self) -> torch.Tensor | None:
+        """[V]: the LM head's bias (GPT-J), or None."""
+        bias = getattr(self._head, "bias", None)
+        return None if bias is None else bias.detach()
+
+    def final_norm_scale(self) -> torch.Tensor | None:
+        """[d_model]: the final norm's multiplicative weight ((1 + w) for Gemma), or None if there is none."""
+        norm = _lookup(self.model, self.spec.final_norm) if self.spec.final_norm else None
+        weight = getattr(norm, "weight", None)
+        if weight is None:
+            return None
+        weight = weight.detach()
+        if self.spec.norm_plus_one:
+            return (1.0 + weight.float()).to(weight.dtype)
+        return weight
+
+    def read_modules(self) -> dict[str, list[nn.Module]]:
+        """The modules whose weights the adapter reads, {"mlp": [...], "head": [...]}: a checkpoint must have them."""
+        head = [self._head] + ([self._project_out] if self._project_out is not None else [])
+        return {"mlp": [*self._in, *self._gate, *self._out], "head": head}
+
+    # ---- hooks -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _neuron_hook(
+        self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None], *, prepend: bool = False
+    ) -> Iterator[None]:
+        """Call fn(acts [batch, seq, d_mlp]) in a pre-hook on the out projection; a returned tensor replaces them."""
+        lead: dict[str, torch.Size] = {}
+        handles = []
+        if self.spec.flattens_tokens:  # note [batch, seq] at the block's input to undo the flattening
+
+            def note_shape(module, args, kwargs):
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if hidden is not None:
+                    lead["shape"] = hidden.shape[:-1]
+
+            handles.append(self._blocks[layer].register_forward_pre_hook(note_shape, with_kwargs=True))
+
+        def pre_hook(module, args):
+            acts = args[0]
+            shape = lead.get("shape")
+            tokens = acts
+            if acts.dim() == 2 and shape is not None and shape.numel() == acts.shape[0]:
+                tokens = acts.reshape(*shape, acts.shape[-1])
+            replaced = fn(tokens)
+            if replaced is None:
+                return None
+            return (replaced.reshape(acts.shape), *args[1:])
+
+        handles.append(self._out[layer].register_forward_pre_hook(pre_hook, prepend=prepend))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def read_activations(self, layers: int | Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Yield a dict layer -> activations [batch, seq, d_mlp] of the latest forward pass (detached copies).
+
+        Clamps are applied before reads, so a read sees what the output projection multiplies.
+        """
+        wanted = [layers] if isinstance(layers, int) else list(layers)
+        captured: dict[int, torch.Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            for layer in dict.fromkeys(self._layer(layer) for layer in wanted):
+
+                def capture(acts: torch.Tensor, layer: int = layer) -> None:
+                    captured[layer] = acts.detach().clone()
+
+                stack.enter_context(self._neuron_hook(layer, capture))
+            yield captured
+
+    @contextlib.contextmanager
+    def clamp(self, layer: int, neuron: int, values: float | torch.Tensor) -> Iterator[None]:
+        """Replace neuron's activation by `values` (broadcastable over [batch, seq]) while inside."""
+        layer, neuron = self._layer(layer), self._neuron(neuron)
+
+        def replace(acts: torch.Tensor) -> torch.Tensor:
+            value = torch.as_tensor(values, dtype=acts.dtype, device=acts.device)
+            out = acts.clone()
+            out[..., neuron] = torch.broadcast_to(value, acts.shape[:-1])
+            return out
+
+        with self._neuron_hook(layer, replace, prepend=True):
+            yield

@@ -1,0 +1,380 @@
+"""Load a Hugging Face causal LM and its tokenizer from a local folder or a hub id; device, dtype, vocabulary.
+
+The architecture is checked from config.json before any weights are read, so an unsupported
+model fails in a second with the list of supported families. A hub id is looked up in the
+local Hugging Face cache first; only if it is not there is the hub asked, once, with a short
+timeout and no retries, so that a machine without network fails fast with a clear message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.errors import NeedleError
+from app.tokens import search_key
+from workers.adapters import Adapter, adapter_for, family_for_config
+
+HUB_PROBE_TIMEOUT_S = 5.0
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json", "spiece.model", "vocab.txt")
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    config: Any
+    source: str
+    device: str
+    dtype: str
+
+
+# ---- device and dtype ------------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" if a GPU is available, else "cpu"; "cuda"/"cuda:N" are checked to exist."""
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise NeedleError(
+                f"device {device!r} was asked for but no CUDA GPU is available here; use --device cpu or auto"
+            )
+        if name != "cuda":
+            index = name.removeprefix("cuda:")
+            count = torch.cuda.device_count()
+            if not index.isdigit() or int(index) >= count:
+                raise NeedleError(f"no GPU {device!r}: this machine has cuda:0 to cuda:{count - 1}")
+        return name
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise NeedleError("device 'mps' was asked for but Apple's MPS backend is not available here; use cpu")
+        return name
+    raise NeedleError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """"auto" -> bfloat16 on a GPU that supports it, else float16 on GPU; float32 off GPU. Or an explicit name."""
+    name = (dtype or "auto").strip().lower()
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name in _DTYPES:
+        return _DTYPES[name]
+    raise NeedleError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---- where the model is ------------------------------------------------------------------------
+
+
+def _looks_like_path(source: str) -> bool:
+    if source in (".", "..", "~") or source.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        return True
+    separators = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    return any(sep in source for sep in separators) and not _HUB_ID.fullmatch(source)
+
+
+def _locate(source: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it is local). Raises for missing folders and bad names."""
+    source = source.strip()
+    if not source:
+        raise NeedleError("no model given: pass a local model folder or a Hugging Face hub id (owner/name)")
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NeedleError(f"{source} is a file, not a model folder: pass the folder that holds config.json")
+        return str(path.resolve()), True
+    if _looks_like_path(source):
+        raise NeedleError(f"no such folder: {source}")
+    if not _HUB_ID.fullmatch(source):
+        raise NeedleError(f"{source!r} is neither an existing folder nor a Hugging Face hub id (owner/name)")
+    return source, False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _not_reachable(repo: str, why: str) -> NeedleError:
+    return NeedleError(
+        f"could not load {repo!r} from the Hugging Face hub ({why}); "
+        f"download it where there is network (hf download {repo} --local-dir DIR) and pass the local folder"
+    )
+
+
+def _hub_config_path(repo: str) -> tuple[str, bool]:
+    """config.json of a hub model: from the cache if there (then everything loads offline), else one quick probe."""
+    from huggingface_hub import constants, errors, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.file_download import get_hf_file_metadata
+
+    try:
+        cached = try_to_load_from_cache(repo, "config.json")
+    except (ValueError, errors.HFValidationError) as exc:
+        raise NeedleError(f"{repo!r} is not a valid Hugging Face hub id: {_first_line(exc)}") from None
+    if isinstance(cached, str):
+        return cached, True
+    if constants.HF_HUB_OFFLINE:
+        raise _not_reachable(repo, "it is not in the local cache and HF_HUB_OFFLINE is set")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=HUB_PROBE_TIMEOUT_S, retry_on_errors=False)
+    except errors.GatedRepoError:
+        raise NeedleError(
+            f"{repo!r} is gated on the Hugging Face hub: accept its licence on the hub and log in (hf auth login)"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise NeedleError(
+            f"no model {repo!r} on the Hugging Face hub (or it is private: log in with hf auth login)"
+        ) from None
+    except errors.EntryNotFoundError:
+        raise NeedleError(
+            f"{repo!r} on the Hugging Face hub has no config.json: it is not a transformers model"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - DNS failure, refused connection, timeout, proxy: all "unreachable"
+        raise _not_reachable(repo, f"no connection: {_first_line(exc)}") from None
+    try:
+        return hf_hub_download(repo, "config.json"), False
+    except Exception as exc:  # noqa: BLE001
+        raise _not_reachable(repo, _first_line(exc)) from None
+
+
+def _read_config_json(path: Path | str, source: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise NeedleError(
+            f"{source} is not a model folder: it has no config.json "
+            "(pass the folder a model was saved to with save_pretrained)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NeedleError(f"config.json of {source} is not valid JSON: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise NeedleError(f"config.json of {source} is not a JSON object")
+    return data
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" bar or load report on stderr (missing weights become our own error);
+    the hub's download bars stay as they were."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars = not hub_utils.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if hub_bars:
+        hub_utils.enable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+        if not hub_bars:
+            hub_utils.disable_progress_bars()
+
+
+def load_model(source: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode without gradients, and bind its Adapter."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    resolved_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved_device)
+    ref, local = _locate(source)
+    if local:
+        config_path, offline = Path(ref) / "config.json", True
+    else:
+        config_path, offline = _hub_config_path(ref)
+    family_for_config(_read_config_json(config_path, source))  # unsupported -> error before any weights
+
+    kwargs = {"local_files_only": offline}
+    try:
+        config = AutoConfig.from_pretrained(ref, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise NeedleError(f"could not read the config of {source}: {_first_line(exc)}") from None
+    family_for_config(config)
+    no_tokenizer = NeedleError(
+        f"could not load a tokenizer from {source}: it has no tokenizer files "
+        f"({', '.join(_TOKENIZER_FILES[:3])}, ...); save the tokenizer beside the model (tokenizer.save_pretrained)"
+    )
+    if local and not any((Path(ref) / name).is_file() for name in _TOKENIZER_FILES):
+        raise no_tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise NeedleError(f"could not load a tokenizer from {source}: {_first_line(exc)}") from None
+    if len(tokenizer) <= len(getattr(tokenizer, "added_tokens_decoder", {})):  # transformers 5 builds an empty one
+        raise no_tokenizer
+    try:
+        # no device_map: transformers wants `accelerate` for it; one .to() does the same on one device
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                ref, config=config, dtype=torch_dtype, output_loading_info=True, **kwargs
+            )
+        model.to(resolved_device)
+    except torch.OutOfMemoryError:
+        raise NeedleError(
+            f"out of memory loading {source} on {resolved_device} as {dtype_name(torch_dtype)}; "
+            "try a smaller dtype (float16) or another device"
+        ) from None
+    except OSError as exc:
+        raise NeedleError(
+            f"could not load model weights from {source} (is there a model.safetensors or pytorch_model.bin?): "
+            f"{_first_line(exc)}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001
+        raise NeedleError(f"could not load the model from {source}: {_first_line(exc)}") from None
+    model.eval()
+    model.requires_grad_(False)
+    adapter = adapter_for(model)
+    _check_nothing_read_is_random(adapter, info.get("missing_keys") or (), source)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        config=config,
+        source=source,
+        device=resolved_device,
+        dtype=dtype_name(torch_dtype),
+    )
+
+
+def _check_nothing_read_is_random(adapter: Adapter, missing_keys, source: str) -> None:
+    """transformers fills weights missing from a checkpoint with random values; refuse if Needle would read them."""
+    if not missing_keys:
+        return
+    names = {id(module): name for name, module in adapter.model.named_modules()}
+    for part, modules in adapter.read_modules().items():
+        prefixes = tuple(names[id(m)] + "." for m in modules if id(m) in names)
+        lacking = sorted(k for k in missing_keys if k.startswith(prefixes))
+        if lacking:
+            what = "MLP weights" if part == "mlp" else "LM head weights"
+            raise NeedleError(
+                f"model has no {what} in {source}: the checkpoint lacks {len(lacking)} of them "
+                f"(e.g. {lacking[0]}), which transformers would fill with random values; pass a complete checkpoint"
+            )
+
+
+# ---- vocabulary ------------------------------------------------------------------------------
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, reversed: the printable stand-in character -> its byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(keep)
+    extra = 0
+    for byte in range(256):
+        if byte not in keep:
+            keep.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+def _piece_style(tokenizer) -> str:
+    """"byte_level" (Ġ pieces), "metaspace" (▁ pieces) or "other", from the fast tokenizer's decoder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    for part in ("decoder", "pre_tokenizer", "normalizer"):
+        component = getattr(backend, part, None) if backend is not None else None
+        if component is None:
+            continue
+        try:
+            state = component.__getstate__()
+            text = state.decode("utf-8") if isinstance(state, bytes) else str(state)
+        except Exception:  # noqa: BLE001
+            continue
+        if "ByteLevel" in text:
+            return "byte_level"
+        if "Metaspace" in text or "▁" in text:
+            return "metaspace"
+    return "other"
+
+
+def _byte_text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:  # part of a multi-byte character: show the bytes
+        return "".join(f"<0x{b:02X}>" for b in data)
+
+
+def _token_text(tokenizer, piece: str, style: str, byte_decoder: dict[str, int]) -> str:
+    match = _BYTE_PIECE.fullmatch(piece)
+    if match:  # sentencepiece byte fallback
+        byte = int(match.group(1), 16)
+        return chr(byte) if byte < 0x80 else piece
+    if style == "metaspace" or (style == "other" and "▁" in piece):
+        return piece.replace("▁", " ")
+    if style == "byte_level" and all(ch in byte_decoder for ch in piece):
+        return _byte_text(bytes(byte_decoder[ch] for ch in piece))
+    try:
+        text = tokenizer.convert_tokens_to_string([piece])
+    except Exception:  # noqa: BLE001
+        return piece
+    return text if isinstance(text, str) and text else piece
+
+
+def vocabulary(tokenizer, vocab_size: int) -> list[dict]:
+    """One row per token id 0..vocab_size-1: {"token_id", "token", "piece", "key"}.
+
+    token is the text the token stands for, leading space kept (Ġdog and ▁dog -> " dog",
+    <0x0A> -> "\\n"); ids past the tokenizer (padding rows of W_U) are "<unused:ID>".
+    """
+    known = min(len(tokenizer), vocab_size)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(known))) if known else []
+    added = {i: str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    style = _piece_style(tokenizer)
+    byte_decoder = _byte_level_decoder() if style == "byte_level" else {}
+    rows = []
+    for token_id in range(vocab_size):
+        piece = pieces[token_id] if token_id < known else None
+        if token_id in added:
+            piece = token = added[token_id]
+        elif piece is None:
+            piece = token = f"<unused:{token_id}>"
+        else:
+            token = _token_text(tokenizer, piece, style, byte_decoder)
+        # Postgres text cannot hold NUL: the byte 0 token is shown by its byte value
+        token, piece = token.replace("\x00", "<0x00>"), (piece or token).replace("\x00", "<0x00>")
+        rows.append({"token_id": token_id, "token": token, "piece": piece, "key": search_key(token)})
+    return rows
+
+
+def tokenizer_json(tokenizer) -> str | None:
+    """The fast tokenizer's tokenizer.json text, or None for a slow (Python) tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else None

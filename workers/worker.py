@@ -1,0 +1,183 @@
+"""The worker loop: claim a job, run its stage, store its results, repeat.
+
+Heartbeats come from a thread of their own, so a long computation never starves them. A
+job's results and its "done" mark commit in one transaction, and only while this worker
+still holds the job; a job that was taken back (stale heartbeat) is not written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+
+from app import queries
+from app.config import Settings
+from app.db import session_scope
+from app.errors import NeedleError
+from workers.stages import STAGES, JobContext, ModelSpec, work_units
+
+log = logging.getLogger("needle.worker")
+
+
+class JobLost(RuntimeError):
+    """The job was taken back from this worker (its heartbeats were late)."""
+
+
+class ModelCache:
+    """Loaded models by (source, device, dtype): a worker loads each model once."""
+
+    def __init__(self):
+        self._models: dict[tuple[str, str, str], object] = {}
+
+    def put(self, spec: ModelSpec, loaded) -> None:
+        self._models[(spec.source, spec.device, spec.dtype)] = loaded
+
+    def get(self, spec: ModelSpec):
+        key = (spec.source, spec.device, spec.dtype)
+        if key not in self._models:
+            from workers.loading import load_model
+
+            self._models[key] = load_model(spec.source, device=spec.device, dtype=spec.dtype)
+        return self._models[key]
+
+
+class Progress:
+    """Progress of one job; the default prints nothing. The CLI passes tqdm bars."""
+
+    def __init__(self, desc: str, total: int):
+        self.total, self.done = total, 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class RunSummary:
+    done: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, engine: Engine, job_id: int, worker: str, every: float, progress: Progress):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.engine, self.job_id, self.worker, self.every, self.progress = engine, job_id, worker, every, progress
+        self.stop_event = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.every):
+            frac = self.progress.done / self.progress.total if self.progress.total else None
+            try:
+                with session_scope(self.engine) as s:
+                    if not queries.heartbeat(s, self.job_id, self.worker, frac):
+                        self.lost = True
+                        return
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next tick
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=self.every + 5)
+
+
+class Worker:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        *,
+        name: str | None = None,
+        cache: ModelCache | None = None,
+        only_model_id: int | None = None,
+        progress_factory: Callable[[str, int], Progress] = Progress,
+    ):
+        self.engine, self.settings = engine, settings
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
+        self.cache = cache or ModelCache()
+        self.only_model_id = only_model_id
+        self.progress_factory = progress_factory
+        self.stopping = threading.Event()
+
+    def run(self, *, until_idle: bool, poll_seconds: float = 1.0) -> RunSummary:
+        """Work until stopped; with until_idle, return once no job can run any more."""
+        summary = RunSummary()
+        while not self.stopping.is_set():
+            claimed = self._claim()
+            if claimed is None:
+                if until_idle and not self._more_to_come():
+                    break
+                self.stopping.wait(poll_seconds)
+                continue
+            ctx, desc = claimed
+            error = self.run_job(ctx, desc)
+            if error is None:
+                summary.done.append(ctx.job_id)
+            else:
+                summary.failed[ctx.job_id] = error
+        return summary
+
+    def _claim(self) -> tuple[JobContext, str] | None:
+        with session_scope(self.engine) as s:
+            queries.requeue_stale(s, self.settings.stale_seconds)
+            job = queries.claim_job(s, self.name, self.only_model_id)
+            if job is None:
+                return None
+            model = queries.get_model_by_id(s, job.model_id)
+            spec = ModelSpec.of(model)
+            ctx = JobContext(
+                job_id=job.id, stage=job.stage, key=job.key, params=dict(job.params), model=spec,
+                load=self.cache.get, batch_size=self.settings.decode_batch_size,
+            )
+            return ctx, f"{spec.name} {job.stage} {job.key}"
+
+    def _more_to_come(self) -> bool:
+        """Whether any job may still become runnable (queued or running, and nothing failed)."""
+        with session_scope(self.engine) as s:
+            return queries.pending_jobs(s, self.only_model_id) > 0 and not queries.failed_jobs(s, self.only_model_id)
+
+    def run_job(self, ctx: JobContext, desc: str) -> str | None:
+        """Run one claimed job; returns None when done, else the error recorded."""
+        ctx.total = work_units(ctx.stage, ctx.params, ctx.model)
+        progress = self.progress_factory(desc, ctx.total)
+        ctx.advance = progress.advance
+        beat = Heartbeat(self.engine, ctx.job_id, self.name, self.settings.heartbeat_seconds, progress)
+        beat.start()
+        try:
+            write = STAGES[ctx.stage](ctx)
+            beat.stop()
+            if beat.lost:
+                raise JobLost(f"job {ctx.job_id} was taken back from {self.name}")
+            with session_scope(self.engine) as s:
+                write(s)
+                if not queries.finish_job(s, ctx.job_id, self.name):
+                    raise JobLost(f"job {ctx.job_id} was taken back from {self.name}")
+            return None
+        except JobLost as exc:
+            log.warning("%s", exc)
+            return str(exc)
+        except (KeyboardInterrupt, SystemExit):
+            with session_scope(self.engine) as s:
+                queries.release_job(s, ctx.job_id, self.name)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job
+            user_error = isinstance(exc, NeedleError)
+            message = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
+            if not user_error:
+                log.error("job %s (%s) failed:\n%s", ctx.job_id, desc, traceback.format_exc())
+            with session_scope(self.engine) as s:
+                # a user error (bad model, bad input) will not mend by itself: no retry
+                queries.fail_job(s, ctx.job_id, self.name, message, retry=not user_error)
+            return message
+        finally:
+            beat.stop()
+            progress.close()
