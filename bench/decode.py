@@ -101,6 +101,7 @@ def full_decode(adapter, batch: int, device: str) -> float:
     t0 = time.perf_counter()
     for _ in decode_layers(adapter, range(adapter.n_layers), batch_size=batch, search=search):
         pass
+    search.result()
     sync(device)
     return time.perf_counter() - t0
 

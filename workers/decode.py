@@ -44,39 +44,63 @@ class LayerDecoding:
 class RunningTopK:
     """For every column (vocabulary token), the k best (score, row id) pairs seen so far.
 
-    Kept as [k x vocab] on the device; each update concatenates a [batch x vocab] block
-    below it and keeps the top k of every column.
+    Until k rows have been seen, batches are merged densely. After that each column's k-th
+    best score is a threshold: a batch adds only its entries above it to a buffer of
+    candidates (a few per column, fewer as more rows are seen), and the buffer is merged
+    into the [k x columns] table by one sort when it grows past k entries per column, and
+    at the end. The result equals a top-k over all rows at once.
     """
 
     def __init__(self, k: int, n_cols: int, device: torch.device):
-        self.k = k
+        self.k, self.n_cols = k, n_cols
         self.scores = torch.full((k, n_cols), -torch.inf, device=device)
         self.ids = torch.full((k, n_cols), -1, dtype=torch.long, device=device)
+        self.rows_seen = 0
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._buffered = 0
 
     def update(self, scores: torch.Tensor, row_ids: torch.Tensor) -> None:
-        # Only columns where this batch beats the current k-th best can change.
-        best, _ = scores.max(dim=0)
-        cols = torch.nonzero(best > self.scores[-1], as_tuple=True)[0]
-        if cols.numel() == 0:
-            return
-        if cols.numel() == scores.shape[1]:
-            cols = None
-        sub = scores if cols is None else scores[:, cols]
-        cat_scores = torch.cat([self.scores if cols is None else self.scores[:, cols], sub], dim=0)
-        cat_ids = torch.cat(
-            [
-                self.ids if cols is None else self.ids[:, cols],
-                row_ids[:, None].expand(-1, sub.shape[1]),
-            ],
-            dim=0,
-        )
-        top = cat_scores.topk(self.k, dim=0)
-        new_ids = cat_ids.gather(0, top.indices)
-        if cols is None:
-            self.scores, self.ids = top.values, new_ids
+        """Merge a [batch x columns] block whose rows have ids row_ids [batch]."""
+        if self.rows_seen < self.k:
+            self._merge_dense(scores, row_ids)
         else:
-            self.scores[:, cols] = top.values
-            self.ids[:, cols] = new_ids
+            rows, cols = torch.nonzero(scores > self.scores[-1], as_tuple=True)
+            if rows.numel():
+                self._buffer.append((scores[rows, cols], row_ids[rows], cols))
+                self._buffered += rows.numel()
+                if self._buffered > self.k * self.n_cols:
+                    self._compact()
+        self.rows_seen += scores.shape[0]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([k x columns] scores, [k x columns] row ids), best first; id -1 where fewer than k rows."""
+        self._compact()
+        return self.scores, self.ids
+
+    def _merge_dense(self, scores: torch.Tensor, row_ids: torch.Tensor) -> None:
+        cat_scores = torch.cat([self.scores, scores], dim=0)
+        cat_ids = torch.cat([self.ids, row_ids[:, None].expand(-1, scores.shape[1])], dim=0)
+        top = cat_scores.topk(self.k, dim=0)
+        self.scores, self.ids = top.values, cat_ids.gather(0, top.indices)
+
+    def _compact(self) -> None:
+        if not self._buffer:
+            return
+        device = self.scores.device
+        table_cols = torch.arange(self.n_cols, device=device).repeat(self.k)
+        s = torch.cat([self.scores.flatten(), *(b[0] for b in self._buffer)])
+        i = torch.cat([self.ids.flatten(), *(b[1] for b in self._buffer)])
+        c = torch.cat([table_cols, *(b[2] for b in self._buffer)])
+        self._buffer, self._buffered = [], 0
+        # group by column, best score first within a column
+        order = torch.argsort(s, descending=True, stable=True)
+        order = order[torch.argsort(c[order], stable=True)]
+        s, i, c = s[order], i[order], c[order]
+        counts = torch.bincount(c, minlength=self.n_cols)
+        rank = torch.arange(len(c), device=device) - (torch.cumsum(counts, 0) - counts)[c]
+        keep = rank < self.k
+        self.scores[rank[keep], c[keep]] = s[keep]
+        self.ids[rank[keep], c[keep]] = i[keep]
 
 
 def compute_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:

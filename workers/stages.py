@@ -76,8 +76,9 @@ def run_decode(ctx: JobContext) -> Writer:
     mean_top100 = np.zeros(ctx.model.n_layers * ctx.model.d_mlp, dtype=np.float32)
     for dec in decodings:
         mean_top100[dec.layer * ctx.model.d_mlp : (dec.layer + 1) * ctx.model.d_mlp] = dec.mean_top100
-    part_scores = search.scores.T.contiguous().cpu().numpy()
-    part_ids = search.ids.T.contiguous().cpu().numpy()
+    top_scores, top_ids = search.result()
+    part_scores = top_scores.T.contiguous().cpu().numpy()
+    part_ids = top_ids.T.contiguous().cpu().numpy()
 
     def write(session: Session) -> None:
         store.write_decodings(session, ctx.model.id, decodings)
