@@ -169,7 +169,7 @@ def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
         else:
             pytest.fail("needle demo did not serve within 240 s")
         model = r.json()
-        assert model["model"]["name"] == "stdlib-demo" if "model" in model else model["name"] == "stdlib-demo"
+        assert model["model"] == "stdlib-demo" and model["neurons_stored"] == model["n_layers"] * model["d_mlp"]
         neuron = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo/0/0.json", timeout=10).json()
         assert len(neuron["input_tokens"]) == 20
         search = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo/search.json", params={"token": "def"}, timeout=10).json()
