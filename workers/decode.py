@@ -44,63 +44,119 @@ class LayerDecoding:
 class RunningTopK:
     """For every column (vocabulary token), the k best (score, row id) pairs seen so far.
 
-    Until k rows have been seen, batches are merged densely. After that each column's k-th
-    best score is a threshold: a batch adds only its entries above it to a buffer of
-    candidates (a few per column, fewer as more rows are seen), and the buffer is merged
-    into the [k x columns] table by one sort when it grows past k entries per column, and
-    at the end. The result equals a top-k over all rows at once.
+    The table is [columns x k], best first. Until k rows have been seen, batches are merged
+    densely. After that each column's k-th best score is a threshold: a batch adds only
+    its entries above it to a buffer of candidates (many per column at first, then fewer
+    as more rows are seen). The buffer is merged when it holds k entries per column on
+    average or MAX_PENDING for one column, and at the end: candidates are grouped by
+    column with one integer sort, scattered into a padded [columns x width] block, and
+    each row of [table | block] keeps its top k. The result equals a top-k over all rows.
     """
 
+    MAX_PENDING = 256
+
     def __init__(self, k: int, n_cols: int, device: torch.device):
-        self.k, self.n_cols = k, n_cols
-        self.scores = torch.full((k, n_cols), -torch.inf, device=device)
-        self.ids = torch.full((k, n_cols), -1, dtype=torch.long, device=device)
+        self.k, self.n_cols, self.device = k, n_cols, device
+        self.scores = torch.full((n_cols, k), -torch.inf, device=device)
+        self.ids = torch.full((n_cols, k), -1, dtype=torch.int32, device=device)
+        self._threshold = self.scores[:, -1].contiguous()
+        self._mask: torch.Tensor | None = None
         self.rows_seen = 0
         self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._buffered = 0
+        self._pending = torch.zeros(n_cols, dtype=torch.long, device=device)
 
     def update(self, scores: torch.Tensor, row_ids: torch.Tensor) -> None:
         """Merge a [batch x columns] block whose rows have ids row_ids [batch]."""
+        row_ids = row_ids.to(torch.int32)
         if self.rows_seen < self.k:
-            self._merge_dense(scores, row_ids)
+            self._merge(scores.T, row_ids[None, :].expand(self.n_cols, -1))
         else:
-            rows, cols = torch.nonzero(scores > self.scores[-1], as_tuple=True)
-            if rows.numel():
-                self._buffer.append((scores[rows, cols], row_ids[rows], cols))
-                self._buffered += rows.numel()
-                if self._buffered > self.k * self.n_cols:
+            if self._mask is None or self._mask.shape[0] < scores.shape[0]:
+                self._mask = torch.empty(scores.shape, dtype=torch.bool, device=self.device)
+            mask = torch.gt(scores, self._threshold, out=self._mask[: scores.shape[0]])
+            flat = torch.nonzero(mask.view(-1)).squeeze(1)
+            if flat.numel():
+                rows, cols = flat // self.n_cols, flat % self.n_cols
+                self._buffer.append((scores.reshape(-1)[flat], row_ids[rows], cols))
+                self._buffered += flat.numel()
+                self._pending += torch.bincount(cols, minlength=self.n_cols)
+                if self._buffered > self.k * self.n_cols or int(self._pending.max()) > self.MAX_PENDING:
                     self._compact()
         self.rows_seen += scores.shape[0]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([k x columns] scores, [k x columns] row ids), best first; id -1 where fewer than k rows."""
+        """([columns x k] scores, [columns x k] row ids), best first; id -1 where fewer than k rows."""
         self._compact()
         return self.scores, self.ids
 
-    def _merge_dense(self, scores: torch.Tensor, row_ids: torch.Tensor) -> None:
-        cat_scores = torch.cat([self.scores, scores], dim=0)
-        cat_ids = torch.cat([self.ids, row_ids[:, None].expand(-1, scores.shape[1])], dim=0)
-        top = cat_scores.topk(self.k, dim=0)
-        self.scores, self.ids = top.values, cat_ids.gather(0, top.indices)
+    def _merge(self, block_scores: torch.Tensor, block_ids: torch.Tensor) -> None:
+        """Keep the top k of every row of [table | block] ([columns x width] blocks)."""
+        cat_scores = torch.cat([self.scores, block_scores], dim=1)
+        top = cat_scores.topk(self.k, dim=1)
+        self.scores = top.values
+        self.ids = torch.cat([self.ids, block_ids], dim=1).gather(1, top.indices)
+        self._threshold = self.scores[:, -1].contiguous()
 
     def _compact(self) -> None:
         if not self._buffer:
             return
-        device = self.scores.device
-        table_cols = torch.arange(self.n_cols, device=device).repeat(self.k)
-        s = torch.cat([self.scores.flatten(), *(b[0] for b in self._buffer)])
-        i = torch.cat([self.ids.flatten(), *(b[1] for b in self._buffer)])
-        c = torch.cat([table_cols, *(b[2] for b in self._buffer)])
+        s = torch.cat([b[0] for b in self._buffer])
+        i = torch.cat([b[1] for b in self._buffer])
+        c = torch.cat([b[2] for b in self._buffer])
+        counts = self._pending
         self._buffer, self._buffered = [], 0
-        # group by column, best score first within a column
-        order = torch.argsort(s, descending=True, stable=True)
-        order = order[torch.argsort(c[order], stable=True)]
+        self._pending = torch.zeros_like(counts)
+        order = torch.argsort(c, stable=True)
         s, i, c = s[order], i[order], c[order]
-        counts = torch.bincount(c, minlength=self.n_cols)
-        rank = torch.arange(len(c), device=device) - (torch.cumsum(counts, 0) - counts)[c]
-        keep = rank < self.k
-        self.scores[rank[keep], c[keep]] = s[keep]
-        self.ids[rank[keep], c[keep]] = i[keep]
+        rank = torch.arange(len(c), device=self.device) - (torch.cumsum(counts, 0) - counts)[c]
+        width = int(counts.max())
+        block_scores = torch.full((self.n_cols, width), -torch.inf, device=self.device)
+        block_ids = torch.full((self.n_cols, width), -1, dtype=torch.int32, device=self.device)
+        block_scores[c, rank] = s
+        block_ids[c, rank] = i
+        self._merge(block_scores, block_ids)
+
+
+def rowwise_topk(x: torch.Tensor, k: int, *, largest: bool = True, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, dim=-1) for a wide [rows x n] matrix, through chunk maxima.
+
+    The k-th best entry of a row lies in one of the k chunks with the best maxima (any
+    chunk with a better maximum holds a better entry, and there are fewer than k of
+    those), so only those chunks and the ragged tail are searched: one pass over the
+    row instead of a selection over all of it. Same values as torch.topk, best first.
+    """
+    rows, n = x.shape
+    n_chunks = n // chunk
+    if n_chunks < 4 * k:
+        return x.topk(k, dim=-1, largest=largest)
+    body = x[:, : n_chunks * chunk].unflatten(1, (n_chunks, chunk))
+    bests = body.amax(dim=-1) if largest else body.amin(dim=-1)
+    chunks = bests.topk(k, dim=-1, largest=largest).indices
+    offsets = torch.arange(chunk, device=x.device)
+    candidates = (chunks[:, :, None] * chunk + offsets).flatten(1)
+    if n_chunks * chunk < n:
+        tail = torch.arange(n_chunks * chunk, n, device=x.device).expand(rows, -1)
+        candidates = torch.cat([candidates, tail], dim=1)
+    top = x.gather(1, candidates).topk(k, dim=-1, largest=largest)
+    return top.values, candidates.gather(1, top.indices)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """a @ b as float32, into `out` when given."""
+    if out is None:
+        return (a @ b).float()
+    return torch.matmul(a, b, out=out)
+
+
+def _softmax(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dimension, into `out` when given."""
+    if out is None:
+        return torch.softmax(x, dim=-1)
+    try:
+        return torch.ops.aten._softmax.out(x, -1, False, out=out)
+    except (AttributeError, RuntimeError):  # an aten without the out= variant
+        return out.copy_(torch.softmax(x, dim=-1))
 
 
 def compute_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -139,27 +195,35 @@ def decode_layers(
         k_in, k_out = min(TOP_IN, vocab), min(TOP_OUT, vocab)
         d_mlp = adapter.d_mlp
 
+        # On the CPU the [batch x vocab] blocks live in two buffers reused by every batch:
+        # fresh 100 MB tensors would be mapped and page-faulted in anew each time.
+        buffers = None
+        if device.type == "cpu":
+            rows = min(batch_size, d_mlp)
+            buffers = (torch.empty(rows, vocab), torch.empty(rows, vocab))
+
         for layer in layers:
             w_in_all = adapter.input_weights(layer)
             w_out_all = adapter.output_weights(layer)
             parts: dict[str, list[torch.Tensor]] = {f: [] for f in LayerDecoding.__dataclass_fields__ if f != "layer"}
             for start in range(0, d_mlp, batch_size):
                 stop = min(start + batch_size, d_mlp)
+                n = stop - start
                 w_in = w_in_all[start:stop].to(cdtype)
                 if scale is not None:
                     w_in = w_in * scale
-                logits = (w_in @ w_u_t).float()
+                logits = _matmul(w_in, w_u_t, buffers[0][:n] if buffers else None)
                 if bias is not None:
                     logits += bias
                 if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-                probs = torch.softmax(logits, dim=-1)
+                    logits.div_(softcap).tanh_().mul_(softcap)
+                probs = _softmax(logits, buffers[1][:n] if buffers else None)
                 del logits
-                top = probs.topk(k_norm, dim=-1)
-                mean100 = top.values.mean(dim=-1)
-                parts["in_ids"].append(top.indices[:, :k_in])
-                parts["in_probs"].append(top.values[:, :k_in])
-                parts["in_scores"].append(top.values[:, :k_in] / mean100[:, None])
+                top_p, top_ids = rowwise_topk(probs, k_norm)
+                mean100 = top_p.mean(dim=-1)
+                parts["in_ids"].append(top_ids[:, :k_in])
+                parts["in_probs"].append(top_p[:, :k_in])
+                parts["in_scores"].append(top_p[:, :k_in] / mean100[:, None])
                 parts["mean_top100"].append(mean100)
                 if search is not None:
                     scores = probs.div_(mean100[:, None])
@@ -167,16 +231,16 @@ def decode_layers(
                     search.update(scores, ids)
                 del probs
 
-                direct = (w_out_all[start:stop].to(cdtype) @ w_u_t).float()
-                pos = direct.topk(k_out, dim=-1)
-                neg = direct.topk(k_out, dim=-1, largest=False)
-                parts["out_pos_ids"].append(pos.indices)
-                parts["out_pos_logits"].append(pos.values)
-                parts["out_neg_ids"].append(neg.indices)
-                parts["out_neg_logits"].append(neg.values)
+                direct = _matmul(w_out_all[start:stop].to(cdtype), w_u_t, buffers[0][:n] if buffers else None)
+                pos_logits, pos_ids = rowwise_topk(direct, k_out)
+                neg_logits, neg_ids = rowwise_topk(direct, k_out, largest=False)
+                parts["out_pos_ids"].append(pos_ids)
+                parts["out_pos_logits"].append(pos_logits)
+                parts["out_neg_ids"].append(neg_ids)
+                parts["out_neg_logits"].append(neg_logits)
                 del direct
                 if progress is not None:
-                    progress(stop - start)
+                    progress(n)
             yield LayerDecoding(
                 layer=layer, **{f: torch.cat(ts).cpu().numpy() for f, ts in parts.items()}
             )

@@ -77,8 +77,8 @@ def run_decode(ctx: JobContext) -> Writer:
     for dec in decodings:
         mean_top100[dec.layer * ctx.model.d_mlp : (dec.layer + 1) * ctx.model.d_mlp] = dec.mean_top100
     top_scores, top_ids = search.result()
-    part_scores = top_scores.T.contiguous().cpu().numpy()
-    part_ids = top_ids.T.contiguous().cpu().numpy()
+    part_scores = top_scores.cpu().numpy()
+    part_ids = top_ids.cpu().numpy().astype(np.int64)
 
     def write(session: Session) -> None:
         store.write_decodings(session, ctx.model.id, decodings)
