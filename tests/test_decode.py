@@ -9,12 +9,14 @@ import torch
 from workers.decode import RunningTopK, merge_search_parts, rowwise_topk
 
 
+@pytest.mark.parametrize("dense_rows", [0, 128])
 @pytest.mark.parametrize("batch", [7, 64, 300])
-def test_running_top_k_equals_top_k_over_all_rows(batch):
+def test_running_top_k_equals_top_k_over_all_rows(batch, dense_rows):
     g = torch.Generator().manual_seed(batch)
     rows, cols, k = 900, 257, 50
     scores = torch.softmax(torch.randn(rows, cols, generator=g) * 3, dim=-1)
     running = RunningTopK(k, cols, torch.device("cpu"))
+    running.DENSE_ROWS = dense_rows  # then thresholds (from the k-th row on at the least)
     for start in range(0, rows, batch):
         block = scores[start : start + batch]
         running.update(block, torch.arange(start, start + block.shape[0]))

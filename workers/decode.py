@@ -44,8 +44,8 @@ class LayerDecoding:
 class RunningTopK:
     """For every column (vocabulary token), the k best (score, row id) pairs seen so far.
 
-    The table is [columns x k], best first. Until k rows have been seen, batches are merged
-    densely. After that each column's k-th best score is a threshold: a batch adds only
+    The table is [columns x k], best first. Until DENSE_ROWS (at least k) rows have been
+    seen, batches are merged densely. After that each column's k-th best score is a threshold: a batch adds only
     its entries above it to a buffer of candidates (many per column at first, then fewer
     as more rows are seen). The buffer is merged when it holds k entries per column on
     average or MAX_PENDING for one column, and at the end: candidates are grouped by
@@ -54,6 +54,9 @@ class RunningTopK:
     """
 
     MAX_PENDING = 256
+    # Rows merged densely before switching to thresholds: early thresholds are loose, and a
+    # dense merge is cheaper than buffering millions of candidates.
+    DENSE_ROWS = 2048
 
     def __init__(self, k: int, n_cols: int, device: torch.device):
         self.k, self.n_cols, self.device = k, n_cols, device
@@ -69,7 +72,7 @@ class RunningTopK:
     def update(self, scores: torch.Tensor, row_ids: torch.Tensor) -> None:
         """Merge a [batch x columns] block whose rows have ids row_ids [batch]."""
         row_ids = row_ids.to(torch.int32)
-        if self.rows_seen < self.k:
+        if self.rows_seen < max(self.k, self.DENSE_ROWS):
             self._merge(scores.T, row_ids[None, :].expand(self.n_cols, -1))
         else:
             if self._mask is None or self._mask.shape[0] < scores.shape[0]:
