@@ -25,6 +25,16 @@ def check_name(name: str) -> str:
     return name
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return value
+
+
 class TqdmProgress:
     """A progress bar per job, on stderr."""
 
@@ -230,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-norm", default="none", choices=["none", "final"],
                    help="'final' multiplies input weights by the final norm's weight before decoding")
     p.add_argument("--force", action="store_true", help="recompute what is already stored")
-    p.add_argument("--layers-per-job", type=int, default=0, help="layers per decode job (default: all in one)")
+    p.add_argument("--layers-per-job", type=non_negative_int, default=0,
+                   help="layers per decode job (default 0: all in one job)")
     p.add_argument("--queue", action="store_true", help="only enqueue the jobs, for `needle worker`")
     p.set_defaults(func=cmd_index)
 

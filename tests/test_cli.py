@@ -181,3 +181,8 @@ def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
     # a second run skips indexing
     again = needle("demo", "--no-serve", db_url=url)
     assert again.returncode == 0 and "skipping" in again.stdout
+
+
+def test_bad_layers_per_job_is_a_usage_error(sqlite_url, tmp_path):
+    proc = needle("index", str(tmp_path), "--name", "x", "--layers-per-job", "-2", db_url=sqlite_url, timeout=60)
+    assert proc.returncode == 2 and "not a whole number" in proc.stderr and "Traceback" not in proc.stderr
