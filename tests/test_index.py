@@ -101,6 +101,7 @@ def test_index_matches_direct_computation(family, db_url, tmp_path):
         pos_ids, neg_ids = unpack(row.out_pos_ids, INT32), unpack(row.out_neg_ids, INT32)
         np.testing.assert_allclose(unpack(row.out_pos_logits, FLOAT32), out[pos_ids].numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(unpack(row.out_pos_logits, FLOAT32), torch.topk(out, 10).values.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(unpack(row.out_neg_logits, FLOAT32), out[neg_ids].numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(unpack(row.out_neg_logits, FLOAT32), torch.topk(out, 10, largest=False).values.numpy(), rtol=1e-4, atol=1e-5)
 
 
