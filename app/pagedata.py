@@ -199,8 +199,8 @@ def layer_page(
     model = _model(session, name)
     layer = _index(layer_text, "layer", model, model.n_layers)
     sort = sort or urls.DEFAULT_LAYER_SORT
-    if sort not in urls.LAYER_SORTS:
-        raise NeedleError(f"Unknown sort {sort!r}: use one of {', '.join(urls.LAYER_SORTS)}.")
+    if sort not in queries.LAYER_SORTS:
+        raise NeedleError(f"Unknown sort {sort!r}: use one of {', '.join(queries.LAYER_SORTS)}.")
     if page is None:
         page_number = 1
     elif DIGITS.fullmatch(page) and int(page) >= 1:

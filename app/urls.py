@@ -10,7 +10,6 @@ from urllib.parse import quote, urlencode
 
 JSON = "json"
 DEFAULT_LAYER_SORT = "score"
-LAYER_SORTS = ("score", "-score", "neuron")
 
 
 def _path(*segments: object, fmt: str | None = None) -> str:

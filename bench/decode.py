@@ -34,9 +34,10 @@ SHAPES = {
 }
 
 
-def rss_peak_mb() -> float:
+def status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM = peak), in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -46,13 +47,6 @@ def reset_rss_peak() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def build(shape: str, device: str, dtype: torch.dtype):
@@ -124,7 +118,7 @@ def main() -> None:
     model = build(args.shape, args.device, getattr(torch, args.dtype))
     adapter = adapter_for(model)
     sync(args.device)
-    weights_mb = rss_mb()
+    weights_mb = status_mb("VmRSS")
     # Warm up both paths on one layer's first batch.
     for _ in decode_layers(adapter, [0], batch_size=args.batch):
         break
@@ -133,7 +127,7 @@ def main() -> None:
         base_gpu = torch.cuda.memory_allocated()
     reset_rss_peak()
     t_decode, t_bare = interleaved(adapter, args.batch, args.device)
-    peak_mb = rss_peak_mb() - weights_mb
+    peak_mb = status_mb("VmHWM") - weights_mb
     gpu_peak_mb = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20 if args.device.startswith("cuda") else None
     neurons = adapter.n_layers * adapter.d_mlp
     result = {

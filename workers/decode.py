@@ -45,9 +45,9 @@ class RunningTopK:
     """For every column (vocabulary token), the k best (score, row id) pairs seen so far.
 
     The table is [columns x k], best first. Until DENSE_ROWS (at least k) rows have been
-    seen, batches are merged densely. After that each column's k-th best score is a threshold: a batch adds only
-    its entries above it to a buffer of candidates (many per column at first, then fewer
-    as more rows are seen). The buffer is merged when it holds k entries per column on
+    seen, batches are merged densely. After that each column's k-th best score is a
+    threshold: a batch adds only its entries above it to a buffer of candidates (many per
+    column at first, then fewer as more rows are seen). The buffer is merged when it holds k entries per column on
     average or MAX_PENDING for one column, and at the end: candidates are grouped by
     column with one integer sort, scattered into a padded [columns x width] block, and
     each row of [table | block] keeps its top k. The result equals a top-k over all rows.

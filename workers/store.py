@@ -9,31 +9,34 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app import queries
-from app.arrays import FLOAT32, INT32, pack, unpack
+from app.arrays import FLOAT32, INT32, pack, pack_rows, unpack
 from workers.decode import LayerDecoding, merge_search_parts
 
 
 def neuron_rows(dec: LayerDecoding) -> list[dict]:
-    rows = []
-    for i in range(len(dec.mean_top100)):
-        rows.append(
-            {
-                "layer": dec.layer,
-                "neuron": i,
-                "top_token_id": int(dec.in_ids[i, 0]),
-                "top_prob": float(dec.in_probs[i, 0]),
-                "top_score": float(dec.in_scores[i, 0]),
-                "mean_top100": float(dec.mean_top100[i]),
-                "in_ids": pack(dec.in_ids[i], INT32),
-                "in_probs": pack(dec.in_probs[i], FLOAT32),
-                "in_scores": pack(dec.in_scores[i], FLOAT32),
-                "out_pos_ids": pack(dec.out_pos_ids[i], INT32),
-                "out_pos_logits": pack(dec.out_pos_logits[i], FLOAT32),
-                "out_neg_ids": pack(dec.out_neg_ids[i], INT32),
-                "out_neg_logits": pack(dec.out_neg_logits[i], FLOAT32),
-            }
-        )
-    return rows
+    blobs = {
+        "in_ids": pack_rows(dec.in_ids, INT32),
+        "in_probs": pack_rows(dec.in_probs, FLOAT32),
+        "in_scores": pack_rows(dec.in_scores, FLOAT32),
+        "out_pos_ids": pack_rows(dec.out_pos_ids, INT32),
+        "out_pos_logits": pack_rows(dec.out_pos_logits, FLOAT32),
+        "out_neg_ids": pack_rows(dec.out_neg_ids, INT32),
+        "out_neg_logits": pack_rows(dec.out_neg_logits, FLOAT32),
+    }
+    top_ids, top_probs = dec.in_ids[:, 0].tolist(), dec.in_probs[:, 0].tolist()
+    top_scores, means = dec.in_scores[:, 0].tolist(), dec.mean_top100.tolist()
+    return [
+        {
+            "layer": dec.layer,
+            "neuron": i,
+            "top_token_id": top_ids[i],
+            "top_prob": top_probs[i],
+            "top_score": top_scores[i],
+            "mean_top100": means[i],
+            **{field: rows[i] for field, rows in blobs.items()},
+        }
+        for i in range(len(means))
+    ]
 
 
 def write_decodings(session: Session, model_id: int, decodings: Sequence[LayerDecoding]) -> None:
@@ -73,18 +76,15 @@ def build_token_index(session: Session, model_id: int, d_mlp: int, vocab: int, p
         ids = np.where(layers >= 0, layers.astype(np.int64) * d_mlp + neurons, -1)
         arrays.append((unpack(p.scores, FLOAT32, shape), ids, unpack(p.probs, FLOAT32, shape)))
     scores, ids, probs = merge_search_parts(arrays)
-    rows = []
-    for t in range(vocab):
-        keep = ids[t] >= 0
-        rows.append(
-            {
-                "token_id": t,
-                "layers": pack(ids[t][keep] // d_mlp, INT32),
-                "neurons": pack(ids[t][keep] % d_mlp, INT32),
-                "scores": pack(scores[t][keep], FLOAT32),
-                "probs": pack(probs[t][keep], FLOAT32),
-            }
-        )
+    # padding (id -1, fewer neurons than k) sorts last, so each token keeps a prefix
+    kept = (ids >= 0).sum(axis=1)
+    columns = {
+        "layers": pack_rows(ids // d_mlp, INT32, kept),
+        "neurons": pack_rows(ids % d_mlp, INT32, kept),
+        "scores": pack_rows(scores, FLOAT32, kept),
+        "probs": pack_rows(probs, FLOAT32, kept),
+    }
+    rows = [{"token_id": t, **{name: blobs[t] for name, blobs in columns.items()}} for t in range(vocab)]
     queries.replace_token_index(session, model_id, rows)
     queries.delete_search_parts(session, model_id, keep=parts_expected)
     return vocab
