@@ -164,6 +164,20 @@ def cmd_index(args, settings: Settings) -> None:
               f"http://{settings.host}:{settings.port}/{args.name}")
 
 
+def check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise NeedleError(
+                f"Cannot serve on {host}:{port}: {exc.strerror or exc}.",
+                hint="Stop what is using that port, or pass --port with another number.",
+            ) from None
+
+
 def serve(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
@@ -171,6 +185,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
     from app.main import create_app
 
     require_migrated(get_engine(settings))
+    check_port_free(host, port)
     print(f"Needle is serving at http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 

@@ -186,3 +186,13 @@ def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
 def test_bad_layers_per_job_is_a_usage_error(sqlite_url, tmp_path):
     proc = needle("index", str(tmp_path), "--name", "x", "--layers-per-job", "-2", db_url=sqlite_url, timeout=60)
     assert proc.returncode == 2 and "not a whole number" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_on_a_busy_port_is_a_clear_error(sqlite_url):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = needle("serve", "--port", str(port), db_url=sqlite_url, timeout=60)
+    _assert_clear_error(proc, "cannot serve", "--port")
+    assert "serving at" not in proc.stdout
