@@ -30,7 +30,14 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     # Neurons decoded per batch: [batch x vocabulary] floats are held at a time.
     decode_batch_size: int = 512
+    # Corpus tokens per forward batch of the examples stage (windows per batch = this / context).
+    examples_batch_tokens: int = 8192
     demo_name: str = "stdlib-demo"
+    # The demo's corpus: the Python standard library, capped at this many tokens.
+    demo_corpus: str = "stdlib"
+    demo_tokens: int = 262_144
+    # A user's own text on a neuron page: at most this many characters.
+    text_max_chars: int = 2000
 
     def resolved_database_url(self) -> str:
         url = self.database_url or default_database_url()

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from app import queries, urls
+from app import examples, queries, urls
 from app.arrays import FLOAT32, INT32, unpack
 from app.errors import NeedleError, NotFound
 from app.schema import Job, Model
@@ -28,7 +28,14 @@ DECODE_NORMS = {
     "final": "Input weights multiplied elementwise by the final norm's weight (Gemma: 1 + w) before the LM head: "
     "p = softmax(W_U · (γ ⊙ w_in)). The norm's centring and scaling by the input's RMS are not applied.",
 }
-SORT_LABELS = {"score": "best score first", "-score": "lowest score first", "neuron": "neuron index"}
+SORT_LABELS = {
+    "score": "best score first",
+    "-score": "lowest score first",
+    "neuron": "neuron index",
+    "frequency": "most frequent first",
+    "-frequency": "least frequent first",
+    "max": "highest max activation first",
+}
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -78,7 +85,16 @@ def _job(job: Job) -> dict:
         "started_at": _time(job.started_at),
         "finished_at": _time(job.finished_at),
         "seconds": _seconds(job.started_at, job.finished_at) if job.state == "done" else None,
+        "eta_seconds": _eta(job),
     }
+
+
+def _eta(job: Job) -> float | None:
+    """Seconds left for a running job, from its progress so far (None when it cannot tell yet)."""
+    if job.state != "running" or not job.started_at or not job.progress or job.progress <= 0:
+        return None
+    elapsed = (queries.utcnow() - job.started_at).total_seconds()
+    return round(max(elapsed, 0) * (1 - job.progress) / job.progress, 1)
 
 
 def _stage_state(states: set[str]) -> str:
@@ -152,10 +168,12 @@ def models_page(session: Session) -> dict:
 def model_page(session: Session, name: str) -> dict:
     model = _model(session, name)
     summaries = {s["layer"]: s for s in queries.layer_summaries(session, model.id)}
+    firing = queries.activation_layer_summaries(session, model.id)
     jobs = queries.jobs_for_model(session, model.id)
     layers = []
     for layer in range(model.n_layers):
         summary = summaries.get(layer, {})
+        fired = firing.get(layer)
         layers.append(
             {
                 "layer": layer,
@@ -163,6 +181,9 @@ def model_page(session: Session, name: str) -> dict:
                 "neurons": summary.get("neurons", 0),
                 "max_score": number(summary["max_score"]) if summary else None,
                 "mean_score": number(summary["mean_score"]) if summary else None,
+                # neurons that never fired (activation > 0) on the examples corpus; None before that stage ran
+                "dead": fired["dead"] if fired else None,
+                "mean_frequency": number(fired["mean_frequency"]) if fired and fired["mean_frequency"] is not None else None,
             }
         )
     return {
@@ -187,6 +208,8 @@ def model_page(session: Session, name: str) -> dict:
         "neurons": model.n_layers * model.d_mlp,
         "neurons_stored": sum(layer["neurons"] for layer in layers),
         "layers": layers,
+        "dead_neurons": sum(layer["dead"] for layer in layers) if firing else None,
+        "examples_run": examples.run_info(queries.example_run(session, model.id)),
         "stages": _stages(jobs),
         "jobs": [_job(j) for j in jobs],
         "jobs_pending": any(j.state in ("queued", "running") for j in jobs),
@@ -212,7 +235,9 @@ def layer_page(
     if page_number > pages:
         raise NeedleError(f"Page {page_number} is out of range: layer {layer} has {pages} page(s) of neurons.")
 
-    rows = queries.layer_neurons(session, model.id, layer, sort, (page_number - 1) * page_size, page_size)
+    pairs = queries.layer_neurons(session, model.id, layer, sort, (page_number - 1) * page_size, page_size)
+    rows = [n for n, _ in pairs]
+    stats = {n.neuron: a for n, a in pairs}
     top_ids = {row.neuron: unpack(row.in_ids, INT32)[:LAYER_ROW_TOKENS] for row in rows}
     top_scores = {row.neuron: unpack(row.in_scores, FLOAT32)[:LAYER_ROW_TOKENS] for row in rows}
     text = queries.tokens_by_ids(
@@ -237,6 +262,7 @@ def layer_page(
         "pages": pages,
         "page_size": page_size,
         "neurons_stored": summary["neurons"],
+        "has_activations": any(a is not None for a in stats.values()),
         "max_score": number(summary["max_score"]) if summary["max_score"] is not None else None,
         "prev_page_url": page_url(page_number - 1 if page_number > 1 else None),
         "next_page_url": page_url(page_number + 1 if page_number < pages else None),
@@ -249,6 +275,8 @@ def layer_page(
                 "top_token": _token(row.top_token_id, text),
                 "top_score": number(row.top_score),
                 "top_prob": number(row.top_prob),
+                "frequency": number(stats[row.neuron].frequency) if stats[row.neuron] is not None else None,
+                "max_activation": number(stats[row.neuron].max_act) if stats[row.neuron] is not None else None,
                 "tokens": [
                     _token(t, text, score=number(s)) for t, s in zip(top_ids[row.neuron], top_scores[row.neuron])
                 ],
@@ -258,7 +286,7 @@ def layer_page(
     }
 
 
-def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str) -> dict:
+def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, *, text_max_chars: int = 2000) -> dict:
     model = _model(session, name)
     layer = _index(layer_text, "layer", model, model.n_layers)
     index = _index(neuron_text, "neuron", model, model.d_mlp)
@@ -272,6 +300,10 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str) 
     text = queries.tokens_by_ids(session, model.id, [*in_ids, *out_pos_ids, *out_neg_ids, row.top_token_id])
     previous = queries.previous_neuron(session, model.id, layer, index)
     following = queries.next_neuron(session, model.id, layer, index)
+    run_row = queries.example_run(session, model.id)
+    run = examples.run_info(run_row)
+    activations = queries.neuron_activations(session, model.id, layer, index) if run_row is not None else None
+    firing = examples.neuron_activations(session, model, activations, run_row.context if run_row else 0)
 
     def link(pos: tuple[int, int] | None) -> dict | None:
         if pos is None:
@@ -304,6 +336,11 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str) 
         },
         "previous": link(previous),
         "next": link(following),
+        **firing,
+        "examples_run": run,
+        "colour_scale": examples.colour_scale(firing["stats"]),
+        "text_form_url": urls.text_form_url(model.name, layer, index),
+        "text_max_chars": text_max_chars,
     }
 
 
@@ -358,3 +395,46 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
             own_rows = {t: index_rows[t]} if t in index_rows else {}
             data["groups"].append({**_token(t, text), "results": ranked_neurons(model.name, own_rows, text)})
     return data
+
+
+# ---------------------------------------------------------------- a user's own text
+
+
+def _text_target(session: Session, name: str, layer_text: str, neuron_text: str) -> tuple[Model, int, int]:
+    model = _model(session, name)
+    return model, _index(layer_text, "layer", model, model.n_layers), _index(neuron_text, "neuron", model, model.d_mlp)
+
+
+def _scale(session: Session, model: Model, layer: int, neuron: int) -> float:
+    row = queries.neuron_activations(session, model.id, layer, neuron)
+    return max(abs(row.max_act), abs(row.min_act), 1e-6) if row is not None else 0.0
+
+
+def start_text_run(
+    session: Session, name: str, layer_text: str, neuron_text: str, text: str | None, *, max_chars: int
+) -> dict:
+    """Queue a user's text for a worker: this neuron's activation on each of its tokens."""
+    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
+    text = (text or "").replace("\r\n", "\n")
+    if not text.strip():
+        raise NeedleError("There is no text to run.", hint="Type some text into the box, then press Run.")
+    if len(text) > max_chars:
+        raise NeedleError(
+            f"The text is {len(text)} characters long; the limit is {max_chars}.",
+            hint="Shorten it: the activations of a few sentences are easiest to read.",
+        )
+    run = queries.create_text_run(session, model.id, layer, neuron, text)
+    job = queries.enqueue_job(
+        session, model.id, queries.TEXT_STAGE, f"run:{run.id}",
+        {"run": run.id, "layer": layer, "neuron": neuron, "text": text}, max_attempts=1,
+    )
+    return examples.text_run(session, model, run, job, _scale(session, model, layer, neuron))
+
+
+def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str, run_text: str) -> dict:
+    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
+    run = queries.get_text_run(session, int(run_text)) if DIGITS.fullmatch(run_text) else None
+    if run is None or run.model_id != model.id or (run.layer, run.neuron) != (layer, neuron):
+        raise NotFound(f"There is no text run {run_text!r} for neuron {layer}/{neuron} of {model.name!r}.")
+    job = queries.text_job(session, model.id, run.id)
+    return examples.text_run(session, model, run, job, _scale(session, model, layer, neuron))

@@ -7,10 +7,23 @@ import random
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from app.schema import Job, Model, Neuron, SearchPart, TokenIndex, Vocab
+from app.schema import (
+    ExampleRun,
+    ExampleWindow,
+    Job,
+    Model,
+    Neuron,
+    NeuronActivations,
+    SearchPart,
+    TextRun,
+    TokenIndex,
+    Vocab,
+)
+
+TEXT_STAGE = "text"  # the job stage of a user's own text run
 
 
 def utcnow() -> datetime:
@@ -131,19 +144,33 @@ LAYER_SORTS = {
     "neuron": (Neuron.neuron.asc(),),
     "score": (Neuron.top_score.desc(), Neuron.neuron.asc()),
     "-score": (Neuron.top_score.asc(), Neuron.neuron.asc()),
+    # neurons without activation statistics sort last (NULL is neither large nor small)
+    "frequency": (NeuronActivations.frequency.is_(None), NeuronActivations.frequency.desc(), Neuron.neuron.asc()),
+    "-frequency": (NeuronActivations.frequency.is_(None), NeuronActivations.frequency.asc(), Neuron.neuron.asc()),
+    "max": (NeuronActivations.max_act.is_(None), NeuronActivations.max_act.desc(), Neuron.neuron.asc()),
 }
 
 
-def layer_neurons(session: Session, model_id: int, layer: int, sort: str, offset: int, limit: int) -> list[Neuron]:
-    return list(
-        session.scalars(
-            select(Neuron)
-            .where(Neuron.model_id == model_id, Neuron.layer == layer)
-            .order_by(*LAYER_SORTS[sort])
-            .offset(offset)
-            .limit(limit)
+def layer_neurons(
+    session: Session, model_id: int, layer: int, sort: str, offset: int, limit: int
+) -> list[tuple[Neuron, NeuronActivations | None]]:
+    """A page of a layer's neurons with their activation statistics (None where not computed)."""
+    rows = session.execute(
+        select(Neuron, NeuronActivations)
+        .outerjoin(
+            NeuronActivations,
+            and_(
+                NeuronActivations.model_id == Neuron.model_id,
+                NeuronActivations.layer == Neuron.layer,
+                NeuronActivations.neuron == Neuron.neuron,
+            ),
         )
+        .where(Neuron.model_id == model_id, Neuron.layer == layer)
+        .order_by(*LAYER_SORTS[sort])
+        .offset(offset)
+        .limit(limit)
     )
+    return [(n, a) for n, a in rows]
 
 
 def random_neuron(session: Session, model_id: int, rng: random.Random | None = None) -> tuple[int, int] | None:
@@ -240,8 +267,16 @@ def enqueue_job(
     return job
 
 
-def jobs_for_model(session: Session, model_id: int) -> list[Job]:
-    return list(session.scalars(select(Job).where(Job.model_id == model_id).order_by(Job.id)))
+def jobs_for_model(session: Session, model_id: int, *, include_text: bool = False) -> list[Job]:
+    """A model's jobs; the users' text runs (stage "text") only when asked for."""
+    q = select(Job).where(Job.model_id == model_id).order_by(Job.id)
+    if not include_text:
+        q = q.where(Job.stage != TEXT_STAGE)
+    return list(session.scalars(q))
+
+
+def get_job(session: Session, job_id: int) -> Job | None:
+    return session.get(Job, job_id)
 
 
 def pending_jobs(session: Session, model_id: int | None = None) -> int:
@@ -252,7 +287,8 @@ def pending_jobs(session: Session, model_id: int | None = None) -> int:
 
 
 def failed_jobs(session: Session, model_id: int | None = None) -> list[Job]:
-    q = select(Job).where(Job.state == "failed").order_by(Job.id)
+    """Failed indexing jobs (a user's text run that failed is shown on its own panel instead)."""
+    q = select(Job).where(Job.state == "failed", Job.stage != TEXT_STAGE).order_by(Job.id)
     if model_id is not None:
         q = q.where(Job.model_id == model_id)
     return list(session.scalars(q))
@@ -424,3 +460,73 @@ def has_token_index(session: Session, model_id: int) -> bool:
     """Whether the search_index stage has written any token rows for the model yet."""
     row = session.execute(select(TokenIndex.token_id).where(TokenIndex.model_id == model_id).limit(1)).first()
     return row is not None
+
+
+# ---------------------------------------------------------------- activation examples
+
+
+def replace_examples(
+    session: Session, model_id: int, run: dict, windows: Sequence[dict], rows: Sequence[dict]
+) -> None:
+    """Replace a model's examples (run, windows, every neuron's activations) in the caller's
+    transaction: a reader sees the old set or the new one, never a mix."""
+    for table in (NeuronActivations, ExampleWindow, ExampleRun):
+        session.execute(delete(table).where(table.model_id == model_id))
+    session.add(ExampleRun(model_id=model_id, created_at=utcnow(), **run))
+    session.flush()
+    for i in range(0, len(windows), 5000):
+        session.execute(ExampleWindow.__table__.insert(), [{"model_id": model_id, **w} for w in windows[i : i + 5000]])
+    for i in range(0, len(rows), 2000):
+        session.execute(NeuronActivations.__table__.insert(), [{"model_id": model_id, **r} for r in rows[i : i + 2000]])
+
+
+def example_run(session: Session, model_id: int) -> ExampleRun | None:
+    return session.get(ExampleRun, model_id)
+
+
+def neuron_activations(session: Session, model_id: int, layer: int, neuron: int) -> NeuronActivations | None:
+    return session.get(NeuronActivations, (model_id, layer, neuron))
+
+
+def example_windows(session: Session, model_id: int, window_ids: Iterable[int]) -> dict[int, ExampleWindow]:
+    ids = sorted({int(w) for w in window_ids if w >= 0})
+    rows = session.scalars(select(ExampleWindow).where(ExampleWindow.model_id == model_id, ExampleWindow.window.in_(ids)))
+    return {r.window: r for r in rows}
+
+
+def activation_layer_summaries(session: Session, model_id: int) -> dict[int, dict]:
+    """Per layer: neurons with statistics, dead ones (never fired on the corpus), mean frequency."""
+    dead = func.sum(case((NeuronActivations.frequency <= 0, 1), else_=0))
+    rows = session.execute(
+        select(NeuronActivations.layer, func.count(), dead, func.avg(NeuronActivations.frequency))
+        .where(NeuronActivations.model_id == model_id)
+        .group_by(NeuronActivations.layer)
+    )
+    return {
+        layer: {"neurons": n, "dead": int(d or 0), "mean_frequency": float(f) if f is not None else None}
+        for layer, n, d, f in rows
+    }
+
+
+# ---------------------------------------------------------------- text runs
+
+
+def create_text_run(session: Session, model_id: int, layer: int, neuron: int, text: str) -> TextRun:
+    run = TextRun(model_id=model_id, layer=layer, neuron=neuron, text=text, created_at=utcnow())
+    session.add(run)
+    session.flush()
+    return run
+
+
+def get_text_run(session: Session, run_id: int) -> TextRun | None:
+    return session.get(TextRun, run_id)
+
+
+def text_job(session: Session, model_id: int, run_id: int) -> Job | None:
+    return session.scalar(
+        select(Job).where(Job.model_id == model_id, Job.stage == TEXT_STAGE, Job.key == f"run:{run_id}")
+    )
+
+
+def save_text_result(session: Session, run_id: int, token_ids: bytes, activations: bytes) -> None:
+    session.execute(update(TextRun).where(TextRun.id == run_id).values(token_ids=token_ids, activations=activations))

@@ -9,9 +9,9 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
 
-from app import urls
+from app import plots, urls
 from app.config import ROOT
-from app.tokens import visible
+from app.tokens import in_context, visible
 
 TEMPLATES = ROOT / "templates"
 
@@ -26,7 +26,9 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["visible"] = visible
+    env.filters["in_context"] = in_context
     env.globals.update(urls.template_globals())
+    env.globals["histogram_svg"] = plots.histogram_svg
     return env
 
 

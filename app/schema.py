@@ -10,6 +10,8 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -153,3 +155,91 @@ class Job(Base):
         UniqueConstraint("model_id", "stage", "key", name="uq_jobs_model_stage_key"),
         Index("ix_jobs_claim", "state", "run_after"),
     )
+
+
+class ExampleRun(Base):
+    """How a model's activation examples were computed: the corpus and the method's settings."""
+
+    __tablename__ = "example_runs"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    corpus: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text)
+    context: Mapped[int] = mapped_column(Integer)
+    n_windows: Mapped[int] = mapped_column(Integer)
+    n_tokens: Mapped[int] = mapped_column(BigInteger)
+    n_documents: Mapped[int] = mapped_column(Integer)
+    bos_prefix: Mapped[bool] = mapped_column(Boolean)
+    # top_k, bins, per_bin, hist_bins, estimate_windows, seconds, tokens_per_second
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ExampleWindow(Base):
+    """A corpus window that some neuron's examples show: its token ids (int32) and where it came from."""
+
+    __tablename__ = "example_windows"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    window: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class NeuronActivations(Base):
+    """One neuron's activations on the corpus: statistics, top contexts and interval samples.
+
+    top_*: the top-k windows by their max, best first: window ids (int32, into
+    example_windows), max (float32), index of the max token (int16) and per-token
+    activations (float16, [k x context]). int_*: per interval bin, the sampled windows,
+    [bins x per_bin] (-1 for none), with acts [bins x per_bin x context]; int_edges
+    (float32, bins + 1) and int_counts (int64, firing tokens per bin). hist_*: edges
+    (float32) and counts (int64) of the histogram of every token's activation.
+    """
+
+    __tablename__ = "neuron_activations"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    frequency: Mapped[float] = mapped_column(Float)
+    frequency_above: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    mean: Mapped[float] = mapped_column(Float)
+    std: Mapped[float] = mapped_column(Float)
+    min_act: Mapped[float] = mapped_column(Float)
+    max_act: Mapped[float] = mapped_column(Float)
+    top_windows: Mapped[bytes] = mapped_column(LargeBinary)
+    top_max: Mapped[bytes] = mapped_column(LargeBinary)
+    top_pos: Mapped[bytes] = mapped_column(LargeBinary)
+    top_acts: Mapped[bytes] = mapped_column(LargeBinary)
+    int_windows: Mapped[bytes] = mapped_column(LargeBinary)
+    int_max: Mapped[bytes] = mapped_column(LargeBinary)
+    int_pos: Mapped[bytes] = mapped_column(LargeBinary)
+    int_acts: Mapped[bytes] = mapped_column(LargeBinary)
+    int_edges: Mapped[bytes] = mapped_column(LargeBinary)
+    int_counts: Mapped[bytes] = mapped_column(LargeBinary)
+    hist_edges: Mapped[bytes] = mapped_column(LargeBinary)
+    hist_counts: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        Index("ix_activations_frequency", "model_id", "layer", "frequency"),
+        Index("ix_activations_max", "model_id", "layer", "max_act"),
+    )
+
+
+class TextRun(Base):
+    """A user's own text, run through the model by a worker (job stage "text"): the token ids
+    and one layer's activations on them for one neuron."""
+
+    __tablename__ = "text_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(Integer)
+    neuron: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    activations: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)

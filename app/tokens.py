@@ -16,6 +16,16 @@ def search_key(text: str) -> str:
     return text.casefold()
 
 
+_IN_CONTEXT = str.maketrans({"\n": "↵", "\r": "␍", "\t": "⇥"})
+
+
+def in_context(text: str | None) -> str:
+    """A token inside running text: spaces kept as spaces, line breaks and tabs made visible."""
+    if text is None:
+        return "�"
+    return text.translate(_IN_CONTEXT) if text else "∅"
+
+
 def visible(text: str) -> str:
     """Whitespace made visible for display: ␣ for a space, ↵ for a newline, ⇥ for a tab."""
     return text.translate(_VISIBLE) if text else "∅"

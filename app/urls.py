@@ -51,6 +51,16 @@ def neuron_url(model: str, layer: int, neuron: int, fmt: str | None = None) -> s
     return _path(model, layer, neuron, fmt=fmt)
 
 
+def text_form_url(model: str, layer: int, neuron: int) -> str:
+    """Where a neuron page's "test your own text" form posts."""
+    return _path(model, layer, neuron, "text")
+
+
+def text_run_url(model: str, layer: int, neuron: int, run: int, fmt: str | None = None) -> str:
+    """A user's text run on a neuron: its result, or a panel that polls itself while it waits."""
+    return _path(model, layer, neuron, "text", run, fmt=fmt)
+
+
 def random_neuron_url(model: str, fmt: str | None = None) -> str:
     return _path(model, "random", fmt=fmt)
 
@@ -75,6 +85,8 @@ def template_globals() -> dict:
         "layer_url": layer_url,
         "neuron_url": neuron_url,
         "random_neuron_url": random_neuron_url,
+        "text_form_url": text_form_url,
+        "text_run_url": text_run_url,
         "search_url": search_url,
         "feature_url": feature_url,
         "static_url": static_url,

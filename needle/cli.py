@@ -35,6 +35,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 class TqdmProgress:
     """A progress bar per job, on stderr."""
 
@@ -47,6 +57,13 @@ class TqdmProgress:
     def advance(self, n: int) -> None:
         self.done += n
         self.bar.update(n)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        self.bar.total = total
+        self.bar.unit = "tok"
+        self.bar.unit_scale = True
+        self.bar.refresh()
 
     def close(self) -> None:
         if self.done < self.total:
@@ -67,6 +84,9 @@ def index_model(
     decode_norm: str = "none",
     force: bool = False,
     layers_per_job: int = 0,
+    corpus: str | None = None,
+    tokens: int | None = None,
+    context: int = 64,
     queue_only: bool = False,
     quiet: bool = False,
 ) -> int:
@@ -76,7 +96,7 @@ def index_model(
     from app import queries
     from app.db import get_engine, require_migrated, session_scope
     from workers.loading import load_model, tokenizer_json, vocabulary
-    from workers.stages import ModelSpec, plan_index
+    from workers.stages import ModelSpec, check_context, plan_index
     from workers.worker import ModelCache, Progress, Worker
 
     check_name(name)
@@ -86,6 +106,11 @@ def index_model(
     adapter = loaded.adapter
     if decode_norm == "final" and adapter.final_norm_scale() is None:
         raise NeedleError(f"{source} has no final norm weight to apply.", hint="Use --decode-norm none.")
+    examples_params = None
+    if corpus is not None:
+        check_examples_options(context, tokens)
+        check_context(loaded, context)
+        examples_params = {"corpus": corpus, "tokens": tokens, "context": context}
     fields = {
         "source": str(source),
         "family": adapter.family,
@@ -117,7 +142,12 @@ def index_model(
         if force or existing is None or queries.vocab_size_stored(s, model.id) != adapter.vocab_size:
             queries.replace_vocab(s, model.id, vocabulary(loaded.tokenizer, adapter.vocab_size))
         lpj = layers_per_job or adapter.n_layers
-        plan_index(s, model, force=force, layers_per_job=lpj, max_attempts=settings.max_attempts)
+        if examples_params is not None and not force:
+            check_examples_unchanged(s, model.id, name, examples_params)
+        plan_index(
+            s, model, force=force, layers_per_job=lpj, max_attempts=settings.max_attempts,
+            examples_params=examples_params,
+        )
         model_id, spec = model.id, ModelSpec.of(model)
     if queue_only:
         return model_id
@@ -134,6 +164,29 @@ def index_model(
             errors = "; ".join(f"{j.stage} {j.key}: {j.error}" for j in failed)
             raise NeedleError(f"Indexing {name!r} failed: {errors}", status=500)
     return model_id
+
+
+def check_examples_options(context: int, tokens: int | None) -> None:
+    if context < 2:
+        raise NeedleError(f"--context {context} is too short: a window needs at least 2 tokens.", hint="Use --context 64.")
+    if tokens is not None and tokens < context:
+        raise NeedleError(
+            f"--tokens {tokens} is fewer than one window of --context {context} tokens.",
+            hint="Raise --tokens or lower --context.",
+        )
+
+
+def check_examples_unchanged(session, model_id: int, name: str, params: dict) -> None:
+    """Examples stored from another corpus (or cap, or context) are only replaced with --force."""
+    from app import queries
+
+    for job in queries.jobs_for_model(session, model_id):
+        if job.stage == "examples" and job.state == "done" and job.params != params:
+            old = ", ".join(f"{k} {job.params.get(k)!r} (now {v!r})" for k, v in params.items() if job.params.get(k) != v)
+            raise NeedleError(
+                f"{name!r} already has examples computed with {old}.",
+                hint="Pass --force to recompute them (and the decodings) with the new settings.",
+            )
 
 
 def _model_is_indexed(settings: Settings, name: str) -> bool:
@@ -156,6 +209,7 @@ def cmd_index(args, settings: Settings) -> None:
     index_model(
         settings, args.model, args.name, device=args.device, dtype=args.dtype, decode_norm=args.decode_norm,
         force=args.force, layers_per_job=args.layers_per_job, queue_only=args.queue,
+        corpus=args.corpus, tokens=args.tokens, context=args.context,
     )
     if args.queue:
         print(f"Queued {args.name}: run `needle worker` to compute it.")
@@ -178,20 +232,35 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def serve(settings: Settings, host: str, port: int, *, with_worker: bool = False) -> None:
     import uvicorn
 
     from app.db import get_engine, require_migrated
     from app.main import create_app
 
-    require_migrated(get_engine(settings))
+    engine = get_engine(settings)
+    require_migrated(engine)
     check_port_free(host, port)
+    if with_worker:
+        start_background_worker(engine, settings)
     print(f"Needle is serving at http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
 
+def start_background_worker(engine, settings: Settings):
+    """A worker thread beside the server, for users' text runs (and any other queued job)."""
+    import threading
+
+    from workers.worker import Worker
+
+    worker = Worker(engine, settings)
+    thread = threading.Thread(target=worker.run, kwargs={"until_idle": False}, daemon=True, name="needle-worker")
+    thread.start()
+    return worker
+
+
 def cmd_serve(args, settings: Settings) -> None:
-    serve(settings, args.host or settings.host, args.port or settings.port)
+    serve(settings, args.host or settings.host, args.port or settings.port, with_worker=args.with_worker)
 
 
 def cmd_demo(args, settings: Settings) -> None:
@@ -204,12 +273,15 @@ def cmd_demo(args, settings: Settings) -> None:
         print(f"The demo model {name!r} is already indexed; skipping.", flush=True)
     else:
         print(f"Indexing the demo model {name!r} from {DEMO_MODEL} ...", flush=True)
-        index_model(settings, str(DEMO_MODEL), name, device=args.device)
+        index_model(
+            settings, str(DEMO_MODEL), name, device=args.device,
+            corpus=settings.demo_corpus, tokens=settings.demo_tokens,
+        )
     if args.no_serve:
         return
     host, port = args.host or settings.host, args.port or settings.port
     print(f"Open http://{host}:{port}/{name}", flush=True)
-    serve(settings, host, port)
+    serve(settings, host, port, with_worker=True)
 
 
 def cmd_worker(args, settings: Settings) -> None:
@@ -257,12 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute what is already stored")
     p.add_argument("--layers-per-job", type=non_negative_int, default=0,
                    help="layers per decode job (default 0: all in one job)")
+    p.add_argument("--corpus", metavar="SPEC",
+                   help="text for activation examples: a text file, a folder of them, a .jsonl with a \"text\" field, "
+                   "hf:NAME[:split[:field]] or stdlib")
+    p.add_argument("--tokens", type=positive_int, help="read at most this many corpus tokens")
+    p.add_argument("--context", type=positive_int, default=64, help="tokens per example window (default 64)")
     p.add_argument("--queue", action="store_true", help="only enqueue the jobs, for `needle worker`")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("serve", help="serve the dashboard")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--with-worker", action="store_true",
+                   help="also run a worker thread, for users' text runs (needs torch; `needle worker` is the other way)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="claim and run queued jobs")

@@ -320,6 +320,19 @@ class Adapter:
             yield captured
 
     @contextlib.contextmanager
+    def on_activations(self, layers: Iterable[int], fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+        """Call fn(layer, acts [batch, seq, d_mlp]) as each layer's activations are produced, with no copy:
+        a streaming reader keeps no layer longer than it needs."""
+        with contextlib.ExitStack() as stack:
+            for layer in dict.fromkeys(self._layer(layer) for layer in layers):
+
+                def call(acts: torch.Tensor, layer: int = layer) -> None:
+                    fn(layer, acts)
+
+                stack.enter_context(self._neuron_hook(layer, call))
+            yield
+
+    @contextlib.contextmanager
     def clamp(self, layer: int, neuron: int, values: float | torch.Tensor) -> Iterator[None]:
         """Replace neuron's activation by `values` (broadcastable over [batch, seq]) while inside."""
         layer, neuron = self._layer(layer), self._neuron(neuron)

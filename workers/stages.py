@@ -7,15 +7,20 @@ job's "done" commit together (and a job run twice leaves the same rows).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from sqlalchemy.orm import Session
 
 from app import queries
+from app.arrays import FLOAT32, INT32, pack
+from app.errors import NeedleError
 from app.schema import Model
-from workers import store
+from workers import examples, store
+from workers.corpus import bos_prefix_id, load_corpus
 from workers.decode import SEARCH_K, RunningTopK, decode_layers
 
 Writer = Callable[[Session], None]
@@ -51,6 +56,8 @@ class JobContext:
     batch_size: int = 512
     total: int = 0  # units of work, for progress
     advance: Callable[[int], None] = field(default=lambda n: None)
+    set_total: Callable[[int], None] = field(default=lambda n: None)  # once a stage knows its size
+    examples_batch_tokens: int = 8192
 
 
 def decode_part_key(start: int, stop: int) -> str:
@@ -96,9 +103,99 @@ def run_search_index(ctx: JobContext) -> Writer:
     return write
 
 
+def run_examples(ctx: JobContext) -> Writer:
+    """Top contexts, interval samples and statistics of every neuron, from one pass over the corpus."""
+    loaded = ctx.load(ctx.model)
+    p = ctx.params
+    check_context(loaded, p["context"])
+    corpus = load_corpus(p["corpus"], loaded.tokenizer, context=p["context"], max_tokens=p.get("tokens"))
+    bos = bos_prefix_id(loaded.tokenizer)
+    n_windows = corpus.windows.shape[0]
+    batch_tokens = p.get("batch_tokens") or ctx.examples_batch_tokens
+    estimate = examples.plan(n_windows, p["context"], batch_tokens).estimate_ids
+    ctx.set_total((len(estimate) + n_windows) * p["context"])
+    started = time.perf_counter()
+    results = examples.collect(
+        loaded.model, loaded.adapter, list(range(ctx.model.n_layers)), corpus.windows, bos,
+        batch_tokens=batch_tokens, progress=ctx.advance,
+    )
+    seconds = time.perf_counter() - started
+    run = {
+        "corpus": corpus.spec,
+        "description": corpus.description,
+        "context": p["context"],
+        "n_windows": n_windows,
+        "n_tokens": corpus.n_tokens,
+        "n_documents": corpus.n_documents,
+        "bos_prefix": bos is not None,
+        "settings": {
+            "top_k": examples.TOP_K, "bins": examples.BINS, "per_bin": examples.PER_BIN,
+            "hist_bins": examples.HIST_BINS, "estimate_windows": len(estimate), "batch_tokens": batch_tokens,
+            "seconds": round(seconds, 2), "tokens_per_second": round(corpus.n_tokens / max(seconds, 1e-9)),
+            "device": str(loaded.device),
+        },
+    }
+
+    def write(session: Session) -> None:
+        store.write_examples(session, ctx.model.id, run, corpus, results)
+
+    return write
+
+
+def check_context(loaded, context: int) -> None:
+    """A window (with a BOS in front, when the tokenizer adds one) must fit the model's positions."""
+    limit = max_positions(loaded.config)
+    need = context + (1 if bos_prefix_id(loaded.tokenizer) is not None else 0)
+    if limit is not None and need > limit:
+        raise NeedleError(
+            f"--context {context} does not fit this model: it reads at most {limit} positions"
+            + (" (one of them the BOS token)." if need > context else "."),
+            hint=f"Use --context {limit - (need - context)} or less.",
+        )
+
+
+def max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def run_text(ctx: JobContext) -> Writer:
+    """A user's own text: one neuron's activation on each of its tokens."""
+    loaded = ctx.load(ctx.model)
+    run_id, layer, neuron, text = ctx.params["run"], ctx.params["layer"], ctx.params["neuron"], ctx.params["text"]
+    bos = bos_prefix_id(loaded.tokenizer)
+    limit = min(MAX_TEXT_TOKENS, (max_positions(loaded.config) or MAX_TEXT_TOKENS) - (bos is not None))
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+    if not ids:
+        raise NeedleError("The text has no tokens.", hint="Type some text to run.")
+    windows = torch.tensor([ids], dtype=torch.int64)
+    got: dict[int, torch.Tensor] = {}
+
+    def read(at: int, acts: torch.Tensor) -> None:
+        got[at] = acts[0, :, neuron].float().cpu()
+
+    examples.forward_windows(
+        loaded.model, loaded.adapter, [layer], windows, bos, read,
+        next(loaded.model.parameters()).device,
+    )
+    token_blob, act_blob = pack(ids, INT32), pack(got[layer].numpy(), FLOAT32)
+
+    def write(session: Session) -> None:
+        queries.save_text_result(session, run_id, token_blob, act_blob)
+
+    return write
+
+
+MAX_TEXT_TOKENS = 512
+
 STAGES: dict[str, Callable[[JobContext], Writer]] = {
     "decode": run_decode,
     "search_index": run_search_index,
+    "examples": run_examples,
+    queries.TEXT_STAGE: run_text,
 }
 
 
@@ -106,11 +203,17 @@ def work_units(stage: str, params: dict, model: ModelSpec) -> int:
     if stage == "decode":
         start, stop = params["layers"]
         return (stop - start) * model.d_mlp
+    if stage == "examples":
+        return params.get("tokens") or 0  # set exactly once the corpus is read
     return 1
 
 
-def plan_index(session: Session, model: Model, *, force: bool, layers_per_job: int, max_attempts: int) -> list:
-    """Enqueue the decode shards (layer ranges) and the search-index merge that waits for them."""
+def plan_index(
+    session: Session, model: Model, *, force: bool, layers_per_job: int, max_attempts: int,
+    examples_params: dict | None = None,
+) -> list:
+    """Enqueue the decode shards (layer ranges), the search-index merge that waits for them and,
+    with a corpus, the examples stage."""
     parts = []
     for start in range(0, model.n_layers, layers_per_job):
         stop = min(start + layers_per_job, model.n_layers)
@@ -128,4 +231,8 @@ def plan_index(session: Session, model: Model, *, force: bool, layers_per_job: i
             session, model.id, "search_index", "all", {"parts": parts},
             requires_stage="decode", max_attempts=max_attempts, force=True,
         )
+    if examples_params is not None:
+        job = queries.enqueue_job(session, model.id, "examples", "all", examples_params, max_attempts=max_attempts, force=force)
+        if job.state == "done" and job.params != examples_params:
+            queries.enqueue_job(session, model.id, "examples", "all", examples_params, max_attempts=max_attempts, force=True)
     return queries.jobs_for_model(session, model.id)

@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from sqlalchemy.orm import Session
 
 from app import queries
-from app.arrays import FLOAT32, INT32, pack, pack_rows, unpack
+from app.arrays import FLOAT16, FLOAT32, INT16, INT32, INT64, pack, pack_rows, unpack
+from workers.corpus import Corpus
 from workers.decode import LayerDecoding, merge_search_parts
+from workers.examples import LayerExamples
 
 
 def neuron_rows(dec: LayerDecoding) -> list[dict]:
@@ -88,3 +91,56 @@ def build_token_index(session: Session, model_id: int, d_mlp: int, vocab: int, p
     queries.replace_token_index(session, model_id, rows)
     queries.delete_search_parts(session, model_id, keep=parts_expected)
     return vocab
+
+
+def activation_rows(res: LayerExamples) -> list[dict]:
+    """One neuron_activations row per neuron of a layer, arrays packed once per layer."""
+    n = len(res.max)
+    tokens = max(res.tokens, 1)
+    blobs = {
+        "top_windows": pack_rows(res.top_windows, INT32),
+        "top_max": pack_rows(res.top_max, FLOAT32),
+        "top_pos": pack_rows(res.top_pos, INT16),
+        "top_acts": pack_rows(res.top_acts.reshape(n, -1), FLOAT16),
+        "int_windows": pack_rows(res.int_windows.reshape(n, -1), INT32),
+        "int_max": pack_rows(res.int_max.reshape(n, -1), FLOAT32),
+        "int_pos": pack_rows(res.int_pos.reshape(n, -1), INT16),
+        "int_acts": pack_rows(res.int_acts.reshape(n, -1), FLOAT16),
+        "int_edges": pack_rows(res.int_edges, FLOAT32),
+        "int_counts": pack_rows(res.int_counts, INT64),
+        "hist_edges": pack_rows(res.hist_edges, FLOAT32),
+        "hist_counts": pack_rows(res.hist_counts, INT64),
+    }
+    freq = (res.positive / tokens).tolist()
+    above = (res.above / tokens).tolist()
+    thr = [None if np.isnan(t) else t for t in res.threshold.tolist()]
+    mean, std, lo, hi = res.mean.tolist(), res.std.tolist(), res.min.tolist(), res.max.tolist()
+    return [
+        {
+            "layer": res.layer,
+            "neuron": i,
+            "tokens": res.tokens,
+            "frequency": freq[i],
+            "frequency_above": above[i],
+            "threshold": thr[i],
+            "mean": mean[i],
+            "std": std[i],
+            "min_act": lo[i],
+            "max_act": hi[i],
+            **{field: rows[i] for field, rows in blobs.items()},
+        }
+        for i in range(n)
+    ]
+
+
+def write_examples(session: Session, model_id: int, run: dict, corpus: Corpus, results: Sequence[LayerExamples]) -> None:
+    """Replace the model's examples: the run, the windows some neuron shows, every neuron's row."""
+    shown = np.unique(np.concatenate([np.concatenate([r.top_windows.ravel(), r.int_windows.ravel()]) for r in results]))
+    shown = shown[shown >= 0]
+    windows = corpus.windows[torch.from_numpy(shown.astype(np.int64))].numpy() if len(shown) else np.zeros((0, 0))
+    window_rows = [
+        {"window": int(w), "source": corpus.sources[int(w)], "token_ids": blob}
+        for w, blob in zip(shown.tolist(), pack_rows(windows, INT32) if len(shown) else [])
+    ]
+    rows = [row for res in results for row in activation_rows(res)]
+    queries.replace_examples(session, model_id, run, window_rows, rows)

@@ -57,6 +57,9 @@ class Progress:
     def advance(self, n: int) -> None:
         self.done += n
 
+    def set_total(self, total: int) -> None:
+        self.total = total
+
     def close(self) -> None:
         pass
 
@@ -137,6 +140,7 @@ class Worker:
             ctx = JobContext(
                 job_id=job.id, stage=job.stage, key=job.key, params=dict(job.params), model=spec,
                 load=self.cache.get, batch_size=self.settings.decode_batch_size,
+                examples_batch_tokens=self.settings.examples_batch_tokens,
             )
             return ctx, f"{spec.name} {job.stage} {job.key}"
 
@@ -149,7 +153,7 @@ class Worker:
         """Run one claimed job; returns None when done, else the error recorded."""
         ctx.total = work_units(ctx.stage, ctx.params, ctx.model)
         progress = self.progress_factory(desc, ctx.total)
-        ctx.advance = progress.advance
+        ctx.advance, ctx.set_total = progress.advance, progress.set_total
         beat = Heartbeat(self.engine, ctx.job_id, self.name, self.settings.heartbeat_seconds, progress)
         beat.start()
         try:

@@ -8,14 +8,17 @@ search) come before the /{model}/{layer} pattern that would otherwise match them
 
 from __future__ import annotations
 
+import json
 from typing import Literal
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from app import pagedata, urls
 from app.deps import SessionDep, SettingsDep
-from app.rendering import render_partial, respond
+from app.errors import NeedleError
+from app.rendering import render_partial, respond, wants_fragment
 
 router = APIRouter()
 
@@ -83,9 +86,45 @@ def layer(
 
 
 @router.get("/{model}/{layer}/{neuron}")
-def neuron(request: Request, model: str, layer: str, neuron: str, session: SessionDep) -> Response:
+def neuron(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
     neuron, fmt = split_format(neuron)
-    return respond(request, "neuron.html", pagedata.neuron_page(session, model, layer, neuron), fmt)
+    data = pagedata.neuron_page(session, model, layer, neuron, text_max_chars=settings.text_max_chars)
+    return respond(request, "neuron.html", data, fmt)
+
+
+@router.post("/{model}/{layer}/{neuron}/text")
+async def start_text(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
+    """Queue the posted text (a form field or JSON "text"); htmx gets the polling panel,
+    a JSON client the run's data, a plain form post a redirect to the run's page."""
+    text = await posted_text(request)
+    data = pagedata.start_text_run(session, model, layer, neuron, text, max_chars=settings.text_max_chars)
+    session.commit()
+    if wants_fragment(request):
+        return render_partial("_text_panel.html", data)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        return JSONResponse(data, status_code=202)
+    return RedirectResponse(data["url"], status_code=303)
+
+
+@router.get("/{model}/{layer}/{neuron}/text/{run}")
+def text_run(request: Request, model: str, layer: str, neuron: str, run: str, session: SessionDep) -> Response:
+    run, fmt = split_format(run)
+    data = pagedata.text_run_page(session, model, layer, neuron, run)
+    if wants_fragment(request) and fmt is None:
+        return render_partial("_text_panel.html", data)
+    return respond(request, "text_run.html", data, fmt)
+
+
+async def posted_text(request: Request) -> str | None:
+    body = await request.body()
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            value = json.loads(body or b"{}").get("text")
+        except (ValueError, AttributeError):
+            raise NeedleError('The body is not a JSON object.', hint='Send {"text": "..."}.') from None
+        return value if isinstance(value, str) else None
+    values = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True).get("text")
+    return values[0] if values else None
 
 
 def _no_store(response: Response) -> Response:

@@ -1,0 +1,180 @@
+"""Page data for what makes a neuron fire: its top contexts, interval samples and activation
+statistics (computed by workers/examples.py), and a user's own text run on it.
+
+Every example has the JSON shape the neuron page's .json twin documents:
+{"tokens": [str], "token_ids": [int], "activations": [float], "max_activation": float,
+"max_index": int, "source": str}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from app import queries, urls
+from app.arrays import FLOAT16, FLOAT32, INT16, INT32, INT64, unpack
+from app.schema import ExampleRun, Job, Model, NeuronActivations, TextRun
+
+METHOD = [
+    "Windows: the corpus's documents are tokenized, joined with the end-of-text token between them and cut into "
+    "consecutive windows of {context} tokens; the last partial window is dropped.{bos}",
+    "Top contexts: every window's max activation for this neuron, over one streaming pass that keeps the "
+    "{top_k} best windows and their per-token activations (float16). Each window appears once; ties go to the "
+    "earlier window.",
+    "Interval samples: {bins} equal-width bins between 0 and the neuron's max, a window belonging to the bin of "
+    "its own max, {per_bin} windows drawn uniformly at random per bin (reservoir sampling by priority: the "
+    "windows with the smallest hash of layer, neuron and window). The bins come from a first pass over "
+    "{estimate_windows} evenly spaced windows that estimates each neuron's max; a window above the estimate "
+    "falls in the last bin, whose upper edge is the true max. A bin's share is the fraction of this neuron's "
+    "firing tokens (activation > 0) whose activation lies in it. Shown because top examples alone can mislead.",
+    "Statistics over every token of the corpus: frequency is the share of tokens with activation > 0; "
+    "'above threshold' is the share at or above the first interval edge (1/5 of the estimated max). The "
+    "histogram has {hist_bins} bins between the estimated min and max; its end bins also hold what lies beyond "
+    "the estimates, and their outer edges are the true min and max.",
+]
+
+
+def _float(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def run_info(run: ExampleRun | None) -> dict | None:
+    if run is None:
+        return None
+    s = run.settings or {}
+    bos = " Each window runs with the tokenizer's BOS token in front, left out of everything shown." if run.bos_prefix else ""
+    method = [
+        line.format(
+            context=run.context, bos=bos, top_k=s.get("top_k"), bins=s.get("bins"), per_bin=s.get("per_bin"),
+            estimate_windows=s.get("estimate_windows"), hist_bins=s.get("hist_bins"),
+        )
+        for line in METHOD
+    ]
+    return {
+        "corpus": run.corpus,
+        "description": run.description,
+        "context": run.context,
+        "windows": run.n_windows,
+        "tokens": run.n_tokens,
+        "documents": run.n_documents,
+        "bos_prefix": run.bos_prefix,
+        "settings": s,
+        "computed_at": run.created_at.isoformat(timespec="seconds"),
+        "method": method,
+    }
+
+
+def _example(token_ids: np.ndarray, acts: np.ndarray, text: dict[int, str], source: str, mark: int | None = None) -> dict:
+    values = [round(float(a), 4) for a in acts.astype(np.float32)]
+    max_index = int(np.argmax(acts)) if mark is None else int(mark)
+    return {
+        "tokens": [text.get(int(t)) for t in token_ids],
+        "token_ids": [int(t) for t in token_ids],
+        "activations": values,
+        "max_activation": values[max_index],
+        "max_index": max_index,
+        "source": source,
+    }
+
+
+def neuron_activations(session: Session, model: Model, row: NeuronActivations | None, context: int) -> dict:
+    """The "examples", "interval_samples" and "stats" of a neuron page (empty when not computed)."""
+    if row is None:
+        return {"examples": [], "interval_samples": [], "stats": None}
+    top_windows = unpack(row.top_windows, INT32)
+    top_pos = unpack(row.top_pos, INT16)
+    top_acts = unpack(row.top_acts, FLOAT16, (len(top_windows), context))
+    top_max = unpack(row.top_max, FLOAT32)
+    int_windows = unpack(row.int_windows, INT32)
+    bins = len(unpack(row.int_counts, INT64))
+    per_bin = len(int_windows) // max(bins, 1)
+    int_windows = int_windows.reshape(bins, per_bin)
+    int_pos = unpack(row.int_pos, INT16, (bins, per_bin))
+    int_max = unpack(row.int_max, FLOAT32, (bins, per_bin))
+    int_acts = unpack(row.int_acts, FLOAT16, (bins, per_bin, context))
+    int_edges = unpack(row.int_edges, FLOAT32)
+    int_counts = unpack(row.int_counts, INT64)
+
+    windows = queries.example_windows(session, model.id, [*top_windows.tolist(), *int_windows.ravel().tolist()])
+    ids = {w: unpack(win.token_ids, INT32) for w, win in windows.items()}
+    text = queries.tokens_by_ids(session, model.id, {int(t) for arr in ids.values() for t in arr})
+
+    def example(window: int, acts: np.ndarray, pos: int, exact_max: float) -> dict:
+        win = windows[window]
+        out = _example(ids[window], acts, text, win.source, mark=pos)
+        out["max_activation"] = round(float(exact_max), 4)
+        out["window"] = int(window)
+        return out
+
+    examples = [
+        example(int(w), top_acts[k], int(top_pos[k]), top_max[k])
+        for k, w in enumerate(top_windows)
+        if w >= 0 and int(w) in windows
+    ]
+    firing = int(int_counts.sum())
+    intervals = []
+    for b in range(bins):
+        intervals.append(
+            {
+                "bin": [round(float(int_edges[b]), 4), round(float(int_edges[b + 1]), 4)],
+                "share": round(float(int_counts[b]) / firing, 6) if firing else 0.0,
+                "tokens": int(int_counts[b]),
+                "examples": [
+                    example(int(w), int_acts[b, j], int(int_pos[b, j]), int_max[b, j])
+                    for j, w in enumerate(int_windows[b])
+                    if w >= 0 and int(w) in windows
+                ],
+            }
+        )
+    stats = {
+        "tokens": int(row.tokens),
+        "frequency": float(row.frequency),
+        "frequency_above": float(row.frequency_above),
+        "threshold": None if row.threshold is None else _float(row.threshold),
+        "mean": float(row.mean),
+        "std": float(row.std),
+        "min": float(row.min_act),
+        "max": float(row.max_act),
+        "histogram": {
+            "edges": [round(float(e), 5) for e in unpack(row.hist_edges, FLOAT32)],
+            "counts": [int(c) for c in unpack(row.hist_counts, INT64)],
+        },
+    }
+    return {"examples": examples, "interval_samples": intervals, "stats": stats}
+
+
+def colour_scale(stats: dict | None) -> float:
+    """One scale for the highlight colours of a neuron: the largest magnitude it reached."""
+    if not stats:
+        return 1.0
+    return max(abs(stats["max"]), abs(stats["min"]), 1e-6)
+
+
+# ---------------------------------------------------------------- a user's own text
+
+
+def text_run(session: Session, model: Model, run: TextRun, job: Job | None, scale: float) -> dict:
+    state = job.state if job is not None else "queued"
+    data = {
+        "model": model.name,
+        "layer": run.layer,
+        "neuron": run.neuron,
+        "run": run.id,
+        "text": run.text,
+        "state": "done" if run.activations is not None else state,
+        "error": job.error if job is not None and state == "failed" else None,
+        "url": urls.text_run_url(model.name, run.layer, run.neuron, run.id),
+        "json_url": urls.text_run_url(model.name, run.layer, run.neuron, run.id, fmt=urls.JSON),
+        "neuron_url": urls.neuron_url(model.name, run.layer, run.neuron),
+        "form_url": urls.text_form_url(model.name, run.layer, run.neuron),
+        "scale": scale,
+        "result": None,
+    }
+    if run.activations is not None and run.token_ids is not None:
+        token_ids = unpack(run.token_ids, INT32)
+        text = queries.tokens_by_ids(session, model.id, token_ids.tolist())
+        data["result"] = _example(token_ids, unpack(run.activations, FLOAT32), text, "your text")
+    return data

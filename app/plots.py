@@ -1,0 +1,76 @@
+"""Server-side SVG plots. Only numbers are interpolated (no text from a model or a user), and
+the result is marked safe for the templates."""
+
+from __future__ import annotations
+
+import math
+
+from markupsafe import Markup
+
+WIDTH, HEIGHT = 560, 170
+LEFT, RIGHT, TOP, BOTTOM = 46, 12, 10, 34
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def histogram_svg(stats: dict) -> Markup:
+    """The activation histogram of a neuron: bars on a log count axis, with 0, the threshold
+    and the mean marked. Each bar's tooltip gives its range and count."""
+    edges = stats["histogram"]["edges"]
+    counts = stats["histogram"]["counts"]
+    lo, hi = edges[0], edges[-1]
+    span = (hi - lo) or 1.0
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    top = math.log10(1 + max(counts, default=0)) or 1.0
+
+    def x(v: float) -> float:
+        return LEFT + plot_w * (v - lo) / span
+
+    def y(count: int) -> float:
+        return TOP + plot_h * (1 - math.log10(1 + count) / top)
+
+    parts = [
+        f'<svg class="plot histogram" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
+        'role="img" aria-label="Histogram of this neuron\'s activations (log count)">',
+        f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{LEFT + plot_w}" y2="{TOP + plot_h}"/>',
+        f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/>',
+    ]
+    for a, b, c in zip(edges, edges[1:], counts):
+        if c <= 0:
+            continue
+        x0, x1 = x(a), x(b)
+        cls = "bar neg" if b <= 0 else "bar"
+        parts.append(
+            f'<rect class="{cls}" x="{x0:.1f}" y="{y(c):.1f}" width="{max(x1 - x0 - 0.5, 0.8):.1f}" '
+            f'height="{TOP + plot_h - y(c):.1f}"><title>[{_fmt(a)}, {_fmt(b)}): {c:,} tokens</title></rect>'
+        )
+
+    def marker(value: float | None, cls: str, label: str) -> None:
+        if value is None or not (lo <= value <= hi):
+            return
+        parts.append(
+            f'<line class="marker {cls}" x1="{x(value):.1f}" y1="{TOP}" x2="{x(value):.1f}" y2="{TOP + plot_h}">'
+            f"<title>{label} {_fmt(value)}</title></line>"
+        )
+
+    marker(0.0, "zero", "zero:")
+    marker(stats.get("threshold"), "threshold", "threshold:")
+    marker(stats.get("mean"), "mean", "mean:")
+    base = TOP + plot_h + 14
+    parts.append(f'<text x="{LEFT}" y="{base}" text-anchor="start">{_fmt(lo)}</text>')
+    parts.append(f'<text x="{LEFT + plot_w}" y="{base}" text-anchor="end">{_fmt(hi)}</text>')
+    if lo < 0 < hi:
+        parts.append(f'<text x="{x(0.0):.1f}" y="{base}" text-anchor="middle">0</text>')
+    parts.append(
+        f'<text x="{LEFT + plot_w / 2:.1f}" y="{base + 16}" text-anchor="middle" class="label">activation</text>'
+    )
+    parts.append(f'<text x="{LEFT - 6}" y="{TOP + 8}" text-anchor="end">{max(counts, default=0):,}</text>')
+    parts.append(f'<text x="{LEFT - 6}" y="{TOP + plot_h}" text-anchor="end">0</text>')
+    parts.append(
+        f'<text x="12" y="{TOP + plot_h / 2:.1f}" text-anchor="middle" class="label" '
+        f'transform="rotate(-90 12 {TOP + plot_h / 2:.1f})">tokens (log)</text>'
+    )
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -1,0 +1,165 @@
+"""What a person sees of a neuron's activations: the neuron page's top contexts, interval
+samples, statistics and histogram, the layer sorts, the model's dead-neuron counts, and the
+"test your own text" run, over real HTTP against a real server, a real worker and real
+databases (SQLite and Postgres), with a tiny model indexed through the user's code path."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from bs4 import BeautifulSoup
+
+from app.config import Settings
+from app.db import engine_for, session_scope
+from app.main import create_app
+from needle.cli import index_model
+from tests.live_server import running_server
+from tests.tinymodels import TRAINING_TEXT, build_tiny
+from workers.loading import load_model
+from workers.worker import Worker
+
+CONTEXT = 16
+NAME = "tiny-gpt2"
+
+
+@pytest.fixture
+def site(db_url, tmp_path):
+    model_dir = build_tiny("gpt2", tmp_path / "model")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TRAINING_TEXT * 6, encoding="utf-8")
+    settings = Settings(database_url=db_url, heartbeat_seconds=0.5, page_size=500)
+    index_model(settings, str(model_dir), NAME, device="cpu", corpus=str(corpus), context=CONTEXT, quiet=True)
+    engine = engine_for(db_url)
+    app = create_app(settings)
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=30) as http:
+        yield http, engine, settings, model_dir
+
+
+def soup_of(r: httpx.Response) -> BeautifulSoup:
+    assert r.status_code == 200, (r.status_code, r.text[:500])
+    return BeautifulSoup(r.text, "html.parser")
+
+
+def direct_activations(model_dir, layer: int, neuron: int, token_ids: list[int]) -> np.ndarray:
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    with torch.inference_mode(), loaded.adapter.read_activations(layer) as got:
+        loaded.model(input_ids=torch.tensor([token_ids]))
+    return got[layer][0, :, neuron].numpy()
+
+
+def test_neuron_page_shows_contexts_intervals_and_stats(site):
+    http, _, _, _ = site
+    data = http.get(f"/{NAME}/1/3.json").json()
+    examples, intervals, stats = data["examples"], data["interval_samples"], data["stats"]
+    assert 0 < len(examples) <= 20
+    maxima = [e["max_activation"] for e in examples]
+    assert maxima == sorted(maxima, reverse=True)
+    for e in examples:
+        assert set(e) >= {"tokens", "token_ids", "activations", "max_activation", "max_index"}
+        assert len(e["tokens"]) == len(e["token_ids"]) == len(e["activations"]) == CONTEXT
+        assert e["activations"][e["max_index"]] == pytest.approx(e["max_activation"], rel=2e-3, abs=2e-3)
+    assert len(intervals) == 5 and sum(b["share"] for b in intervals) == pytest.approx(1.0, abs=1e-4)
+    assert intervals[-1]["bin"][1] == pytest.approx(stats["max"], rel=1e-4)
+    assert sum(stats["histogram"]["counts"]) == stats["tokens"]
+
+    page = soup_of(http.get(f"/{NAME}/1/3"))
+    firing = page.select_one("#firing")
+    contexts = firing.select("h3 + ol.contexts > li .context")
+    assert len(contexts) == len(examples)
+    first = contexts[0].select(".ctx-tokens .t")
+    assert len(first) == CONTEXT
+    marked = [i for i, t in enumerate(first) if "max" in t["class"]]
+    assert marked == [examples[0]["max_index"]]
+    # hover shows the value; negative activations get their own class
+    for t, a in zip(first, examples[0]["activations"]):
+        assert f"{a:.4g}" in t["title"]
+        assert ("neg" in t["class"]) == (a < 0)
+    assert len(firing.select(".interval")) == 5
+    assert firing.select_one("svg.histogram") is not None
+    assert len(firing.select("svg.histogram rect.bar")) == sum(c > 0 for c in stats["histogram"]["counts"])
+    method = page.select_one("section.method").get_text(" ", strip=True)
+    assert "reservoir" in method and "estimate" in method
+
+
+def test_layer_sorts_by_frequency_and_max_and_model_counts_dead(site):
+    http, _, _, _ = site
+    by_freq = http.get(f"/{NAME}/0.json?sort=frequency").json()["neurons"]
+    freqs = [n["frequency"] for n in by_freq]
+    assert freqs == sorted(freqs, reverse=True) and len(freqs) == 64
+    least = [n["frequency"] for n in http.get(f"/{NAME}/0.json?sort=-frequency").json()["neurons"]]
+    assert least == sorted(least)
+    by_max = [n["max_activation"] for n in http.get(f"/{NAME}/0.json?sort=max").json()["neurons"]]
+    assert by_max == sorted(by_max, reverse=True)
+    # the layer page shows the columns, the model page the dead neurons (never > 0) per layer
+    page = soup_of(http.get(f"/{NAME}/0?sort=frequency"))
+    assert "Frequency" in page.select_one("table.neurons thead").get_text()
+    model = http.get(f"/{NAME}.json").json()
+    for layer in model["layers"]:
+        dead = 0
+        for n in http.get(f"/{NAME}/{layer['layer']}.json?sort=neuron").json()["neurons"]:
+            dead += n["frequency"] == 0
+        assert layer["dead"] == dead
+    assert model["dead_neurons"] == sum(layer["dead"] for layer in model["layers"])
+    assert model["examples_run"]["context"] == CONTEXT
+
+
+def test_own_text_runs_through_a_worker(site):
+    http, engine, settings, model_dir = site
+    text = "def feed(dog):\n    return dog"
+    r = http.post(f"/{NAME}/1/3/text", data={"text": text}, headers={"HX-Request": "true"})
+    assert r.status_code == 200
+    panel = BeautifulSoup(r.text, "html.parser").select_one("#text-result")
+    poll = panel["hx-get"]  # queued: the panel polls itself
+    assert panel["hx-trigger"] == "every 1s"
+
+    worker = Worker(engine, settings)
+    thread = threading.Thread(target=worker.run, kwargs={"until_idle": True, "poll_seconds": 0.1}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while True:
+        panel = BeautifulSoup(http.get(poll, headers={"HX-Request": "true"}).text, "html.parser").select_one("#text-result")
+        if not panel.has_attr("hx-get") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    thread.join(30)
+    assert not panel.has_attr("hx-get"), "the run did not finish"
+    shown = panel.select(".ctx-tokens .t")
+    result = http.get(poll + ".json").json()["result"]
+    assert len(shown) == len(result["token_ids"]) > 3
+    expected = direct_activations(model_dir, 1, 3, result["token_ids"])
+    np.testing.assert_allclose(result["activations"], expected, rtol=1e-3, atol=1e-4)
+    assert "".join(result["tokens"]) == text
+    # the run has a permalink page of its own
+    page = soup_of(http.get(poll))
+    assert len(page.select("#text-result .ctx-tokens .t")) == len(shown)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "no text"), ("   \n ", "no text"), ("x" * 2001, "limit is 2000")],
+)
+def test_own_text_bad_input_is_a_clear_400(site, text, message):
+    http, engine, _, _ = site
+    r = http.post(f"/{NAME}/1/3/text", data={"text": text})
+    assert r.status_code == 400 and message in r.text
+    r = http.post(f"/{NAME}/1/3/text.json", json={"text": text})
+    assert r.status_code in (400, 404)
+    with session_scope(engine) as s:
+        from app.schema import TextRun
+
+        assert s.query(TextRun).count() == 0
+
+
+def test_text_run_for_another_neuron_is_404(site):
+    http, _, _, _ = site
+    r = http.post(f"/{NAME}/1/3/text", json={"text": "dog"})
+    assert r.status_code == 202
+    run = r.json()["run"]
+    assert http.get(f"/{NAME}/1/4/text/{run}").status_code == 404
+    assert http.get(f"/{NAME}/1/3/text/{run}.json").status_code == 200
+    assert http.get(f"/{NAME}/1/3/text/999999.json").json()["ok"] is False

@@ -1,0 +1,322 @@
+"""What makes a neuron fire: max-activating contexts, interval samples and activation
+statistics, from one streaming pass over a corpus.
+
+Method (the neuron page quotes it):
+
+- The corpus is cut into windows of `context` tokens (workers/corpus.py). Batches of
+  windows run through the model once; a pre-hook on each layer's MLP output projection
+  hands every layer's activations [batch, context, d_mlp] to that layer's accumulator,
+  on the model's device, and the forward pass stops after the last layer read (the LM
+  head is not needed).
+- Top contexts: for each window and neuron, the window's max. A running top-k per neuron
+  (k = 20) keeps the best windows with their per-token activations (float16), so no second
+  pass is needed. A window's key is (max, earlier window first), so ties resolve the same
+  way whatever the batch size, and a window appears at most once per neuron.
+- Interval samples: 5 equal-width bins between 0 and the neuron's max; a window belongs to
+  the bin of its own max. The max comes from a first pass over an evenly spaced sample of
+  the windows (every `stride`-th, 1/20 of the corpus and at least 256 windows); a window
+  above the estimate falls in the last bin, whose upper edge becomes the true max. Each bin
+  keeps 5 windows drawn uniformly at random by priority sampling (a reservoir sample: the
+  5 windows with the smallest hash of (layer, neuron, window)), so the draw is the same
+  whatever the batch size or device. Each bin's share is the fraction of this neuron's
+  firing tokens (activation > 0) whose activation falls in that bin.
+- Statistics over every token: frequency (share of tokens with activation > 0), the share
+  above the threshold (the first interval edge, 1/5 of the estimated max), mean, std, min,
+  max, and a 32-bin histogram between the estimated min and max whose end bins also hold
+  what lies beyond the estimates (their outer edges are the true min and max).
+- When the tokenizer prefixes its own BOS token, each window is run with it in front and
+  the BOS position is left out of everything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+TOP_K = 20
+BINS = 5
+PER_BIN = 5
+HIST_BINS = 32
+ESTIMATE_FRACTION = 20  # the first pass reads every 20th window
+ESTIMATE_MIN_WINDOWS = 256
+MIN_KEY = -(2**63)  # below every real key (a real key needs a NaN max to reach it)
+EMPTY_KEY = 2**63 - 1  # above every real priority key
+MASK32 = 0xFFFFFFFF
+HASH_MOD = 2**31 - 1
+
+
+class StopForward(Exception):
+    """Raised from the last hook read: the rest of the forward pass is not needed."""
+
+
+@dataclass
+class Plan:
+    """How a run reads the corpus: batches of windows and the estimate sample."""
+
+    batch_windows: int
+    estimate_ids: torch.Tensor  # window ids of the first pass
+
+
+def plan(n_windows: int, context: int, batch_tokens: int) -> Plan:
+    stride = max(1, min(ESTIMATE_FRACTION, n_windows // ESTIMATE_MIN_WINDOWS))
+    return Plan(max(1, batch_tokens // context), torch.arange(0, n_windows, stride))
+
+
+def ordered_bits(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 whose order is the floats' order (for composite sort keys)."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
+def priority(layer: int, neurons: torch.Tensor, window_ids: torch.Tensor) -> torch.Tensor:
+    """A hash in [0, 2^31) of (layer, neuron, window): uniform enough to draw samples by, the
+    same on every device (int64 arithmetic that never overflows)."""
+    x = (window_ids[:, None] * 1_000_003 + neurons[None, :] * 7_919 + layer * 104_729 + 12_345) % HASH_MOD
+    for _ in range(3):
+        x = (x * 48_271) % HASH_MOD
+        x = x ^ (x >> 13)
+        x = (x * 69_621) % HASH_MOD
+    return x
+
+
+@dataclass
+class LayerExamples:
+    """One layer's results, as numpy arrays on the CPU, neurons first."""
+
+    layer: int
+    top_windows: np.ndarray  # int32 [N, K], -1 where the corpus had fewer windows
+    top_max: np.ndarray  # float32 [N, K]
+    top_pos: np.ndarray  # int16 [N, K] index of the max token in its window
+    top_acts: np.ndarray  # float16 [N, K, T]
+    int_windows: np.ndarray  # int32 [N, BINS, PER_BIN], -1 where a bin had fewer windows
+    int_max: np.ndarray  # float32 [N, BINS, PER_BIN]
+    int_pos: np.ndarray  # int16 [N, BINS, PER_BIN]
+    int_acts: np.ndarray  # float16 [N, BINS, PER_BIN, T]
+    int_edges: np.ndarray  # float32 [N, BINS + 1]
+    int_counts: np.ndarray  # int64 [N, BINS] firing tokens per bin
+    tokens: int
+    positive: np.ndarray  # int64 [N] tokens with activation > 0
+    above: np.ndarray  # int64 [N] tokens above the threshold
+    threshold: np.ndarray  # float32 [N]
+    mean: np.ndarray  # float64 [N]
+    std: np.ndarray  # float64 [N]
+    min: np.ndarray  # float32 [N]
+    max: np.ndarray  # float32 [N]
+    hist_edges: np.ndarray  # float32 [N, HIST_BINS + 1]
+    hist_counts: np.ndarray  # int64 [N, HIST_BINS]
+
+
+class LayerAccumulator:
+    """Streaming top-k, interval reservoirs and statistics for one layer, on its device."""
+
+    def __init__(self, layer: int, d_mlp: int, context: int, device, est_min: torch.Tensor, est_max: torch.Tensor):
+        self.layer, self.n, self.t, self.device = layer, d_mlp, context, device
+        n, t = d_mlp, context
+        self.neurons = torch.arange(n, device=device)
+        self.top_key = torch.full((TOP_K, n), MIN_KEY, dtype=torch.int64, device=device)
+        self.top_pos = torch.zeros((TOP_K, n), dtype=torch.int64, device=device)
+        self.top_acts = torch.zeros((TOP_K, t, n), dtype=torch.float16, device=device)
+        self.res_key = torch.full((BINS, PER_BIN, n), EMPTY_KEY, dtype=torch.int64, device=device)
+        self.res_max = torch.zeros((BINS, PER_BIN, n), dtype=torch.float32, device=device)
+        self.res_pos = torch.zeros((BINS, PER_BIN, n), dtype=torch.int64, device=device)
+        self.res_acts = torch.zeros((BINS, PER_BIN, t, n), dtype=torch.float16, device=device)
+        est_max = est_max.float().to(device)
+        est_min = torch.minimum(est_min.float().to(device), est_max)
+        # interval bin width; a neuron that never fired in the estimate puts every firing window in bin 0
+        self.width = torch.where(est_max > 0, est_max / BINS, torch.full_like(est_max, math.inf))
+        self.hist_lo = est_min
+        span = torch.clamp(est_max - est_min, min=1e-6)
+        self.hist_scale = HIST_BINS / span
+        self.hist_span = span
+        self.tokens = 0
+        self.sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(n, dtype=torch.float64, device=device)
+        self.min = torch.full((n,), math.inf, device=device)
+        self.max = torch.full((n,), -math.inf, device=device)
+        self.int_counts = torch.zeros((n, BINS + 1), dtype=torch.int64, device=device)
+        self.hist_counts = torch.zeros((n, HIST_BINS), dtype=torch.int64, device=device)
+        self.offsets_int = (self.neurons * (BINS + 1))[None, :]
+        self.offsets_hist = (self.neurons * HIST_BINS)[None, :]
+
+    def update(self, acts: torch.Tensor, window_ids: torch.Tensor) -> None:
+        """acts [B, T, N] in the model's dtype; window_ids [B] int64 on the device."""
+        b = acts.shape[0]
+        n, t = self.n, self.t
+        wmax, wpos = acts.max(dim=1)  # [B, N]
+        wmax = wmax.float()
+        half = acts.to(torch.float16) if acts.dtype != torch.float16 else acts
+
+        # ---- top-k windows by their max; earlier window first on ties
+        key = (ordered_bits(wmax) << 32) | (MASK32 - window_ids)[:, None]
+        merged_key, idx = torch.cat([self.top_key, key]).topk(TOP_K, dim=0)
+        from_new = idx >= TOP_K
+        old_i = idx.clamp(max=TOP_K - 1)
+        new_i = (idx - TOP_K).clamp(min=0)
+        self.top_pos = torch.where(from_new, wpos.gather(0, new_i), self.top_pos.gather(0, old_i))
+        self.top_acts = torch.where(
+            from_new[:, None, :],
+            half.gather(0, new_i[:, None, :].expand(TOP_K, t, n)),
+            self.top_acts.gather(0, old_i[:, None, :].expand(TOP_K, t, n)),
+        )
+        self.top_key = merged_key
+
+        # ---- interval reservoirs: per bin, the PER_BIN windows with the smallest priority
+        fired = wmax > 0
+        bins = torch.clamp(torch.floor(wmax / self.width), max=BINS - 1).to(torch.int64)
+        pkey = (priority(self.layer, self.neurons, window_ids) << 32) | window_ids[:, None]
+        which = torch.arange(BINS, device=self.device)[:, None, None]
+        cand = torch.where(fired[None] & (bins[None] == which), pkey[None], EMPTY_KEY)  # [BINS, B, N]
+        neg_key, ridx = torch.cat([self.res_key, cand], dim=1).topk(PER_BIN, dim=1, largest=False)
+        r_new = ridx >= PER_BIN
+        r_old = ridx.clamp(max=PER_BIN - 1)
+        r_newi = (ridx - PER_BIN).clamp(min=0)  # [BINS, S, N] window index in batch
+        flat_new = r_newi.reshape(BINS * PER_BIN, n)
+        self.res_max = torch.where(r_new, wmax.gather(0, flat_new).view(BINS, PER_BIN, n), self.res_max.gather(1, r_old))
+        self.res_pos = torch.where(r_new, wpos.gather(0, flat_new).view(BINS, PER_BIN, n), self.res_pos.gather(1, r_old))
+        self.res_acts = torch.where(
+            r_new[:, :, None, :],
+            half.gather(0, flat_new[:, None, :].expand(BINS * PER_BIN, t, n)).view(BINS, PER_BIN, t, n),
+            self.res_acts.gather(1, r_old[:, :, None, :].expand(BINS, PER_BIN, t, n)),
+        )
+        self.res_key = neg_key
+
+        # ---- statistics over every token
+        flat = acts.reshape(b * t, n).float()
+        self.tokens += b * t
+        self.sum += flat.sum(0, dtype=torch.float64)
+        self.sumsq += (flat * flat).sum(0, dtype=torch.float64)
+        lo, hi = flat.aminmax(dim=0)
+        torch.minimum(self.min, lo, out=self.min)
+        torch.maximum(self.max, hi, out=self.max)
+        # interval bin of each token: 0 for not firing, 1..BINS for the bins
+        ib = torch.where(flat > 0, torch.clamp(torch.floor(flat / self.width), max=BINS - 1) + 1, 0.0)
+        self.int_counts += torch.bincount(
+            (ib.to(torch.int64) + self.offsets_int).view(-1), minlength=n * (BINS + 1)
+        ).view(n, BINS + 1)
+        hb = torch.clamp(torch.floor((flat - self.hist_lo) * self.hist_scale), 0, HIST_BINS - 1).to(torch.int64)
+        self.hist_counts += torch.bincount((hb + self.offsets_hist).view(-1), minlength=n * HIST_BINS).view(n, HIST_BINS)
+
+    def result(self) -> LayerExamples:
+        def cpu(x: torch.Tensor) -> np.ndarray:
+            return x.cpu().numpy()
+
+        valid = self.top_key != MIN_KEY
+        top_windows = torch.where(valid, MASK32 - (self.top_key & MASK32), -1)
+        top_bits = (self.top_key >> 32).to(torch.int64)
+        top_bits = torch.where(top_bits < 0, -(top_bits + 1) | (-(2**31)), top_bits)
+        top_max = top_bits.to(torch.int32).view(torch.float32)
+        rvalid = self.res_key != EMPTY_KEY
+        res_windows = torch.where(rvalid, self.res_key & MASK32, -1)
+
+        true_max, true_min = self.max, self.min
+        width = torch.where(torch.isfinite(self.width), self.width, torch.clamp(true_max, min=0) / BINS)
+        edges = width[:, None] * torch.arange(BINS + 1, device=self.device)[None, :]
+        edges[:, BINS] = torch.maximum(edges[:, BINS], true_max)
+        if not torch.isfinite(self.width).all():
+            # a neuron that did not fire in the estimate: everything fired is in bin 0, [0, true max]
+            unfired = ~torch.isfinite(self.width)
+            edges[unfired, 1:] = torch.clamp(true_max[unfired], min=0)[:, None]
+        hist_edges = self.hist_lo[:, None] + self.hist_span[:, None] * torch.arange(
+            HIST_BINS + 1, device=self.device
+        )[None, :] / HIST_BINS
+        hist_edges[:, 0] = torch.minimum(hist_edges[:, 0], true_min)
+        hist_edges[:, HIST_BINS] = torch.maximum(hist_edges[:, HIST_BINS], true_max)
+        tokens = max(self.tokens, 1)
+        mean = self.sum / tokens
+        var = torch.clamp(self.sumsq / tokens - mean * mean, min=0)
+        positive = self.int_counts[:, 1:].sum(1)
+        # a neuron that did not fire in the estimate has no threshold (NaN): nothing counts as above it
+        threshold = torch.where(torch.isfinite(self.width), self.width, torch.full_like(self.width, math.nan))
+
+        return LayerExamples(
+            layer=self.layer,
+            top_windows=cpu(top_windows.T).astype(np.int32),
+            top_max=cpu(torch.where(valid, top_max, 0.0).T).astype(np.float32),
+            top_pos=cpu(self.top_pos.T).astype(np.int16),
+            top_acts=cpu(self.top_acts.permute(2, 0, 1)),
+            int_windows=cpu(res_windows.permute(2, 0, 1)).astype(np.int32),
+            int_max=cpu(self.res_max.permute(2, 0, 1)).astype(np.float32),
+            int_pos=cpu(self.res_pos.permute(2, 0, 1)).astype(np.int16),
+            int_acts=cpu(self.res_acts.permute(3, 0, 1, 2)),
+            int_edges=cpu(edges).astype(np.float32),
+            int_counts=cpu(self.int_counts[:, 1:]),
+            tokens=self.tokens,
+            positive=cpu(positive),
+            above=cpu(self.int_counts[:, 2:].sum(1)),
+            threshold=cpu(threshold).astype(np.float32),
+            mean=cpu(mean),
+            std=cpu(var.sqrt()),
+            min=cpu(true_min).astype(np.float32),
+            max=cpu(true_max).astype(np.float32),
+            hist_edges=cpu(hist_edges).astype(np.float32),
+            hist_counts=cpu(self.hist_counts),
+        )
+
+
+def forward_windows(model, adapter, layers: list[int], windows: torch.Tensor, bos_id: int | None,
+                    fn: Callable[[int, torch.Tensor], None], device) -> None:
+    """One forward pass over windows [B, T]; fn(layer, acts [B, T, N]) per layer, BOS left out.
+    The pass stops after the last layer read."""
+    ids = windows.to(device, non_blocking=True)
+    if bos_id is not None:
+        ids = torch.cat([torch.full((ids.shape[0], 1), bos_id, dtype=ids.dtype, device=device), ids], dim=1)
+    last = max(layers)
+
+    def read(layer: int, acts: torch.Tensor) -> None:
+        fn(layer, acts[:, 1:] if bos_id is not None else acts)
+        if layer == last:
+            raise StopForward
+
+    with torch.inference_mode(), adapter.on_activations(layers, read):
+        try:
+            model(input_ids=ids, use_cache=False)
+        except StopForward:
+            pass
+
+
+def batches(ids: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def estimate_range(model, adapter, layers, windows, bos_id, plan_: Plan, device,
+                   progress: Callable[[int], None] = lambda n: None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The first pass: each neuron's min and max over the estimate sample."""
+    lo: dict[int, torch.Tensor] = {}
+    hi: dict[int, torch.Tensor] = {}
+
+    def read(layer: int, acts: torch.Tensor) -> None:
+        a_min, a_max = acts.reshape(-1, acts.shape[-1]).aminmax(dim=0)
+        lo[layer] = torch.minimum(lo[layer], a_min.float()) if layer in lo else a_min.float()
+        hi[layer] = torch.maximum(hi[layer], a_max.float()) if layer in hi else a_max.float()
+
+    for ids in batches(plan_.estimate_ids, plan_.batch_windows):
+        forward_windows(model, adapter, layers, windows[ids], bos_id, read, device)
+        progress(len(ids) * windows.shape[1])
+    return {layer: (lo[layer], hi[layer]) for layer in layers}
+
+
+def collect(model, adapter, layers: list[int], windows: torch.Tensor, bos_id: int | None, *,
+            batch_tokens: int = 8192, device=None,
+            progress: Callable[[int], None] = lambda n: None) -> list[LayerExamples]:
+    """The whole stage's compute: the estimate pass, then the streaming pass over every window."""
+    device = device or next(model.parameters()).device
+    n_windows, context = windows.shape
+    plan_ = plan(n_windows, context, batch_tokens)
+    ranges = estimate_range(model, adapter, layers, windows, bos_id, plan_, device, progress)
+    accs = {
+        layer: LayerAccumulator(layer, adapter.d_mlp, context, device, *ranges[layer]) for layer in layers
+    }
+    all_ids = torch.arange(n_windows, device=device)
+
+    for start in range(0, n_windows, plan_.batch_windows):
+        stop = min(start + plan_.batch_windows, n_windows)
+        ids = all_ids[start:stop]
+        forward_windows(model, adapter, layers, windows[start:stop], bos_id,
+                        lambda layer, acts, ids=ids: accs[layer].update(acts, ids), device)
+        progress((stop - start) * context)
+    return [accs[layer].result() for layer in layers]
