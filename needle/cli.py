@@ -95,6 +95,7 @@ def index_model(
     model cannot be loaded or conflicts with what is stored."""
     from app import queries
     from app.db import get_engine, require_migrated, session_scope
+    from workers.corpus import load_corpus
     from workers.loading import load_model, tokenizer_json, vocabulary
     from workers.stages import ModelSpec, check_context, plan_index
     from workers.worker import ModelCache, Progress, Worker
@@ -110,6 +111,9 @@ def index_model(
     if corpus is not None:
         check_examples_options(context, tokens)
         check_context(loaded, context)
+        # Read the corpus up to its first window now, so a missing, empty, binary or too short
+        # corpus is an error before anything is written (the examples job reads all of it).
+        load_corpus(corpus, loaded.tokenizer, context=context, max_tokens=context)
         examples_params = {"corpus": corpus, "tokens": tokens, "context": context}
     fields = {
         "source": str(source),

@@ -299,3 +299,63 @@ def build_without_mlp(path, *, seed: int = 0) -> Path:
     kept = {name: t for name, t in load_file(str(weights)).items() if ".mlp." not in name}
     save_file(kept, str(weights), metadata={"format": "pt"})
     return path
+
+
+def add_bos(path) -> Path:
+    """Make the tokenizer saved in `path` put its BOS token in front of every text, as Llama's does:
+    a TemplateProcessing post-processor "<bos> $A" in tokenizer.json."""
+    path = Path(path)
+    spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    bos = config["bos_token"]
+    bos = bos["content"] if isinstance(bos, dict) else bos
+    bos_id = next(t["id"] for t in spec["added_tokens"] if t["content"] == bos)
+    first = {"SpecialToken": {"id": bos, "type_id": 0}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [first, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    (path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
+DETECTOR_STRENGTH = 3.0
+
+
+def build_detector(path, detectors: dict[tuple[int, int], str], *, seed: int = 0, bos: bool = False) -> Path:
+    """A tiny random Llama in which neuron (layer, neuron) of each `detectors` entry fires on one token only.
+
+    Entry k gets residual dimension k to itself: the token's embedding has DETECTOR_STRENGTH
+    there and every other token's 0, and no attention or MLP output writes to it, so at every
+    layer that dimension holds the token's embedding alone. The neuron's gate and up rows read
+    only that dimension (norm scale 1), so its activation silu(g * x) * (u * x) is > 0 on the
+    token and exactly 0 on every other token. With bos, the tokenizer puts BOS in front (add_bos).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny("llama", path, seed=seed)
+    tokenizer = tiny_tokenizer("sentencepiece")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    layers = model.model.layers
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        for dim, ((layer, neuron), piece) in enumerate(detectors.items()):
+            token_id = tokenizer.convert_tokens_to_ids(piece)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise ValueError(f"{piece!r} is not a token of the tiny tokenizer")
+            embed[:, dim] = 0.0
+            embed[token_id, dim] = DETECTOR_STRENGTH
+            for block in layers:
+                block.self_attn.o_proj.weight[dim, :] = 0.0
+                block.mlp.down_proj.weight[dim, :] = 0.0
+            block = layers[layer]
+            block.post_attention_layernorm.weight[dim] = 1.0
+            for proj in (block.mlp.gate_proj, block.mlp.up_proj):
+                proj.weight[neuron, :] = 0.0
+                proj.weight[neuron, dim] = 4.0
+    model.save_pretrained(path)
+    if bos:
+        add_bos(path)
+    return path

@@ -211,6 +211,10 @@ class LayerAccumulator:
         top_max = top_bits.to(torch.int32).view(torch.float32)
         rvalid = self.res_key != EMPTY_KEY
         res_windows = torch.where(rvalid, self.res_key & MASK32, -1)
+        # an empty slot (a bin with fewer windows) holds zeros, not whatever a batch left there
+        res_max = torch.where(rvalid, self.res_max, 0.0)
+        res_pos = torch.where(rvalid, self.res_pos, 0)
+        res_acts = torch.where(rvalid[:, :, None, :], self.res_acts, torch.zeros((), dtype=self.res_acts.dtype))
 
         true_max, true_min = self.max, self.min
         width = torch.where(torch.isfinite(self.width), self.width, torch.clamp(true_max, min=0) / BINS)
@@ -239,9 +243,9 @@ class LayerAccumulator:
             top_pos=cpu(self.top_pos.T).astype(np.int16),
             top_acts=cpu(self.top_acts.permute(2, 0, 1)),
             int_windows=cpu(res_windows.permute(2, 0, 1)).astype(np.int32),
-            int_max=cpu(self.res_max.permute(2, 0, 1)).astype(np.float32),
-            int_pos=cpu(self.res_pos.permute(2, 0, 1)).astype(np.int16),
-            int_acts=cpu(self.res_acts.permute(3, 0, 1, 2)),
+            int_max=cpu(res_max.permute(2, 0, 1)).astype(np.float32),
+            int_pos=cpu(res_pos.permute(2, 0, 1)).astype(np.int16),
+            int_acts=cpu(res_acts.permute(3, 0, 1, 2)),
             int_edges=cpu(edges).astype(np.float32),
             int_counts=cpu(self.int_counts[:, 1:]),
             tokens=self.tokens,

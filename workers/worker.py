@@ -175,7 +175,10 @@ class Worker:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job
             user_error = isinstance(exc, NeedleError)
-            message = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
+            if user_error:
+                message = exc.message + (f" ({exc.hint})" if exc.hint else "")
+            else:
+                message = f"{type(exc).__name__}: {exc}"
             if not user_error:
                 log.error("job %s (%s) failed:\n%s", ctx.job_id, desc, traceback.format_exc())
             with session_scope(self.engine) as s:
