@@ -31,8 +31,9 @@ METHOD = [
     "firing tokens (activation > 0) whose activation lies in it. Shown because top examples alone can mislead.",
     "Statistics over every token of the corpus: frequency is the share of tokens with activation > 0; "
     "'above threshold' is the share at or above the first interval edge (1/5 of the estimated max). The "
-    "histogram has {hist_bins} bins between the estimated min and max; its end bins also hold what lies beyond "
-    "the estimates, and their outer edges are the true min and max.",
+    "histogram has {hist_bins} equal bins over the estimated range widened by a quarter at each end (its end bins "
+    "also hold anything beyond); empty bins at the ends are not drawn, and the outer edges are the true min and "
+    "max, so the first and last bars can be narrower.",
 ]
 
 
@@ -138,12 +139,25 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
         "std": float(row.std),
         "min": float(row.min_act),
         "max": float(row.max_act),
-        "histogram": {
-            "edges": [round(float(e), 5) for e in unpack(row.hist_edges, FLOAT32)],
-            "counts": [int(c) for c in unpack(row.hist_counts, INT64)],
-        },
+        "histogram": histogram(
+            unpack(row.hist_edges, FLOAT32), unpack(row.hist_counts, INT64), float(row.min_act), float(row.max_act)
+        ),
     }
     return {"examples": examples, "interval_samples": intervals, "stats": stats}
+
+
+def histogram(edges: np.ndarray, counts: np.ndarray, lo: float, hi: float) -> dict:
+    """The stored histogram with its empty end bins dropped and its outer edges clipped to the
+    true min and max (the stored range is the estimate, widened)."""
+    filled = np.flatnonzero(counts)
+    if len(filled) == 0:
+        return {"edges": [], "counts": []}
+    first, last = int(filled[0]), int(filled[-1])
+    kept = [float(e) for e in edges[first : last + 2]]
+    kept[0], kept[-1] = max(kept[0], lo), min(kept[-1], hi)
+    if kept[-1] <= kept[0]:  # every token had one value
+        kept = [lo, hi if hi > lo else lo + 1e-6]
+    return {"edges": [round(e, 5) for e in kept], "counts": [int(c) for c in counts[first : last + 1]]}
 
 
 def colour_scale(stats: dict | None) -> float:

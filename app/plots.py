@@ -20,6 +20,8 @@ def histogram_svg(stats: dict) -> Markup:
     and the mean marked. Each bar's tooltip gives its range and count."""
     edges = stats["histogram"]["edges"]
     counts = stats["histogram"]["counts"]
+    if not counts:
+        return Markup("")
     lo, hi = edges[0], edges[-1]
     span = (hi - lo) or 1.0
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
@@ -41,7 +43,7 @@ def histogram_svg(stats: dict) -> Markup:
         if c <= 0:
             continue
         x0, x1 = x(a), x(b)
-        cls = "bar neg" if b <= 0 else "bar"
+        cls = "hbar neg" if b <= 0 else "hbar"
         parts.append(
             f'<rect class="{cls}" x="{x0:.1f}" y="{y(c):.1f}" width="{max(x1 - x0 - 0.5, 0.8):.1f}" '
             f'height="{TOP + plot_h - y(c):.1f}"><title>[{_fmt(a)}, {_fmt(b)}): {c:,} tokens</title></rect>'

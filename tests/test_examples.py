@@ -28,7 +28,7 @@ from app.errors import NeedleError
 from needle.cli import index_model
 from tests.tinymodels import POSITIONS, build_detector, build_tiny
 from workers import examples
-from workers.examples import BINS, HIST_BINS, PER_BIN, TOP_K
+from workers.examples import BINS, HIST_BINS, HIST_MARGIN, PER_BIN, TOP_K
 
 CONTEXT = 16
 N_WINDOWS = 40
@@ -226,11 +226,13 @@ def check_against_brute_force(arr: dict, row_stats: dict, acts: np.ndarray, est_
         assert np.abs(arr["int_counts"] - brute_int).sum() <= 2 * near_edge + near_zero
     np.testing.assert_allclose(edges[BINS], max(flat.max(), edges[BINS - 1]), rtol=1e-5, atol=atol)
     hedges = arr["hist_edges"]
-    np.testing.assert_allclose(hedges[0], min(flat.min(), est_min), rtol=1e-5, atol=atol)
-    np.testing.assert_allclose(hedges[-1], max(flat.max(), est_max), rtol=1e-5, atol=atol)
-    span = max(est_max - est_min, 1e-6)
-    np.testing.assert_allclose(hedges[1:-1], est_min + span * np.arange(1, HIST_BINS) / HIST_BINS, rtol=1e-5, atol=atol)
-    hb = np.clip(np.floor((flat - est_min) * HIST_BINS / span), 0, HIST_BINS - 1).astype(np.int64)
+    margin = HIST_MARGIN * max(est_max - est_min, 1e-6)
+    np.testing.assert_allclose(hedges[0], min(flat.min(), est_min - margin), rtol=1e-5, atol=atol)
+    np.testing.assert_allclose(hedges[-1], max(flat.max(), est_max + margin), rtol=1e-5, atol=atol)
+    est_span = max(est_max - est_min, 1e-6)
+    lo, span = est_min - HIST_MARGIN * est_span, est_span * (1 + 2 * HIST_MARGIN)
+    np.testing.assert_allclose(hedges[1:-1], lo + span * np.arange(1, HIST_BINS) / HIST_BINS, rtol=1e-5, atol=atol)
+    hb = np.clip(np.floor((flat - lo) * HIST_BINS / span), 0, HIST_BINS - 1).astype(np.int64)
     brute_hist = np.bincount(hb, minlength=HIST_BINS)
     near_hist = int(sum((np.abs(flat - e) <= atol).sum() for e in hedges[1:-1]))
     assert np.abs(arr["hist_counts"] - brute_hist).sum() <= 2 * near_hist

@@ -22,8 +22,10 @@ Method (the neuron page quotes it):
   firing tokens (activation > 0) whose activation falls in that bin.
 - Statistics over every token: frequency (share of tokens with activation > 0), the share
   above the threshold (the first interval edge, 1/5 of the estimated max), mean, std, min,
-  max, and a 32-bin histogram between the estimated min and max whose end bins also hold
-  what lies beyond the estimates (their outer edges are the true min and max).
+  max, and a 48-bin histogram over the estimated range widened by a quarter of it at each
+  end; its end bins also hold anything beyond that (their outer edges are then the true min
+  and max). The page drops empty bins at either end and clips the outer edges to the true
+  min and max.
 - When the tokenizer prefixes its own BOS token, each window is run with it in front and
   the BOS position is left out of everything.
 """
@@ -40,7 +42,8 @@ import torch
 TOP_K = 20
 BINS = 5
 PER_BIN = 5
-HIST_BINS = 32
+HIST_BINS = 48
+HIST_MARGIN = 0.25  # the histogram reaches this share of the estimated range beyond each end
 ESTIMATE_FRACTION = 20  # the first pass reads every 20th window
 ESTIMATE_MIN_WINDOWS = 256
 MIN_KEY = -(2**63)  # below every real key (a real key needs a NaN max to reach it)
@@ -128,8 +131,9 @@ class LayerAccumulator:
         est_min = torch.minimum(est_min.float().to(device), est_max)
         # interval bin width; a neuron that never fired in the estimate puts every firing window in bin 0
         self.width = torch.where(est_max > 0, est_max / BINS, torch.full_like(est_max, math.inf))
-        self.hist_lo = est_min
-        span = torch.clamp(est_max - est_min, min=1e-6)
+        est_span = torch.clamp(est_max - est_min, min=1e-6)
+        self.hist_lo = est_min - HIST_MARGIN * est_span
+        span = est_span * (1 + 2 * HIST_MARGIN)
         self.hist_scale = HIST_BINS / span
         self.hist_span = span
         self.tokens = 0
