@@ -23,14 +23,14 @@ METHOD = [
     "Top contexts: every window's max activation for this neuron, over one streaming pass that keeps the "
     "{top_k} best windows and their per-token activations (float16). Each window appears once; ties go to the "
     "earlier window.",
-    "Interval samples: {bins} equal-width bins between 0 and the neuron's max, a window belonging to the bin of "
-    "its own max, {per_bin} windows drawn uniformly at random per bin (reservoir sampling by priority: the "
+    "Interval samples: {bins} equal-width bins between 0 and the neuron's max (each bin holds (lo, hi]), a window "
+    "belonging to the bin of its own max, {per_bin} windows drawn uniformly at random per bin (reservoir sampling by priority: the "
     "windows with the smallest hash of layer, neuron and window). The bins come from a first pass over "
     "{estimate_windows} evenly spaced windows that estimates each neuron's max; a window above the estimate "
     "falls in the last bin, whose upper edge is the true max. A bin's share is the fraction of this neuron's "
     "firing tokens (activation > 0) whose activation lies in it. Shown because top examples alone can mislead.",
     "Statistics over every token of the corpus: frequency is the share of tokens with activation > 0; "
-    "'above threshold' is the share at or above the first interval edge (1/5 of the estimated max). The "
+    "'above threshold' is the share above the first interval edge (1/5 of the estimated max). The "
     "histogram has {hist_bins} equal bins over the estimated range widened by a quarter at each end (its end bins "
     "also hold anything beyond); empty bins at the ends are not drawn, and the outer edges are the true min and "
     "max, so the first and last bars can be narrower.",

@@ -202,7 +202,9 @@ def _model_is_indexed(settings: Settings, name: str) -> bool:
         if model is None:
             return False
         jobs = queries.jobs_for_model(s, model.id)
-        return bool(jobs) and all(j.state == "done" for j in jobs)
+        # a demo indexed before the examples stage existed is finished by indexing it again
+        has_examples = any(j.stage == "examples" for j in jobs)
+        return bool(jobs) and has_examples and all(j.state == "done" for j in jobs)
 
 
 # ---------------------------------------------------------------- commands

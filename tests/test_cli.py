@@ -156,7 +156,7 @@ def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 480
         while time.time() < deadline:
             try:
                 r = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo.json", timeout=5)
@@ -167,13 +167,24 @@ def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(1)
         else:
-            pytest.fail("needle demo did not serve within 240 s")
+            pytest.fail("needle demo did not serve within 480 s")
         model = r.json()
         assert model["model"] == "stdlib-demo" and model["neurons_stored"] == model["n_layers"] * model["d_mlp"]
         neuron = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo/0/0.json", timeout=10).json()
         assert len(neuron["input_tokens"]) == 20
         search = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo/search.json", params={"token": "def"}, timeout=10).json()
         assert search["results"], "a common Python token has neurons"
+        # activation examples from the standard library, and your own text through the demo's worker
+        assert model["examples_run"]["corpus"] == "stdlib" and model["examples_run"]["tokens"] == 262_144
+        assert len(neuron["examples"]) == 20 and neuron["stats"]["tokens"] == 262_144
+        run = httpx.post(f"http://127.0.0.1:{port}/stdlib-demo/0/0/text", json={"text": "def f(x):"}, timeout=10)
+        assert run.status_code == 202
+        for _ in range(120):
+            result = httpx.get(f"http://127.0.0.1:{port}{run.json()['json_url']}", timeout=10).json()
+            if result["state"] in ("done", "failed"):
+                break
+            time.sleep(0.5)
+        assert result["state"] == "done" and "".join(result["result"]["tokens"]) == "def f(x):"
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]

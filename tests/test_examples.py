@@ -186,7 +186,7 @@ def activation_rows(url: str, name: str) -> list[tuple]:
 def window_bins(wmax: np.ndarray, width: np.ndarray) -> np.ndarray:
     """The interval bin of each window's max, [W, N] (-1: did not fire)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        b = np.minimum(np.floor(wmax / width[None, :]), BINS - 1)
+        b = np.clip(np.ceil(wmax / width[None, :]) - 1, 0, BINS - 1)  # bin k holds ((k)w, (k+1)w]
     return np.where(wmax > 0, b, -1).astype(np.int64)
 
 
@@ -220,7 +220,7 @@ def check_against_brute_force(arr: dict, row_stats: dict, acts: np.ndarray, est_
         width = est_max / BINS
         np.testing.assert_allclose(edges[:BINS], width * np.arange(BINS), rtol=1e-5, atol=atol)
         np.testing.assert_allclose(row_stats["threshold"], width, rtol=1e-5, atol=atol)
-        ib = np.where(flat > 0, np.minimum(np.floor(flat / width), BINS - 1), -1)
+        ib = np.where(flat > 0, np.clip(np.ceil(flat / width) - 1, 0, BINS - 1), -1)
         brute_int = np.bincount(ib[ib >= 0].astype(np.int64), minlength=BINS)
         near_edge = int(sum((np.abs(flat - e) <= atol).sum() for e in edges[: BINS + 1]))
         assert np.abs(arr["int_counts"] - brute_int).sum() <= 2 * near_edge + near_zero
@@ -370,7 +370,7 @@ def test_detector_neuron_shows_exactly_the_windows_holding_its_token(detector, i
     assert sorted(sampled.tolist()) == sorted(X_AT)
     width = arr["int_edges"][1]
     for b in range(BINS):
-        members = sorted(w for w in X_AT if min(int(np.floor(wmax[w] / width)), BINS - 1) == b)
+        members = sorted(w for w in X_AT if min(max(int(np.ceil(wmax[w] / width)) - 1, 0), BINS - 1) == b)
         got = arr["int_windows"][b]
         assert sorted(got[got >= 0].tolist()) == members
 
