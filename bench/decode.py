@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine import reset_rss_peak, status_mb, sync  # noqa: E402  (bench/machine.py)
+
 from workers.adapters import adapter_for  # noqa: E402
 from workers.decode import SEARCH_K, RunningTopK, compute_dtype, decode_layers  # noqa: E402
 
@@ -32,21 +34,6 @@ SHAPES = {
                                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=64)),
     "tiny": ("gpt2", dict(n_layer=2, n_embd=64, n_head=2, n_inner=256, vocab_size=1000, n_positions=64)),
 }
-
-
-def status_mb(field: str) -> float:
-    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM = peak), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_rss_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def build(shape: str, device: str, dtype: torch.dtype):
@@ -66,11 +53,6 @@ def build(shape: str, device: str, dtype: torch.dtype):
         for p in model.parameters():
             p.normal_(0, 0.02)
     return model.eval()
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def interleaved(adapter, batch: int, device: str) -> tuple[float, float]:

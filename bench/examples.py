@@ -35,11 +35,8 @@ Goals (the issue): stage >= 85% of bare tokens/s on a GPU, >= 70% on the CPU for
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +46,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import cpu_name, reset_rss_peak, status_mb, sync, trim_heap  # noqa: E402  (bench/machine.py)
 
 from workers import examples
 from workers.adapters import adapter_for
@@ -72,49 +71,6 @@ DEFAULT_TOKENS = {"model": 262_144, "llama-8b": 327_680, "llama-1b": 327_680, "t
 
 
 # ---- machine and memory ----------------------------------------------------------------------
-
-
-def status_mb(field: str) -> float:
-    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM = peak), in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def reset_rss_peak() -> None:
-    """Set VmHWM back to the current resident size (Linux)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def trim_heap() -> None:
-    """Free what Python and the C heap hold on to, so one phase's leftovers do not count in the next."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # ---- model and windows -----------------------------------------------------------------------
