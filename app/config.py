@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     # The demo's corpus: the Python standard library, capped at this many tokens.
     demo_corpus: str = "stdlib"
     demo_tokens: int = 262_144
+    # Tokens per built-in feature dataset the demo probes (text and python features).
+    demo_probe_tokens: int = 16_384
     # A user's own text on a neuron page: at most this many characters.
     text_max_chars: int = 2000
 

@@ -339,6 +339,18 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
         **firing,
         "examples_run": run,
         "colour_scale": examples.colour_scale(firing["stats"]),
+        "features": [
+            {
+                "feature": f.feature,
+                "url": urls.feature_url(model.name, f.feature),
+                "rank": f.rank + 1,
+                "mean_dif": number(f.mean_dif),
+                "f1": number(f.f1),
+                "precision": number(f.precision),
+                "recall": number(f.recall),
+            }
+            for f in queries.features_of_neuron(session, model.id, layer, index)
+        ],
         "text_form_url": urls.text_form_url(model.name, layer, index),
         "text_max_chars": text_max_chars,
     }
@@ -438,3 +450,99 @@ def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str
         raise NotFound(f"There is no text run {run_text!r} for neuron {layer}/{neuron} of {model.name!r}.")
     job = queries.text_job(session, model.id, run.id)
     return examples.text_run(session, model, run, job, _scale(session, model, layer, neuron))
+
+
+# ---------------------------------------------------------------- sparse probes
+
+
+PROBE_METHOD = [
+    "Sparse probing after Gurnee et al. (2023), Finding Neurons in a Haystack. Activations are read where a neuron "
+    "is defined (the input of the MLP's output projection). Token-level features probe single tokens; "
+    "sequence-level features aggregate each sequence's activations (mean for context features, max for span "
+    "features).",
+    "Samples are split 70/30 into train and test with a fixed seed; each neuron is divided by its train standard "
+    "deviation. Neurons are ranked by mean difference |mean(positive) − mean(negative)| on train.",
+    "k = 1: a class-balanced logistic regression on the top-ranked neuron alone; the 30 top-ranked neurons each get "
+    "such a single-neuron probe. Fast sweep: for each k, an L2 logistic probe on the top-k neurons. Precision, "
+    "recall and F1 are on the held-out 30%.",
+]
+
+
+def _feature_summary(model: Model, f) -> dict:
+    return {
+        "feature": f.name,
+        "url": urls.feature_url(model.name, f.name),
+        "json_url": urls.feature_url(model.name, f.name, fmt=urls.JSON),
+        "kind": f.kind,
+        "aggregation": f.aggregation,
+        "source": f.source,
+        "description": f.description,
+        "counts": f.counts or {},
+        "status": f.status,
+        "reason": f.reason,
+        "best": None
+        if f.best_layer is None
+        else {
+            "layer": f.best_layer,
+            "neuron": f.best_neuron,
+            "f1": number(f.best_f1),
+            "url": urls.neuron_url(model.name, f.best_layer, f.best_neuron),
+        },
+    }
+
+
+def features_page(session: Session, name: str, q: str | None = None) -> dict:
+    model = _model(session, name)
+    if q is not None and len(q) > MAX_QUERY_CHARS:
+        raise NeedleError(f"The feature search is {len(q)} characters long; the limit is {MAX_QUERY_CHARS}.")
+    run = queries.probe_run(session, model.id)
+    return {
+        "model": model.name,
+        "query": q or None,
+        "url": urls.features_url(model.name, q),
+        "json_url": urls.features_url(model.name, q, fmt=urls.JSON),
+        "probed": run is not None,
+        "specs": run.specs if run else [],
+        "description": run.description if run else None,
+        "features": [_feature_summary(model, f) for f in queries.list_features(session, model.id, q)],
+    }
+
+
+def feature_page(session: Session, name: str, feature: str) -> dict:
+    model = _model(session, name)
+    row = queries.get_feature(session, model.id, feature)
+    if row is None:
+        raise NotFound(
+            f"Model {model.name!r} has no feature named {feature!r}.",
+            hint="The features list shows the features probed in this model.",
+        )
+    run = queries.probe_run(session, model.id)
+    layers = []
+    for fl in queries.feature_layers(session, model.id, feature):
+        layers.append(
+            {
+                "layer": fl.layer,
+                "best": {
+                    "neuron": fl.best_neuron,
+                    "f1": number(fl.best_f1),
+                    "precision": number(fl.best_precision),
+                    "recall": number(fl.best_recall),
+                    "url": urls.neuron_url(model.name, fl.layer, fl.best_neuron),
+                },
+                "top_neurons": [
+                    {**t, "url": urls.neuron_url(model.name, fl.layer, t["neuron"])} for t in fl.top_neurons
+                ],
+                "curve": fl.curve,
+                "pruned_curve": fl.pruned_curve,
+            }
+        )
+    return {
+        **_feature_summary(model, row),
+        "model": model.name,
+        "url": urls.feature_url(model.name, feature),
+        "json_url": urls.feature_url(model.name, feature, fmt=urls.JSON),
+        "features_url": urls.features_url(model.name),
+        "settings": run.settings if run else {},
+        "method": PROBE_METHOD,
+        "layers": layers,
+    }

@@ -76,3 +76,53 @@ def histogram_svg(stats: dict) -> Markup:
     )
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+CURVE_W, CURVE_H = 560, 220
+PALETTE = ("#2457c5", "#e8913a", "#3f9b63", "#c8574b", "#8a5cc2", "#1c9aa8", "#b8a326", "#6b7280")
+
+
+def f1_curve_svg(layers: list[dict]) -> Markup:
+    """F1 against k (log axis), one line per layer, from each layer's "curve" list."""
+    ks = sorted({p["k"] for layer in layers for p in layer["curve"]})
+    if not ks:
+        return Markup("")
+    left, right, top, bottom = 40, 90, 10, 34
+    plot_w, plot_h = CURVE_W - left - right, CURVE_H - top - bottom
+    lo, hi = math.log2(ks[0]), math.log2(ks[-1]) or 1.0
+
+    def x(k: int) -> float:
+        return left + plot_w * ((math.log2(k) - lo) / ((hi - lo) or 1.0))
+
+    def y(f1: float) -> float:
+        return top + plot_h * (1 - f1)
+
+    parts = [
+        f'<svg class="plot curve" viewBox="0 0 {CURVE_W} {CURVE_H}" width="{CURVE_W}" height="{CURVE_H}" '
+        'role="img" aria-label="Test F1 against the number of neurons k, per layer">',
+        f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}"/>',
+        f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
+    ]
+    for tick in (0.0, 0.5, 1.0):
+        parts.append(f'<text x="{left - 5}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    for k in ks:
+        if k in (1, 2, 4, 8, 16, 32, 64, 128, 256) or k == ks[-1]:
+            parts.append(f'<text x="{x(k):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{k}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{CURVE_H - 4}" text-anchor="middle" class="label">k (neurons)</text>')
+    for i, layer in enumerate(layers):
+        colour = PALETTE[i % len(PALETTE)]
+        pts = [(x(p["k"]), y(p["f1"])) for p in layer["curve"] if p.get("f1") is not None]
+        if not pts:
+            continue
+        path = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
+        parts.append(f'<polyline class="line" fill="none" stroke="{colour}" stroke-width="2" points="{path}">'
+                     f'<title>layer {int(layer["layer"])}</title></polyline>')
+        for p, (px, py) in zip(layer["curve"], pts):
+            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.5" fill="{colour}">'
+                         f'<title>layer {int(layer["layer"])}, k={int(p["k"])}: F1 {float(p["f1"]):.3f}</title></circle>')
+        ly = top + 12 + 14 * i
+        parts.append(f'<line x1="{left + plot_w + 10}" y1="{ly - 4}" x2="{left + plot_w + 24}" y2="{ly - 4}" '
+                     f'stroke="{colour}" stroke-width="2"/>')
+        parts.append(f'<text x="{left + plot_w + 28}" y="{ly}">layer {int(layer["layer"])}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -13,10 +13,14 @@ from sqlalchemy.orm import Session, aliased
 from app.schema import (
     ExampleRun,
     ExampleWindow,
+    Feature,
+    FeatureLayer,
     Job,
     Model,
     Neuron,
     NeuronActivations,
+    NeuronFeature,
+    ProbeRun,
     SearchPart,
     TextRun,
     TokenIndex,
@@ -530,3 +534,57 @@ def text_job(session: Session, model_id: int, run_id: int) -> Job | None:
 
 def save_text_result(session: Session, run_id: int, token_ids: bytes, activations: bytes) -> None:
     session.execute(update(TextRun).where(TextRun.id == run_id).values(token_ids=token_ids, activations=activations))
+
+
+# ---------------------------------------------------------------- sparse probes
+
+
+def replace_probes(
+    session: Session, model_id: int, run: dict, features: Sequence[dict], layers: Sequence[dict], neurons: Sequence[dict]
+) -> None:
+    """Replace a model's probe results in the caller's transaction (all features at once)."""
+    for table in (NeuronFeature, FeatureLayer, Feature, ProbeRun):
+        session.execute(delete(table).where(table.model_id == model_id))
+    session.add(ProbeRun(model_id=model_id, created_at=utcnow(), **run))
+    session.flush()
+    for table, rows in ((Feature, features), (FeatureLayer, layers), (NeuronFeature, neurons)):
+        for i in range(0, len(rows), 2000):
+            session.execute(table.__table__.insert(), [{"model_id": model_id, **r} for r in rows[i : i + 2000]])
+
+
+def probe_run(session: Session, model_id: int) -> ProbeRun | None:
+    return session.get(ProbeRun, model_id)
+
+
+def list_features(session: Session, model_id: int, query: str | None = None) -> list[Feature]:
+    """A model's features by name; with a query, those whose name contains it (case-insensitive)."""
+    q = select(Feature).where(Feature.model_id == model_id).order_by(Feature.name)
+    if query:
+        escaped = query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        q = q.where(func.lower(Feature.name).like(f"%{escaped}%", escape="\\"))
+    return list(session.scalars(q))
+
+
+def get_feature(session: Session, model_id: int, name: str) -> Feature | None:
+    return session.get(Feature, (model_id, name))
+
+
+def feature_layers(session: Session, model_id: int, name: str) -> list[FeatureLayer]:
+    return list(
+        session.scalars(
+            select(FeatureLayer)
+            .where(FeatureLayer.model_id == model_id, FeatureLayer.feature == name)
+            .order_by(FeatureLayer.layer)
+        )
+    )
+
+
+def features_of_neuron(session: Session, model_id: int, layer: int, neuron: int) -> list[NeuronFeature]:
+    """The features for which this neuron is among the top by mean difference, best F1 first."""
+    return list(
+        session.scalars(
+            select(NeuronFeature)
+            .where(NeuronFeature.model_id == model_id, NeuronFeature.layer == layer, NeuronFeature.neuron == neuron)
+            .order_by(NeuronFeature.f1.desc(), NeuronFeature.feature)
+        )
+    )

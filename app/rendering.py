@@ -29,6 +29,7 @@ def environment() -> Environment:
     env.filters["in_context"] = in_context
     env.globals.update(urls.template_globals())
     env.globals["histogram_svg"] = plots.histogram_svg
+    env.globals["f1_curve_svg"] = plots.f1_curve_svg
     return env
 
 

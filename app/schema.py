@@ -243,3 +243,70 @@ class TextRun(Base):
     token_ids: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     activations: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ProbeRun(Base):
+    """How a model's features were probed: the feature specs, the data and the method's settings."""
+
+    __tablename__ = "probe_runs"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    specs: Mapped[list] = mapped_column(JSON)
+    description: Mapped[str] = mapped_column(Text)
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Feature(Base):
+    """A labelled feature probed in a model (Gurnee et al. 2023). status "probed", or "skipped"
+    with the reason (e.g. fewer than 20 positives in train)."""
+
+    __tablename__ = "features"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    aggregation: Mapped[str] = mapped_column(String(20))
+    source: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text)
+    counts: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    best_layer: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    best_neuron: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    best_f1: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class FeatureLayer(Base):
+    """One feature's probes in one layer: the best single neuron, the top neurons by mean
+    difference with their single-neuron probes, and the F1-vs-k curves (JSON lists)."""
+
+    __tablename__ = "feature_layers"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    feature: Mapped[str] = mapped_column(String(100), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    best_neuron: Mapped[int] = mapped_column(Integer)
+    best_f1: Mapped[float] = mapped_column(Float)
+    best_precision: Mapped[float] = mapped_column(Float)
+    best_recall: Mapped[float] = mapped_column(Float)
+    top_neurons: Mapped[list] = mapped_column(JSON)
+    curve: Mapped[list] = mapped_column(JSON)
+    pruned_curve: Mapped[list] = mapped_column(JSON)
+
+
+class NeuronFeature(Base):
+    """A neuron among a feature's top neurons (by mean difference) in its layer, with its
+    single-neuron probe: what the neuron page lists."""
+
+    __tablename__ = "neuron_features"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feature: Mapped[str] = mapped_column(String(100), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    mean_dif: Mapped[float] = mapped_column(Float)
+    f1: Mapped[float] = mapped_column(Float)
+    precision: Mapped[float] = mapped_column(Float)
+    recall: Mapped[float] = mapped_column(Float)

@@ -73,6 +73,11 @@ def feature_url(model: str, feature: str, fmt: str | None = None) -> str:
     return _path(model, "features", feature, fmt=fmt)
 
 
+def features_url(model: str, q: str | None = None, fmt: str | None = None) -> str:
+    """A model's features list; with q, those whose name contains it."""
+    return _with_query(_path(model, "features", fmt=fmt), q=q or None)
+
+
 def static_url(name: str) -> str:
     return "/-/static/" + quote(name)
 
@@ -89,5 +94,6 @@ def template_globals() -> dict:
         "text_run_url": text_run_url,
         "search_url": search_url,
         "feature_url": feature_url,
+        "features_url": features_url,
         "static_url": static_url,
     }

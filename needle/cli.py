@@ -13,6 +13,7 @@ from app.config import ROOT, Settings, get_settings
 from app.errors import NeedleError
 
 DEMO_MODEL = ROOT / "assets" / "demo-model"
+DEMO_FEATURES = ("text", "python")  # the built-in feature datasets the demo probes
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
 
@@ -87,6 +88,10 @@ def index_model(
     corpus: str | None = None,
     tokens: int | None = None,
     context: int = 64,
+    features: list[str] | None = None,
+    probe_corpus: str = "stdlib",
+    probe_tokens: int = 32_768,
+    force_probes: bool = False,
     queue_only: bool = False,
     quiet: bool = False,
 ) -> int:
@@ -115,6 +120,15 @@ def index_model(
         # corpus is an error before anything is written (the examples job reads all of it).
         load_corpus(corpus, loaded.tokenizer, context=context, max_tokens=context)
         examples_params = {"corpus": corpus, "tokens": tokens, "context": context}
+    probe_params = None
+    if features:
+        from workers.features import load_features
+
+        check_examples_options(context, probe_tokens)
+        check_context(loaded, context)
+        # build the dataset once now: a bad spec or a bad line of a JSONL file is an error before any write
+        load_features(features, loaded.tokenizer, context=context, max_tokens=probe_tokens, corpus=probe_corpus)
+        probe_params = {"features": list(features), "corpus": probe_corpus, "tokens": probe_tokens, "context": context}
     fields = {
         "source": str(source),
         "family": adapter.family,
@@ -146,11 +160,13 @@ def index_model(
         if force or existing is None or queries.vocab_size_stored(s, model.id) != adapter.vocab_size:
             queries.replace_vocab(s, model.id, vocabulary(loaded.tokenizer, adapter.vocab_size))
         lpj = layers_per_job or adapter.n_layers
-        if examples_params is not None and not force:
-            check_examples_unchanged(s, model.id, name, examples_params)
+        if not force:
+            check_stage_unchanged(s, model.id, name, "examples", examples_params)
+            if not force_probes:
+                check_stage_unchanged(s, model.id, name, "probes", probe_params)
         plan_index(
             s, model, force=force, layers_per_job=lpj, max_attempts=settings.max_attempts,
-            examples_params=examples_params,
+            examples_params=examples_params, probe_params=probe_params, force_probes=force_probes,
         )
         model_id, spec = model.id, ModelSpec.of(model)
     if queue_only:
@@ -180,16 +196,19 @@ def check_examples_options(context: int, tokens: int | None) -> None:
         )
 
 
-def check_examples_unchanged(session, model_id: int, name: str, params: dict) -> None:
-    """Examples stored from another corpus (or cap, or context) are only replaced with --force."""
+def check_stage_unchanged(session, model_id: int, name: str, stage: str, params: dict | None) -> None:
+    """Examples or probes stored with other settings (corpus, features, cap, context) are only replaced with --force."""
     from app import queries
 
+    if params is None:
+        return
+    what = {"examples": "examples", "probes": "probes"}[stage]
     for job in queries.jobs_for_model(session, model_id):
-        if job.stage == "examples" and job.state == "done" and job.params != params:
+        if job.stage == stage and job.state == "done" and job.params != params:
             old = ", ".join(f"{k} {job.params.get(k)!r} (now {v!r})" for k, v in params.items() if job.params.get(k) != v)
             raise NeedleError(
-                f"{name!r} already has examples computed with {old}.",
-                hint="Pass --force to recompute them (and the decodings) with the new settings.",
+                f"{name!r} already has {what} computed with {old}.",
+                hint=f"Pass --force to recompute them (and the rest of {name!r}) with the new settings.",
             )
 
 
@@ -203,8 +222,8 @@ def _model_is_indexed(settings: Settings, name: str) -> bool:
             return False
         jobs = queries.jobs_for_model(s, model.id)
         # a demo indexed before the examples stage existed is finished by indexing it again
-        has_examples = any(j.stage == "examples" for j in jobs)
-        return bool(jobs) and has_examples and all(j.state == "done" for j in jobs)
+        stages = {j.stage for j in jobs}
+        return {"examples", "probes"} <= stages and all(j.state == "done" for j in jobs)
 
 
 # ---------------------------------------------------------------- commands
@@ -216,12 +235,49 @@ def cmd_index(args, settings: Settings) -> None:
         settings, args.model, args.name, device=args.device, dtype=args.dtype, decode_norm=args.decode_norm,
         force=args.force, layers_per_job=args.layers_per_job, queue_only=args.queue,
         corpus=args.corpus, tokens=args.tokens, context=args.context,
+        features=args.features, probe_corpus=args.probe_corpus, probe_tokens=args.probe_tokens,
     )
     if args.queue:
         print(f"Queued {args.name}: run `needle worker` to compute it.")
     else:
         print(f"Indexed {args.name} in {time.time() - t0:.1f}s. Browse it with `needle serve`: "
               f"http://{settings.host}:{settings.port}/{args.name}")
+
+
+def add_probe_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--features", nargs="+", metavar="SPEC", required=required,
+                   help="feature datasets to probe: text (token rules), python (Python code, from the stdlib), "
+                   "or a .jsonl file of your own")
+    p.add_argument("--probe-corpus", default="stdlib", metavar="SPEC", help="the corpus the text features label (default stdlib)")
+    p.add_argument("--probe-tokens", type=positive_int, default=32_768, help="tokens per feature dataset (default 32768)")
+
+
+def cmd_probe(args, settings: Settings) -> None:
+    from app import queries
+    from app.db import get_engine, require_migrated, session_scope
+
+    check_name(args.name)
+    engine = get_engine(settings)
+    require_migrated(engine)
+    with session_scope(engine) as s:
+        model = queries.get_model(s, args.name)
+        if model is None:
+            raise NeedleError(
+                f"There is no model named {args.name!r} here.",
+                hint=f"Index it first: needle index MODEL --name {args.name} (add --features to probe in the same run).",
+            )
+        source, device, dtype, decode_norm = model.source, model.device, model.dtype, model.decode_norm
+    t0 = time.time()
+    index_model(
+        settings, source, args.name, device=args.device or device, dtype=dtype, decode_norm=decode_norm,
+        force_probes=args.force, queue_only=args.queue, context=args.context,
+        features=args.features, probe_corpus=args.probe_corpus, probe_tokens=args.probe_tokens,
+    )
+    if args.queue:
+        print(f"Queued probes of {args.name}: run `needle worker` to compute them.")
+    else:
+        print(f"Probed {args.name} in {time.time() - t0:.1f}s: "
+              f"http://{settings.host}:{settings.port}/{args.name}/features")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -281,7 +337,8 @@ def cmd_demo(args, settings: Settings) -> None:
         print(f"Indexing the demo model {name!r} from {DEMO_MODEL} ...", flush=True)
         index_model(
             settings, str(DEMO_MODEL), name, device=args.device,
-            corpus=settings.demo_corpus, tokens=settings.demo_tokens,
+            corpus=settings.demo_corpus, tokens=settings.demo_tokens, features=list(DEMO_FEATURES),
+            probe_tokens=settings.demo_probe_tokens,
         )
     if args.no_serve:
         return
@@ -340,8 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "hf:NAME[:split[:field]] or stdlib")
     p.add_argument("--tokens", type=positive_int, help="read at most this many corpus tokens")
     p.add_argument("--context", type=positive_int, default=64, help="tokens per example window (default 64)")
+    add_probe_options(p, required=False)
     p.add_argument("--queue", action="store_true", help="only enqueue the jobs, for `needle worker`")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("probe", help="sparse-probe an indexed model's neurons for labelled features")
+    p.add_argument("name", help="the model's name, as given to `needle index --name`")
+    add_probe_options(p, required=True)
+    p.add_argument("--context", type=positive_int, default=64, help="tokens per row (default 64)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: as indexed")
+    p.add_argument("--force", action="store_true", help="recompute probes stored with other settings")
+    p.add_argument("--queue", action="store_true", help="only enqueue the job, for `needle worker`")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("serve", help="serve the dashboard")
     p.add_argument("--host")

@@ -185,6 +185,11 @@ def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
                 break
             time.sleep(0.5)
         assert result["state"] == "done" and "".join(result["result"]["tokens"]) == "def f(x):"
+        # the built-in features are probed; is_python_code (code against its own prose) is found
+        features = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo/features.json", timeout=10).json()["features"]
+        by_name = {f["feature"]: f for f in features}
+        assert {"contains_digit", "in_comment", "is_keyword", "is_python_code"} <= set(by_name)
+        assert by_name["is_python_code"]["best"]["f1"] >= 0.8
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]

@@ -324,8 +324,11 @@ def add_bos(path) -> Path:
 DETECTOR_STRENGTH = 3.0
 
 
-def build_detector(path, detectors: dict[tuple[int, int], str], *, seed: int = 0, bos: bool = False) -> Path:
-    """A tiny random Llama in which neuron (layer, neuron) of each `detectors` entry fires on one token only.
+def build_detector(
+    path, detectors: dict[tuple[int, int], str | tuple[str, ...]], *, seed: int = 0, bos: bool = False
+) -> Path:
+    """A tiny random Llama in which neuron (layer, neuron) of each `detectors` entry fires on its
+    token (or tokens) only.
 
     Entry k gets residual dimension k to itself: the token's embedding has DETECTOR_STRENGTH
     there and every other token's 0, and no attention or MLP output writes to it, so at every
@@ -341,12 +344,13 @@ def build_detector(path, detectors: dict[tuple[int, int], str], *, seed: int = 0
     layers = model.model.layers
     with torch.no_grad():
         embed = model.model.embed_tokens.weight
-        for dim, ((layer, neuron), piece) in enumerate(detectors.items()):
-            token_id = tokenizer.convert_tokens_to_ids(piece)
-            if token_id is None or token_id == tokenizer.unk_token_id:
-                raise ValueError(f"{piece!r} is not a token of the tiny tokenizer")
+        for dim, ((layer, neuron), pieces) in enumerate(detectors.items()):
             embed[:, dim] = 0.0
-            embed[token_id, dim] = DETECTOR_STRENGTH
+            for piece in [pieces] if isinstance(pieces, str) else pieces:
+                token_id = tokenizer.convert_tokens_to_ids(piece)
+                if token_id is None or token_id == tokenizer.unk_token_id:
+                    raise ValueError(f"{piece!r} is not a token of the tiny tokenizer")
+                embed[token_id, dim] = DETECTOR_STRENGTH
             for block in layers:
                 block.self_attn.o_proj.weight[dim, :] = 0.0
                 block.mlp.down_proj.weight[dim, :] = 0.0

@@ -189,12 +189,48 @@ def run_text(ctx: JobContext) -> Writer:
     return write
 
 
+def run_probes(ctx: JobContext) -> Writer:
+    """Sparse probes of every feature of the dataset in every layer (Gurnee et al. 2023)."""
+    from workers import probing
+    from workers.features import load_features
+
+    loaded = ctx.load(ctx.model)
+    p = ctx.params
+    check_context(loaded, p["context"])
+    dataset = load_features(
+        p["features"], loaded.tokenizer, context=p["context"], max_tokens=p["tokens"], corpus=p["corpus"]
+    )
+    ctx.set_total(int(dataset.lengths.sum()) + len(dataset.features))
+    started = time.perf_counter()
+    acts = probing.collect_activations(
+        loaded.model, loaded.adapter, list(range(ctx.model.n_layers)), dataset, bos_prefix_id(loaded.tokenizer),
+        batch_tokens=ctx.examples_batch_tokens, progress=ctx.advance,
+    )
+    results = probing.probe_features(acts, dataset, progress=ctx.advance)
+    del acts
+    features, layers, neurons = probing.result_rows(results)
+    run = {
+        "specs": list(p["features"]),
+        "description": dataset.description,
+        "settings": {
+            "context": p["context"], "tokens": p["tokens"], "corpus": p["corpus"], "rows": int(dataset.windows.shape[0]),
+            "seconds": round(time.perf_counter() - started, 2), "device": str(loaded.device),
+        },
+    }
+
+    def write(session: Session) -> None:
+        queries.replace_probes(session, ctx.model.id, run, features, layers, neurons)
+
+    return write
+
+
 MAX_TEXT_TOKENS = 512
 
 STAGES: dict[str, Callable[[JobContext], Writer]] = {
     "decode": run_decode,
     "search_index": run_search_index,
     "examples": run_examples,
+    "probes": run_probes,
     queries.TEXT_STAGE: run_text,
 }
 
@@ -211,9 +247,12 @@ def work_units(stage: str, params: dict, model: ModelSpec) -> int:
 def plan_index(
     session: Session, model: Model, *, force: bool, layers_per_job: int, max_attempts: int,
     examples_params: dict | None = None,
+    probe_params: dict | None = None,
+    force_probes: bool = False,
 ) -> list:
     """Enqueue the decode shards (layer ranges), the search-index merge that waits for them and,
-    with a corpus, the examples stage."""
+    with a corpus, the examples stage; with feature datasets, the probes stage (force_probes
+    recomputes that one alone)."""
     parts = []
     for start in range(0, model.n_layers, layers_per_job):
         stop = min(start + layers_per_job, model.n_layers)
@@ -231,8 +270,11 @@ def plan_index(
             session, model.id, "search_index", "all", {"parts": parts},
             requires_stage="decode", max_attempts=max_attempts, force=True,
         )
-    if examples_params is not None:
-        job = queries.enqueue_job(session, model.id, "examples", "all", examples_params, max_attempts=max_attempts, force=force)
-        if job.state == "done" and job.params != examples_params:
-            queries.enqueue_job(session, model.id, "examples", "all", examples_params, max_attempts=max_attempts, force=True)
+    for stage, params in (("examples", examples_params), ("probes", probe_params)):
+        if params is None:
+            continue
+        forced = force or (force_probes and stage == "probes")
+        job = queries.enqueue_job(session, model.id, stage, "all", params, max_attempts=max_attempts, force=forced)
+        if job.state == "done" and job.params != params:
+            queries.enqueue_job(session, model.id, stage, "all", params, max_attempts=max_attempts, force=True)
     return queries.jobs_for_model(session, model.id)

@@ -70,6 +70,22 @@ def search_json(request: Request, model: str, session: SessionDep, token: str | 
     return respond(request, "search.html", pagedata.search_page(session, model, token), urls.JSON)
 
 
+@router.get("/{model}/features")
+def features(request: Request, model: str, session: SessionDep, q: str | None = None) -> Response:
+    return respond(request, "features.html", pagedata.features_page(session, model, q))
+
+
+@router.get("/{model}/features.json")
+def features_json(request: Request, model: str, session: SessionDep, q: str | None = None) -> Response:
+    return respond(request, "features.html", pagedata.features_page(session, model, q), urls.JSON)
+
+
+@router.get("/{model}/features/{feature}")
+def feature(request: Request, model: str, feature: str, session: SessionDep) -> Response:
+    feature, fmt = split_format(feature)
+    return respond(request, "feature.html", pagedata.feature_page(session, model, feature), fmt)
+
+
 @router.get("/{model}/{layer}")
 def layer(
     request: Request,
