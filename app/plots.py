@@ -82,9 +82,10 @@ CURVE_W, CURVE_H = 560, 220
 PALETTE = ("#2457c5", "#e8913a", "#3f9b63", "#c8574b", "#8a5cc2", "#1c9aa8", "#b8a326", "#6b7280")
 
 
-def f1_curve_svg(layers: list[dict]) -> Markup:
-    """F1 against k (log axis), one line per layer, from each layer's "curve" list."""
-    ks = sorted({p["k"] for layer in layers for p in layer["curve"]})
+def f1_curve_svg(layers: list[dict], key: str = "curve") -> Markup:
+    """F1 against k (log axis), one line per layer, from each layer's `key` list ("curve": the
+    fast sweep, "pruned_curve": the pruning sweep)."""
+    ks = sorted({p["k"] for layer in layers for p in layer[key]})
     if not ks:
         return Markup("")
     left, right, top, bottom = 40, 90, 10, 34
@@ -111,13 +112,14 @@ def f1_curve_svg(layers: list[dict]) -> Markup:
     parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{CURVE_H - 4}" text-anchor="middle" class="label">k (neurons)</text>')
     for i, layer in enumerate(layers):
         colour = PALETTE[i % len(PALETTE)]
-        pts = [(x(p["k"]), y(p["f1"])) for p in layer["curve"] if p.get("f1") is not None]
+        points = [p for p in layer[key] if p.get("f1") is not None]
+        pts = [(x(p["k"]), y(p["f1"])) for p in points]
         if not pts:
             continue
         path = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
         parts.append(f'<polyline class="line" fill="none" stroke="{colour}" stroke-width="2" points="{path}">'
                      f'<title>layer {int(layer["layer"])}</title></polyline>')
-        for p, (px, py) in zip(layer["curve"], pts):
+        for p, (px, py) in zip(points, pts):
             parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.5" fill="{colour}">'
                          f'<title>layer {int(layer["layer"])}, k={int(p["k"])}: F1 {float(p["f1"]):.3f}</title></circle>')
         ly = top + 12 + 14 * i

@@ -74,7 +74,8 @@ def test_digit_neuron_is_the_k1_probe_and_first_by_mean_difference(probed):
         assert len(rows) == 2
         link = rows[DIGIT_NEURON[0]].select_one("a")["href"]
         assert link == f"/{NAME}/{DIGIT_NEURON[0]}/{DIGIT_NEURON[1]}"
-        assert page.select_one("svg.curve") is not None and len(page.select("svg.curve polyline")) == 2
+        fast, pruned = page.select("svg.curve")  # the fast sweep and the pruning sweep, a line per layer
+        assert len(fast.select("polyline")) == 2 and len(pruned.select("polyline")) == 2
         assert "Train" in page.select_one("dl.counts").get_text()
 
         # the neuron page lists the feature with its single-neuron metrics
