@@ -200,13 +200,16 @@ def run_probes(ctx: JobContext) -> Writer:
     dataset = load_features(
         p["features"], loaded.tokenizer, context=p["context"], max_tokens=p["tokens"], corpus=p["corpus"]
     )
-    ctx.set_total(int(dataset.lengths.sum()) + len(dataset.features))
+    # progress: the forward pass counts its tokens, and fitting (most of the time) as many again, split over features
+    tokens = int(dataset.lengths.sum())
+    per_feature = max(1, tokens // max(1, len(dataset.features)))
+    ctx.set_total(tokens + per_feature * len(dataset.features))
     started = time.perf_counter()
     acts = probing.collect_activations(
         loaded.model, loaded.adapter, list(range(ctx.model.n_layers)), dataset, bos_prefix_id(loaded.tokenizer),
         batch_tokens=ctx.examples_batch_tokens, progress=ctx.advance,
     )
-    results = probing.probe_features(acts, dataset, progress=ctx.advance)
+    results = probing.probe_features(acts, dataset, progress=lambda n: ctx.advance(n * per_feature))
     del acts
     features, layers, neurons = probing.result_rows(results)
     run = {
