@@ -160,17 +160,17 @@ def histogram(edges: np.ndarray, counts: np.ndarray, lo: float, hi: float) -> di
     return {"edges": [round(e, 5) for e in kept], "counts": [int(c) for c in counts[first : last + 1]]}
 
 
-def colour_scale(stats: dict | None) -> float:
+def colour_scale(largest: float, smallest: float) -> float:
     """One scale for the highlight colours of a neuron: the largest magnitude it reached."""
-    if not stats:
-        return 1.0
-    return max(abs(stats["max"]), abs(stats["min"]), 1e-6)
+    return max(abs(largest), abs(smallest), 1e-6)
 
 
 # ---------------------------------------------------------------- a user's own text
 
 
-def text_run(session: Session, model: Model, run: TextRun, job: Job | None, scale: float) -> dict:
+def text_run(session: Session, model: Model, run: TextRun, job: Job | None, stats: NeuronActivations | None) -> dict:
+    """A text run's page data. Its colours use the neuron's corpus scale when there is one (so
+    they compare with its examples), else the run's own largest magnitude."""
     state = job.state if job is not None else "queued"
     data = {
         "model": model.name,
@@ -184,11 +184,14 @@ def text_run(session: Session, model: Model, run: TextRun, job: Job | None, scal
         "json_url": urls.text_run_url(model.name, run.layer, run.neuron, run.id, fmt=urls.JSON),
         "neuron_url": urls.neuron_url(model.name, run.layer, run.neuron),
         "form_url": urls.text_form_url(model.name, run.layer, run.neuron),
-        "scale": scale,
+        "scale": colour_scale(stats.max_act, stats.min_act) if stats is not None else 0.0,
         "result": None,
     }
     if run.activations is not None and run.token_ids is not None:
         token_ids = unpack(run.token_ids, INT32)
+        acts = unpack(run.activations, FLOAT32)
         text = queries.tokens_by_ids(session, model.id, token_ids.tolist())
-        data["result"] = _example(token_ids, unpack(run.activations, FLOAT32), text, "your text")
+        data["result"] = _example(token_ids, acts, text, "your text")
+        if stats is None:
+            data["scale"] = colour_scale(float(acts.max()), float(acts.min()))
     return data

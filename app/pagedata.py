@@ -338,7 +338,7 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
         "next": link(following),
         **firing,
         "examples_run": run,
-        "colour_scale": examples.colour_scale(firing["stats"]),
+        "colour_scale": examples.colour_scale(stats["max"], stats["min"]) if (stats := firing["stats"]) else 1.0,
         "features": [
             {
                 "feature": f.feature,
@@ -417,11 +417,6 @@ def _text_target(session: Session, name: str, layer_text: str, neuron_text: str)
     return model, _index(layer_text, "layer", model, model.n_layers), _index(neuron_text, "neuron", model, model.d_mlp)
 
 
-def _scale(session: Session, model: Model, layer: int, neuron: int) -> float:
-    row = queries.neuron_activations(session, model.id, layer, neuron)
-    return max(abs(row.max_act), abs(row.min_act), 1e-6) if row is not None else 0.0
-
-
 def start_text_run(
     session: Session, name: str, layer_text: str, neuron_text: str, text: str | None, *, max_chars: int
 ) -> dict:
@@ -440,7 +435,7 @@ def start_text_run(
         session, model.id, queries.TEXT_STAGE, f"run:{run.id}",
         {"run": run.id, "layer": layer, "neuron": neuron, "text": text}, max_attempts=1,
     )
-    return examples.text_run(session, model, run, job, _scale(session, model, layer, neuron))
+    return examples.text_run(session, model, run, job, queries.neuron_activations(session, model.id, layer, neuron))
 
 
 def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str, run_text: str) -> dict:
@@ -449,7 +444,7 @@ def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str
     if run is None or run.model_id != model.id or (run.layer, run.neuron) != (layer, neuron):
         raise NotFound(f"There is no text run {run_text!r} for neuron {layer}/{neuron} of {model.name!r}.")
     job = queries.text_job(session, model.id, run.id)
-    return examples.text_run(session, model, run, job, _scale(session, model, layer, neuron))
+    return examples.text_run(session, model, run, job, queries.neuron_activations(session, model.id, layer, neuron))
 
 
 # ---------------------------------------------------------------- sparse probes

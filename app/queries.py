@@ -271,12 +271,11 @@ def enqueue_job(
     return job
 
 
-def jobs_for_model(session: Session, model_id: int, *, include_text: bool = False) -> list[Job]:
-    """A model's jobs; the users' text runs (stage "text") only when asked for."""
-    q = select(Job).where(Job.model_id == model_id).order_by(Job.id)
-    if not include_text:
-        q = q.where(Job.stage != TEXT_STAGE)
-    return list(session.scalars(q))
+def jobs_for_model(session: Session, model_id: int) -> list[Job]:
+    """A model's indexing jobs (users' text runs, stage "text", are shown on their own panels)."""
+    return list(
+        session.scalars(select(Job).where(Job.model_id == model_id, Job.stage != TEXT_STAGE).order_by(Job.id))
+    )
 
 
 def get_job(session: Session, job_id: int) -> Job | None:

@@ -202,12 +202,11 @@ def check_stage_unchanged(session, model_id: int, name: str, stage: str, params:
 
     if params is None:
         return
-    what = {"examples": "examples", "probes": "probes"}[stage]
     for job in queries.jobs_for_model(session, model_id):
         if job.stage == stage and job.state == "done" and job.params != params:
             old = ", ".join(f"{k} {job.params.get(k)!r} (now {v!r})" for k, v in params.items() if job.params.get(k) != v)
             raise NeedleError(
-                f"{name!r} already has {what} computed with {old}.",
+                f"{name!r} already has {stage} computed with {old}.",
                 hint=f"Pass --force to recompute them (and the rest of {name!r}) with the new settings.",
             )
 

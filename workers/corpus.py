@@ -433,7 +433,7 @@ def load_corpus(spec: str, tokenizer, *, context: int, max_tokens: int | None = 
     if max_tokens is not None and max_tokens < context:
         raise NeedleError(
             f"max_tokens {max_tokens:,} is less than one window of {context:,} tokens",
-            hint="Raise --max-tokens to at least --context, or lower --context.",
+            hint="Raise the token cap (--tokens) to at least the context, or lower --context.",
         )
     source = _open(spec)
     max_windows = None if max_tokens is None else max_tokens // context

@@ -229,13 +229,11 @@ class LayerAccumulator:
         res_acts = torch.where(rvalid[:, :, None, :], self.res_acts, torch.zeros((), dtype=self.res_acts.dtype))
 
         true_max, true_min = self.max, self.min
-        width = torch.where(torch.isfinite(self.width), self.width, torch.clamp(true_max, min=0) / BINS)
-        edges = width[:, None] * torch.arange(BINS + 1, device=self.device)[None, :]
+        estimated = torch.isfinite(self.width)
+        edges = torch.where(estimated, self.width, 0.0)[:, None] * torch.arange(BINS + 1, device=self.device)[None, :]
         edges[:, BINS] = torch.maximum(edges[:, BINS], true_max)
-        if not torch.isfinite(self.width).all():
-            # a neuron that did not fire in the estimate: everything fired is in bin 0, [0, true max]
-            unfired = ~torch.isfinite(self.width)
-            edges[unfired, 1:] = torch.clamp(true_max[unfired], min=0)[:, None]
+        # a neuron that did not fire in the estimate: everything fired is in bin 0, [0, true max]
+        edges[~estimated, 1:] = torch.clamp(true_max[~estimated], min=0)[:, None]
         hist_edges = self.hist_lo[:, None] + self.hist_span[:, None] * torch.arange(
             HIST_BINS + 1, device=self.device
         )[None, :] / HIST_BINS
@@ -246,7 +244,7 @@ class LayerAccumulator:
         var = torch.clamp(self.sumsq / tokens - mean * mean, min=0)
         positive = self.int_counts[:, 1:].sum(1)
         # a neuron that did not fire in the estimate has no threshold (NaN): nothing counts as above it
-        threshold = torch.where(torch.isfinite(self.width), self.width, torch.full_like(self.width, math.nan))
+        threshold = torch.where(estimated, self.width, math.nan)
 
         return LayerExamples(
             layer=self.layer,
