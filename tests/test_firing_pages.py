@@ -163,3 +163,24 @@ def test_text_run_for_another_neuron_is_404(site):
     assert http.get(f"/{NAME}/1/4/text/{run}").status_code == 404
     assert http.get(f"/{NAME}/1/3/text/{run}.json").status_code == 200
     assert http.get(f"/{NAME}/1/3/text/999999.json").json()["ok"] is False
+
+
+def test_text_run_body_that_is_not_json_is_a_clear_400(site):
+    http, engine, _, _ = site
+    r = http.post(f"/{NAME}/1/3/text", content=b"[1, 2", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not a JSON object" in r.text and "Traceback" not in r.text
+    assert http.post(f"/{NAME}/1/99/text", data={"text": "dog"}).status_code == 404
+    with session_scope(engine) as s:
+        from app.schema import TextRun
+
+        assert s.query(TextRun).count() == 0
+
+
+def test_features_of_an_unprobed_model_and_a_too_long_search(site):
+    http, _, _, _ = site
+    data = http.get(f"/{NAME}/features.json").json()
+    assert data["probed"] is False and data["features"] == []
+    page = BeautifulSoup(http.get(f"/{NAME}/features").text, "html.parser")
+    assert "needle probe" in page.select_one("p.empty").get_text()
+    r = http.get(f"/{NAME}/features.json", params={"q": "x" * 201})
+    assert r.status_code == 400 and r.json()["ok"] is False and "limit is 200" in r.json()["error"]
