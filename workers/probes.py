@@ -84,6 +84,7 @@ _REFRESH = 0.25  # Newton: a new Hessian when the decrement fell by less than th
 _LBFGS_MEMORY = 8
 _SLOPE_TOL = 1e-3  # the full step is taken if the slope at its end is <= this * the decrement^2
 _MAX_HALVINGS = 20
+_ROW_CUT = 1e-4  # a Hessian leaves out rows whose curvature is below this * the largest
 _ENET_HALVINGS = 14  # the elastic net's line search gives up below t = 2^-13: converged
 _BATCH_ELEMENTS = 2**27  # layers are probed together while n_train * (k_max + 1) * layers stays under this
 
@@ -458,6 +459,24 @@ def _chol_solve(H: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(g.double().unsqueeze(-1), _cholesky(H)).squeeze(-1).to(g.dtype)
 
 
+def _hessian(A: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """A^T diag(D) A for A [B, n, P], D [B, n] >= 0, leaving out the rows whose curvature is
+    below _ROW_CUT * the largest (a well-classified sample: p (1 - p) < 2.5e-5). Near-separable
+    features leave most rows there, and a Hessian costs n * P^2: the rows kept are gathered
+    when they are under half of n. The result is a preconditioner only (the gradient, the
+    objective and so the optimum use every row): its error is below _ROW_CUT * D_max * n
+    per unit direction, and it never exceeds the true Hessian, so the decrement it gives
+    (the convergence test) is never smaller than the true one."""
+    B, n, P = A.shape
+    keep = D > _ROW_CUT * D.amax(-1, keepdim=True)
+    m = int(keep.sum(-1).max())
+    if m <= n // 2 and P > 32:
+        rows = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :m]  # kept rows first
+        D = torch.gather(D * keep, 1, rows)  # padding rows get D = 0
+        A = torch.gather(A, 1, rows.unsqueeze(-1).expand(B, m, P))
+    return torch.bmm((A * D.unsqueeze(-1)).transpose(1, 2), A)
+
+
 def _newton_l2(A: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, lam: float, mask: torch.Tensor | None = None,
                W0: torch.Tensor | None = None) -> torch.Tensor:
     """Batched L2 logistic regression: Newton's method with lazy Hessians and L-BFGS
@@ -510,6 +529,8 @@ def _newton_l2(A: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, lam: float, m
             D = sw * p * (1 - p)  # [B, G, n]
             if AA is not None:  # many small probes sharing A: each Hessian is D_g @ AA
                 H = torch.bmm(D, AA).reshape(B, G, P, P)
+            elif G == 1:
+                H = _hessian(A, D[:, 0]).unsqueeze(1)
             else:
                 AtD = At.unsqueeze(1) * D.unsqueeze(2)  # [B, G, P, n]
                 H = torch.bmm(AtD.reshape(B, G * P, -1), A).reshape(B, G, P, P)
