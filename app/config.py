@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     demo_probe_tokens: int = 16_384
     # A user's own text on a neuron page: at most this many characters.
     text_max_chars: int = 2000
+    # Live requests from pages (your text, clamp curves, clamped generation) queue worker jobs;
+    # NEEDLE_LIVE_REQUESTS=false switches them off (a public, read-only deployment).
+    live_requests: bool = True
+    # A clamp prompt from a page: at most this many characters (the CLI has no such limit).
+    clamp_prompt_max_chars: int = 2000
+    # Rows (clamp values x neurons) per forward batch of a clamp sweep.
+    clamp_batch_rows: int = 512
 
     def resolved_database_url(self) -> str:
         url = self.database_url or default_database_url()

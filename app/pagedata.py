@@ -14,7 +14,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from app import examples, queries, urls
+from app import clamping, examples, queries, urls
 from app.arrays import FLOAT32, INT32, unpack
 from app.errors import NeedleError, NotFound
 from app.schema import Job, Model
@@ -286,7 +286,8 @@ def layer_page(
     }
 
 
-def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, *, text_max_chars: int = 2000) -> dict:
+def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, *, text_max_chars: int = 2000,
+                live: bool = True, clamp_prompt_max_chars: int = 2000) -> dict:
     model = _model(session, name)
     layer = _index(layer_text, "layer", model, model.n_layers)
     index = _index(neuron_text, "neuron", model, model.d_mlp)
@@ -353,6 +354,11 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
         ],
         "text_form_url": urls.text_form_url(model.name, layer, index),
         "text_max_chars": text_max_chars,
+        **clamping.neuron_section(
+            session, model, layer, index, text.get(row.top_token_id),
+            max(abs(activations.max_act), abs(activations.min_act)) if activations is not None else None,
+            live=live, prompt_max_chars=clamp_prompt_max_chars,
+        ),
     }
 
 
@@ -418,9 +424,11 @@ def _text_target(session: Session, name: str, layer_text: str, neuron_text: str)
 
 
 def start_text_run(
-    session: Session, name: str, layer_text: str, neuron_text: str, text: str | None, *, max_chars: int
+    session: Session, name: str, layer_text: str, neuron_text: str, text: str | None, *, max_chars: int,
+    live: bool = True,
 ) -> dict:
     """Queue a user's text for a worker: this neuron's activation on each of its tokens."""
+    clamping.require_live(live)
     model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
     text = (text or "").replace("\r\n", "\n")
     if not text.strip():
@@ -440,11 +448,44 @@ def start_text_run(
 
 def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str, run_text: str) -> dict:
     model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
-    run = queries.get_text_run(session, int(run_text)) if DIGITS.fullmatch(run_text) else None
+    run_id = clamping.row_id(run_text)
+    run = queries.get_text_run(session, run_id) if run_id is not None else None
     if run is None or run.model_id != model.id or (run.layer, run.neuron) != (layer, neuron):
         raise NotFound(f"There is no text run {run_text!r} for neuron {layer}/{neuron} of {model.name!r}.")
     job = queries.text_job(session, model.id, run.id)
     return examples.text_run(session, model, run, job, queries.neuron_activations(session, model.id, layer, neuron))
+
+
+# ---------------------------------------------------------------- clamp curves and generations
+
+
+def _clamp_context(model: Model, layer: int, neuron: int) -> dict:
+    return {"model": model.name, "layer": layer, "neuron": neuron, "neuron_url": urls.neuron_url(model.name, layer, neuron)}
+
+
+def start_clamp(session: Session, name: str, layer_text: str, neuron_text: str, form: dict, *, live: bool,
+                prompt_max_chars: int) -> dict:
+    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
+    curve = clamping.start_clamp(session, model, layer, neuron, form, live=live, prompt_max_chars=prompt_max_chars)
+    return {**_clamp_context(model, layer, neuron), "curve": curve}
+
+
+def clamp_page(session: Session, name: str, layer_text: str, neuron_text: str, curve_text: str) -> dict:
+    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
+    return {**_clamp_context(model, layer, neuron), "curve": clamping.clamp_page(session, model, layer, neuron, curve_text)}
+
+
+def start_generation(session: Session, name: str, layer_text: str, neuron_text: str, form: dict, *, live: bool,
+                     prompt_max_chars: int) -> dict:
+    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
+    gen = clamping.start_generation(session, model, layer, neuron, form, live=live, prompt_max_chars=prompt_max_chars)
+    return {**_clamp_context(model, layer, neuron), "generation": gen}
+
+
+def generation_page(session: Session, name: str, layer_text: str, neuron_text: str, gen_text: str) -> dict:
+    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
+    return {**_clamp_context(model, layer, neuron),
+            "generation": clamping.generation_page(session, model, layer, neuron, gen_text)}
 
 
 # ---------------------------------------------------------------- sparse probes

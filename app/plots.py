@@ -128,3 +128,68 @@ def f1_curve_svg(layers: list[dict], key: str = "curve") -> Markup:
         parts.append(f'<text x="{left + plot_w + 28}" y="{ly}">layer {int(layer["layer"])}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def _nice_top(value: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k at or above value (value > 0)."""
+    k = math.floor(math.log10(value))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * 10**k >= value * (1 - 1e-9):
+            return m * 10**k
+    return 10 ** (k + 1)
+
+
+def clamp_curve_svg(curve: dict) -> Markup:
+    """p(target) against the clamp value: a line with a point per value (its tooltip gives both
+    numbers) and the unclamped model marked (a dashed line at its activation, a ring at its
+    probability). The y axis runs from 0 to a round number above the largest probability, which
+    is written on it, so small probabilities stay readable."""
+    xs, ys = curve["values"], curve["probs"]
+    if not xs or not ys:
+        return Markup("")
+    base = curve.get("baseline") or {}
+    lo, hi = min(xs), max(xs)
+    span = (hi - lo) or 1.0
+    y_top = _nice_top(max(max(ys), base.get("prob") or 0.0, 1e-12))
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def x(v: float) -> float:
+        return LEFT + plot_w * (v - lo) / span
+
+    def y(p: float) -> float:
+        return TOP + plot_h * (1 - p / y_top)
+
+    parts = [
+        f'<svg class="plot clamp-curve" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
+        'role="img" aria-label="Probability of the target token against the clamp value">',
+        "<title>p(target) against the clamp value</title>",
+        f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{LEFT + plot_w}" y2="{TOP + plot_h}"/>',
+        f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/>',
+        f'<line class="grid" x1="{LEFT}" y1="{y(y_top / 2):.1f}" x2="{LEFT + plot_w}" y2="{y(y_top / 2):.1f}"/>',
+    ]
+    if lo < 0 < hi:
+        parts.append(f'<line class="marker zero" x1="{x(0):.1f}" y1="{TOP}" x2="{x(0):.1f}" y2="{TOP + plot_h}"/>')
+    points = " ".join(f"{x(v):.1f},{y(p):.1f}" for v, p in zip(xs, ys))
+    parts.append(f'<polyline class="curve" points="{points}"/>')
+    for v, p in zip(xs, ys):
+        parts.append(f'<circle class="point" cx="{x(v):.1f}" cy="{y(p):.1f}" r="2.5">'
+                     f"<title>clamped at {_fmt(v)}: p = {p:.4g}</title></circle>")
+    act, prob = base.get("activation"), base.get("prob")
+    if act is not None and prob is not None and lo <= act <= hi:
+        parts.append(f'<line class="marker baseline" x1="{x(act):.1f}" y1="{TOP}" x2="{x(act):.1f}" y2="{TOP + plot_h}"/>')
+        parts.append(f'<circle class="baseline-point" cx="{x(act):.1f}" cy="{y(prob):.1f}" r="5">'
+                     f"<title>unclamped: activation {_fmt(act)}, p = {prob:.4g}</title></circle>")
+    axis = TOP + plot_h + 14
+    parts.append(f'<text x="{LEFT}" y="{axis}" text-anchor="start">{_fmt(lo)}</text>')
+    parts.append(f'<text x="{LEFT + plot_w}" y="{axis}" text-anchor="end">{_fmt(hi)}</text>')
+    if lo < 0 < hi:
+        parts.append(f'<text x="{x(0):.1f}" y="{axis}" text-anchor="middle">0</text>')
+    parts.append(f'<text x="{LEFT + plot_w / 2:.1f}" y="{axis + 16}" text-anchor="middle" class="label">clamp value</text>')
+    parts.append(f'<text x="{LEFT - 6}" y="{TOP + 8}" text-anchor="end">{y_top:.3g}</text>')
+    parts.append(f'<text x="{LEFT - 6}" y="{TOP + plot_h}" text-anchor="end">0</text>')
+    parts.append(
+        f'<text x="12" y="{TOP + plot_h / 2:.1f}" text-anchor="middle" class="label" '
+        f'transform="rotate(-90 12 {TOP + plot_h / 2:.1f})">p(target)</text>'
+    )
+    parts.append("</svg>")
+    return Markup("".join(parts))

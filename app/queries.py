@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, case, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
+from app.arrays import INT32, unpack
 from app.schema import (
+    ClampCurve,
     ExampleRun,
     ExampleWindow,
     Feature,
     FeatureLayer,
+    Generation,
     Job,
     Model,
     Neuron,
@@ -28,10 +31,13 @@ from app.schema import (
 )
 
 TEXT_STAGE = "text"  # the job stage of a user's own text run
+CLAMP_STAGE = "clamp_run"  # ... of a clamp curve asked for on a neuron page
+GENERATE_STAGE = "generation"  # ... of a clamped generation asked for on a neuron page
+LIVE_STAGES = (TEXT_STAGE, CLAMP_STAGE, GENERATE_STAGE)  # users' live requests, shown on their own panels
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 # ---------------------------------------------------------------- models
@@ -272,9 +278,9 @@ def enqueue_job(
 
 
 def jobs_for_model(session: Session, model_id: int) -> list[Job]:
-    """A model's indexing jobs (users' text runs, stage "text", are shown on their own panels)."""
+    """A model's indexing jobs (users' live requests are shown on their own panels)."""
     return list(
-        session.scalars(select(Job).where(Job.model_id == model_id, Job.stage != TEXT_STAGE).order_by(Job.id))
+        session.scalars(select(Job).where(Job.model_id == model_id, Job.stage.not_in(LIVE_STAGES)).order_by(Job.id))
     )
 
 
@@ -290,8 +296,8 @@ def pending_jobs(session: Session, model_id: int | None = None) -> int:
 
 
 def failed_jobs(session: Session, model_id: int | None = None) -> list[Job]:
-    """Failed indexing jobs (a user's text run that failed is shown on its own panel instead)."""
-    q = select(Job).where(Job.state == "failed", Job.stage != TEXT_STAGE).order_by(Job.id)
+    """Failed indexing jobs (a user's live request that failed is shown on its own panel instead)."""
+    q = select(Job).where(Job.state == "failed", Job.stage.not_in(LIVE_STAGES)).order_by(Job.id)
     if model_id is not None:
         q = q.where(Job.model_id == model_id)
     return list(session.scalars(q))
@@ -415,9 +421,13 @@ def neuron_counts_by_model(session: Session) -> dict[int, int]:
 
 
 def job_states_by_model(session: Session) -> dict[int, dict[str, int]]:
-    """Jobs per model per state, for the models list."""
+    """Indexing jobs per model per state, for the models list (users' live requests left out)."""
     out: dict[int, dict[str, int]] = {}
-    rows = session.execute(select(Job.model_id, Job.state, func.count()).group_by(Job.model_id, Job.state))
+    rows = session.execute(
+        select(Job.model_id, Job.state, func.count())
+        .where(Job.stage.not_in(LIVE_STAGES))
+        .group_by(Job.model_id, Job.state)
+    )
     for model_id, state, n in rows:
         out.setdefault(model_id, {})[state] = n
     return out
@@ -526,13 +536,114 @@ def get_text_run(session: Session, run_id: int) -> TextRun | None:
 
 
 def text_job(session: Session, model_id: int, run_id: int) -> Job | None:
-    return session.scalar(
-        select(Job).where(Job.model_id == model_id, Job.stage == TEXT_STAGE, Job.key == f"run:{run_id}")
-    )
+    return live_job(session, model_id, TEXT_STAGE, run_id)
+
+
+def live_job(session: Session, model_id: int, stage: str, run_id: int) -> Job | None:
+    """The job of a live request (a text run, clamp curve or generation), keyed "run:ID"."""
+    return session.scalar(select(Job).where(Job.model_id == model_id, Job.stage == stage, Job.key == f"run:{run_id}"))
 
 
 def save_text_result(session: Session, run_id: int, token_ids: bytes, activations: bytes) -> None:
     session.execute(update(TextRun).where(TextRun.id == run_id).values(token_ids=token_ids, activations=activations))
+
+
+# ---------------------------------------------------------------- clamp curves and generations
+
+
+CURVE_RESULT_FIELDS = ("token_id", "token", "note", "probs", "baseline", "top_tokens")
+
+
+def add_clamp_curve(session: Session, model_id: int, layer: int, neuron: int, *, prompt: str, target: str,
+                    positions: str, values: Sequence[float], source: str, result: dict | None = None) -> ClampCurve:
+    """A clamp curve row: with `result` (the worker's dict) it is complete, else a worker fills it in."""
+    curve = ClampCurve(model_id=model_id, layer=layer, neuron=neuron, prompt=prompt, target=target,
+                       positions=positions, clamp_values=[float(v) for v in values], source=source,
+                       created_at=utcnow())
+    for name in CURVE_RESULT_FIELDS:
+        setattr(curve, name, (result or {}).get(name))
+    session.add(curve)
+    session.flush()
+    return curve
+
+
+def save_clamp_result(session: Session, curve_id: int, result: dict) -> None:
+    session.execute(update(ClampCurve).where(ClampCurve.id == curve_id).values(
+        clamp_values=[float(v) for v in result["values"]], **{k: result.get(k) for k in CURVE_RESULT_FIELDS}
+    ))
+
+
+def get_clamp_curve(session: Session, curve_id: int) -> ClampCurve | None:
+    return session.get(ClampCurve, curve_id)
+
+
+def clamp_curves_of_neuron(session: Session, model_id: int, layer: int, neuron: int, limit: int = 20) -> list[ClampCurve]:
+    """A neuron's finished curves, newest first (the ones `needle index` and `needle clamp` stored,
+    and those asked for on its page)."""
+    return list(session.scalars(
+        select(ClampCurve)
+        .where(ClampCurve.model_id == model_id, ClampCurve.layer == layer, ClampCurve.neuron == neuron,
+               ClampCurve.probs.is_not(None))
+        .order_by(ClampCurve.id.desc())
+        .limit(limit)
+    ))
+
+
+def replace_index_curves(session: Session, model_id: int, curves: Sequence[dict]) -> None:
+    """Replace the curves `needle index` precomputed (source "index") in the caller's transaction."""
+    session.execute(delete(ClampCurve).where(ClampCurve.model_id == model_id, ClampCurve.source == "index"))
+    now = utcnow()
+    rows = [{"model_id": model_id, "source": "index", "created_at": now, **c} for c in curves]
+    for i in range(0, len(rows), 1000):
+        session.execute(ClampCurve.__table__.insert(), rows[i : i + 1000])
+
+
+def clamp_candidates(session: Session, model_id: int, top: int = 10) -> list[tuple[int, int, int]]:
+    """(layer, neuron, token id): every neuron that is among the top `top` search hits for its own
+    top decoded token, in layer and neuron order."""
+    own = {(n.layer, n.neuron): n.top_token_id for n in session.execute(
+        select(Neuron.layer, Neuron.neuron, Neuron.top_token_id).where(Neuron.model_id == model_id))}
+    tokens = set(own.values())
+    out = []
+    for row in session.scalars(select(TokenIndex).where(TokenIndex.model_id == model_id)):
+        if row.token_id not in tokens:
+            continue
+        layers, neurons = unpack(row.layers, INT32)[:top], unpack(row.neurons, INT32)[:top]
+        for layer, neuron in zip(layers.tolist(), neurons.tolist()):
+            if own.get((layer, neuron)) == row.token_id:
+                out.append((layer, neuron, row.token_id))
+    return sorted(out)
+
+
+def neuron_max_abs(session: Session, model_id: int) -> dict[tuple[int, int], float]:
+    """Each neuron's observed max |activation| on the examples corpus (empty without one)."""
+    rows = session.execute(select(NeuronActivations.layer, NeuronActivations.neuron, NeuronActivations.max_act,
+                                  NeuronActivations.min_act).where(NeuronActivations.model_id == model_id))
+    return {(r.layer, r.neuron): max(abs(r.max_act), abs(r.min_act)) for r in rows}
+
+
+def first_example_window(session: Session, model_id: int) -> ExampleWindow | None:
+    return session.scalar(select(ExampleWindow).where(ExampleWindow.model_id == model_id)
+                          .order_by(ExampleWindow.window).limit(1))
+
+
+def add_generation(session: Session, model_id: int, layer: int, neuron: int, *, prompt: str, value: float,
+                   tokens: int, seed: int | None, source: str, result: dict | None = None) -> Generation:
+    gen = Generation(model_id=model_id, layer=layer, neuron=neuron, prompt=prompt, value=float(value),
+                     tokens=tokens, seed=seed, source=source, created_at=utcnow(),
+                     clamped=(result or {}).get("clamped"), unclamped=(result or {}).get("unclamped"))
+    session.add(gen)
+    session.flush()
+    return gen
+
+
+def save_generation_result(session: Session, gen_id: int, result: dict) -> None:
+    session.execute(update(Generation).where(Generation.id == gen_id).values(
+        clamped=result["clamped"], unclamped=result["unclamped"]))
+
+
+def get_generation(session: Session, gen_id: int) -> Generation | None:
+    return session.get(Generation, gen_id)
 
 
 # ---------------------------------------------------------------- sparse probes

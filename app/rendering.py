@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
 
-from app import plots, urls
+from app import clamping, plots, urls
 from app.config import ROOT
 from app.tokens import in_context, visible
 
@@ -30,6 +30,8 @@ def environment() -> Environment:
     env.globals.update(urls.template_globals())
     env.globals["histogram_svg"] = plots.histogram_svg
     env.globals["f1_curve_svg"] = plots.f1_curve_svg
+    env.globals["clamp_curve_svg"] = plots.clamp_curve_svg
+    env.globals["clamp_method"] = clamping.METHOD
     return env
 
 

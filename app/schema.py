@@ -310,3 +310,51 @@ class NeuronFeature(Base):
     f1: Mapped[float] = mapped_column(Float)
     precision: Mapped[float] = mapped_column(Float)
     recall: Mapped[float] = mapped_column(Float)
+
+
+class ClampCurve(Base):
+    """p(target | prompt) with one neuron clamped to a sweep of values (Davies 2025): from the
+    CLI ("cli"), precomputed by `needle index` ("index"), or asked for on the neuron page
+    ("page", filled in by a worker: probs is NULL until then)."""
+
+    __tablename__ = "clamp_curves"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(Integer)
+    neuron: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    target: Mapped[str] = mapped_column(Text)  # what was asked for: the token's text
+    token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # resolved by the worker
+    token: Mapped[str | None] = mapped_column(Text, nullable=True)  # the token used (its text)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)  # e.g. "several tokens: the first used"
+    positions: Mapped[str] = mapped_column(String(10))  # "all" | "last"
+    clamp_values: Mapped[list] = mapped_column(JSON)
+    probs: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    baseline: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {activation, prob}
+    top_tokens: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {low: [...], high: [...]}
+    source: Mapped[str] = mapped_column(String(10))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+    __table_args__ = (Index("ix_clamp_curves_neuron", "model_id", "layer", "neuron"),)
+
+
+class Generation(Base):
+    """A prompt continued with one neuron clamped at a value, beside the unclamped continuation."""
+
+    __tablename__ = "generations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(Integer)
+    neuron: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    value: Mapped[float] = mapped_column(Float)
+    tokens: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: greedy
+    clamped: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {text, token_ids}
+    unclamped: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    source: Mapped[str] = mapped_column(String(10))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+    __table_args__ = (Index("ix_generations_neuron", "model_id", "layer", "neuron"),)

@@ -61,6 +61,26 @@ def text_run_url(model: str, layer: int, neuron: int, run: int, fmt: str | None 
     return _path(model, layer, neuron, "text", run, fmt=fmt)
 
 
+def clamp_form_url(model: str, layer: int, neuron: int) -> str:
+    """POST here to ask a worker for a clamp curve of the neuron."""
+    return _path(model, layer, neuron, "clamp")
+
+
+def clamp_url(model: str, layer: int, neuron: int, curve: int, fmt: str | None = None) -> str:
+    """A stored clamp curve of a neuron (or the panel that polls itself while a worker computes it)."""
+    return _path(model, layer, neuron, "clamp", curve, fmt=fmt)
+
+
+def generate_form_url(model: str, layer: int, neuron: int) -> str:
+    """POST here to ask a worker to continue a prompt with the neuron clamped."""
+    return _path(model, layer, neuron, "generate")
+
+
+def generation_url(model: str, layer: int, neuron: int, gen: int, fmt: str | None = None) -> str:
+    """A clamped generation beside the unclamped one (or its polling panel)."""
+    return _path(model, layer, neuron, "generate", gen, fmt=fmt)
+
+
 def random_neuron_url(model: str, fmt: str | None = None) -> str:
     return _path(model, "random", fmt=fmt)
 
@@ -92,6 +112,10 @@ def template_globals() -> dict:
         "random_neuron_url": random_neuron_url,
         "text_form_url": text_form_url,
         "text_run_url": text_run_url,
+        "clamp_form_url": clamp_form_url,
+        "clamp_url": clamp_url,
+        "generate_form_url": generate_form_url,
+        "generation_url": generation_url,
         "search_url": search_url,
         "feature_url": feature_url,
         "features_url": features_url,

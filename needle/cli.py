@@ -11,6 +11,7 @@ import time
 
 from app.config import ROOT, Settings, get_settings
 from app.errors import NeedleError
+from needle.clamping import add_clamp_commands
 
 DEMO_MODEL = ROOT / "assets" / "demo-model"
 DEMO_FEATURES = ("text", "python")  # the built-in feature datasets the demo probes
@@ -92,6 +93,8 @@ def index_model(
     probe_corpus: str = "stdlib",
     probe_tokens: int = 32_768,
     force_probes: bool = False,
+    clamp: bool = True,
+    clamp_prompt: str | None = None,
     queue_only: bool = False,
     quiet: bool = False,
 ) -> int:
@@ -100,6 +103,7 @@ def index_model(
     model cannot be loaded or conflicts with what is stored."""
     from app import queries
     from app.db import get_engine, require_migrated, session_scope
+    from workers.clamp import INDEX_COUNT, INDEX_TOP, default_prompt, encode_prompt
     from workers.corpus import load_corpus
     from workers.loading import load_model, tokenizer_json, vocabulary
     from workers.stages import ModelSpec, check_context, plan_index
@@ -113,12 +117,14 @@ def index_model(
     if decode_norm == "final" and adapter.final_norm_scale() is None:
         raise NeedleError(f"{source} has no final norm weight to apply.", hint="Use --decode-norm none.")
     examples_params = None
+    first_window = None
     if corpus is not None:
         check_examples_options(context, tokens)
         check_context(loaded, context)
         # Read the corpus up to its first window now, so a missing, empty, binary or too short
         # corpus is an error before anything is written (the examples job reads all of it).
-        load_corpus(corpus, loaded.tokenizer, context=context, max_tokens=context)
+        first = load_corpus(corpus, loaded.tokenizer, context=context, max_tokens=context)
+        first_window = first.windows[0].tolist()
         examples_params = {"corpus": corpus, "tokens": tokens, "context": context}
     probe_params = None
     if features:
@@ -129,6 +135,8 @@ def index_model(
         # build the dataset once now: a bad spec or a bad line of a JSONL file is an error before any write
         load_features(features, loaded.tokenizer, context=context, max_tokens=probe_tokens, corpus=probe_corpus)
         probe_params = {"features": list(features), "corpus": probe_corpus, "tokens": probe_tokens, "context": context}
+    if clamp_prompt is not None:
+        encode_prompt(loaded, clamp_prompt)  # an empty or too long prompt is an error before any write
     fields = {
         "source": str(source),
         "family": adapter.family,
@@ -151,10 +159,15 @@ def index_model(
                     f"A model named {name!r} is already indexed with {what}.",
                     hint="Pass --force to recompute it with the new settings, or choose another --name.",
                 )
+        # the default clamp prompt: --clamp-prompt, else from this corpus, else the one stored before
+        stored_prompt = (existing.info or {}).get("clamp_prompt") if existing is not None else None
+        if clamp_prompt is None:
+            clamp_prompt = default_prompt(loaded.tokenizer, first_window) if first_window or not stored_prompt else stored_prompt
         model = queries.save_model(
             s, name, tokenizer_json=tokenizer_json(loaded.tokenizer),
             info={"hidden_act": getattr(loaded.config, "hidden_act", None) or getattr(loaded.config, "activation_function", None),
-                  "logit_softcap": adapter.logit_softcap, "head_bias": adapter.head_bias() is not None},
+                  "logit_softcap": adapter.logit_softcap, "head_bias": adapter.head_bias() is not None,
+                  "clamp_prompt": clamp_prompt},
             **fields,
         )
         if force or existing is None or queries.vocab_size_stored(s, model.id) != adapter.vocab_size:
@@ -164,9 +177,11 @@ def index_model(
             check_stage_unchanged(s, model.id, name, "examples", examples_params)
             if not force_probes:
                 check_stage_unchanged(s, model.id, name, "probes", probe_params)
+        clamp_params = {"prompt": clamp_prompt, "count": INDEX_COUNT, "top": INDEX_TOP, "positions": "all"} if clamp else None
         plan_index(
             s, model, force=force, layers_per_job=lpj, max_attempts=settings.max_attempts,
             examples_params=examples_params, probe_params=probe_params, force_probes=force_probes,
+            clamp_params=clamp_params,
         )
         model_id, spec = model.id, ModelSpec.of(model)
     if queue_only:
@@ -222,7 +237,7 @@ def _model_is_indexed(settings: Settings, name: str) -> bool:
         jobs = queries.jobs_for_model(s, model.id)
         # a demo indexed before the examples stage existed is finished by indexing it again
         stages = {j.stage for j in jobs}
-        return {"examples", "probes"} <= stages and all(j.state == "done" for j in jobs)
+        return {"examples", "probes", "clamp"} <= stages and all(j.state == "done" for j in jobs)
 
 
 # ---------------------------------------------------------------- commands
@@ -235,6 +250,7 @@ def cmd_index(args, settings: Settings) -> None:
         force=args.force, layers_per_job=args.layers_per_job, queue_only=args.queue,
         corpus=args.corpus, tokens=args.tokens, context=args.context,
         features=args.features, probe_corpus=args.probe_corpus, probe_tokens=args.probe_tokens,
+        clamp_prompt=args.clamp_prompt,
     )
     if args.queue:
         print(f"Queued {args.name}: run `needle worker` to compute it.")
@@ -269,7 +285,7 @@ def cmd_probe(args, settings: Settings) -> None:
     t0 = time.time()
     index_model(
         settings, source, args.name, device=args.device or device, dtype=dtype, decode_norm=decode_norm,
-        force_probes=args.force, queue_only=args.queue, context=args.context,
+        force_probes=args.force, queue_only=args.queue, context=args.context, clamp=False,
         features=args.features, probe_corpus=args.probe_corpus, probe_tokens=args.probe_tokens,
     )
     if args.queue:
@@ -397,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=positive_int, help="read at most this many corpus tokens")
     p.add_argument("--context", type=positive_int, default=64, help="tokens per example window (default 64)")
     add_probe_options(p, required=False)
+    p.add_argument("--clamp-prompt", metavar="TEXT",
+                   help="the prompt of the clamp curves index precomputes and of the pages' clamp forms "
+                   "(default: the first 16 tokens of --corpus, else 'The')")
     p.add_argument("--queue", action="store_true", help="only enqueue the jobs, for `needle worker`")
     p.set_defaults(func=cmd_index)
 
@@ -408,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute probes stored with other settings")
     p.add_argument("--queue", action="store_true", help="only enqueue the job, for `needle worker`")
     p.set_defaults(func=cmd_probe)
+
+    add_clamp_commands(sub)
 
     p = sub.add_parser("serve", help="serve the dashboard")
     p.add_argument("--host")
@@ -426,10 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--values -50:50:41` would read as an unknown option: join it to `--values=-50:50:41`."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--values" and arg.startswith("-") and ":" in arg:
+            out[-1] = f"--values={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         args.func(args, get_settings())
     except NeedleError as exc:
@@ -440,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; what was stored is kept, and unfinished jobs go back to the queue.", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so in one line
+    except Exception as exc:
         if os.environ.get("NEEDLE_DEBUG"):
             raise
         print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)

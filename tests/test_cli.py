@@ -190,6 +190,28 @@ def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
         by_name = {f["feature"]: f for f in features}
         assert {"contains_digit", "in_comment", "is_keyword", "is_python_code"} <= set(by_name)
         assert by_name["is_python_code"]["best"]["f1"] >= 0.8
+        # clamp curves: precomputed for every neuron that is a top-10 search hit for its own top token
+        checked = 0
+        for token in ("def", "return", "self", "import"):
+            hits = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo/search.json", params={"token": token}, timeout=10).json()
+            for hit in hits["results"][:10]:
+                page = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo/{hit['layer']}/{hit['neuron']}.json", timeout=10).json()
+                own = [c for c in page["clamp_curves"] if c["source"] == "index"]
+                if page["top_token"]["token_id"] == hit["token_id"]:
+                    assert len(own) == 1 and len(own[0]["values"]) == 21 and own[0]["token_id"] == hit["token_id"]
+                    checked += 1
+        assert checked > 0
+        assert page["clamp_form"]["prompt"].strip(), "the demo's clamp prompt comes from its corpus"
+        # and a clamped generation through the demo's worker
+        gen = httpx.post(f"http://127.0.0.1:{port}/stdlib-demo/0/0/generate",
+                         json={"prompt": "def f(x):", "value": 20, "tokens": 8}, timeout=10)
+        assert gen.status_code == 202
+        for _ in range(120):
+            result = httpx.get(f"http://127.0.0.1:{port}{gen.json()['generation']['json_url']}", timeout=10).json()
+            if result["generation"]["state"] in ("done", "failed"):
+                break
+            time.sleep(0.5)
+        assert result["generation"]["state"] == "done" and result["generation"]["unclamped"]["token_ids"]
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]

@@ -363,3 +363,47 @@ def build_detector(
     if bos:
         add_bos(path)
     return path
+
+
+# W_U[token] is scaled by this, so the token wins clearly where the neuron pushes it (and no other
+# neuron's write happens to push it as hard: the scale amplifies every alignment with the row)
+CLAMP_UNEMBED_SCALE = {"llama": 1.0, "gpt2": 1.5}
+CLAMP_OUTPUT_SCALE = 0.5  # the neuron's output weights: this times the (scaled) W_U[token]
+
+
+def build_clamp_model(
+    path, *, family: str = "llama", layer: int = 0, neuron: int = 3, token_id: int | None = None,
+    seed: int = 0, bos: bool = False,
+) -> Path:
+    """A tiny random model in which neuron (layer, neuron) writes along one token's unembedding.
+
+    The token (default: the tokenizer's " dog") gets its LM head row W_U[token] scaled by
+    CLAMP_UNEMBED_SCALE[family], and the neuron's output weights (row `neuron` of the adapter's
+    output_weights view: down_proj.weight[:, neuron] for llama, the Conv1D c_proj.weight[neuron]
+    for gpt2) become CLAMP_OUTPUT_SCALE * W_U[token]. Clamped at a large positive value the
+    neuron's write dominates the residual stream (later layers read it through a norm, so what
+    they add stays bounded), the final norm turns it into a multiple of W_U[token], and p(token)
+    is high (about 0.8 for llama, 0.98 for gpt2); at a large negative value p(token) -> 0. The llama head is untied; gpt2's is tied to the input embedding, so there
+    the token's embedding is scaled too. With bos, the tokenizer puts BOS in front (add_bos).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if family not in ("llama", "gpt2"):
+        raise ValueError(f"no clamp model for family {family!r}; choose llama or gpt2")
+    path = build_tiny(family, path, seed=seed)
+    if token_id is None:
+        tokenizer = tiny_tokenizer(tokenizer_style(family))
+        token_id = tokenizer.convert_tokens_to_ids("▁dog" if family == "llama" else "Ġdog")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight  # [V, d_model]; gpt2: the input embedding too
+        head[token_id] *= CLAMP_UNEMBED_SCALE[family]
+        direction = CLAMP_OUTPUT_SCALE * head[token_id]
+        if family == "llama":
+            model.model.layers[layer].mlp.down_proj.weight[:, neuron] = direction
+        else:
+            model.transformer.h[layer].mlp.c_proj.weight[neuron, :] = direction
+    model.save_pretrained(path)
+    if bos:
+        add_bos(path)
+    return path

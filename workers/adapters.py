@@ -345,3 +345,84 @@ class Adapter:
 
         with self._neuron_hook(layer, replace, prepend=True):
             yield
+
+    @contextlib.contextmanager
+    def clamp_rows(self, layer: int, rows: torch.Tensor, neurons: torch.Tensor, values: torch.Tensor,
+                   positions: Callable[[int], slice] | slice = slice(None)) -> Iterator[None]:
+        """Per batch row, replace one neuron's activation: row rows[j] gets neuron neurons[j] set to
+        values[j] at `positions` (a slice of the sequence, or a function of the sequence length
+        giving one, so a cached generation step can differ from the prompt's pass). One hook for
+        many clamps: a sweep puts one clamp value, or one neuron, in each row."""
+        layer = self._layer(layer)
+        for n in neurons.tolist():
+            self._neuron(n)
+
+        def replace(acts: torch.Tensor) -> torch.Tensor:
+            where = positions(acts.shape[1]) if callable(positions) else positions
+            pos = torch.arange(acts.shape[1], device=acts.device)[where]
+            out = acts.clone()
+            r, n = rows.to(acts.device), neurons.to(acts.device)
+            v = values.to(device=acts.device, dtype=acts.dtype)
+            out[r[:, None], pos[None, :], n[:, None]] = v[:, None].expand(len(r), len(pos))
+            return out
+
+        with self._neuron_hook(layer, replace, prepend=True):
+            yield
+
+    @contextlib.contextmanager
+    def expand_batch(self, layer: int, size: int) -> Iterator[None]:
+        """Run the blocks before `layer` once and give block `layer` `size` copies of their output:
+        the rows of a sweep share everything before their first clamp, so that part is computed for
+        one row. (The masks and position embeddings made for one row broadcast over the copies.)"""
+        layer = self._layer(layer)
+
+        def pre_hook(module, args, kwargs):
+            if args:
+                hidden = args[0]
+                return (hidden.expand(size, *hidden.shape[1:]), *args[1:]), kwargs
+            hidden = kwargs["hidden_states"]
+            return args, {**kwargs, "hidden_states": hidden.expand(size, *hidden.shape[1:])}
+
+        handle = self._blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def clamp_rows_shared(self, layer: int, neurons: torch.Tensor, values: torch.Tensor,
+                          positions: slice = slice(None)) -> Iterator[dict]:
+        """A sweep on one shared row: the forward pass enters `layer` with batch 1 (the blocks
+        before it see no clamp), and the MLP output projection's output comes back as one row
+        per clamp: row j is the unclamped output plus (values[j] - a) * w_out[neurons[j]] at
+        `positions`, a being the neuron's own activation there. The projection is linear, so
+        that is exactly what clamping its input would give, without running the layer once per
+        row; the residual add broadcasts the rest of the batch-1 block over the rows. Yields a
+        dict that holds the shared activations [1, seq, d_mlp] as "acts" after the pass."""
+        layer = self._layer(layer)
+        for n in neurons.tolist():
+            self._neuron(n)
+        if self.spec.flattens_tokens:
+            raise NeedleError(f"the {self.family} family runs its MLP on flattened tokens: use clamp_rows")
+        seen: dict[str, torch.Tensor] = {}
+        module = self._out[layer]
+
+        def read(module, args):
+            seen["acts"] = args[0]
+
+        def widen(module, args, output):
+            acts = seen["acts"]  # [1, T, d_mlp]
+            n = neurons.to(acts.device)
+            pos = torch.arange(acts.shape[1], device=acts.device)[positions]
+            own = acts[0][:, n].T.float()  # [rows, T]: the neuron's activation at each position
+            coef = torch.zeros_like(own)
+            coef[:, pos] = values.to(device=acts.device, dtype=torch.float32)[:, None] - own[:, pos]
+            w = self.output_weights(layer)[n].float()  # [rows, d_model]
+            return (output.float() + coef[:, :, None] * w[:, None, :]).to(output.dtype)
+
+        handles = [module.register_forward_pre_hook(read, prepend=True), module.register_forward_hook(widen)]
+        try:
+            yield seen
+        finally:
+            for handle in handles:
+                handle.remove()

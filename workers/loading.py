@@ -374,6 +374,31 @@ def vocabulary(tokenizer, vocab_size: int) -> list[dict]:
     return rows
 
 
+def max_positions(config) -> int | None:
+    """The most positions the model reads (None when its config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
+    """The text of a few token ids, as `vocabulary` writes it (leading space kept)."""
+    style = _piece_style(tokenizer)
+    byte_decoder = _byte_level_decoder() if style == "byte_level" else {}
+    added = {i: str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    out = []
+    for token_id in token_ids:
+        if token_id in added:
+            out.append(added[token_id])
+            continue
+        piece = tokenizer.convert_ids_to_tokens(int(token_id)) if 0 <= token_id < len(tokenizer) else None
+        text = f"<unused:{token_id}>" if piece is None else _token_text(tokenizer, piece, style, byte_decoder)
+        out.append(text.replace("\x00", "<0x00>"))
+    return out
+
+
 def tokenizer_json(tokenizer) -> str | None:
     """The fast tokenizer's tokenizer.json text, or None for a slow (Python) tokenizer."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -22,6 +22,7 @@ from app.schema import Model
 from workers import examples, store
 from workers.corpus import bos_prefix_id, load_corpus
 from workers.decode import SEARCH_K, RunningTopK, decode_layers
+from workers.loading import max_positions
 
 Writer = Callable[[Session], None]
 
@@ -58,6 +59,8 @@ class JobContext:
     advance: Callable[[int], None] = field(default=lambda n: None)
     set_total: Callable[[int], None] = field(default=lambda n: None)  # once a stage knows its size
     examples_batch_tokens: int = 8192
+    clamp_batch_rows: int = 512
+    read: Callable[[Callable[[Session], object]], object] = field(default=lambda fn: None)  # fn(session) in a short read
 
 
 def decode_part_key(start: int, stop: int) -> str:
@@ -154,14 +157,6 @@ def check_context(loaded, context: int) -> None:
         )
 
 
-def max_positions(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def run_text(ctx: JobContext) -> Writer:
     """A user's own text: one neuron's activation on each of its tokens."""
     loaded = ctx.load(ctx.model)
@@ -227,6 +222,63 @@ def run_probes(ctx: JobContext) -> Writer:
     return write
 
 
+def run_clamp(ctx: JobContext) -> Writer:
+    """`needle index`: a clamp curve for every neuron that is a top-10 search hit for its own top
+    token, with the model's default prompt (Davies 2025's validation of a decoded neuron)."""
+    from workers import clamp
+
+    loaded = ctx.load(ctx.model)
+    p = ctx.params
+    top = p.get("top", clamp.INDEX_TOP)
+
+    def read(session: Session):
+        return queries.clamp_candidates(session, ctx.model.id, top), queries.neuron_max_abs(session, ctx.model.id)
+
+    candidates, max_abs = ctx.read(read)
+    items = [clamp.SweepItem(layer, neuron, token_id, clamp.default_values(max_abs.get((layer, neuron)), p["count"]))
+             for layer, neuron, token_id in candidates]
+    ctx.set_total(max(1, sum(len(it.values) for it in items)))
+    results = clamp.sweep_many(loaded, p["prompt"], items, last_only=p.get("positions") == "last",
+                               max_rows=ctx.clamp_batch_rows, progress=ctx.advance) if items else []
+    rows = [clamp.curve_row(r, p["prompt"], r["token"]) for r in results]
+
+    def write(session: Session) -> None:
+        queries.replace_index_curves(session, ctx.model.id, rows)
+
+    return write
+
+
+def run_clamp_live(ctx: JobContext) -> Writer:
+    """A clamp curve asked for on a neuron page."""
+    from workers import clamp
+
+    loaded = ctx.load(ctx.model)
+    p = ctx.params
+    token_id, _, note = clamp.resolve_target(loaded, p["target"], p.get("token_id"))
+    result = clamp.sweep(loaded, p["layer"], p["neuron"], p["prompt"], token_id, p["values"],
+                         last_only=p.get("positions") == "last")
+    result["note"] = note
+
+    def write(session: Session) -> None:
+        queries.save_clamp_result(session, p["curve"], result)
+
+    return write
+
+
+def run_generation_live(ctx: JobContext) -> Writer:
+    """A clamped generation asked for on a neuron page."""
+    from workers import clamp
+
+    loaded = ctx.load(ctx.model)
+    p = ctx.params
+    result = clamp.generate(loaded, p["layer"], p["neuron"], p["prompt"], p["value"], tokens=p["tokens"], seed=p.get("seed"))
+
+    def write(session: Session) -> None:
+        queries.save_generation_result(session, p["generation"], result)
+
+    return write
+
+
 MAX_TEXT_TOKENS = 512
 
 STAGES: dict[str, Callable[[JobContext], Writer]] = {
@@ -234,7 +286,10 @@ STAGES: dict[str, Callable[[JobContext], Writer]] = {
     "search_index": run_search_index,
     "examples": run_examples,
     "probes": run_probes,
+    "clamp": run_clamp,
     queries.TEXT_STAGE: run_text,
+    queries.CLAMP_STAGE: run_clamp_live,
+    queries.GENERATE_STAGE: run_generation_live,
 }
 
 
@@ -252,10 +307,12 @@ def plan_index(
     examples_params: dict | None = None,
     probe_params: dict | None = None,
     force_probes: bool = False,
+    clamp_params: dict | None = None,
 ) -> list:
     """Enqueue the decode shards (layer ranges), the search-index merge that waits for them and,
     with a corpus, the examples stage; with feature datasets, the probes stage (force_probes
-    recomputes that one alone)."""
+    recomputes that one alone); with clamp_params, the clamp curves, after the search index
+    (and, run by one worker, after the examples, whose max activations set their ranges)."""
     parts = []
     for start in range(0, model.n_layers, layers_per_job):
         stop = min(start + layers_per_job, model.n_layers)
@@ -273,11 +330,14 @@ def plan_index(
             session, model.id, "search_index", "all", {"parts": parts},
             requires_stage="decode", max_attempts=max_attempts, force=True,
         )
-    for stage, params in (("examples", examples_params), ("probes", probe_params)):
+    for stage, params in (("examples", examples_params), ("probes", probe_params), ("clamp", clamp_params)):
         if params is None:
             continue
         forced = force or (force_probes and stage == "probes")
-        job = queries.enqueue_job(session, model.id, stage, "all", params, max_attempts=max_attempts, force=forced)
+        needs = "search_index" if stage == "clamp" else None
+        job = queries.enqueue_job(session, model.id, stage, "all", params, requires_stage=needs,
+                                  max_attempts=max_attempts, force=forced)
         if job.state == "done" and job.params != params:
-            queries.enqueue_job(session, model.id, stage, "all", params, max_attempts=max_attempts, force=True)
+            queries.enqueue_job(session, model.id, stage, "all", params, requires_stage=needs,
+                                max_attempts=max_attempts, force=True)
     return queries.jobs_for_model(session, model.id)

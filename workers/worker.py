@@ -141,8 +141,14 @@ class Worker:
                 job_id=job.id, stage=job.stage, key=job.key, params=dict(job.params), model=spec,
                 load=self.cache.get, batch_size=self.settings.decode_batch_size,
                 examples_batch_tokens=self.settings.examples_batch_tokens,
+                clamp_batch_rows=self.settings.clamp_batch_rows, read=self._read,
             )
             return ctx, f"{spec.name} {job.stage} {job.key}"
+
+    def _read(self, fn):
+        """fn(session) in a short session of its own: a stage's reads, none held while it computes."""
+        with session_scope(self.engine) as s:
+            return fn(s)
 
     def _more_to_come(self) -> bool:
         """Whether any job may still become runnable (queued or running, and nothing failed)."""

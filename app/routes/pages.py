@@ -104,7 +104,8 @@ def layer(
 @router.get("/{model}/{layer}/{neuron}")
 def neuron(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
     neuron, fmt = split_format(neuron)
-    data = pagedata.neuron_page(session, model, layer, neuron, text_max_chars=settings.text_max_chars)
+    data = pagedata.neuron_page(session, model, layer, neuron, text_max_chars=settings.text_max_chars,
+                                live=settings.live_requests, clamp_prompt_max_chars=settings.clamp_prompt_max_chars)
     return respond(request, "neuron.html", data, fmt)
 
 
@@ -113,7 +114,8 @@ async def start_text(request: Request, model: str, layer: str, neuron: str, sess
     """Queue the posted text (a form field or JSON "text"); htmx gets the polling panel,
     a JSON client the run's data, a plain form post a redirect to the run's page."""
     text = await posted_text(request)
-    data = pagedata.start_text_run(session, model, layer, neuron, text, max_chars=settings.text_max_chars)
+    data = pagedata.start_text_run(session, model, layer, neuron, text, max_chars=settings.text_max_chars,
+                                   live=settings.live_requests)
     session.commit()
     if wants_fragment(request):
         return render_partial("_text_panel.html", data)
@@ -129,6 +131,69 @@ def text_run(request: Request, model: str, layer: str, neuron: str, run: str, se
     if wants_fragment(request) and fmt is None:
         return render_partial("_text_panel.html", data)
     return respond(request, "text_run.html", data, fmt)
+
+
+def _accepted(request: Request, data: dict, partial: str, url: str) -> Response:
+    """A live request was queued: htmx gets the polling panel, JSON the data (202), a form a redirect."""
+    if wants_fragment(request):
+        return render_partial(partial, data)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        return JSONResponse(data, status_code=202)
+    return RedirectResponse(url, status_code=303)
+
+
+@router.post("/{model}/{layer}/{neuron}/clamp")
+async def start_clamp(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
+    """Queue a clamp curve: form fields or JSON {prompt, token, start, stop, count, positions}."""
+    form = await posted_form(request)
+    data = pagedata.start_clamp(session, model, layer, neuron, form, live=settings.live_requests,
+                                prompt_max_chars=settings.clamp_prompt_max_chars)
+    session.commit()
+    return _accepted(request, data, "_clamp_panel.html", data["curve"]["url"])
+
+
+@router.get("/{model}/{layer}/{neuron}/clamp/{curve}")
+def clamp_curve(request: Request, model: str, layer: str, neuron: str, curve: str, session: SessionDep) -> Response:
+    curve, fmt = split_format(curve)
+    data = pagedata.clamp_page(session, model, layer, neuron, curve)
+    if wants_fragment(request) and fmt is None:
+        return render_partial("_clamp_panel.html", data)
+    return respond(request, "clamp.html", data, fmt)
+
+
+@router.post("/{model}/{layer}/{neuron}/generate")
+async def start_generation(request: Request, model: str, layer: str, neuron: str, session: SessionDep,
+                           settings: SettingsDep) -> Response:
+    """Queue a clamped generation: form fields or JSON {prompt, value, tokens, seed}."""
+    form = await posted_form(request)
+    data = pagedata.start_generation(session, model, layer, neuron, form, live=settings.live_requests,
+                                     prompt_max_chars=settings.clamp_prompt_max_chars)
+    session.commit()
+    return _accepted(request, data, "_generation_panel.html", data["generation"]["url"])
+
+
+@router.get("/{model}/{layer}/{neuron}/generate/{gen}")
+def generation(request: Request, model: str, layer: str, neuron: str, gen: str, session: SessionDep) -> Response:
+    gen, fmt = split_format(gen)
+    data = pagedata.generation_page(session, model, layer, neuron, gen)
+    if wants_fragment(request) and fmt is None:
+        return render_partial("_generation_panel.html", data)
+    return respond(request, "generation.html", data, fmt)
+
+
+async def posted_form(request: Request) -> dict:
+    """The posted fields: a JSON object, or a form (each field's first value)."""
+    body = await request.body()
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            value = json.loads(body or b"{}")
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise NeedleError("The body is not a JSON object.", hint='Send e.g. {"prompt": "...", "token": " dog"}.')
+        return value
+    fields = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+    return {k: v[0] for k, v in fields.items()}
 
 
 async def posted_text(request: Request) -> str | None:

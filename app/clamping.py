@@ -1,0 +1,276 @@
+"""Clamp curves and clamped generations on pages: the inputs' rules (shared with the worker and
+the CLI), the neuron page's clamp section, and the live requests' panels. No torch here: the
+curves are computed by workers/clamp.py."""
+
+from __future__ import annotations
+
+import math
+
+from sqlalchemy.orm import Session
+
+from app import queries, urls
+from app.errors import NeedleError, NotFound
+from app.schema import ClampCurve, Generation, Job, Model
+
+MAX_VALUES = 101
+DEFAULT_COUNT = 41
+INDEX_COUNT = 21  # `needle index` precomputes curves of 21 values (a page asks for 41 by default)
+MAX_GENERATE_TOKENS = 256
+DEFAULT_GENERATE_TOKENS = 32
+RANGE_TIMES_MAX = 10.0  # the default sweep: +-10x the neuron's observed max |activation|
+FALLBACK_RANGE = 10.0  # ... or +-10 when none was observed
+RANGE_HINT = "Write the range as START:STOP:COUNT, e.g. -50:50:41."
+
+METHOD = [
+    ("Clamp-response curves after Davies (2025), Flash Interpretability, section 3.2: the neuron's activation (the "
+    "input of its layer's MLP output projection) is replaced by each value of the sweep (not added to), and the "
+    "page plots p(target) for the prompt's next token. A target of several tokens uses its first token."),
+    ("All values run as one batched forward pass, one value per batch row; the layers before the clamped one run "
+    "once for all rows. By default the neuron is clamped at every prompt position, as Davies clamps it for the whole "
+    "pass; 'last position only' clamps where the next token is predicted. A BOS token the tokenizer adds is not part "
+    "of the prompt and is never clamped."),
+    ("The marked point is the unclamped model: the neuron's activation at the last position and p(target). Clamped at "
+    "the last position only, the curve passes through it; clamped everywhere it need not, since the other positions "
+    "change too."),
+    ("Default range: ±10× the neuron's largest |activation| on the examples corpus (±10 without one; Davies swept "
+    "−500…500 on Llama-3.1-8B). Default prompt: chosen per model, the first 16 tokens of the corpus it was indexed "
+    "on (`needle index --clamp-prompt` sets another), so it is text the model knows. `needle index` precomputes a "
+    "21-value curve, with that prompt and every position clamped, for each neuron that is a top-10 search hit for "
+    "its own top decoded token."),
+    ("Generation: the prompt continued twice in one batch, with the neuron clamped at the value at every position "
+    "(the generated ones too, as Davies' 'permanently clamped' dog neuron) and unclamped. Greedy, or sampled at "
+    "temperature 1 with a seed; both rows share one random draw per step, so they differ only where the clamp "
+    "changed the distribution."),
+]
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+def value_range(start: float, stop: float, count: int) -> list[float]:
+    """count evenly spaced values from start to stop, both included; NeedleError if not allowed."""
+    if not (math.isfinite(start) and math.isfinite(stop)):
+        raise NeedleError("The clamp range's ends must be finite numbers.", hint=RANGE_HINT)
+    if not 2 <= count <= MAX_VALUES:
+        raise NeedleError(f"A sweep of {count} values is not allowed: use 2 to {MAX_VALUES}.", hint=RANGE_HINT)
+    if start >= stop:
+        raise NeedleError(f"The clamp range starts at {start:g}, not below its end {stop:g}.",
+                          hint="Put the lower value first, e.g. -50:50:41.")
+    step = (stop - start) / (count - 1)
+    return [start + i * step for i in range(count - 1)] + [stop]
+
+
+def parse_values(spec: str) -> list[float]:
+    """START:STOP:COUNT -> COUNT evenly spaced values from START to STOP (both included)."""
+    parts = str(spec).split(":")
+    if len(parts) != 3:
+        raise NeedleError(f"The clamp range {spec!r} is not START:STOP:COUNT.", hint=RANGE_HINT)
+    try:
+        start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        raise NeedleError(f"The clamp range {spec!r} has a part that is not a number.", hint=RANGE_HINT) from None
+    return value_range(start, stop, count)
+
+
+def default_bound(max_abs: float | None) -> float:
+    """The default sweep's end: 10x the observed max |activation|, to 3 significant digits."""
+    ok = max_abs is not None and math.isfinite(max_abs) and max_abs > 0
+    return float(f"{RANGE_TIMES_MAX * max_abs:.3g}") if ok else FALLBACK_RANGE
+
+
+def default_values(max_abs: float | None, count: int = DEFAULT_COUNT) -> list[float]:
+    bound = default_bound(max_abs)
+    return value_range(-bound, bound, count)
+
+
+def _number(form: dict, name: str, label: str, kind=float):
+    raw = form.get(name)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raise NeedleError(f"The {label} is missing.", hint=f"Fill in the {label}.")
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise NeedleError(f"The {label} {raw!r} is not a {'whole ' if kind is int else ''}number.",
+                          hint=f"Type a number for the {label}.") from None
+    if kind is float and not math.isfinite(value):
+        raise NeedleError(f"The {label} must be a finite number.", hint=f"Type a number for the {label}.")
+    return value
+
+
+def _prompt(form: dict, max_chars: int) -> str:
+    prompt = str(form.get("prompt") or "").replace("\r\n", "\n")
+    if not prompt.strip():
+        raise NeedleError("The prompt is empty.", hint="Type a prompt for the model to continue.")
+    if len(prompt) > max_chars:
+        raise NeedleError(f"The prompt is {len(prompt)} characters long; the limit is {max_chars}.",
+                          hint="Shorten the prompt.")
+    return prompt
+
+
+# ---- page data ----------------------------------------------------------------------------------
+
+
+def _state(job: Job | None, done: bool) -> str:
+    return "done" if done else (job.state if job is not None else "queued")
+
+
+def curve_data(model: Model, curve: ClampCurve, job: Job | None = None) -> dict:
+    """A curve as the CLI's JSON shape plus where it came from; "state" while a worker computes it."""
+    done = curve.probs is not None
+    state = _state(job, done)
+    return {
+        "id": curve.id,
+        "layer": curve.layer,
+        "neuron": curve.neuron,
+        "prompt": curve.prompt,
+        "target": curve.target,
+        "token": curve.token,
+        "token_id": curve.token_id,
+        "note": curve.note,
+        "positions": curve.positions,
+        "values": curve.clamp_values,
+        "probs": curve.probs,
+        "baseline": curve.baseline,
+        "top_tokens": curve.top_tokens,
+        "source": curve.source,
+        "created_at": curve.created_at.isoformat(timespec="seconds"),
+        "state": state,
+        "error": job.error if job is not None and state == "failed" else None,
+        "url": urls.clamp_url(model.name, curve.layer, curve.neuron, curve.id),
+        "json_url": urls.clamp_url(model.name, curve.layer, curve.neuron, curve.id, fmt=urls.JSON),
+    }
+
+
+def generation_data(model: Model, gen: Generation, job: Job | None = None) -> dict:
+    done = gen.clamped is not None
+    state = _state(job, done)
+    return {
+        "id": gen.id,
+        "layer": gen.layer,
+        "neuron": gen.neuron,
+        "prompt": gen.prompt,
+        "value": gen.value,
+        "tokens": gen.tokens,
+        "seed": gen.seed,
+        "mode": "greedy" if gen.seed is None else "sampled",
+        "clamped": gen.clamped,
+        "unclamped": gen.unclamped,
+        "source": gen.source,
+        "created_at": gen.created_at.isoformat(timespec="seconds"),
+        "state": state,
+        "error": job.error if job is not None and state == "failed" else None,
+        "url": urls.generation_url(model.name, gen.layer, gen.neuron, gen.id),
+        "json_url": urls.generation_url(model.name, gen.layer, gen.neuron, gen.id, fmt=urls.JSON),
+    }
+
+
+def neuron_section(session: Session, model: Model, layer: int, neuron: int, top_token: str | None,
+                   max_abs: float | None, *, live: bool, prompt_max_chars: int) -> dict:
+    """The neuron page's clamp section: its stored curves and the forms' defaults."""
+    bound = default_bound(max_abs)
+    return {
+        "clamp_curves": [curve_data(model, c) for c in queries.clamp_curves_of_neuron(session, model.id, layer, neuron)],
+        "clamp_form": {
+            "prompt": (model.info or {}).get("clamp_prompt") or "The",
+            "token": top_token or "",
+            "start": -bound,
+            "stop": bound,
+            "count": DEFAULT_COUNT,
+            "max_values": MAX_VALUES,
+            "value": bound / 2,
+            "tokens": DEFAULT_GENERATE_TOKENS,
+            "max_tokens": MAX_GENERATE_TOKENS,
+            "prompt_max_chars": prompt_max_chars,
+            "range_from": "its largest |activation| on the examples corpus" if max_abs else "no observed activation",
+            "live": live,
+            "clamp_url": urls.clamp_form_url(model.name, layer, neuron),
+            "generate_url": urls.generate_form_url(model.name, layer, neuron),
+        },
+    }
+
+
+def require_live(live: bool) -> None:
+    if not live:
+        raise NeedleError(
+            "Live requests are switched off on this server.", status=403,
+            hint="Its operator set NEEDLE_LIVE_REQUESTS=false; run `needle clamp` or `needle generate` "
+            "where the model is indexed instead.",
+        )
+
+
+def start_clamp(session: Session, model: Model, layer: int, neuron: int, form: dict, *, live: bool,
+                prompt_max_chars: int) -> dict:
+    """Queue a clamp curve asked for on a neuron page: the form's prompt, token, range and positions."""
+    require_live(live)
+    prompt = _prompt(form, prompt_max_chars)
+    target = str(form.get("token") or "")
+    if not target:
+        raise NeedleError("There is no target token.", hint="Type the token whose probability to plot, e.g. ' dog'.")
+    if len(target) > 200:
+        raise NeedleError(f"The target is {len(target)} characters long; a token is at most 200 here.",
+                          hint="Type one token.")
+    values = value_range(_number(form, "start", "range start"), _number(form, "stop", "range end"),
+                         _number(form, "count", "number of values", int))
+    positions = "last" if str(form.get("positions", "all")) == "last" or form.get("last_only") in (True, "on", "1", "true") else "all"
+    hits = queries.tokens_by_text(session, model.id, [target])
+    token_id = hits[0].token_id if hits else None  # else the worker encodes it and takes its first token
+    curve = queries.add_clamp_curve(session, model.id, layer, neuron, prompt=prompt, target=target,
+                                    positions=positions, values=values, source="page")
+    job = queries.enqueue_job(
+        session, model.id, queries.CLAMP_STAGE, f"run:{curve.id}",
+        {"curve": curve.id, "layer": layer, "neuron": neuron, "prompt": prompt, "target": target,
+         "token_id": token_id, "values": values, "positions": positions}, max_attempts=1,
+    )
+    return curve_data(model, curve, job)
+
+
+def row_id(text: str) -> int | None:
+    """A curve's or generation's id from a path segment: ASCII digits only ("¹".isdigit() is true
+    but int() refuses it) and within the id column's 32 bits, else None (a 404, not a 500)."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if value < 2**31 else None
+
+
+def clamp_page(session: Session, model: Model, layer: int, neuron: int, curve_text: str) -> dict:
+    curve_id = row_id(curve_text)
+    curve = queries.get_clamp_curve(session, curve_id) if curve_id is not None else None
+    if curve is None or curve.model_id != model.id or (curve.layer, curve.neuron) != (layer, neuron):
+        raise NotFound(f"There is no clamp curve {curve_text!r} for neuron {layer}/{neuron} of {model.name!r}.")
+    job = queries.live_job(session, model.id, queries.CLAMP_STAGE, curve.id) if curve.probs is None else None
+    return curve_data(model, curve, job)
+
+
+def start_generation(session: Session, model: Model, layer: int, neuron: int, form: dict, *, live: bool,
+                     prompt_max_chars: int) -> dict:
+    """Queue a clamped generation asked for on a neuron page."""
+    require_live(live)
+    prompt = _prompt(form, prompt_max_chars)
+    value = _number(form, "value", "clamp value")
+    tokens = _number(form, "tokens", "number of tokens", int)
+    if not 1 <= tokens <= MAX_GENERATE_TOKENS:
+        raise NeedleError(f"Generating {tokens} tokens is not allowed: use 1 to {MAX_GENERATE_TOKENS}.",
+                          hint="e.g. 32 tokens.")
+    seed = None
+    if form.get("seed") is not None and str(form.get("seed")).strip():  # JSON's seed 0 is a seed, not greedy
+        seed = _number(form, "seed", "seed", int)
+        if not 0 <= seed < 2**31:
+            raise NeedleError(f"The seed {seed} is out of range.", hint="Use a seed from 0 to 2147483647, or none for greedy.")
+    gen = queries.add_generation(session, model.id, layer, neuron, prompt=prompt, value=value, tokens=tokens,
+                                 seed=seed, source="page")
+    job = queries.enqueue_job(
+        session, model.id, queries.GENERATE_STAGE, f"run:{gen.id}",
+        {"generation": gen.id, "layer": layer, "neuron": neuron, "prompt": prompt, "value": value,
+         "tokens": tokens, "seed": seed}, max_attempts=1,
+    )
+    return generation_data(model, gen, job)
+
+
+def generation_page(session: Session, model: Model, layer: int, neuron: int, gen_text: str) -> dict:
+    gen_id = row_id(gen_text)
+    gen = queries.get_generation(session, gen_id) if gen_id is not None else None
+    if gen is None or gen.model_id != model.id or (gen.layer, gen.neuron) != (layer, neuron):
+        raise NotFound(f"There is no generation {gen_text!r} for neuron {layer}/{neuron} of {model.name!r}.")
+    job = queries.live_job(session, model.id, queries.GENERATE_STAGE, gen.id) if gen.clamped is None else None
+    return generation_data(model, gen, job)
