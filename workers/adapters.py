@@ -217,6 +217,12 @@ class Adapter:
             raise NotFound(f"no neuron {neuron}: each layer has neurons 0 to {self.d_mlp - 1}")
         return index
 
+    def _neurons(self, neurons: torch.Tensor) -> None:
+        """NotFound for the first neuron index of a tensor that is out of range."""
+        bad = neurons[(neurons < 0) | (neurons >= self.d_mlp)]
+        if bad.numel():
+            self._neuron(int(bad[0]))
+
     def input_weights(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model]: row i is the input weight vector of neuron i (the up_proj row for gated MLPs)."""
         weight = self._in[self._layer(layer)].weight.detach()
@@ -354,8 +360,7 @@ class Adapter:
         giving one, so a cached generation step can differ from the prompt's pass). One hook for
         many clamps: a sweep puts one clamp value, or one neuron, in each row."""
         layer = self._layer(layer)
-        for n in neurons.tolist():
-            self._neuron(n)
+        self._neurons(neurons)
 
         def replace(acts: torch.Tensor) -> torch.Tensor:
             where = positions(acts.shape[1]) if callable(positions) else positions
@@ -400,8 +405,7 @@ class Adapter:
         row; the residual add broadcasts the rest of the batch-1 block over the rows. Yields a
         dict that holds the shared activations [1, seq, d_mlp] as "acts" after the pass."""
         layer = self._layer(layer)
-        for n in neurons.tolist():
-            self._neuron(n)
+        self._neurons(neurons)
         if self.spec.flattens_tokens:
             raise NeedleError(f"the {self.family} family runs its MLP on flattened tokens: use clamp_rows")
         seen: dict[str, torch.Tensor] = {}

@@ -158,8 +158,9 @@ def sweep_many(loaded, prompt: str, items: Sequence[SweepItem], *, last_only: bo
                max_rows: int = 512, progress: Callable[[int], None] = lambda n: None,
                share_prefix: bool = True) -> list[dict]:
     """One curve per item, all with the same prompt. Rows are grouped by layer, and with
-    share_prefix the blocks before the clamped layer run once for all the rows of a batch
-    (`Adapter.expand_batch`): they see no clamp, so every row computes the same there.
+    share_prefix the blocks before the clamped layer, and its output projection, run once for
+    all the rows of a batch (`Adapter.clamp_rows_shared`; `Adapter.expand_batch` for a family
+    that flattens tokens): they see no clamp, so every row computes the same there.
     Returns, per item, the CLI's JSON shape:
     {values, probs, baseline {activation, prob}, token, token_id, top_tokens {low, high}}
     (top tokens: [{token, token_id, prob}] at the sweep's first and last value, its ends)."""
@@ -189,23 +190,26 @@ def sweep_many(loaded, prompt: str, items: Sequence[SweepItem], *, last_only: bo
             rows = [(i, j, v) for i, it in enumerate(items) if it.layer == layer for j, v in enumerate(it.values)]
             for start in range(0, len(rows), max_rows):
                 chunk = rows[start : start + max_rows]
+                neurons = torch.tensor([items[i].neuron for i, _, _ in chunk])
+                values = torch.tensor([v for _, _, v in chunk], dtype=torch.float64)
                 if share_prefix and not adapter.spec.flattens_tokens:
-                    neurons = torch.tensor([items[i].neuron for i, _, _ in chunk])
-                    values = torch.tensor([v for _, _, v in chunk], dtype=torch.float64)
                     with adapter.clamp_rows_shared(layer, neurons, values, positions):
                         p = _last_probs(loaded, seq[None])
-                elif share_prefix:
-                    with adapter.expand_batch(layer, len(chunk)), _clamps(adapter, items, chunk, positions):
-                        p = _last_probs(loaded, seq[None])
                 else:
-                    with _clamps(adapter, items, chunk, positions):
-                        p = _last_probs(loaded, seq[None].expand(len(chunk), -1))
+                    each = adapter.clamp_rows(layer, torch.arange(len(chunk)), neurons, values, positions)
+                    if share_prefix:  # OPT: one row up to the clamped block, copied at its input
+                        with adapter.expand_batch(layer, len(chunk)), each:
+                            p = _last_probs(loaded, seq[None])
+                    else:
+                        with each:
+                            p = _last_probs(loaded, seq[None].expand(len(chunk), -1))
+                targets = torch.tensor([items[i].token_id for i, _, _ in chunk], device=p.device)
+                got = p[torch.arange(len(chunk), device=p.device), targets].tolist()
                 for r, (i, j, _) in enumerate(chunk):
-                    it = items[i]
-                    probs[i].append(float(p[r, it.token_id]))
+                    probs[i].append(got[r])
                     if j == 0:
                         ends[(i, "low")] = _top(p[r], TOP_TOKENS)
-                    if j == len(it.values) - 1:
+                    if j == len(items[i].values) - 1:
                         ends[(i, "high")] = _top(p[r], TOP_TOKENS)
                 progress(len(chunk))
     wanted = sorted({t for tops in ends.values() for t, _ in tops} | {it.token_id for it in items})
@@ -234,33 +238,6 @@ def sweep(loaded, layer: int, neuron: int, prompt: str, token_id: int, values: S
     """One neuron's curve: see sweep_many."""
     return sweep_many(loaded, prompt, [SweepItem(layer, neuron, token_id, list(values))], last_only=last_only,
                       share_prefix=share_prefix)[0]
-
-
-class _clamps:
-    """Every layer's clamp hooks for one chunk of sweep rows (row j: items[i] clamped at v)."""
-
-    def __init__(self, adapter, items, chunk, positions):
-        self.adapter, self.positions = adapter, positions
-        self.by_layer: dict[int, tuple[list[int], list[int], list[float]]] = {}
-        for r, (i, _, v) in enumerate(chunk):
-            rows, neurons, values = self.by_layer.setdefault(items[i].layer, ([], [], []))
-            rows.append(r)
-            neurons.append(items[i].neuron)
-            values.append(v)
-
-    def __enter__(self):
-        import contextlib
-
-        self.stack = contextlib.ExitStack()
-        for layer, (rows, neurons, values) in self.by_layer.items():
-            self.stack.enter_context(self.adapter.clamp_rows(
-                layer, torch.tensor(rows), torch.tensor(neurons), torch.tensor(values, dtype=torch.float64),
-                self.positions,
-            ))
-        return self
-
-    def __exit__(self, *exc):
-        return self.stack.__exit__(*exc)
 
 
 def generate(loaded, layer: int, neuron: int, prompt: str, value: float, *, tokens: int = DEFAULT_GENERATE_TOKENS,

@@ -181,7 +181,7 @@ def generation(request: Request, model: str, layer: str, neuron: str, gen: str, 
     return respond(request, "generation.html", data, fmt)
 
 
-async def posted_form(request: Request) -> dict:
+async def posted_form(request: Request, example: str = '{"prompt": "...", "token": " dog"}') -> dict:
     """The posted fields: a JSON object, or a form (each field's first value)."""
     body = await request.body()
     if request.headers.get("content-type", "").startswith("application/json"):
@@ -190,22 +190,15 @@ async def posted_form(request: Request) -> dict:
         except ValueError:
             value = None
         if not isinstance(value, dict):
-            raise NeedleError("The body is not a JSON object.", hint='Send e.g. {"prompt": "...", "token": " dog"}.')
+            raise NeedleError("The body is not a JSON object.", hint=f"Send e.g. {example}.")
         return value
     fields = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
     return {k: v[0] for k, v in fields.items()}
 
 
 async def posted_text(request: Request) -> str | None:
-    body = await request.body()
-    if request.headers.get("content-type", "").startswith("application/json"):
-        try:
-            value = json.loads(body or b"{}").get("text")
-        except (ValueError, AttributeError):
-            raise NeedleError('The body is not a JSON object.', hint='Send {"text": "..."}.') from None
-        return value if isinstance(value, str) else None
-    values = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True).get("text")
-    return values[0] if values else None
+    value = (await posted_form(request, example='{"text": "..."}')).get("text")
+    return value if isinstance(value, str) else None
 
 
 def _no_store(response: Response) -> Response:
