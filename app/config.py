@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 5.0
     stale_seconds: float = 60.0
     max_attempts: int = 3
+    # A failed job waits this long before its second attempt, twice as long before its third, ...
+    retry_backoff_seconds: float = 5.0
     # Neurons decoded per batch: [batch x vocabulary] floats are held at a time.
     decode_batch_size: int = 512
     # Corpus tokens per forward batch of the examples stage (windows per batch = this / context).

@@ -582,3 +582,116 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
         "method": PROBE_METHOD,
         "layers": layers,
     }
+
+
+# ---------------------------------------------------------------- the jobs list (/-/jobs and `needle jobs`)
+
+
+JOBS_PAGE_SIZE = 200
+LIVE_REQUESTS = {  # a live request's stage: what it is, and the page that shows it
+    queries.TEXT_STAGE: ("your text", urls.text_run_url),
+    queries.CLAMP_STAGE: ("clamp sweep", urls.clamp_url),
+    queries.GENERATE_STAGE: ("clamped generation", urls.generation_url),
+}
+JOBS_ORDER = ("Running jobs first, then queued ones, both in the order workers claim them (oldest first); "
+              "then failed jobs, then done ones, both newest first.")
+
+
+def _request_url(model: str, job: Job) -> str | None:
+    """The page of the live request a job computes (its key is "run:ID"), None if it cannot tell."""
+    params = job.params or {}
+    run = job.key.removeprefix("run:")
+    layer, neuron = params.get("layer"), params.get("neuron")
+    if not (run.isascii() and run.isdigit()) or not isinstance(layer, int) or not isinstance(neuron, int):
+        return None
+    return LIVE_REQUESTS[job.stage][1](model, layer, neuron, int(run))
+
+
+def _listed_job(job: Job, model: str, now: datetime, stale_seconds: float | None) -> dict:
+    live = job.stage in LIVE_REQUESTS
+    waits = (job.run_after - now).total_seconds() if job.state == "queued" and job.run_after else 0.0
+    age = (now - job.heartbeat_at).total_seconds() if job.state == "running" and job.heartbeat_at else None
+    return {
+        "id": job.id,
+        "model": model,
+        "model_url": urls.model_url(model),
+        "kind": "live" if live else "index",
+        "request": LIVE_REQUESTS[job.stage][0] if live else None,
+        "request_url": _request_url(model, job) if live else None,
+        **_job(job),
+        "requires_stage": job.requires_stage,
+        "created_at": _time(job.created_at),
+        # a queued job is claimed once run_after has passed: after a failed attempt it waits (backoff)
+        "run_after": _time(job.run_after) if job.state == "queued" else None,
+        "waits_seconds": round(waits, 1) if waits > 0 else None,
+        "heartbeat_at": _time(job.heartbeat_at) if job.state == "running" else None,
+        "heartbeat_age_seconds": round(max(age, 0.0), 1) if age is not None else None,
+        # no heartbeat for longer than the setting: the worker is gone, and the job goes back to the queue
+        "stale": age is not None and stale_seconds is not None and age > stale_seconds,
+    }
+
+
+def jobs_page(
+    session: Session, *, model: str | None = None, state: str | None = None, page: str | None = None,
+    page_size: int = JOBS_PAGE_SIZE, stale_seconds: float | None = None,
+) -> dict:
+    """Every job, live requests included, newest and active first (JOBS_ORDER), one page at a
+    time; filtered by model name and state (an empty filter is no filter)."""
+    model_row = None
+    if model:
+        model_row = queries.get_model(session, model)
+        if model_row is None:
+            names = [m.name for m in queries.list_models(session)]
+            raise NotFound(
+                f"There is no model named {model[:MAX_QUERY_CHARS]!r}.",
+                hint=f"Models here: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}." if names
+                else "No model has been indexed yet.",
+            )
+    state = state or None
+    if state is not None and state not in queries.JOB_STATES:
+        raise NeedleError(f"Unknown job state {state[:MAX_QUERY_CHARS]!r}: use one of {', '.join(queries.JOB_STATES)}.")
+    if page is None or page == "":
+        page_number = 1
+    elif DIGITS.fullmatch(page) and int(page) >= 1:
+        page_number = int(page)
+    else:
+        raise NeedleError(f"Page {page[:MAX_QUERY_CHARS]!r} is not a page number: pages are numbered from 1.")
+    name = model_row.name if model_row else None
+    model_id = model_row.id if model_row else None
+
+    counts = queries.count_jobs_by_state(session, model_id)
+    total = counts.get(state, 0) if state else sum(counts.values())
+    pages = max(1, math.ceil(total / page_size))
+    if page_number > pages:
+        raise NeedleError(f"Page {page_number} is out of range: there are {pages} page(s) of these jobs.")
+    now = queries.utcnow()
+    rows = queries.list_jobs(session, model_id=model_id, state=state, offset=(page_number - 1) * page_size,
+                             limit=page_size)
+
+    def page_url(n: int | None, fmt: str | None = None) -> str | None:
+        return None if n is None else urls.jobs_url(name, state, n, fmt)
+
+    return {
+        "url": page_url(page_number),
+        "json_url": page_url(page_number, urls.JSON),
+        "list_url": urls.jobs_list_url(name, state, page_number),
+        "model": name,
+        "state": state,
+        "order": JOBS_ORDER,
+        "counts": {s: counts.get(s, 0) for s in queries.JOB_STATES},
+        "states": [
+            {"state": s, "jobs": counts.get(s, 0), "url": urls.jobs_url(name, s), "current": s == state}
+            for s in queries.JOB_STATES
+        ],
+        "all_states_url": urls.jobs_url(name),
+        "models": [m.name for m in queries.list_models(session)],
+        "total": total,
+        "page": page_number,
+        "pages": pages,
+        "page_size": page_size,
+        "prev_page_url": page_url(page_number - 1 if page_number > 1 else None),
+        "next_page_url": page_url(page_number + 1 if page_number < pages else None),
+        # the page polls itself while any job (of the model filtered on) is queued or running
+        "jobs_pending": bool(counts.get("queued") or counts.get("running")),
+        "jobs": [_listed_job(job, model_name, now, stale_seconds) for job, model_name in rows],
+    }

@@ -7,12 +7,13 @@ import random
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, case, delete, exists, func, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from app.arrays import INT32, unpack
 from app.schema import (
     ClampCurve,
+    ExamplePart,
     ExampleRun,
     ExampleWindow,
     Feature,
@@ -223,6 +224,38 @@ def delete_search_parts(session: Session, model_id: int, keep: Iterable[str] = (
     )
 
 
+def put_example_parts(session: Session, model_id: int, kind: str, part: str, rows: Sequence[dict]) -> None:
+    """Store one part of a sharded examples run ({layer, meta, data} per layer), replacing
+    what an earlier attempt of the same part stored: a retried job leaves the same rows."""
+    session.execute(
+        delete(ExamplePart).where(ExamplePart.model_id == model_id, ExamplePart.kind == kind, ExamplePart.part == part)
+    )
+    session.add_all(ExamplePart(model_id=model_id, kind=kind, part=part, **r) for r in rows)
+    session.flush()
+
+
+def example_parts(session: Session, model_id: int, kind: str, parts: Iterable[str] | None = None,
+                  layer: int | None = None) -> list[ExamplePart]:
+    q = select(ExamplePart).where(ExamplePart.model_id == model_id, ExamplePart.kind == kind)
+    if parts is not None:
+        q = q.where(ExamplePart.part.in_(list(parts)))
+    if layer is not None:
+        q = q.where(ExamplePart.layer == layer)
+    return list(session.scalars(q.order_by(ExamplePart.part, ExamplePart.layer)))
+
+
+def example_part_names(session: Session, model_id: int, kind: str) -> list[tuple[str, int]]:
+    """(part, layer) of every stored row of a kind, without their data."""
+    rows = session.execute(
+        select(ExamplePart.part, ExamplePart.layer).where(ExamplePart.model_id == model_id, ExamplePart.kind == kind)
+    )
+    return [(p, la) for p, la in rows]
+
+
+def delete_example_parts(session: Session, model_id: int) -> None:
+    session.execute(delete(ExamplePart).where(ExamplePart.model_id == model_id))
+
+
 def replace_token_index(session: Session, model_id: int, rows: Sequence[dict]) -> None:
     session.execute(delete(TokenIndex).where(TokenIndex.model_id == model_id))
     for i in range(0, len(rows), 5000):
@@ -307,7 +340,7 @@ def claim_job(session: Session, worker: str, model_id: int | None = None) -> Job
     """Claim the next runnable job in one statement (FOR UPDATE SKIP LOCKED on Postgres).
 
     Runnable: queued, its run_after passed, and no job of the same model in its
-    requires_stage left undone.
+    requires_stage (one stage, or several comma-separated) left undone.
     """
     now = utcnow()
     blocker = aliased(Job)
@@ -318,7 +351,8 @@ def claim_job(session: Session, worker: str, model_id: int | None = None) -> Job
             Job.run_after <= now,
             ~exists().where(
                 blocker.model_id == Job.model_id,
-                blocker.stage == Job.requires_stage,
+                # requires_stage holds one stage or several, comma-separated
+                (literal(",") + Job.requires_stage + literal(",")).like(literal("%,") + blocker.stage + literal(",%")),
                 blocker.state != "done",
             ),
         )
@@ -368,6 +402,11 @@ def finish_job(session: Session, job_id: int, worker: str) -> bool:
     return res.rowcount == 1
 
 
+def job_done_by(session: Session, job_id: int, worker: str) -> bool:
+    job = session.get(Job, job_id, populate_existing=True)
+    return job is not None and job.state == "done" and job.worker == worker
+
+
 def fail_job(session: Session, job_id: int, worker: str, error: str, *, retry: bool = True, backoff_s: float = 5.0) -> str:
     """Record a failure: back to the queue after a backoff while attempts remain, else failed."""
     job = session.get(Job, job_id, populate_existing=True)
@@ -378,6 +417,7 @@ def fail_job(session: Session, job_id: int, worker: str, error: str, *, retry: b
     job.finished_at = now
     if retry and job.attempts < job.max_attempts:
         job.state = "queued"
+        job.worker = None
         job.run_after = now + timedelta(seconds=backoff_s * (2 ** (job.attempts - 1)))
     else:
         job.state = "failed"
@@ -698,3 +738,47 @@ def features_of_neuron(session: Session, model_id: int, layer: int, neuron: int)
             .order_by(NeuronFeature.f1.desc(), NeuronFeature.feature)
         )
     )
+
+
+# ---------------------------------------------------------------- jobs list: the /-/jobs page and `needle jobs`
+# (every job, live requests included; the model page's panel shows a model's indexing jobs only)
+
+JOB_STATES = ("running", "queued", "failed", "done")  # the list's order: active first
+
+
+def _jobs_list_filter(model_id: int | None, state: str | None) -> list:
+    where = []
+    if model_id is not None:
+        where.append(Job.model_id == model_id)
+    if state is not None:
+        where.append(Job.state == state)
+    return where
+
+
+def list_jobs(
+    session: Session, *, model_id: int | None = None, state: str | None = None, offset: int = 0, limit: int = 200
+) -> list[tuple[Job, str]]:
+    """A page of jobs with their model's name: running, then queued (both in the order workers
+    claim them, oldest first), then failed, then done (both newest first)."""
+    rank = case({s: i for i, s in enumerate(JOB_STATES)}, value=Job.state, else_=len(JOB_STATES))
+    within = case((Job.state.in_(("running", "queued")), Job.id), else_=-Job.id)
+    rows = session.execute(
+        select(Job, Model.name)
+        .join(Model, Model.id == Job.model_id)
+        .where(*_jobs_list_filter(model_id, state))
+        .order_by(rank, within)
+        .offset(offset)
+        .limit(limit)
+    )
+    return [(job, name) for job, name in rows]
+
+
+def count_jobs_by_state(session: Session, model_id: int | None = None) -> dict[str, int]:
+    """Jobs per state (live requests included), of one model or of all."""
+    rows = session.execute(
+        select(Job.state, func.count()).where(*_jobs_list_filter(model_id, None)).group_by(Job.state)
+    )
+    return {state: n for state, n in rows}
+
+
+# ---------------------------------------------------------------- end of the jobs list

@@ -114,6 +114,22 @@ class SearchPart(Base):
     probs: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class ExamplePart(Base):
+    """A sharded examples run's intermediate state, merged by the examples stage and then
+    deleted: kind "range" holds one layer range's estimated activation range (the estimate
+    pass), kind "shard" one (layer range x corpus shard)'s accumulators. One row per layer;
+    `data` is an .npz of named arrays (no pickles), `meta` the part's own figures."""
+
+    __tablename__ = "example_parts"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True)
+    part: Mapped[str] = mapped_column(String(100), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class TokenIndex(Base):
     """For one vocabulary token, the model's top neurons by normalised score, best first."""
 
@@ -137,7 +153,7 @@ class Job(Base):
     stage: Mapped[str] = mapped_column(String(50))
     key: Mapped[str] = mapped_column(String(100))
     params: Mapped[dict] = mapped_column(JSON, default=dict)
-    # A job waits while any job of the same model in this stage is not done.
+    # A job waits while any job of the same model in this stage (or these, comma-separated) is not done.
     requires_stage: Mapped[str | None] = mapped_column(String(50), nullable=True)
     state: Mapped[str] = mapped_column(String(20), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)

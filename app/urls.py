@@ -98,6 +98,18 @@ def features_url(model: str, q: str | None = None, fmt: str | None = None) -> st
     return _with_query(_path(model, "features", fmt=fmt), q=q or None)
 
 
+def jobs_url(model: str | None = None, state: str | None = None, page: int = 1, fmt: str | None = None) -> str:
+    """Every job (all models, live requests included), filtered by model and state."""
+    return _with_query("/-/jobs.json" if fmt == JSON else "/-/jobs", model=model or None, state=state or None,
+                       page=None if page == 1 else page)
+
+
+def jobs_list_url(model: str | None = None, state: str | None = None, page: int = 1) -> str:
+    """The jobs page's list alone, which polls this address while jobs are pending."""
+    return _with_query("/-/jobs", model=model or None, state=state or None, page=None if page == 1 else page,
+                       fragment="list")
+
+
 def static_url(name: str) -> str:
     return "/-/static/" + quote(name)
 
@@ -120,4 +132,6 @@ def template_globals() -> dict:
         "feature_url": feature_url,
         "features_url": features_url,
         "static_url": static_url,
+        "jobs_url": jobs_url,
+        "jobs_list_url": jobs_list_url,
     }

@@ -6,12 +6,14 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 import time
 
 from app.config import ROOT, Settings, get_settings
 from app.errors import NeedleError
 from needle.clamping import add_clamp_commands
+from needle.jobs import add_jobs_command
 
 DEMO_MODEL = ROOT / "assets" / "demo-model"
 DEMO_FEATURES = ("text", "python")  # the built-in feature datasets the demo probes
@@ -86,6 +88,7 @@ def index_model(
     decode_norm: str = "none",
     force: bool = False,
     layers_per_job: int = 0,
+    corpus_shards: int = 1,
     corpus: str | None = None,
     tokens: int | None = None,
     context: int = 64,
@@ -106,7 +109,7 @@ def index_model(
     from workers.clamp import INDEX_COUNT, INDEX_TOP, default_prompt, encode_prompt
     from workers.corpus import load_corpus
     from workers.loading import load_model, tokenizer_json, vocabulary
-    from workers.stages import ModelSpec, check_context, plan_index
+    from workers.stages import ModelSpec, check_context, examples_params_for, plan_index
     from workers.worker import ModelCache, Progress, Worker
 
     check_name(name)
@@ -125,7 +128,10 @@ def index_model(
         # corpus is an error before anything is written (the examples job reads all of it).
         first = load_corpus(corpus, loaded.tokenizer, context=context, max_tokens=context)
         first_window = first.windows[0].tolist()
-        examples_params = {"corpus": corpus, "tokens": tokens, "context": context}
+        examples_params = examples_params_for(
+            corpus, tokens, context, n_layers=adapter.n_layers, layers_per_job=layers_per_job or adapter.n_layers,
+            shards=corpus_shards, batch_tokens=settings.examples_batch_tokens,
+        )
     probe_params = None
     if features:
         from workers.features import load_features
@@ -214,11 +220,13 @@ def check_examples_options(context: int, tokens: int | None) -> None:
 def check_stage_unchanged(session, model_id: int, name: str, stage: str, params: dict | None) -> None:
     """Examples or probes stored with other settings (corpus, features, cap, context) are only replaced with --force."""
     from app import queries
+    from workers.stages import unsharded
 
     if params is None:
         return
+    params = unsharded(params)
     for job in queries.jobs_for_model(session, model_id):
-        if job.stage == stage and job.state == "done" and job.params != params:
+        if job.stage == stage and job.state == "done" and unsharded(job.params) != params:
             old = ", ".join(f"{k} {job.params.get(k)!r} (now {v!r})" for k, v in params.items() if job.params.get(k) != v)
             raise NeedleError(
                 f"{name!r} already has {stage} computed with {old}.",
@@ -247,7 +255,7 @@ def cmd_index(args, settings: Settings) -> None:
     t0 = time.time()
     index_model(
         settings, args.model, args.name, device=args.device, dtype=args.dtype, decode_norm=args.decode_norm,
-        force=args.force, layers_per_job=args.layers_per_job, queue_only=args.queue,
+        force=args.force, layers_per_job=args.layers_per_job, corpus_shards=args.corpus_shards, queue_only=args.queue,
         corpus=args.corpus, tokens=args.tokens, context=args.context,
         features=args.features, probe_corpus=args.probe_corpus, probe_tokens=args.probe_tokens,
         clamp_prompt=args.clamp_prompt,
@@ -366,11 +374,26 @@ def cmd_worker(args, settings: Settings) -> None:
     from app.db import get_engine, require_migrated
     from workers.worker import Worker
 
+    device = None
+    if args.device is not None:
+        from workers.loading import resolve_device
+
+        device = resolve_device(args.device)  # a GPU that is not there is an error now, not in a job
     engine = get_engine(settings)
     require_migrated(engine)
-    worker = Worker(engine, settings)
+    worker = Worker(engine, settings, device=device)
+
+    def terminate(signum, frame):
+        # the job in hand goes back to the queue (Worker.run_job releases it on SystemExit)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
     print(f"worker {worker.name} waiting for jobs on {engine.url.render_as_string(hide_password=True)}", flush=True)
-    summary = worker.run(until_idle=args.until_idle)
+    try:
+        summary = worker.run(until_idle=args.until_idle)
+    except SystemExit:
+        print(f"worker {worker.name}: terminated; the job in hand, if any, is back in the queue", flush=True)
+        raise
     print(f"worker {worker.name}: {len(summary.done)} done, {len(summary.failed)} failed attempts")
 
 
@@ -406,7 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'final' multiplies input weights by the final norm's weight before decoding")
     p.add_argument("--force", action="store_true", help="recompute what is already stored")
     p.add_argument("--layers-per-job", type=non_negative_int, default=0,
-                   help="layers per decode job (default 0: all in one job)")
+                   help="layers per decode job, and per examples job with --corpus (default 0: all in one job)")
+    p.add_argument("--corpus-shards", type=positive_int, default=1,
+                   help="split the examples pass over the corpus into this many jobs, for several workers "
+                   "(default 1; merged exactly)")
     p.add_argument("--corpus", metavar="SPEC",
                    help="text for activation examples: a text file, a folder of them, a .jsonl with a \"text\" field, "
                    "hf:NAME[:split[:field]] or stdlib")
@@ -439,7 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="claim and run queued jobs")
     p.add_argument("--until-idle", action="store_true", help="exit when no job is left")
+    p.add_argument("--device", help="load models here (auto, cpu, cuda, cuda:N) instead of on the device "
+                   "each model was indexed with")
     p.set_defaults(func=cmd_worker)
+
+    add_jobs_command(sub)
 
     p = sub.add_parser("db", help="database schema")
     p.add_argument("db_command", choices=["upgrade", "current"])

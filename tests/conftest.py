@@ -28,7 +28,8 @@ def _pg_url(dbname: str) -> str:
 
 @pytest.fixture(scope="session")
 def _pg_template():
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # pre-ping: a test that restarts Postgres (tests/test_workers.py) leaves dead pooled connections
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     try:
         with admin.connect() as c:
             c.execute(text("select 1"))
@@ -76,6 +77,43 @@ def db_url(request, tmp_path):
     engine_for(url).dispose()
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+class PgDatabases:
+    """Fresh, migrated, empty Postgres databases, dropped at the end."""
+
+    def __init__(self, admin, template: str):
+        self.admin, self.template, self.names = admin, template, []
+
+    def new(self) -> str:
+        name = f"needle_t_{uuid.uuid4().hex[:12]}"
+        with self.admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"'))
+        self.names.append(name)
+        return _pg_url(name)
+
+    def drop_all(self) -> None:
+        from app.db import engine_for
+
+        for name in self.names:
+            engine_for(_pg_url(name)).dispose()
+            with self.admin.connect() as c:
+                c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def pg_databases(request):
+    """Make fresh Postgres databases (for what only Postgres does: several worker processes on one queue)."""
+    dbs = PgDatabases(*request.getfixturevalue("_pg_template"))
+    yield dbs
+    dbs.drop_all()
+
+
+@pytest.fixture(scope="module")
+def pg_databases_module(request):
+    dbs = PgDatabases(*request.getfixturevalue("_pg_template"))
+    yield dbs
+    dbs.drop_all()
 
 
 @pytest.fixture

@@ -34,8 +34,8 @@ from app.config import Settings, get_settings
 from app.db import engine_for, session_scope
 from app.main import create_app
 from app.schema import ClampCurve, Generation, Job, Model, TextRun, TokenIndex
-from needle.cli import index_model, main
-from tests.live_server import running_server
+from needle.cli import index_model
+from tests.live_server import cli_runner, running_server
 from tests.tinymodels import TRAINING_TEXT, build_clamp_model
 from workers import clamp
 from workers.loading import load_model
@@ -547,17 +547,7 @@ def test_the_limits_themselves_are_accepted(site, loaded):
 @pytest.fixture
 def cli(site, monkeypatch, capsys):
     """needle.cli.main in this process, on the site's database: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("NEEDLE_DATABASE_URL", site.db_url)
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    get_settings.cache_clear()
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main(list(args))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    yield run
+    yield cli_runner(monkeypatch, capsys, site.db_url)
     get_settings.cache_clear()
 
 

@@ -15,7 +15,7 @@ from app import pagedata, urls
 from app.config import Settings
 from app.db import engine_for
 from app.main import create_app
-from tests.live_server import running_server
+from tests.live_server import get_json, get_soup, running_server
 from tests.synthetic import HOSTILE, Synthetic, add_jobs, fill_synthetic, finish_jobs
 
 MODEL = "tiny-1.5m"  # a dot in the name, like "pythia-1.4b"
@@ -35,16 +35,10 @@ class Site:
         return self.http.get(path, **kwargs)
 
     def json(self, path: str) -> dict:
-        r = self.http.get(path)
-        assert r.status_code == 200, (path, r.status_code, r.text[:500])
-        assert r.headers["content-type"].startswith("application/json")
-        return r.json()
+        return get_json(self.http, path)
 
     def soup(self, path: str, **kwargs) -> BeautifulSoup:
-        r = self.http.get(path, **kwargs)
-        assert r.status_code == 200, (path, r.status_code, r.text[:500])
-        assert r.headers["content-type"].startswith("text/html")
-        return BeautifulSoup(r.text, "html.parser")
+        return get_soup(self.http, path, **kwargs)
 
 
 @pytest.fixture

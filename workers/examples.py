@@ -212,6 +212,47 @@ class LayerAccumulator:
         self.hist_counts += counts.sum(2)
         self.int_counts += counts.sum(1)
 
+    STATE = ("top_key", "top_pos", "top_acts", "res_key", "res_max", "res_pos", "res_acts",
+             "sum", "sumsq", "min", "max", "int_counts", "hist_counts")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything update() accumulated, as CPU arrays: a corpus shard's part of a sharded run."""
+        out = {name: getattr(self, name).cpu().numpy() for name in self.STATE}
+        out["tokens"] = np.asarray(self.tokens, dtype=np.int64)
+        return out
+
+    def merge(self, states: list[dict[str, np.ndarray]]) -> None:
+        """Fold the states of corpus shards (made with the same estimated ranges) into this
+        fresh accumulator, exactly as if one pass had read all their windows: the top-k and
+        the reservoirs keep the best keys of the union (window ids are distinct across
+        shards, so there are no ties to break differently), counts and histograms add, min
+        and max fold. Sums add in shard order (float64)."""
+        if not states:
+            return
+        dev = self.device
+
+        def cat(name: str, dim: int) -> torch.Tensor:
+            return torch.cat([torch.from_numpy(st[name]).to(dev) for st in [self.state(), *states]], dim=dim)
+
+        key = cat("top_key", 0)
+        self.top_key, idx = key.topk(TOP_K, dim=0)
+        t, n = self.t, self.n
+        self.top_pos = cat("top_pos", 0).gather(0, idx)
+        self.top_acts = cat("top_acts", 0).gather(0, idx[:, None, :].expand(TOP_K, t, n))
+        rkey = cat("res_key", 1)
+        self.res_key, ridx = rkey.topk(PER_BIN, dim=1, largest=False)
+        self.res_max = cat("res_max", 1).gather(1, ridx)
+        self.res_pos = cat("res_pos", 1).gather(1, ridx)
+        self.res_acts = cat("res_acts", 1).gather(1, ridx[:, :, None, :].expand(BINS, PER_BIN, t, n))
+        for st in states:
+            self.tokens += int(st["tokens"])
+            self.sum += torch.from_numpy(st["sum"]).to(dev)
+            self.sumsq += torch.from_numpy(st["sumsq"]).to(dev)
+            torch.minimum(self.min, torch.from_numpy(st["min"]).to(dev), out=self.min)
+            torch.maximum(self.max, torch.from_numpy(st["max"]).to(dev), out=self.max)
+            self.int_counts += torch.from_numpy(st["int_counts"]).to(dev)
+            self.hist_counts += torch.from_numpy(st["hist_counts"]).to(dev)
+
     def result(self) -> LayerExamples:
         def cpu(x: torch.Tensor) -> np.ndarray:
             return x.cpu().numpy()
@@ -314,23 +355,47 @@ def estimate_range(model, adapter, layers, windows, bos_id, plan_: Plan, device,
     return {layer: (lo[layer], hi[layer]) for layer in layers}
 
 
+def shard_bounds(n_windows: int, context: int, batch_tokens: int, shards: int) -> list[tuple[int, int]]:
+    """The window ranges [start, stop) of `shards` corpus shards. They start on batch
+    boundaries of the one-machine pass (multiples of its batch of windows), so every shard
+    runs exactly the batches that pass runs, and the merge gives its very numbers. A shard
+    is empty when there are fewer batches than shards."""
+    per_batch = plan(n_windows, context, batch_tokens).batch_windows
+    n_batches = math.ceil(n_windows / per_batch)
+    cuts = [min(n_windows, (i * n_batches // shards) * per_batch) for i in range(shards + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(shards)]
+
+
+def accumulate(model, adapter, layers: list[int], windows: torch.Tensor, bos_id: int | None,
+               ranges: dict[int, tuple[torch.Tensor, torch.Tensor]], *, start: int = 0, stop: int | None = None,
+               batch_tokens: int = 8192, device=None,
+               progress: Callable[[int], None] = lambda n: None) -> dict[int, LayerAccumulator]:
+    """The streaming pass over windows[start:stop] (window ids stay global), in the batches
+    of the whole corpus's pass."""
+    device = device or next(model.parameters()).device
+    n_windows, context = windows.shape
+    stop = n_windows if stop is None else stop
+    per_batch = plan(n_windows, context, batch_tokens).batch_windows
+    accs = {layer: LayerAccumulator(layer, adapter.d_mlp, context, device, *ranges[layer]) for layer in layers}
+    all_ids = torch.arange(n_windows, device=device)
+    for b0 in range(start, stop, per_batch):
+        b1 = min(b0 + per_batch, stop)
+        ids = all_ids[b0:b1]
+        forward_windows(model, adapter, layers, windows[b0:b1], bos_id,
+                        lambda layer, acts, ids=ids: accs[layer].update(acts, ids), device)
+        progress((b1 - b0) * context)
+    return accs
+
+
 def collect(model, adapter, layers: list[int], windows: torch.Tensor, bos_id: int | None, *,
             batch_tokens: int = 8192, device=None,
             progress: Callable[[int], None] = lambda n: None) -> list[LayerExamples]:
-    """The whole stage's compute: the estimate pass, then the streaming pass over every window."""
+    """The whole stage's compute on one machine: the estimate pass, then the streaming pass
+    over every window."""
     device = device or next(model.parameters()).device
     n_windows, context = windows.shape
     plan_ = plan(n_windows, context, batch_tokens)
     ranges = estimate_range(model, adapter, layers, windows, bos_id, plan_, device, progress)
-    accs = {
-        layer: LayerAccumulator(layer, adapter.d_mlp, context, device, *ranges[layer]) for layer in layers
-    }
-    all_ids = torch.arange(n_windows, device=device)
-
-    for start in range(0, n_windows, plan_.batch_windows):
-        stop = min(start + plan_.batch_windows, n_windows)
-        ids = all_ids[start:stop]
-        forward_windows(model, adapter, layers, windows[start:stop], bos_id,
-                        lambda layer, acts, ids=ids: accs[layer].update(acts, ids), device)
-        progress((stop - start) * context)
+    accs = accumulate(model, adapter, layers, windows, bos_id, ranges, batch_tokens=batch_tokens, device=device,
+                      progress=progress)
     return [accs[layer].result() for layer in layers]

@@ -7,6 +7,8 @@ job's "done" commit together (and a job run twice leaves the same rows).
 
 from __future__ import annotations
 
+import io
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,7 +109,10 @@ def run_search_index(ctx: JobContext) -> Writer:
 
 
 def run_examples(ctx: JobContext) -> Writer:
-    """Top contexts, interval samples and statistics of every neuron, from one pass over the corpus."""
+    """Top contexts, interval samples and statistics of every neuron, from one pass over the
+    corpus; or, for a sharded run (params "shards" and "layer_ranges"), the merge of its parts."""
+    if "layer_ranges" in ctx.params:
+        return merge_examples(ctx)
     loaded = ctx.load(ctx.model)
     p = ctx.params
     check_context(loaded, p["context"])
@@ -123,26 +128,182 @@ def run_examples(ctx: JobContext) -> Writer:
         batch_tokens=batch_tokens, progress=ctx.advance,
     )
     seconds = time.perf_counter() - started
-    run = {
-        "corpus": corpus.spec,
-        "description": corpus.description,
-        "context": p["context"],
-        "n_windows": n_windows,
-        "n_tokens": corpus.n_tokens,
-        "n_documents": corpus.n_documents,
-        "bos_prefix": bos is not None,
-        "settings": {
-            "top_k": examples.TOP_K, "bins": examples.BINS, "per_bin": examples.PER_BIN,
-            "hist_bins": examples.HIST_BINS, "estimate_windows": len(estimate), "batch_tokens": batch_tokens,
-            "seconds": round(seconds, 2), "tokens_per_second": round(corpus.n_tokens / max(seconds, 1e-9)),
-            "device": str(loaded.device),
-        },
-    }
+    run = examples_run(corpus, p["context"], bos is not None, batch_tokens, seconds, str(loaded.device))
 
     def write(session: Session) -> None:
         store.write_examples(session, ctx.model.id, run, corpus, results)
 
     return write
+
+
+# ---- sharded examples: layer range x corpus shard ---------------------------------------------
+#
+# examples_range (one job per layer range): the estimate pass of that range's layers, stored.
+# examples_part (range x shard, after every range): the streaming pass over one corpus shard,
+#   its accumulators stored. Shards start on the one-machine pass's batch boundaries
+#   (examples.shard_bounds), so the merge below reproduces that pass.
+# examples (the merge, after every part): folds each layer's shards together and writes the
+#   same rows as one examples job would, then deletes the parts.
+
+EXAMPLES_RANGE_STAGE = "examples_range"
+EXAMPLES_PART_STAGE = "examples_part"
+SHARDING_KEYS = ("shards", "layer_ranges", "batch_tokens")  # how a run is split, not what it computes
+
+
+def layers_key(start: int, stop: int) -> str:
+    return f"layers:{start}-{stop}"
+
+
+def shard_key(start: int, stop: int, shard: int, shards: int) -> str:
+    return f"{layers_key(start, stop)}/shard:{shard + 1}-of-{shards}"
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _unnpz(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+_corpus_cache: dict[tuple, object] = {}
+
+
+def _examples_corpus(ctx: JobContext, loaded):
+    """The run's corpus; a worker keeps the last one it read, as the shards of one run all read the same."""
+    p = ctx.params
+    check_context(loaded, p["context"])
+    stat = os.stat(p["corpus"]) if os.path.exists(p["corpus"]) else None
+    key = (p["corpus"], stat and (stat.st_mtime_ns, stat.st_size), ctx.model.source, p["context"], p.get("tokens"))
+    if key not in _corpus_cache:
+        _corpus_cache.clear()
+        _corpus_cache[key] = load_corpus(p["corpus"], loaded.tokenizer, context=p["context"], max_tokens=p.get("tokens"))
+    return _corpus_cache[key]
+
+
+def run_examples_range(ctx: JobContext) -> Writer:
+    """The estimate pass of one layer range: each neuron's min and max over the estimate sample."""
+    loaded = ctx.load(ctx.model)
+    p = ctx.params
+    corpus = _examples_corpus(ctx, loaded)
+    start, stop = p["layers"]
+    plan_ = examples.plan(corpus.windows.shape[0], p["context"], p["batch_tokens"])
+    ctx.set_total(len(plan_.estimate_ids) * p["context"])
+    ranges = examples.estimate_range(
+        loaded.model, loaded.adapter, list(range(start, stop)), corpus.windows, bos_prefix_id(loaded.tokenizer),
+        plan_, next(loaded.model.parameters()).device, ctx.advance,
+    )
+    rows = [{"layer": layer, "meta": {"windows": len(plan_.estimate_ids)},
+             "data": _npz({"min": lo.cpu().numpy(), "max": hi.cpu().numpy()})} for layer, (lo, hi) in ranges.items()]
+
+    def write(session: Session) -> None:
+        queries.put_example_parts(session, ctx.model.id, "range", ctx.key, rows)
+
+    return write
+
+
+def _stored_ranges(ctx: JobContext, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    range_key = layers_key(layers[0], layers[-1] + 1)
+    got = ctx.read(lambda s: [(r.layer, _unnpz(r.data)) for r in queries.example_parts(s, ctx.model.id, "range", [range_key])])
+    ranges = {layer: (torch.from_numpy(a["min"]), torch.from_numpy(a["max"])) for layer, a in got}
+    missing = sorted(set(layers) - set(ranges))
+    if missing:
+        raise RuntimeError(f"the estimated ranges of layers {missing} are not stored; their examples_range job must run first")
+    return ranges
+
+
+def run_examples_part(ctx: JobContext) -> Writer:
+    """One corpus shard's streaming pass over one layer range, its accumulators stored."""
+    loaded = ctx.load(ctx.model)
+    p = ctx.params
+    corpus = _examples_corpus(ctx, loaded)
+    start, stop = p["layers"]
+    layers = list(range(start, stop))
+    ranges = _stored_ranges(ctx, layers)
+    w0, w1 = examples.shard_bounds(corpus.windows.shape[0], p["context"], p["batch_tokens"], p["shards"])[p["shard"]]
+    ctx.set_total(max(1, (w1 - w0) * p["context"]))
+    started = time.perf_counter()
+    accs = examples.accumulate(
+        loaded.model, loaded.adapter, layers, corpus.windows, bos_prefix_id(loaded.tokenizer), ranges,
+        start=w0, stop=w1, batch_tokens=p["batch_tokens"], progress=ctx.advance,
+    )
+    meta = {"shard": p["shard"], "windows": [w0, w1], "seconds": round(time.perf_counter() - started, 3),
+            "device": str(loaded.device)}
+    rows = [{"layer": layer, "meta": meta, "data": _npz(acc.state())} for layer, acc in accs.items()]
+
+    def write(session: Session) -> None:
+        queries.put_example_parts(session, ctx.model.id, "shard", ctx.key, rows)
+
+    return write
+
+
+def merge_examples(ctx: JobContext) -> Writer:
+    """The examples stage of a sharded run: every layer's shards merged into the rows one
+    pass would have written."""
+    loaded = ctx.load(ctx.model)
+    p = ctx.params
+    corpus = _examples_corpus(ctx, loaded)
+    shards = p["shards"]
+    device = next(loaded.model.parameters()).device
+    ctx.set_total(ctx.model.n_layers)
+    results, seconds, devices = [], {}, set()
+    for start, stop in p["layer_ranges"]:
+        layers = list(range(start, stop))
+        ranges = _stored_ranges(ctx, layers)
+        keys = [shard_key(start, stop, i, shards) for i in range(shards)]
+        for layer in layers:
+            rows = ctx.read(lambda s, layer=layer, keys=keys: [
+                (r.meta, _unnpz(r.data)) for r in queries.example_parts(s, ctx.model.id, "shard", keys, layer)
+            ])
+            found = {meta["shard"] for meta, _ in rows}
+            if found != set(range(shards)):
+                missing = [keys[i] for i in range(shards) if i not in found]
+                raise RuntimeError(f"layer {layer}: the shards {missing} are not stored; their examples_part jobs must run first")
+            rows.sort(key=lambda r: r[0]["shard"])  # a fixed order for the float sums
+            for meta, _ in rows:
+                seconds[(start, meta["shard"])] = meta["seconds"]
+                devices.add(meta["device"])
+            acc = examples.LayerAccumulator(layer, loaded.adapter.d_mlp, p["context"], device, *ranges[layer])
+            acc.merge([state for _, state in rows])
+            results.append(acc.result())
+            del rows, acc
+            ctx.advance(1)
+    run = examples_run(corpus, p["context"], bos_prefix_id(loaded.tokenizer) is not None, p["batch_tokens"],
+                       sum(seconds.values()), ", ".join(sorted(devices)),
+                       shards=shards, layer_ranges=p["layer_ranges"])
+
+    def write(session: Session) -> None:
+        store.write_examples(session, ctx.model.id, run, corpus, results)
+        queries.delete_example_parts(session, ctx.model.id)
+
+    return write
+
+
+def examples_run(corpus, context: int, bos_prefix: bool, batch_tokens: int, seconds: float, device: str,
+                 **sharding) -> dict:
+    """The example_runs row of a run. A sharded run's seconds are its shards' streaming
+    passes summed over machines."""
+    n_windows = corpus.windows.shape[0]
+    return {
+        "corpus": corpus.spec,
+        "description": corpus.description,
+        "context": context,
+        "n_windows": n_windows,
+        "n_tokens": corpus.n_tokens,
+        "n_documents": corpus.n_documents,
+        "bos_prefix": bos_prefix,
+        "settings": {
+            "top_k": examples.TOP_K, "bins": examples.BINS, "per_bin": examples.PER_BIN,
+            "hist_bins": examples.HIST_BINS,
+            "estimate_windows": len(examples.plan(n_windows, context, batch_tokens).estimate_ids),
+            "batch_tokens": batch_tokens, **sharding,
+            "seconds": round(seconds, 2), "tokens_per_second": round(corpus.n_tokens / max(seconds, 1e-9)),
+            "device": device,
+        },
+    }
 
 
 def check_context(loaded, context: int) -> None:
@@ -285,6 +446,8 @@ STAGES: dict[str, Callable[[JobContext], Writer]] = {
     "decode": run_decode,
     "search_index": run_search_index,
     "examples": run_examples,
+    EXAMPLES_RANGE_STAGE: run_examples_range,
+    EXAMPLES_PART_STAGE: run_examples_part,
     "probes": run_probes,
     "clamp": run_clamp,
     queries.TEXT_STAGE: run_text,
@@ -312,7 +475,7 @@ def plan_index(
     """Enqueue the decode shards (layer ranges), the search-index merge that waits for them and,
     with a corpus, the examples stage; with feature datasets, the probes stage (force_probes
     recomputes that one alone); with clamp_params, the clamp curves, after the search index
-    (and, run by one worker, after the examples, whose max activations set their ranges)."""
+    and the examples (whose max activations set their ranges)."""
     parts = []
     for start in range(0, model.n_layers, layers_per_job):
         stop = min(start + layers_per_job, model.n_layers)
@@ -330,14 +493,65 @@ def plan_index(
             session, model.id, "search_index", "all", {"parts": parts},
             requires_stage="decode", max_attempts=max_attempts, force=True,
         )
+    sharded = examples_params is not None and "layer_ranges" in examples_params
+    if examples_params is not None:
+        plan_examples_parts(session, model, examples_params if sharded else None, force=force, max_attempts=max_attempts)
     for stage, params in (("examples", examples_params), ("probes", probe_params), ("clamp", clamp_params)):
         if params is None:
             continue
         forced = force or (force_probes and stage == "probes")
-        needs = "search_index" if stage == "clamp" else None
+        needs = None
+        if stage == "clamp":  # after the search index, and after the examples, whose max activations set its values
+            needs = "search_index,examples" if examples_params is not None else "search_index"
+        elif stage == "examples" and sharded:
+            needs = EXAMPLES_PART_STAGE
         job = queries.enqueue_job(session, model.id, stage, "all", params, requires_stage=needs,
                                   max_attempts=max_attempts, force=forced)
-        if job.state == "done" and job.params != params:
+        if job.state == "done" and unsharded(job.params) != unsharded(params):
             queries.enqueue_job(session, model.id, stage, "all", params, requires_stage=needs,
                                 max_attempts=max_attempts, force=True)
     return queries.jobs_for_model(session, model.id)
+
+
+def unsharded(params: dict) -> dict:
+    """A stage's params without how it is split: what its results depend on."""
+    return {k: v for k, v in params.items() if k not in SHARDING_KEYS}
+
+
+def examples_params_for(corpus: str, tokens: int | None, context: int, *, n_layers: int, layers_per_job: int,
+                        shards: int, batch_tokens: int) -> dict:
+    """The examples job's params: one pass (one layer range, one shard), or the merge of a
+    sharded run over layer ranges of layers_per_job x `shards` corpus shards."""
+    params = {"corpus": corpus, "tokens": tokens, "context": context}
+    ranges = [[a, min(a + layers_per_job, n_layers)] for a in range(0, n_layers, layers_per_job)]
+    if shards > 1 or len(ranges) > 1:
+        params.update(shards=shards, layer_ranges=ranges, batch_tokens=batch_tokens)
+    return params
+
+
+def plan_examples_parts(session: Session, model: Model, params: dict | None, *, force: bool, max_attempts: int) -> None:
+    """Enqueue a sharded run's range and part jobs (params None: the run is not sharded), and
+    drop the model's range and part jobs of any other split, with their stored parts."""
+    keep: set[tuple[str, str]] = set()
+    if params is not None:
+        base = {k: params[k] for k in ("corpus", "tokens", "context", "batch_tokens")}
+        for start, stop in params["layer_ranges"]:
+            key = layers_key(start, stop)
+            keep.add((EXAMPLES_RANGE_STAGE, key))
+            queries.enqueue_job(session, model.id, EXAMPLES_RANGE_STAGE, key, {**base, "layers": [start, stop]},
+                                max_attempts=max_attempts, force=force)
+            for i in range(params["shards"]):
+                key = shard_key(start, stop, i, params["shards"])
+                keep.add((EXAMPLES_PART_STAGE, key))
+                queries.enqueue_job(
+                    session, model.id, EXAMPLES_PART_STAGE, key,
+                    {**base, "layers": [start, stop], "shard": i, "shards": params["shards"]},
+                    requires_stage=EXAMPLES_RANGE_STAGE, max_attempts=max_attempts, force=force,
+                )
+    stale = [j for j in queries.jobs_for_model(session, model.id)
+             if j.stage in (EXAMPLES_RANGE_STAGE, EXAMPLES_PART_STAGE) and (j.stage, j.key) not in keep]
+    for job in stale:
+        session.delete(job)
+    if stale or force:
+        queries.delete_example_parts(session, model.id)
+    session.flush()

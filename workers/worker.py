@@ -3,6 +3,11 @@
 Heartbeats come from a thread of their own, so a long computation never starves them. A
 job's results and its "done" mark commit in one transaction, and only while this worker
 still holds the job; a job that was taken back (stale heartbeat) is not written twice.
+
+The database may go away (a restart, a network cut): every database step of the loop is
+retried until it is back (waits of 1, 2, 4 ... up to 15 s, each logged), and a job's writes
+replace what an earlier attempt of the same job stored, so repeating one is harmless.
+SIGTERM (`needle worker`) gives the job in hand back to the queue, uncounted, and exits.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app import queries
 from app.config import Settings
@@ -28,6 +35,31 @@ log = logging.getLogger("needle.worker")
 
 class JobLost(RuntimeError):
     """The job was taken back from this worker (its heartbeats were late)."""
+
+
+DB_RETRY_MAX_WAIT = 15.0
+
+
+def database_down(exc: BaseException) -> bool:
+    """Whether exc means the database could not be reached (worth waiting for), rather than a bad query."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def with_database(fn, what: str, stopping: threading.Event | None = None):
+    """fn(), retried while the database is unreachable."""
+    wait = 1.0
+    while True:
+        try:
+            return fn()
+        except DBAPIError as exc:
+            if not database_down(exc):
+                raise
+            log.warning("database unreachable while %s (%s); retrying in %.0f s", what,
+                        str(exc.orig or exc).strip().splitlines()[0], wait)
+        if stopping is not None and stopping.is_set():
+            raise JobLost(f"stopped while waiting for the database ({what})")
+        time.sleep(wait)
+        wait = min(wait * 2, DB_RETRY_MAX_WAIT)
 
 
 class ModelCache:
@@ -103,6 +135,7 @@ class Worker:
         cache: ModelCache | None = None,
         only_model_id: int | None = None,
         progress_factory: Callable[[str, int], Progress] = Progress,
+        device: str | None = None,
     ):
         self.engine, self.settings = engine, settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
@@ -110,14 +143,15 @@ class Worker:
         self.only_model_id = only_model_id
         self.progress_factory = progress_factory
         self.stopping = threading.Event()
+        self.device = device  # load every model here instead of on the device it was indexed with
 
     def run(self, *, until_idle: bool, poll_seconds: float = 1.0) -> RunSummary:
         """Work until stopped; with until_idle, return once no job can run any more."""
         summary = RunSummary()
         while not self.stopping.is_set():
-            claimed = self._claim()
+            claimed = with_database(self._claim, "claiming a job")
             if claimed is None:
-                if until_idle and not self._more_to_come():
+                if until_idle and not with_database(self._more_to_come, "looking for jobs"):
                     break
                 self.stopping.wait(poll_seconds)
                 continue
@@ -137,6 +171,8 @@ class Worker:
                 return None
             model = queries.get_model_by_id(s, job.model_id)
             spec = ModelSpec.of(model)
+            if self.device is not None:
+                spec.device = self.device
             ctx = JobContext(
                 job_id=job.id, stage=job.stage, key=job.key, params=dict(job.params), model=spec,
                 load=self.cache.get, batch_size=self.settings.decode_batch_size,
@@ -147,8 +183,26 @@ class Worker:
 
     def _read(self, fn):
         """fn(session) in a short session of its own: a stage's reads, none held while it computes."""
-        with session_scope(self.engine) as s:
-            return fn(s)
+
+        def read():
+            with session_scope(self.engine) as s:
+                return fn(s)
+
+        return with_database(read, "reading for a job")
+
+    def _finish(self, job_id: int, write) -> None:
+        """The job's results and its done mark, in one transaction; retried while the database
+        is unreachable. A commit whose reply was lost is recognised on the retry."""
+
+        def attempt():
+            with session_scope(self.engine) as s:
+                if queries.job_done_by(s, job_id, self.name):
+                    return  # an earlier try committed, and only its reply was lost
+                write(s)
+                if not queries.finish_job(s, job_id, self.name):
+                    raise JobLost(f"job {job_id} was taken back from {self.name}")
+
+        with_database(attempt, f"storing job {job_id}")
 
     def _more_to_come(self) -> bool:
         """Whether any job may still become runnable (queued or running, and nothing failed)."""
@@ -167,17 +221,13 @@ class Worker:
             beat.stop()
             if beat.lost:
                 raise JobLost(f"job {ctx.job_id} was taken back from {self.name}")
-            with session_scope(self.engine) as s:
-                write(s)
-                if not queries.finish_job(s, ctx.job_id, self.name):
-                    raise JobLost(f"job {ctx.job_id} was taken back from {self.name}")
+            self._finish(ctx.job_id, write)
             return None
         except JobLost as exc:
             log.warning("%s", exc)
             return str(exc)
         except (KeyboardInterrupt, SystemExit):
-            with session_scope(self.engine) as s:
-                queries.release_job(s, ctx.job_id, self.name)
+            self._release(ctx.job_id)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job
             user_error = isinstance(exc, NeedleError)
@@ -187,10 +237,25 @@ class Worker:
                 message = f"{type(exc).__name__}: {exc}"
             if not user_error:
                 log.error("job %s (%s) failed:\n%s", ctx.job_id, desc, traceback.format_exc())
-            with session_scope(self.engine) as s:
-                # a user error (bad model, bad input) will not mend by itself: no retry
-                queries.fail_job(s, ctx.job_id, self.name, message, retry=not user_error)
+            def record():
+                with session_scope(self.engine) as s:
+                    # a user error (bad model, bad input) will not mend by itself: no retry
+                    queries.fail_job(s, ctx.job_id, self.name, message, retry=not user_error,
+                                     backoff_s=self.settings.retry_backoff_seconds)
+
+            with_database(record, f"recording the failure of job {ctx.job_id}")
             return message
         finally:
             beat.stop()
             progress.close()
+
+    def _release(self, job_id: int) -> None:
+        """Give the job in hand back to the queue; if the database is down, its heartbeats stop
+        and it goes back once stale."""
+        try:
+            with session_scope(self.engine) as s:
+                queries.release_job(s, job_id, self.name)
+            log.warning("released job %s", job_id)
+        except DBAPIError:
+            log.warning("could not release job %s (database unreachable): it goes back to the queue "
+                        "once its heartbeats are stale", job_id)

@@ -40,6 +40,22 @@ def models_json(request: Request, session: SessionDep) -> Response:
     return respond(request, "models.html", pagedata.models_page(session), urls.JSON)
 
 
+@router.get("/-/jobs")
+def jobs(request: Request, session: SessionDep, settings: SettingsDep, model: str | None = None,
+         state: str | None = None, page: str | None = None, fragment: Literal["list"] | None = None) -> Response:
+    data = pagedata.jobs_page(session, model=model, state=state, page=page, stale_seconds=settings.stale_seconds)
+    if fragment == "list":
+        return render_partial("_jobs_list.html", data)  # the list polling itself
+    return respond(request, "jobs.html", data)
+
+
+@router.get("/-/jobs.json")
+def jobs_json(request: Request, session: SessionDep, settings: SettingsDep, model: str | None = None,
+              state: str | None = None, page: str | None = None) -> Response:
+    data = pagedata.jobs_page(session, model=model, state=state, page=page, stale_seconds=settings.stale_seconds)
+    return respond(request, "jobs.html", data, urls.JSON)
+
+
 @router.get("/{model}")
 def model(request: Request, model: str, session: SessionDep, fragment: Literal["jobs"] | None = None) -> Response:
     name, fmt = split_format(model)

@@ -1,0 +1,86 @@
+"""Sharded jobs (issue 6): decoding split by layer ranges, examples and statistics by layer
+range x corpus shard, merged into exactly the rows of a one-job run.
+
+The detector Llama of tests/test_examples.py and its corpus, indexed once in one job per
+stage (the module fixture `indexed` there, in batches of 3 windows), and again here with
+the work split over layer ranges and corpus shards, on SQLite and Postgres.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from app import queries
+from app.config import Settings
+from app.db import engine_for, session_scope
+from needle.cli import index_model
+from tests.test_examples import CONTEXT, N_WINDOWS, activation_rows, detector, indexed  # noqa: F401 - fixtures
+from workers import examples
+from workers.stages import EXAMPLES_PART_STAGE, EXAMPLES_RANGE_STAGE
+
+BATCH = 3 * CONTEXT  # as the `indexed` fixture: 3 windows a batch, so 40 windows make 14 batches
+
+
+def table_rows(url: str, name: str, table: str, order: str) -> list[tuple]:
+    with engine_for(url).connect() as c:
+        model_id = c.execute(text("select id from models where name = :n"), {"n": name}).scalar_one()
+        rows = c.execute(text(f"select * from {table} where model_id = :m order by {order}"), {"m": model_id}).mappings().all()
+    return [tuple(v for k, v in r.items() if k != "model_id") for r in rows]
+
+
+def run_row(url: str, name: str) -> dict:
+    with session_scope(engine_for(url)) as s:
+        run = queries.example_run(s, queries.get_model(s, name).id)
+        return {"n_windows": run.n_windows, "n_tokens": run.n_tokens, "context": run.context, "settings": run.settings}
+
+
+def test_shard_bounds_follow_the_one_pass_batches():
+    # 40 windows of 16 tokens in batches of 3 windows: 14 batches, the last of one window
+    bounds = examples.shard_bounds(40, 16, 3 * 16, 4)
+    assert bounds == [(0, 9), (9, 21), (21, 30), (30, 40)]
+    assert all(a % 3 == 0 for a, _ in bounds)
+    assert examples.shard_bounds(40, 16, 3 * 16, 1) == [(0, 40)]
+    # more shards than batches: the extra ones are empty, none is lost
+    many = examples.shard_bounds(5, 16, 3 * 16, 4)
+    assert sorted(w for a, b in many for w in range(a, b)) == list(range(5))
+    assert sum(1 for a, b in many if a == b) == 2
+
+
+@pytest.mark.parametrize("layers_per_job,shards", [(1, 3), (2, 5), (1, 1)])
+def test_sharded_examples_equal_the_one_job_run(detector, indexed, db_url, layers_per_job, shards):  # noqa: F811
+    settings = Settings(database_url=db_url, examples_batch_tokens=BATCH)
+    index_model(settings, str(detector["path"]), "det", corpus=str(detector["corpus"]), context=CONTEXT,
+                layers_per_job=layers_per_job, corpus_shards=shards, quiet=True)
+    with session_scope(engine_for(db_url)) as s:
+        model = queries.get_model(s, "det")
+        jobs = queries.jobs_for_model(s, model.id)
+        stages = [j.stage for j in jobs]
+        n_ranges = -(-model.n_layers // layers_per_job)
+        assert all(j.state == "done" for j in jobs)
+        assert stages.count(EXAMPLES_RANGE_STAGE) == (n_ranges if (shards, n_ranges) != (1, 1) else 0)
+        assert stages.count(EXAMPLES_PART_STAGE) == (n_ranges * shards if (shards, n_ranges) != (1, 1) else 0)
+        assert stages.count("decode") == n_ranges
+        # the parts are merged, then gone
+        assert queries.example_part_names(s, model.id, "range") == []
+        assert queries.example_part_names(s, model.id, "shard") == []
+    got, want = activation_rows(db_url, "det"), activation_rows(indexed, "det")
+    assert len(got) == len(want) > 0
+    columns = None
+    with engine_for(db_url).connect() as c:
+        columns = [k for k in c.execute(text("select * from neuron_activations limit 1")).keys() if k != "model_id"]
+    for g, w in zip(got, want, strict=True):
+        for name, a, b in zip(columns, g, w, strict=True):
+            if name in ("mean", "std"):  # float64 sums added in another grouping
+                assert a == pytest.approx(b, rel=1e-12, abs=1e-15), name
+            else:
+                assert a == b, (name, g[:2])
+    assert table_rows(db_url, "det", "example_windows", "\"window\"") == table_rows(indexed, "det", "example_windows", "\"window\"")
+    # the decode shards' merged search index equals the one-job index
+    assert table_rows(db_url, "det", "token_index", "token_id") == table_rows(indexed, "det", "token_index", "token_id")
+    run, one = run_row(db_url, "det"), run_row(indexed, "det")
+    assert (run["n_windows"], run["n_tokens"]) == (one["n_windows"], one["n_tokens"]) == (N_WINDOWS, N_WINDOWS * CONTEXT)
+    if (shards, n_ranges) != (1, 1):
+        assert run["settings"]["shards"] == shards
+        assert len(run["settings"]["layer_ranges"]) == n_ranges
