@@ -394,7 +394,8 @@ def cmd_worker(args, settings: Settings) -> None:
     except SystemExit:
         print(f"worker {worker.name}: terminated; the job in hand, if any, is back in the queue", flush=True)
         raise
-    print(f"worker {worker.name}: {len(summary.done)} done, {len(summary.failed)} failed attempts")
+    print(f"worker {worker.name}: {len(summary.done)} done, {len(summary.failed)} failed attempts, "
+          f"models loaded: {worker.cache.loads}")
 
 
 def cmd_db(args, settings: Settings) -> None:

@@ -139,6 +139,9 @@ def one_worker_run(url: str, model: str, corpus: str, log: Path, **plan) -> dict
     wait_all([start_worker(url, log, "--until-idle")], [log])
     got = results(url)
     check_complete(url, got)
+    # every job of the set needs the model: the worker loaded it once
+    n_jobs = len(jobs(url))
+    assert n_jobs >= 4 and f"{n_jobs} done, 0 failed attempts, models loaded: 1" in log.read_text()
     return got
 
 

@@ -67,6 +67,7 @@ class ModelCache:
 
     def __init__(self):
         self._models: dict[tuple[str, str, str], object] = {}
+        self.loads = 0  # models loaded from disk so far
 
     def put(self, spec: ModelSpec, loaded) -> None:
         self._models[(spec.source, spec.device, spec.dtype)] = loaded
@@ -77,6 +78,7 @@ class ModelCache:
             from workers.loading import load_model
 
             self._models[key] = load_model(spec.source, device=spec.device, dtype=spec.dtype)
+            self.loads += 1
         return self._models[key]
 
 
