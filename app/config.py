@@ -6,6 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from platformdirs import user_data_dir
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,10 +46,20 @@ class Settings(BaseSettings):
     # Live requests from pages (your text, clamp curves, clamped generation) queue worker jobs;
     # NEEDLE_LIVE_REQUESTS=false switches them off (a public, read-only deployment).
     live_requests: bool = True
+    # ... and are rate-limited per client (by IP address): a token bucket of live_rate_burst requests,
+    # refilled at live_rate_per_minute; beyond it a 429 with Retry-After. 0 a minute: no limit.
+    live_rate_per_minute: float = Field(default=10.0, ge=0)
+    live_rate_burst: int = Field(default=5, ge=1)
+    # Behind one reverse proxy that sets X-Forwarded-For: the client is the address it added (the
+    # header's last entry). Leave it off otherwise, or anyone could pick the address they are counted as.
+    trust_proxy: bool = False
     # A clamp prompt from a page: at most this many characters (the CLI has no such limit).
     clamp_prompt_max_chars: int = 2000
     # Rows (clamp values x neurons) per forward batch of a clamp sweep.
     clamp_batch_rows: int = 512
+    # The site's public address (e.g. https://needle.example.org) for absolute permalinks (the copy
+    # button, Open Graph tags); empty: the address the request came to.
+    public_url: str = ""
 
     def resolved_database_url(self) -> str:
         url = self.database_url or default_database_url()

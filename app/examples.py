@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app import queries, urls
 from app.arrays import FLOAT16, FLOAT32, INT16, INT32, INT64, unpack
+from app.fastpage import TokenTexts, rounded_activations, token_texts
 from app.schema import ExampleRun, Job, Model, NeuronActivations, TextRun
 
 METHOD = [
@@ -69,11 +70,12 @@ def run_info(run: ExampleRun | None) -> dict | None:
 
 
 def _example(token_ids: np.ndarray, acts: np.ndarray, text: dict[int, str], source: str, mark: int | None = None) -> dict:
-    values = [round(float(a), 4) for a in acts.astype(np.float32)]
+    values = rounded_activations(acts)
     max_index = int(np.argmax(acts)) if mark is None else int(mark)
+    ids = token_ids.tolist()
     return {
-        "tokens": [text.get(int(t)) for t in token_ids],
-        "token_ids": [int(t) for t in token_ids],
+        "tokens": text.many(token_ids) if isinstance(text, TokenTexts) else [text.get(t) for t in ids],
+        "token_ids": ids,
         "activations": values,
         "max_activation": values[max_index],
         "max_index": max_index,
@@ -101,7 +103,7 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
 
     windows = queries.example_windows(session, model.id, [*top_windows.tolist(), *int_windows.ravel().tolist()])
     ids = {w: unpack(win.token_ids, INT32) for w, win in windows.items()}
-    text = queries.tokens_by_ids(session, model.id, {int(t) for arr in ids.values() for t in arr})
+    text = token_texts(session, model)
 
     def example(window: int, acts: np.ndarray, pos: int, exact_max: float) -> dict:
         win = windows[window]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from app import openapi, security
 from app.config import ROOT, Settings, get_settings
 from app.db import engine_for
 from app.routes import errors, pages
@@ -26,4 +27,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/-/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.include_router(pages.router)
     errors.install_error_handler(app)
+    security.install(app, settings)  # after the error handler: its answers get the headers too
+    openapi.install(app)
     return app

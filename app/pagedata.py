@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session
 from app import clamping, examples, queries, urls
 from app.arrays import FLOAT32, INT32, unpack
 from app.errors import NeedleError, NotFound
+from app.fastpage import token_texts
+from app.plots import STRIP_POINTS
 from app.schema import Job, Model
 from app.search import matching_tokens, number, ranked_neurons, tokenize_query
 
@@ -42,7 +44,8 @@ SORT_LABELS = {
 
 
 def _model(session: Session, name: str) -> Model:
-    model = queries.get_model(session, name)
+    # without its tokenizer JSON (megabytes for a large vocabulary), loaded if a page reads it
+    model = queries.get_model(session, name, tokenizer=False)
     if model is None:
         raise NotFound(f"There is no model named {name!r}.", hint="The models list shows the models indexed here.")
     return model
@@ -54,9 +57,10 @@ def _index(text: str, what: str, model: Model, count: int) -> int:
         raise NotFound(
             f"{what.capitalize()} {text!r} is not a {what} number: {what}s are numbered 0 to {count - 1}.",
         )
-    value = int(text)
-    if value >= count:
-        raise NotFound(f"Model {model.name!r} has no {what} {value}: its {what}s are numbered 0 to {count - 1}.")
+    value = int(text) if len(text) <= 18 else None  # int() refuses numbers of over 4,300 digits
+    if value is None or value >= count:
+        shown = value if value is not None else text[:18] + "…"
+        raise NotFound(f"Model {model.name!r} has no {what} {shown}: its {what}s are numbered 0 to {count - 1}.")
     return value
 
 
@@ -208,7 +212,8 @@ def model_page(session: Session, name: str) -> dict:
         "neurons": model.n_layers * model.d_mlp,
         "neurons_stored": sum(layer["neurons"] for layer in layers),
         "layers": layers,
-        "dead_neurons": sum(layer["dead"] for layer in layers) if firing else None,
+        # layers with no activation rows yet have no dead count
+        "dead_neurons": sum(layer["dead"] or 0 for layer in layers) if firing else None,
         "examples_run": examples.run_info(queries.example_run(session, model.id)),
         "stages": _stages(jobs),
         "jobs": [_job(j) for j in jobs],
@@ -226,10 +231,10 @@ def layer_page(
         raise NeedleError(f"Unknown sort {sort!r}: use one of {', '.join(queries.LAYER_SORTS)}.")
     if page is None:
         page_number = 1
-    elif DIGITS.fullmatch(page) and int(page) >= 1:
+    elif DIGITS.fullmatch(page) and len(page) <= 9 and int(page) >= 1:  # a 5,000-digit page is no number
         page_number = int(page)
     else:
-        raise NeedleError(f"Page {page!r} is not a page number: pages are numbered from 1.")
+        raise NeedleError(f"Page {page[:MAX_QUERY_CHARS]!r} is not a page number: pages are numbered from 1.")
     summary = queries.layer_summary(session, model.id, layer)
     pages = max(1, math.ceil(summary["neurons"] / page_size))
     if page_number > pages:
@@ -287,7 +292,8 @@ def layer_page(
 
 
 def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, *, text_max_chars: int = 2000,
-                live: bool = True, clamp_prompt_max_chars: int = 2000) -> dict:
+                live: bool = True, clamp_prompt_max_chars: int = 2000, base_url: str = "") -> dict:
+    """base_url: the site's public address, for the absolute "permalink" (copy button, Open Graph)."""
     model = _model(session, name)
     layer = _index(layer_text, "layer", model, model.n_layers)
     index = _index(neuron_text, "neuron", model, model.d_mlp)
@@ -298,7 +304,7 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
             hint="The model page shows the indexing jobs and their progress.",
         )
     in_ids, out_pos_ids, out_neg_ids = (unpack(b, INT32) for b in (row.in_ids, row.out_pos_ids, row.out_neg_ids))
-    text = queries.tokens_by_ids(session, model.id, [*in_ids, *out_pos_ids, *out_neg_ids, row.top_token_id])
+    text = token_texts(session, model)  # the vocabulary, held in memory (app/fastpage.py)
     previous = queries.previous_neuron(session, model.id, layer, index)
     following = queries.next_neuron(session, model.id, layer, index)
     run_row = queries.example_run(session, model.id)
@@ -317,6 +323,9 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
         "neuron": index,
         "url": urls.neuron_url(model.name, layer, index),
         "json_url": urls.neuron_url(model.name, layer, index, fmt=urls.JSON),
+        "permalink": urls.absolute_url(base_url, urls.neuron_url(model.name, layer, index)),
+        "n_layers": model.n_layers,
+        "d_mlp": model.d_mlp,
         "decode_norm": model.decode_norm,
         "decode_norm_text": DECODE_NORMS.get(model.decode_norm, model.decode_norm),
         "top_token": _token(row.top_token_id, text),
@@ -371,6 +380,24 @@ def random_neuron_target(session: Session, name: str, fmt: str | None = None, rn
     return urls.neuron_url(model.name, *pick, fmt=fmt)
 
 
+def jump_target(session: Session, name: str, layer_text: str | None, neuron_text: str | None) -> str:
+    """Where the jump box (GET /{model}/jump?layer=L&neuron=N) sends the browser: the neuron's
+    permalink. A missing or malformed number is a 400, one out of range a 404, each naming the
+    valid range."""
+    model = _model(session, name)
+    ranges = f"layers are numbered 0 to {model.n_layers - 1} and neurons 0 to {model.d_mlp - 1}"
+    numbers = []
+    for text, what, count in ((layer_text, "layer", model.n_layers), (neuron_text, "neuron", model.d_mlp)):
+        text = (text or "").strip()
+        if not text:
+            raise NeedleError(f"Give a {what} number to jump to: in {model.name!r}, {ranges}.")
+        if not DIGITS.fullmatch(text):
+            raise NeedleError(f"{what.capitalize()} {text[:MAX_QUERY_CHARS]!r} is not a {what} number: "
+                              f"in {model.name!r}, {ranges}.")
+        numbers.append(_index(text, what, model, count))
+    return urls.neuron_url(model.name, *numbers)
+
+
 def search_page(session: Session, name: str, token: str | None) -> dict:
     model = _model(session, name)
     if not token:
@@ -405,6 +432,11 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
         "matches": [_token(t, text) for t in ids],
         "index_ready": bool(index_rows) or queries.has_token_index(session, model.id),
         "results": results,
+        # the score-by-layer strip (Davies 2025, Figure 2): the best results, x = layer, y = score
+        "score_strip": {
+            "n_layers": model.n_layers,
+            "points": [{k: r[k] for k in ("layer", "neuron", "score", "url")} for r in results[:STRIP_POINTS]],
+        },
     }
     if tokenized is not None:
         data["tokenized"] = tokenized
@@ -652,7 +684,7 @@ def jobs_page(
         raise NeedleError(f"Unknown job state {state[:MAX_QUERY_CHARS]!r}: use one of {', '.join(queries.JOB_STATES)}.")
     if page is None or page == "":
         page_number = 1
-    elif DIGITS.fullmatch(page) and int(page) >= 1:
+    elif DIGITS.fullmatch(page) and len(page) <= 9 and int(page) >= 1:  # a 5,000-digit page is no number
         page_number = int(page)
     else:
         raise NeedleError(f"Page {page[:MAX_QUERY_CHARS]!r} is not a page number: pages are numbered from 1.")

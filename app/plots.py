@@ -1,11 +1,16 @@
-"""Server-side SVG plots. Only numbers are interpolated (no text from a model or a user), and
-the result is marked safe for the templates."""
+"""Server-side SVG plots. Only numbers are interpolated (no text from a model or a user; the
+score strip's links are URLs built by app.urls, escaped too), and the result is marked safe
+for the templates.
+
+Each plot is an accessible image: <svg role="img" aria-labelledby=...> names its own <title>
+and <desc> (ids from the `ident` argument, unique on a page), and every bar or point carries
+a <title> with its values, which browsers show on hover without any script."""
 
 from __future__ import annotations
 
 import math
 
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 WIDTH, HEIGHT = 560, 170
 LEFT, RIGHT, TOP, BOTTOM = 46, 12, 10, 34
@@ -15,7 +20,17 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def histogram_svg(stats: dict) -> Markup:
+def _open(cls: str, width: int, height: int, ident: str, title: str, desc: str) -> str:
+    """The opening <svg> of an accessible plot, with its <title> and <desc>."""
+    ident = escape(ident)
+    return (
+        f'<svg class="plot {cls}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-labelledby="{ident}-title {ident}-desc"><title id="{ident}-title">{escape(title)}</title>'
+        f'<desc id="{ident}-desc">{escape(desc)}</desc>'
+    )
+
+
+def histogram_svg(stats: dict, ident: str = "histogram") -> Markup:
     """The activation histogram of a neuron: bars on a log count axis, with 0, the threshold
     and the mean marked. Each bar's tooltip gives its range and count."""
     edges = stats["histogram"]["edges"]
@@ -33,9 +48,16 @@ def histogram_svg(stats: dict) -> Markup:
     def y(count: int) -> float:
         return TOP + plot_h * (1 - math.log10(1 + count) / top)
 
+    desc = (
+        f"{sum(counts):,} tokens in {len(counts)} bins of activation from {_fmt(lo)} to {_fmt(hi)}; "
+        f"the fullest bin holds {max(counts):,}."
+    )
+    if stats.get("mean") is not None:
+        desc += f" Mean {_fmt(stats['mean'])}."
+    if stats.get("threshold") is not None:
+        desc += f" Threshold {_fmt(stats['threshold'])}."
     parts = [
-        f'<svg class="plot histogram" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
-        'role="img" aria-label="Histogram of this neuron\'s activations (log count)">',
+        _open("histogram", WIDTH, HEIGHT, ident, "Histogram of this neuron's activations (log count)", desc),
         f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{LEFT + plot_w}" y2="{TOP + plot_h}"/>',
         f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/>',
     ]
@@ -82,7 +104,7 @@ CURVE_W, CURVE_H = 560, 220
 PALETTE = ("#2457c5", "#e8913a", "#3f9b63", "#c8574b", "#8a5cc2", "#1c9aa8", "#b8a326", "#6b7280")
 
 
-def f1_curve_svg(layers: list[dict], key: str = "curve") -> Markup:
+def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = None) -> Markup:
     """F1 against k (log axis), one line per layer, from each layer's `key` list ("curve": the
     fast sweep, "pruned_curve": the pruning sweep)."""
     ks = sorted({p["k"] for layer in layers for p in layer[key]})
@@ -98,9 +120,11 @@ def f1_curve_svg(layers: list[dict], key: str = "curve") -> Markup:
     def y(f1: float) -> float:
         return top + plot_h * (1 - f1)
 
+    best = max((p["f1"] for layer in layers for p in layer[key] if p.get("f1") is not None), default=None)
+    desc = f"{len(layers)} layers, k from {ks[0]} to {ks[-1]}" + (f"; best F1 {best:.3f}." if best is not None else ".")
     parts = [
-        f'<svg class="plot curve" viewBox="0 0 {CURVE_W} {CURVE_H}" width="{CURVE_W}" height="{CURVE_H}" '
-        'role="img" aria-label="Test F1 against the number of neurons k, per layer">',
+        _open("curve", CURVE_W, CURVE_H, ident or f"f1-{key}", "Test F1 against the number of neurons k, per layer",
+              desc),
         f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}"/>',
         f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
     ]
@@ -139,7 +163,7 @@ def _nice_top(value: float) -> float:
     return 10 ** (k + 1)
 
 
-def clamp_curve_svg(curve: dict) -> Markup:
+def clamp_curve_svg(curve: dict, ident: str | None = None) -> Markup:
     """p(target) against the clamp value: a line with a point per value (its tooltip gives both
     numbers) and the unclamped model marked (a dashed line at its activation, a ring at its
     probability). The y axis runs from 0 to a round number above the largest probability, which
@@ -159,10 +183,17 @@ def clamp_curve_svg(curve: dict) -> Markup:
     def y(p: float) -> float:
         return TOP + plot_h * (1 - p / y_top)
 
+    top = max(range(len(ys)), key=lambda i: ys[i])
+    desc = (
+        f"{len(xs)} clamp values from {_fmt(lo)} to {_fmt(hi)}; p(target) goes from {ys[0]:.4g} to {ys[-1]:.4g}, "
+        f"highest {ys[top]:.4g} at {_fmt(xs[top])}."
+    )
+    if base.get("activation") is not None and base.get("prob") is not None:
+        desc += f" Unclamped: activation {_fmt(base['activation'])}, p = {base['prob']:.4g}."
+    if ident is None:
+        ident = f"clamp-{int(curve['id'])}" if isinstance(curve.get("id"), int) else f"clamp-{abs(hash(tuple(xs))):x}"
     parts = [
-        f'<svg class="plot clamp-curve" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
-        'role="img" aria-label="Probability of the target token against the clamp value">',
-        "<title>p(target) against the clamp value</title>",
+        _open("clamp-curve", WIDTH, HEIGHT, ident, "p(target) against the clamp value", desc),
         f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{LEFT + plot_w}" y2="{TOP + plot_h}"/>',
         f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/>',
         f'<line class="grid" x1="{LEFT}" y1="{y(y_top / 2):.1f}" x2="{LEFT + plot_w}" y2="{y(y_top / 2):.1f}"/>',
@@ -191,5 +222,78 @@ def clamp_curve_svg(curve: dict) -> Markup:
         f'<text x="12" y="{TOP + plot_h / 2:.1f}" text-anchor="middle" class="label" '
         f'transform="rotate(-90 12 {TOP + plot_h / 2:.1f})">p(target)</text>'
     )
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+STRIP_W, STRIP_H = 560, 210
+STRIP_POINTS = 50
+
+
+def score_strip_svg(strip: dict, ident: str = "score-strip") -> Markup:
+    """Where the top neurons for a token sit in the model (Davies 2025, Figure 2): one dot per
+    neuron, x its layer, y its normalised score, each dot a link to the neuron's page with
+    its numbers in a tooltip. `strip` is the search page's {"n_layers", "points": [{"layer",
+    "neuron", "score", "url"}, ...]}, best first; at most STRIP_POINTS are drawn. Dots of one
+    layer are spread a little sideways (by rank) so that close scores stay visible, never
+    beyond their layer's band, so x stays ordered by layer."""
+    n_layers = max(int(strip["n_layers"]), 1)
+    points = [p for p in strip["points"][:STRIP_POINTS] if p.get("score") is not None]
+    if not points:
+        return Markup("")
+    left, right, top, bottom = 52, 12, 12, 40
+    plot_w, plot_h = STRIP_W - left - right, STRIP_H - top - bottom
+    band = plot_w / n_layers
+    y_top = _nice_top(max(max(p["score"] for p in points), 1e-12))
+    spread = min(band * 0.1, 5.0)  # |offset| <= 3 * spread < band / 2
+
+    def x(layer: int) -> float:
+        return left + band * (layer + 0.5)
+
+    def y(score: float) -> float:
+        return top + plot_h * (1 - max(score, 0.0) / y_top)
+
+    best = points[0]
+    layers = sorted({int(p["layer"]) for p in points})
+    desc = (
+        f"{len(points)} neurons in {len(layers)} of {n_layers} layers (layers {layers[0]} to {layers[-1]}); "
+        f"the best, layer {int(best['layer'])} neuron {int(best['neuron'])}, scores {best['score']:.4g}."
+    )
+    parts = [
+        _open("score-strip", STRIP_W, STRIP_H, ident, f"Normalised score of the top {len(points)} neurons, by layer",
+              desc),
+        f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}"/>',
+        f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
+    ]
+    for tick in (0.5, 1.0):
+        parts.append(f'<line class="grid" x1="{left}" y1="{y(y_top * tick):.1f}" x2="{left + plot_w}" '
+                     f'y2="{y(y_top * tick):.1f}"/>')
+    for tick in (0.0, 0.5, 1.0):
+        parts.append(f'<text x="{left - 6}" y="{y(y_top * tick) + 4:.1f}" text-anchor="end">{y_top * tick:.3g}</text>')
+    step = max(1, math.ceil(n_layers / 16))
+    for layer in range(n_layers):
+        if layer % step == 0 or layer == n_layers - 1:
+            parts.append(f'<line class="tick" x1="{x(layer):.1f}" y1="{top + plot_h}" x2="{x(layer):.1f}" '
+                         f'y2="{top + plot_h + 4}"/>')
+            parts.append(f'<text x="{x(layer):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{layer}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{STRIP_H - 4}" text-anchor="middle" class="label">layer</text>')
+    parts.append(
+        f'<text x="12" y="{top + plot_h / 2:.1f}" text-anchor="middle" class="label" '
+        f'transform="rotate(-90 12 {top + plot_h / 2:.1f})">normalised score</text>'
+    )
+    seen: dict[int, int] = {}
+    dots = []
+    for rank, p in enumerate(points, start=1):
+        layer, neuron, score = int(p["layer"]), int(p["neuron"]), float(p["score"])
+        k = seen.get(layer, 0)
+        seen[layer] = k + 1
+        cx = x(layer) + ((k % 7) - 3) * spread if k else x(layer)
+        cls = "dot best" if rank == 1 else "dot"
+        dots.append(
+            f'<a href="{escape(p["url"])}"><circle class="{cls}" cx="{cx:.1f}" cy="{y(score):.1f}" '
+            f'r="{5 if rank == 1 else 4}"><title>#{rank}: layer {layer}, neuron {neuron}, '
+            f"score {score:.4g}</title></circle></a>"
+        )
+    parts.extend(reversed(dots))  # the best drawn last, on top
     parts.append("</svg>")
     return Markup("".join(parts))

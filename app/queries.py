@@ -7,8 +7,19 @@ import random
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, case, delete, exists, func, literal, or_, select, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import (
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.orm import Session, aliased, defer
 
 from app.arrays import INT32, unpack
 from app.schema import (
@@ -48,8 +59,11 @@ def list_models(session: Session) -> list[Model]:
     return list(session.scalars(select(Model).order_by(Model.name)))
 
 
-def get_model(session: Session, name: str) -> Model | None:
-    return session.scalar(select(Model).where(Model.name == name))
+def get_model(session: Session, name: str, *, tokenizer: bool = True) -> Model | None:
+    """tokenizer=False defers the tokenizer JSON (megabytes for a large vocabulary): it is then
+    read from the database only if the row's tokenizer_json is used while the session is open."""
+    q = select(Model).where(Model.name == name)
+    return session.scalar(q if tokenizer else q.options(defer(Model.tokenizer_json)))
 
 
 def get_model_by_id(session: Session, model_id: int) -> Model | None:
@@ -135,6 +149,19 @@ def tokens_by_text(session: Session, model_id: int, texts: Sequence[str]) -> lis
             .order_by(Vocab.token_id)
         )
     )
+
+
+def tokens_by_text_or_key(session: Session, model_id: int, text: str, key: str) -> list[Vocab]:
+    """tokens_by_text(text) followed by the rest of tokens_by_key(key), in one query: search's lookup."""
+    rows = list(
+        session.scalars(
+            select(Vocab)
+            .where(Vocab.model_id == model_id, or_(Vocab.token == text, Vocab.piece == text, Vocab.key == key))
+            .order_by(Vocab.token_id)
+        )
+    )
+    exact = [r for r in rows if r.token == text or r.piece == text]
+    return exact + [r for r in rows if not (r.token == text or r.piece == text)]
 
 
 # ---------------------------------------------------------------- neurons
@@ -482,13 +509,12 @@ def layer_summary(session: Session, model_id: int, layer: int) -> dict:
 
 
 def next_neuron(session: Session, model_id: int, layer: int, neuron: int) -> tuple[int, int] | None:
-    """The stored neuron after (layer, neuron), crossing into the next layer at the end of one."""
+    """The stored neuron after (layer, neuron), crossing into the next layer at the end of one.
+    A row-value comparison, so the primary key's index starts at (layer, neuron) on both databases
+    (an OR of the two cases made Postgres scan every neuron of the model before it)."""
     row = session.execute(
         select(Neuron.layer, Neuron.neuron)
-        .where(
-            Neuron.model_id == model_id,
-            or_(Neuron.layer > layer, and_(Neuron.layer == layer, Neuron.neuron > neuron)),
-        )
+        .where(Neuron.model_id == model_id, tuple_(Neuron.layer, Neuron.neuron) > tuple_(layer, neuron))
         .order_by(Neuron.layer, Neuron.neuron)
         .limit(1)
     ).first()
@@ -499,10 +525,7 @@ def previous_neuron(session: Session, model_id: int, layer: int, neuron: int) ->
     """The stored neuron before (layer, neuron), crossing into the previous layer at the start of one."""
     row = session.execute(
         select(Neuron.layer, Neuron.neuron)
-        .where(
-            Neuron.model_id == model_id,
-            or_(Neuron.layer < layer, and_(Neuron.layer == layer, Neuron.neuron < neuron)),
-        )
+        .where(Neuron.model_id == model_id, tuple_(Neuron.layer, Neuron.neuron) < tuple_(layer, neuron))
         .order_by(Neuron.layer.desc(), Neuron.neuron.desc())
         .limit(1)
     ).first()
@@ -529,6 +552,12 @@ def replace_examples(
     session.flush()
     for i in range(0, len(windows), 5000):
         session.execute(ExampleWindow.__table__.insert(), [{"model_id": model_id, **w} for w in windows[i : i + 5000]])
+    add_activations(session, model_id, rows)
+
+
+def add_activations(session: Session, model_id: int, rows: Sequence[dict]) -> None:
+    """Insert neuron_activations rows (replace_examples' own insert; bench/server.py adds a large
+    model's layers with it one transaction at a time)."""
     for i in range(0, len(rows), 2000):
         session.execute(NeuronActivations.__table__.insert(), [{"model_id": model_id, **r} for r in rows[i : i + 2000]])
 
@@ -620,13 +649,14 @@ def get_clamp_curve(session: Session, curve_id: int) -> ClampCurve | None:
 def clamp_curves_of_neuron(session: Session, model_id: int, layer: int, neuron: int, limit: int = 20) -> list[ClampCurve]:
     """A neuron's finished curves, newest first (the ones `needle index` and `needle clamp` stored,
     and those asked for on its page)."""
-    return list(session.scalars(
+    curves = session.scalars(
         select(ClampCurve)
         .where(ClampCurve.model_id == model_id, ClampCurve.layer == layer, ClampCurve.neuron == neuron,
                ClampCurve.probs.is_not(None))
         .order_by(ClampCurve.id.desc())
         .limit(limit)
-    ))
+    )
+    return [c for c in curves if c.probs is not None]  # a row written before probs was none_as_null holds JSON null
 
 
 def replace_index_curves(session: Session, model_id: int, curves: Sequence[dict]) -> None:
@@ -782,3 +812,66 @@ def count_jobs_by_state(session: Session, model_id: int | None = None) -> dict[s
 
 
 # ---------------------------------------------------------------- end of the jobs list
+
+
+# ---------------------------------------------------------------- export (`needle export`, needle/export.py)
+# Reads in neuron ranges of one layer, so an export holds one batch at a time, whatever the model's size.
+
+
+def vocab_tokens(session: Session, model_id: int) -> list[tuple[int, str]]:
+    """(token id, token text) of a model's whole vocabulary, by id."""
+    rows = session.execute(
+        select(Vocab.token_id, Vocab.token).where(Vocab.model_id == model_id).order_by(Vocab.token_id)
+    )
+    return [(int(t), tok) for t, tok in rows]
+
+
+def neurons_in_range(session: Session, model_id: int, layer: int, start: int, stop: int) -> list[Neuron]:
+    """The stored decodings of neurons start..stop-1 of a layer, by neuron."""
+    return list(session.scalars(
+        select(Neuron)
+        .where(Neuron.model_id == model_id, Neuron.layer == layer, Neuron.neuron >= start, Neuron.neuron < stop)
+        .order_by(Neuron.neuron)
+    ))
+
+
+def activations_in_range(session: Session, model_id: int, layer: int, start: int, stop: int) -> list[NeuronActivations]:
+    """The stored activation examples and statistics of neurons start..stop-1 of a layer, by neuron."""
+    return list(session.scalars(
+        select(NeuronActivations)
+        .where(NeuronActivations.model_id == model_id, NeuronActivations.layer == layer,
+               NeuronActivations.neuron >= start, NeuronActivations.neuron < stop)
+        .order_by(NeuronActivations.neuron)
+    ))
+
+
+def window_tokens(session: Session, model_id: int, window_ids: Iterable[int]) -> dict[int, tuple[bytes, str]]:
+    """window -> (token ids blob, source) for any number of windows (900 per statement: databases cap
+    a statement's parameters; plain rows, no ORM objects, as an export reads millions)."""
+    ids = sorted({int(w) for w in window_ids if w >= 0})
+    out: dict[int, tuple[bytes, str]] = {}
+    for i in range(0, len(ids), 900):
+        rows = session.execute(
+            select(ExampleWindow.window, ExampleWindow.token_ids, ExampleWindow.source)
+            .where(ExampleWindow.model_id == model_id, ExampleWindow.window.in_(ids[i : i + 900]))
+        )
+        out.update({w: (blob, source) for w, blob, source in rows})
+    return out
+
+
+def neuron_features_of_layer(session: Session, model_id: int, layer: int) -> list[NeuronFeature]:
+    """Every neuron's feature memberships in a layer: by neuron, then best F1 first (as features_of_neuron)."""
+    return list(session.scalars(
+        select(NeuronFeature)
+        .where(NeuronFeature.model_id == model_id, NeuronFeature.layer == layer)
+        .order_by(NeuronFeature.neuron, NeuronFeature.f1.desc(), NeuronFeature.feature)
+    ))
+
+
+def feature_layers_in_range(session: Session, model_id: int, start: int, stop: int) -> list[FeatureLayer]:
+    """Every feature's per-layer probes for layers start..stop-1, by feature then layer."""
+    return list(session.scalars(
+        select(FeatureLayer)
+        .where(FeatureLayer.model_id == model_id, FeatureLayer.layer >= start, FeatureLayer.layer < stop)
+        .order_by(FeatureLayer.feature, FeatureLayer.layer)
+    ))

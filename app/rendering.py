@@ -11,7 +11,13 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
 
 from app import clamping, plots, urls
 from app.config import ROOT
-from app.tokens import in_context, visible
+from app.fastpage import (
+    context_tokens,
+    logit_table_rows,
+    search_result_rows,
+    token_table_rows,
+)
+from app.tokens import in_context, quoted, visible
 
 TEMPLATES = ROOT / "templates"
 
@@ -27,11 +33,17 @@ def environment() -> Environment:
     )
     env.filters["visible"] = visible
     env.filters["in_context"] = in_context
+    env.filters["quoted"] = quoted
     env.globals.update(urls.template_globals())
     env.globals["histogram_svg"] = plots.histogram_svg
     env.globals["f1_curve_svg"] = plots.f1_curve_svg
     env.globals["clamp_curve_svg"] = plots.clamp_curve_svg
+    env.globals["score_strip_svg"] = plots.score_strip_svg
     env.globals["clamp_method"] = clamping.METHOD
+    env.globals["context_tokens"] = context_tokens
+    env.globals["search_result_rows"] = search_result_rows
+    env.globals["token_table_rows"] = token_table_rows
+    env.globals["logit_table_rows"] = logit_table_rows
     return env
 
 

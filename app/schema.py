@@ -68,6 +68,7 @@ class Vocab(Base):
     __table_args__ = (
         Index("ix_vocab_key", "model_id", "key"),
         Index("ix_vocab_piece", "model_id", "piece"),
+        Index("ix_vocab_token", "model_id", "token"),  # search's exact match on the text (migration 0006)
     )
 
 
@@ -346,9 +347,10 @@ class ClampCurve(Base):
     note: Mapped[str | None] = mapped_column(Text, nullable=True)  # e.g. "several tokens: the first used"
     positions: Mapped[str] = mapped_column(String(10))  # "all" | "last"
     clamp_values: Mapped[list] = mapped_column(JSON)
-    probs: Mapped[list | None] = mapped_column(JSON, nullable=True)
-    baseline: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {activation, prob}
-    top_tokens: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {low: [...], high: [...]}
+    # none_as_null: None is SQL NULL, not JSON null, so "probs IS NOT NULL" finds the finished curves
+    probs: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    baseline: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)  # {activation, prob}
+    top_tokens: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)  # {low: [...], high: [...]}
     source: Mapped[str] = mapped_column(String(10))
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -368,8 +370,8 @@ class Generation(Base):
     value: Mapped[float] = mapped_column(Float)
     tokens: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: greedy
-    clamped: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {text, token_ids}
-    unclamped: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    clamped: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)  # {text, token_ids}
+    unclamped: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     source: Mapped[str] = mapped_column(String(10))
     created_at: Mapped[datetime] = mapped_column(DateTime)
 

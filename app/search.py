@@ -33,22 +33,17 @@ def number(x) -> float | None:
 def matching_tokens(session: Session, model_id: int, query: str) -> list[Vocab]:
     """Vocabulary entries the query names: the decoded token or raw piece equal to it, then
     those with the same search key (" dog", "Ġdog", "▁dog", "Dog", "DOG" for "dog")."""
-    found: dict[int, Vocab] = {}
-    for entry in queries.tokens_by_text(session, model_id, [query]) + queries.tokens_by_key(
-        session, model_id, search_key(query)
-    ):
-        found.setdefault(entry.token_id, entry)
-    return list(found.values())
+    return queries.tokens_by_text_or_key(session, model_id, query, search_key(query))
 
 
 def tokenize_query(model: Model, query: str) -> list[int] | None:
     """The query's token ids under the model's own tokenizer; None when there is none to use."""
-    if not model.tokenizer_json:
-        return None
     cache_key = (model.name, model.updated_at)
     with _tokenizers_lock:
         tokenizer = _tokenizers.get(cache_key)
     if tokenizer is None:
+        if not model.tokenizer_json:  # read on a miss only: pages load the model without it (deferred)
+            return None
         from tokenizers import Tokenizer
 
         try:

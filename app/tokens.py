@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 LEADING_MARKERS = (" ", "Ġ", "▁")
 _VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
 
@@ -29,3 +31,9 @@ def in_context(text: str | None) -> str:
 def visible(text: str) -> str:
     """Whitespace made visible for display: ␣ for a space, ↵ for a newline, ⇥ for a tab."""
     return text.translate(_VISIBLE) if text else "∅"
+
+
+def quoted(text: str | None) -> str:
+    """A token in double quotes, with JSON's escapes ("\\n", "\\"") so that whitespace stays visible
+    in plain text (an Open Graph description): ' dog' -> '" dog"'."""
+    return "�" if text is None else json.dumps(text, ensure_ascii=False)

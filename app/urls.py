@@ -85,6 +85,21 @@ def random_neuron_url(model: str, fmt: str | None = None) -> str:
     return _path(model, "random", fmt=fmt)
 
 
+def jump_url(model: str) -> str:
+    """Where the jump box (layer and neuron numbers, as a GET form) goes: it redirects to the neuron."""
+    return _path(model, "jump")
+
+
+def embed_url(model: str, layer: int, neuron: int) -> str:
+    """A neuron's compact card, for an iframe."""
+    return _with_query(neuron_url(model, layer, neuron), embed="true")
+
+
+def absolute_url(base: str, path: str) -> str:
+    """A path of this site on its public address: base is NEEDLE_PUBLIC_URL or the request's base URL."""
+    return base.rstrip("/") + path
+
+
 def search_url(model: str, token: str | None = None, fmt: str | None = None) -> str:
     return _with_query(_path(model, "search", fmt=fmt), token=token)
 
@@ -122,6 +137,8 @@ def template_globals() -> dict:
         "layer_url": layer_url,
         "neuron_url": neuron_url,
         "random_neuron_url": random_neuron_url,
+        "jump_url": jump_url,
+        "embed_url": embed_url,
         "text_form_url": text_form_url,
         "text_run_url": text_run_url,
         "clamp_form_url": clamp_form_url,

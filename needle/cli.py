@@ -13,6 +13,7 @@ import time
 from app.config import ROOT, Settings, get_settings
 from app.errors import NeedleError
 from needle.clamping import add_clamp_commands
+from needle.export import add_export_command
 from needle.jobs import add_jobs_command
 
 DEMO_MODEL = ROOT / "assets" / "demo-model"
@@ -329,7 +330,9 @@ def serve(settings: Settings, host: str, port: int, *, with_worker: bool = False
     if with_worker:
         start_background_worker(engine, settings)
     print(f"Needle is serving at http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    # X-Forwarded-For from a proxy on this host is uvicorn's to apply only when NEEDLE_TRUST_PROXY says so
+    # (app/security.py counts live requests per client address)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", proxy_headers=settings.trust_proxy)
 
 
 def start_background_worker(engine, settings: Settings):
@@ -471,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     add_jobs_command(sub)
+    add_export_command(sub)
 
     p = sub.add_parser("db", help="database schema")
     p.add_argument("db_command", choices=["upgrade", "current"])

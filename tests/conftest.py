@@ -134,3 +134,12 @@ def sqlite_url(tmp_path, _sqlite_template):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember whether a test's body raised (failed or xfailed), for fixtures' teardown
+    (tests/test_browser.py saves a screenshot of where a failed walk stopped)."""
+    outcome = yield
+    if outcome.get_result().when == "call":
+        item.call_raised = call.excinfo is not None

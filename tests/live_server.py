@@ -13,9 +13,10 @@ from bs4 import BeautifulSoup
 
 
 @contextmanager
-def running_server(app, timeout: float = 10.0) -> Iterator[str]:
-    """Serve app on 127.0.0.1 (port chosen by the OS) and yield its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none")
+def running_server(app, timeout: float = 10.0, **options) -> Iterator[str]:
+    """Serve app on 127.0.0.1 (port chosen by the OS) and yield its base URL. options: more
+    uvicorn.Config settings (e.g. proxy_headers=False, as `needle serve` without NEEDLE_TRUST_PROXY)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()

@@ -19,6 +19,20 @@ from app.db import session_scope
 from app.tokens import search_key
 
 HOSTILE = "<script>alert(1)</script>"
+# Token strings that try to break out of where a page puts them: an element, an attribute (either
+# quote), a <textarea>, a template, an entity; bidi and zero-width characters; a very long token.
+HOSTILE_TOKENS = [
+    HOSTILE,
+    '"><img src=x onerror=alert(2)>',
+    "' onmouseover='alert(3)",
+    "</textarea><script>alert(4)</script>",
+    "{{ 7*7 }}{% raw %}",
+    "&lt;b&gt;&amp;",
+    "<!--",
+    "]]><svg onload=alert(5)>",
+    "\u202egnp.exe\u200b\u200d\ufeff",
+    "<b>" + "A" * 3000 + "</b>",
+]
 IN_TOKENS, OUT_TOKENS, INDEX_NEURONS, NORMALISER_TOP = 20, 10, 50, 100
 
 

@@ -93,7 +93,8 @@ class Site:
 def site(db_url, model_dir, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
-    settings = Settings(database_url=db_url, heartbeat_seconds=0.5, page_size=500)
+    # no live-request rate limit: these tests send a hundred live requests (tests/test_security.py tests the limit)
+    settings = Settings(database_url=db_url, heartbeat_seconds=0.5, page_size=500, live_rate_per_minute=0)
     index_model(settings, str(model_dir), NAME, device="cpu", corpus=str(corpus), context=CONTEXT, quiet=True)
     with running_server(create_app(settings)) as base, httpx.Client(base_url=base, timeout=30) as http:
         yield Site(http, engine_for(db_url), settings, model_dir, db_url)

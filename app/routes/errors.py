@@ -1,5 +1,6 @@
 """The one error handler: NeedleError, FastAPI's 404/405/422 and unexpected exceptions all
-become an HTML error page, or {"ok": false, "error": ..., "status": ...} for a .json path.
+become an HTML error page, or {"ok": false, "error": ..., "status": ...} for a .json path or a
+request that sent JSON (a live request from a script).
 Never a stack trace; an unexpected exception is logged and answered with a generic 500."""
 
 from __future__ import annotations
@@ -43,10 +44,15 @@ def is_json_path(request: Request) -> bool:
     return request.url.path.rstrip("/").endswith(".json")
 
 
+def wants_json(request: Request) -> bool:
+    """A .json path, or a body sent as JSON: the error is JSON too (a form post gets the HTML page)."""
+    return is_json_path(request) or request.headers.get("content-type", "").startswith("application/json")
+
+
 async def handle_error(request: Request, exc: Exception) -> Response:
     status, message, hint = _describe(request, exc)
-    headers = getattr(exc, "headers", None) if isinstance(exc, HTTPException) else None
-    if is_json_path(request):
+    headers = getattr(exc, "headers", None) if isinstance(exc, (HTTPException, NeedleError)) else None
+    if wants_json(request):
         body = {"ok": False, "error": message, "status": status}
         if hint:
             body["hint"] = hint

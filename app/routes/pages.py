@@ -2,7 +2,7 @@
 builder from app.pagedata, and renders.
 
 A model name may contain dots ("pythia-1.4b"), so a JSON twin is recognised by the
-".json" suffix of the last path segment. Order matters: fixed paths (/-/..., random,
+".json" suffix of the last path segment. Order matters: fixed paths (/-/..., random, jump,
 search) come before the /{model}/{layer} pattern that would otherwise match them.
 """
 
@@ -15,10 +15,11 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from app import pagedata, urls
+from app import openapi, pagedata, urls
 from app.deps import SessionDep, SettingsDep
 from app.errors import NeedleError
 from app.rendering import render_partial, respond, wants_fragment
+from app.security import LIVE_RATE_LIMIT, storable_fields
 
 router = APIRouter()
 
@@ -56,6 +57,12 @@ def jobs_json(request: Request, session: SessionDep, settings: SettingsDep, mode
     return respond(request, "jobs.html", data, urls.JSON)
 
 
+@router.get("/-/health")
+def health() -> Response:
+    """A liveness check: no database, a tiny JSON (bench/server.py's baseline endpoint)."""
+    return JSONResponse({"status": "ok"})
+
+
 @router.get("/{model}")
 def model(request: Request, model: str, session: SessionDep, fragment: Literal["jobs"] | None = None) -> Response:
     name, fmt = split_format(model)
@@ -74,6 +81,12 @@ def random_neuron(model: str, session: SessionDep) -> Response:
 @router.get("/{model}/random.json")
 def random_neuron_json(model: str, session: SessionDep) -> Response:
     return _no_store(RedirectResponse(pagedata.random_neuron_target(session, model, urls.JSON), status_code=302))
+
+
+@router.get("/{model}/jump")
+def jump(model: str, session: SessionDep, layer: str | None = None, neuron: str | None = None) -> Response:
+    """The jump box (a GET form with layer and neuron numbers): 303 to the neuron's permalink."""
+    return RedirectResponse(pagedata.jump_target(session, model, layer, neuron), status_code=303)
 
 
 @router.get("/{model}/search")
@@ -118,14 +131,22 @@ def layer(
 
 
 @router.get("/{model}/{layer}/{neuron}")
-def neuron(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
+def neuron(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep,
+           embed: str | None = None) -> Response:
+    """The neuron's permalink; ?embed=true: its compact card, for an iframe (the X-Needle-Embed
+    header tells app/security.py to let any site frame it)."""
     neuron, fmt = split_format(neuron)
     data = pagedata.neuron_page(session, model, layer, neuron, text_max_chars=settings.text_max_chars,
-                                live=settings.live_requests, clamp_prompt_max_chars=settings.clamp_prompt_max_chars)
+                                live=settings.live_requests, clamp_prompt_max_chars=settings.clamp_prompt_max_chars,
+                                base_url=settings.public_url or str(request.base_url))
+    if fmt is None and embed is not None and embed.lower() == "true":
+        response = respond(request, "neuron_card.html", data)
+        response.headers["X-Needle-Embed"] = "1"
+        return response
     return respond(request, "neuron.html", data, fmt)
 
 
-@router.post("/{model}/{layer}/{neuron}/text")
+@router.post("/{model}/{layer}/{neuron}/text", dependencies=[LIVE_RATE_LIMIT], openapi_extra=openapi.TEXT_REQUEST)
 async def start_text(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
     """Queue the posted text (a form field or JSON "text"); htmx gets the polling panel,
     a JSON client the run's data, a plain form post a redirect to the run's page."""
@@ -158,7 +179,7 @@ def _accepted(request: Request, data: dict, partial: str, url: str) -> Response:
     return RedirectResponse(url, status_code=303)
 
 
-@router.post("/{model}/{layer}/{neuron}/clamp")
+@router.post("/{model}/{layer}/{neuron}/clamp", dependencies=[LIVE_RATE_LIMIT], openapi_extra=openapi.CLAMP_REQUEST)
 async def start_clamp(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
     """Queue a clamp curve: form fields or JSON {prompt, token, start, stop, count, positions}."""
     form = await posted_form(request)
@@ -177,7 +198,8 @@ def clamp_curve(request: Request, model: str, layer: str, neuron: str, curve: st
     return respond(request, "clamp.html", data, fmt)
 
 
-@router.post("/{model}/{layer}/{neuron}/generate")
+@router.post("/{model}/{layer}/{neuron}/generate", dependencies=[LIVE_RATE_LIMIT],
+             openapi_extra=openapi.GENERATE_REQUEST)
 async def start_generation(request: Request, model: str, layer: str, neuron: str, session: SessionDep,
                            settings: SettingsDep) -> Response:
     """Queue a clamped generation: form fields or JSON {prompt, value, tokens, seed}."""
@@ -207,9 +229,9 @@ async def posted_form(request: Request, example: str = '{"prompt": "...", "token
             value = None
         if not isinstance(value, dict):
             raise NeedleError("The body is not a JSON object.", hint=f"Send e.g. {example}.")
-        return value
+        return storable_fields(value)
     fields = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
-    return {k: v[0] for k, v in fields.items()}
+    return storable_fields({k: v[0] for k, v in fields.items()})
 
 
 async def posted_text(request: Request) -> str | None:

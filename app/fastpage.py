@@ -1,0 +1,195 @@
+"""What keeps the neuron page fast on a large model (bench/server.py measures it):
+
+- token_texts: a model's vocabulary held in memory by the server process. A neuron page shows
+  about 3,000 tokens (45 windows of context tokens, its decodings); looking them up in the
+  database on each request cost more than the rest of the page. Keyed by the database, the
+  model's id and its updated_at: indexing a model saves its row and its vocabulary in one
+  transaction, so a new vocabulary comes with a new key (as the search's tokenizer cache is keyed).
+- rounded_activations: round(float(a), 4) of float16 activations through a table of all 65,536
+  float16 values: the same numbers as rounding each one.
+- context_tokens: the token spans of one example context (templates/_examples.html), byte for
+  byte what the template's own loop wrote, with the per-token formatting done by table lookups
+  and numpy instead of about ten template expressions per token.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from functools import lru_cache
+
+import numpy as np
+from markupsafe import Markup, escape
+from sqlalchemy.orm import Session
+
+from app import queries
+from app.schema import Model
+from app.tokens import in_context, visible
+
+MAX_MODELS = 4  # vocabularies held at once (a 128k-token vocabulary is about 10 MB)
+
+
+class TokenTexts(dict):
+    """{token id: token text} of a model's stored vocabulary; `many` looks up an array of ids at once."""
+
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        size = max(self, default=-1) + 1
+        self._array = np.full(size + 1, None, dtype=object)  # the last entry: None, for ids out of range
+        for token_id, token in self.items():
+            if token_id >= 0:
+                self._array[token_id] = token
+
+    def many(self, ids: np.ndarray) -> list[str | None]:
+        """[self.get(t) for t in ids] for an integer array."""
+        last = len(self._array) - 1
+        ids = np.asarray(ids, dtype=np.int64)
+        return self._array[np.where((ids >= 0) & (ids < last), ids, last)].tolist()
+
+
+_lock = threading.Lock()
+_vocabularies: OrderedDict[tuple, TokenTexts] = OrderedDict()
+
+
+def token_texts(session: Session, model: Model) -> TokenTexts:
+    """The model's whole stored vocabulary (shared: do not modify it)."""
+    key = (session.get_bind().url.render_as_string(hide_password=True), model.id, model.updated_at)
+    with _lock:
+        texts = _vocabularies.get(key)
+        if texts is not None:
+            _vocabularies.move_to_end(key)
+            return texts
+    texts = TokenTexts(queries.vocab_tokens(session, model.id))
+    with _lock:
+        _vocabularies[key] = texts
+        while len(_vocabularies) > MAX_MODELS:
+            _vocabularies.popitem(last=False)
+    return texts
+
+
+@lru_cache(maxsize=1)
+def _float16_tables() -> tuple[np.ndarray, dict[float, str]]:
+    """round(v, 4) of every float16 bit pattern, and '%.4g' of those values (zeros and NaN left
+    out: 0.0 and -0.0 are one dict key but print differently)."""
+    values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+    rounded = [round(v, 4) for v in values.tolist()]
+    return np.array(rounded, dtype=np.float64), {v: "%.4g" % v for v in rounded if not math.isnan(v) and v != 0}
+
+
+def rounded_activations(acts: np.ndarray) -> list[float]:
+    """[round(float(a), 4) for a in acts], by table lookup when acts are float16."""
+    if acts.dtype == np.float16:
+        return _float16_tables()[0][np.ascontiguousarray(acts).view(np.uint16)].tolist()
+    return [round(float(a), 4) for a in acts.astype(np.float32)]
+
+
+@lru_cache(maxsize=1 << 17)
+def _token_markup(token: str | None, token_id: int) -> tuple[str, str]:
+    """(text shown in the context, text of its title), both escaped as the template escaped them."""
+    title = visible(token if token is not None else f"#{token_id}")
+    return str(escape(in_context(token))), str(escape(title))
+
+
+_SHARE = [f"{k // 1000}.{k % 1000:03d}" for k in range(1001)]  # "%.3f" of k / 1000 for k in 0..1000
+
+
+def _shares(values: np.ndarray, scale: float) -> list[str]:
+    """["%.3f" % min(abs(a) / scale, 1.0) for a in values], rounding in numpy: x * 1000 is off
+    x's exact value by far less than 1e-6, so only the values that close to a rounding tie (or
+    not finite) are formatted one by one."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        x = np.minimum(np.abs(values) / scale, 1.0)
+        y = x * 1000.0
+        k = np.rint(y)
+        odd = ~np.isfinite(y) | (np.abs(y - np.floor(y) - 0.5) < 1e-6)
+    out = [_SHARE[i] for i in np.where(odd, 0, k).astype(np.int64).tolist()]
+    for i in np.flatnonzero(odd).tolist():
+        out[i] = "%.3f" % min(abs(float(values[i])) / scale, 1.0)
+    return out
+
+
+def context_tokens(ex: dict, scale: float) -> Markup:
+    """The spans of _examples.html's context macro, one per token:
+    <span class="t[ neg][ max]" style="--a:min(|a|/scale, 1) as %.3f" title="token (visible)  activation %.4g">token</span>
+    """
+    acts, ids, mark = ex["activations"], ex["token_ids"], ex["max_index"]
+    if not acts:
+        return Markup("")
+    values = np.asarray(acts, dtype=np.float64)
+    shares = _shares(values, float(scale))
+    table = _float16_tables()[1]
+    values_text = [table.get(a) or "%.4g" % a for a in acts]  # zeros and NaN are not in the table
+    classes = np.where(values < 0, "t neg", "t").tolist()
+    if 0 <= mark < len(classes):
+        classes[mark] += " max"
+    markups = [_token_markup(t, 0) if t is not None else _token_markup(None, i) for t, i in zip(ex["tokens"], ids)]
+    return Markup("".join([
+        f'<span class="{c}" style="--a:{s}" title="{title}  activation {v}">{text}</span>'
+        for c, s, (text, title), v in zip(classes, shares, markups, values_text)
+    ]))
+
+
+# ---------------------------------------------------------------- the search page's result rows
+
+
+def _tok(t: dict) -> str:
+    """_macros.html's tok(t)."""
+    if t.get("token") is None:
+        return (f'<code class="tok missing" title="token id {escape(t["token_id"])} (not in the stored vocabulary)">'
+                f'#{escape(t["token_id"])}</code>')
+    return f'<code class="tok" title="token id {escape(t["token_id"])}">{escape(visible(t["token"]))}</code>'
+
+
+def _num(value, spec: str = "%.3f") -> str:
+    """_macros.html's num(value, spec)."""
+    return "–" if value is None else str(escape(spec % value))
+
+
+def _bar(value, best, kind: str = "") -> str:
+    """_macros.html's bar(value, best, kind)."""
+    share = (100 * value / best) if (value is not None and best) else 0
+    cls = f"bar {escape(kind)}" if kind else "bar"
+    return f'<span class="{cls}" aria-hidden="true"><span style="width: {"%.1f" % min(max(share, 0), 100)}%"></span></span>'
+
+
+def _rows(rows: list[list[str]]) -> Markup:
+    """<tr> rows of <td> cells (each "attributes", "html"), laid out as the templates' loops wrote them."""
+    return Markup("\n".join([
+        "    <tr>\n" + "".join([f"      <td{attrs}>{html}</td>\n" for attrs, html in cells]) + "    </tr>"
+        for cells in rows
+    ]))
+
+
+def token_table_rows(tokens: list[dict], best) -> Markup:
+    """The rows of _token_table.html: rank, tok, num(prob), num(score), bar(score, best)."""
+    return _rows([
+        [(' class="num rank"', i), ("", _tok(t)), (' class="num"', _num(t["prob"], "%.4g")),
+         (' class="num"', _num(t["score"], "%.4g")), (' class="barcell"', _bar(t["score"], best))]
+        for i, t in enumerate(tokens, 1)
+    ])
+
+
+def logit_table_rows(tokens: list[dict], best, kind: str) -> Markup:
+    """The rows of _logit_table.html: rank, tok, num(logit, '%+.3f'), bar(|logit|, best, kind)."""
+    return _rows([
+        [(' class="num rank"', i), ("", _tok(t)), (' class="num"', _num(t["logit"], "%+.3f")),
+         (' class="barcell"', _bar(abs(t["logit"]) if t["logit"] is not None else None, best, kind))]
+        for i, t in enumerate(tokens, 1)
+    ])
+
+
+def search_result_rows(results: list[dict], best) -> Markup:
+    """The <tr> rows of _search_results.html, as its loop over tok, num and bar wrote them (a search
+    for a common token lists hundreds of neurons; a template macro call costs more than a row)."""
+    return Markup("\n".join([
+        "    <tr>\n"
+        f'      <td class="num rank">{i}</td>\n'
+        f'      <td><a href="{escape(r["url"])}">layer {escape(r["layer"])} · neuron {escape(r["neuron"])}</a></td>\n'
+        f"      <td>{_tok(r)}</td>\n"
+        f'      <td class="num">{_num(r["score"], "%.4g")}</td>\n'
+        f'      <td class="num">{_num(r["prob"], "%.4g")}</td>\n'
+        f'      <td class="barcell">{_bar(r["score"], best)}</td>\n'
+        "    </tr>"
+        for i, r in enumerate(results, 1)
+    ]))

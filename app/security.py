@@ -1,0 +1,185 @@
+"""Hardening for a public deployment. Pages are read-only; the only writes a page can make are
+the live requests (your text, clamp sweeps, clamped generation), which are size-limited where
+they are parsed (app/clamping.py, app/pagedata.py), switched off by NEEDLE_LIVE_REQUESTS=false,
+and rate-limited per client here. Every response also carries the security headers below, and
+text that no database can store (a NUL character, a lone surrogate) is a 400, not a 500.
+
+A test asserts that every route that is not GET is a live request guarded by LIVE_RATE_LIMIT.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from fastapi import Depends, FastAPI, Request
+
+from app.config import Settings
+from app.deps import SettingsDep
+from app.errors import NeedleError, TooManyRequests
+from app.routes.errors import handle_error
+
+# ---------------------------------------------------------------- headers
+
+# Content-Security-Policy: everything from this server only. Scripts come from /-/static files
+# (htmx.min.js, needle.js): no inline <script>, no on*="" handlers, no eval (base.html sets
+# htmx's allowEval off to match). style-src-attr 'unsafe-inline' is the one exception, for
+# style="" attributes only (never a <style> element): the templates set a number per element
+# that no static stylesheet can hold (the activation colour --a of each token in a context, a
+# score bar's width). They are numbers formatted on the server, and the attribute is escaped;
+# a browser without CSP level 3 falls back to style-src 'self' and drops those colours.
+# img-src data: is the empty favicon (base.html). frame-ancestors: see EMBED_HEADER below.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
+    "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors {ancestors}"
+)
+# A response a route marks with this header (the neuron card, /{model}/{layer}/{neuron}?embed=true,
+# made for iframes) may be framed by any site; every other answer by none (clickjacking).
+EMBED_HEADER = b"x-needle-embed"
+
+
+def security_headers(embed: bool) -> list[tuple[bytes, bytes]]:
+    headers = {
+        "Content-Security-Policy": CSP.format(ancestors="*" if embed else "'none'"),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+    }
+    if not embed:
+        headers["X-Frame-Options"] = "DENY"  # for browsers that predate frame-ancestors
+    return [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+
+class SecurityHeaders:
+    """ASGI middleware: the headers above on every answer (pages, JSON, errors, static files),
+    unless the route set one of them itself; frameable only where the route set EMBED_HEADER."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in security_headers(EMBED_HEADER in present) if k not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# ---------------------------------------------------------------- text a database cannot hold
+
+NUL_HINT = "Remove the NUL character (%00): no page, name or query contains one."
+
+
+class RefuseNul:
+    """ASGI middleware: an address with a NUL character (%00) is a 400 before any route runs.
+    Postgres text cannot hold one (a query with it fails), and no name, token or query has one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and ("\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b"")
+                                        or b"\x00" in scope.get("query_string", b"")):
+            error = NeedleError("The address holds a NUL character.", hint=NUL_HINT)
+            response = await handle_error(Request(scope), error)
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def storable_fields(fields: dict) -> dict:
+    """A live request's posted fields, refused (400) if a text field holds what no database
+    text column can store: a NUL character, or half of a surrogate pair (JSON "\\ud800")."""
+    for name, value in fields.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise NeedleError(f"The field {str(name)[:40]!r} is not valid text (it holds a lone surrogate).",
+                                  hint="Send UTF-8 text.") from None
+            if "\x00" in value:
+                raise NeedleError(f"The field {str(name)[:40]!r} holds a NUL character.", hint=NUL_HINT)
+    return fields
+
+
+# ---------------------------------------------------------------- the live requests' rate limit
+
+
+class RateLimiter:
+    """A token bucket per client: `burst` requests at once, then `per_minute` a minute. In
+    process memory (each server process counts alone); at most `max_clients` buckets, the
+    least recently used dropped first (a dropped client starts again with a full bucket)."""
+
+    def __init__(self, per_minute: float, burst: int, *, max_clients: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate = per_minute / 60.0  # tokens a second
+        self.burst = max(int(burst), 1)
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> float:
+        """Take one request from the client's bucket: 0.0 if allowed, else the seconds until it would be."""
+        now = self.clock()
+        with self._lock:
+            tokens, then = self._buckets.pop(client, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+            wait = 0.0
+            if tokens >= 1.0:
+                tokens -= 1.0
+            else:
+                wait = (1.0 - tokens) / self.rate
+            self._buckets[client] = (tokens, now)  # most recently used last
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+            return wait
+
+
+def client_address(request: Request, trust_proxy: bool) -> str:
+    """Who is asking: the peer's address, or, behind a reverse proxy trusted with
+    NEEDLE_TRUST_PROXY=true, the last X-Forwarded-For entry (the one that proxy added; the
+    entries before it are whatever the client sent, and cannot be trusted)."""
+    if trust_proxy:
+        hops = [h.strip() for line in request.headers.getlist("x-forwarded-for") for h in line.split(",")]
+        hops = [h for h in hops if h]
+        if hops:
+            return hops[-1]
+    return request.client.host if request.client else "unknown"
+
+
+def limit_live_requests(request: Request, settings: SettingsDep) -> None:
+    """A route dependency: a live request over the client's limit is a 429 with Retry-After,
+    raised before the route reads its body, so nothing is stored or queued."""
+    limiter: RateLimiter | None = getattr(request.app.state, "live_rate_limiter", None)
+    if limiter is None or not settings.live_requests:  # no limit set; or switched off: the route says 403
+        return
+    wait = limiter.take(client_address(request, settings.trust_proxy))
+    if wait > 0:
+        seconds = max(1, math.ceil(wait))
+        raise TooManyRequests(
+            f"Too many live requests from your address: this server allows {settings.live_rate_burst} at once "
+            f"and {settings.live_rate_per_minute:g} a minute.",
+            retry_after=seconds,
+            hint=f"Try again in {seconds} second{'s' if seconds != 1 else ''}. Stored pages are not limited.",
+        )
+
+
+LIVE_RATE_LIMIT = Depends(limit_live_requests)
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Security headers on every answer, and the live requests' limiter (none when
+    NEEDLE_LIVE_RATE_PER_MINUTE=0)."""
+    rate = settings.live_rate_per_minute
+    app.state.live_rate_limiter = RateLimiter(rate, settings.live_rate_burst) if rate > 0 else None
+    app.add_middleware(RefuseNul)
+    app.add_middleware(SecurityHeaders)  # added last: the outermost, so every answer gets the headers

@@ -1,0 +1,119 @@
+/* Needle: keyboard shortcuts and the copy-permalink button.
+ *
+ * Progressive enhancement only: every page works without this file. It is a static file
+ * (the Content-Security-Policy allows script-src 'self' and no inline scripts or handlers).
+ *
+ * Keys (ignored while typing in a field, and with Ctrl, Alt or Meta held):
+ *   j  next neuron       (the neuron page's a[rel=next] in nav.neighbours)
+ *   k  previous neuron   (its a[rel=prev])
+ *   /  focus the search box (#search-q in the header)
+ *   r  a random neuron of the current model (body[data-random-url])
+ *   ?  show or hide the list of shortcuts (footer details#shortcuts)
+ *
+ * button.copy-permalink copies its data-url to the clipboard and then reads "Copied".
+ */
+(function () {
+  "use strict";
+
+  function isTyping(target) {
+    if (!target || target === document.body) return false;
+    if (target.isContentEditable) return true;
+    var tag = target.tagName;
+    return tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT";
+  }
+
+  function follow(selector) {
+    var link = document.querySelector(selector);
+    if (!link || !link.href) return false;
+    window.location.assign(link.href);
+    return true;
+  }
+
+  function focusSearch() {
+    var box = document.getElementById("search-q") || document.querySelector("main input[type=search]");
+    if (!box) return false;
+    box.focus();
+    if (box.select) box.select();
+    return true;
+  }
+
+  function randomNeuron() {
+    var url = document.body && document.body.getAttribute("data-random-url");
+    if (!url) return false;
+    window.location.assign(url);
+    return true;
+  }
+
+  function toggleHelp() {
+    var help = document.getElementById("shortcuts");
+    if (!help) return false;
+    help.open = !help.open;
+    if (help.open && help.scrollIntoView) help.scrollIntoView({ block: "nearest" });
+    return true;
+  }
+
+  var KEYS = {
+    j: function () { return follow('nav.neighbours a[rel~="next"]'); },
+    k: function () { return follow('nav.neighbours a[rel~="prev"]'); },
+    "/": focusSearch,
+    r: randomNeuron,
+    "?": toggleHelp
+  };
+
+  document.addEventListener("keydown", function (event) {
+    if (event.defaultPrevented || event.ctrlKey || event.metaKey || event.altKey || event.isComposing) return;
+    if (isTyping(event.target)) return;
+    var action = Object.prototype.hasOwnProperty.call(KEYS, event.key) ? KEYS[event.key] : null;
+    if (action && action()) event.preventDefault();
+  });
+
+  /* ------------------------------------------------------------ copy permalink */
+
+  function copyWithSelection(text) {
+    var area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.style.position = "fixed";
+    area.style.top = "-1000px";
+    document.body.appendChild(area);
+    area.select();
+    var ok = false;
+    try {
+      ok = document.execCommand("copy");
+    } catch (e) {
+      ok = false;
+    }
+    document.body.removeChild(area);
+    return ok;
+  }
+
+  function copy(text) {
+    if (navigator.clipboard && window.isSecureContext) {
+      return navigator.clipboard.writeText(text).then(
+        function () { return true; },
+        function () { return copyWithSelection(text); }
+      );
+    }
+    return Promise.resolve(copyWithSelection(text));
+  }
+
+  document.addEventListener("click", function (event) {
+    var button = event.target && event.target.closest ? event.target.closest("button.copy-permalink") : null;
+    if (!button) return;
+    var url = button.getAttribute("data-url");
+    if (!url) return;
+    copy(url).then(function (ok) {
+      button.textContent = ok ? "Copied" : "Press Ctrl+C to copy";
+      if (!ok) {
+        var link = document.querySelector("a.permalink-url");
+        var range = document.createRange && link ? document.createRange() : null;
+        if (range) {
+          range.selectNodeContents(link);
+          var selection = window.getSelection();
+          selection.removeAllRanges();
+          selection.addRange(range);
+        }
+      }
+    });
+  });
+})();

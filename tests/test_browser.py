@@ -1,0 +1,509 @@
+"""Real-browser tests: Playwright drives Debian's chromium (/usr/bin/chromium, or
+NEEDLE_CHROMIUM) through the dashboard, against a real uvicorn server on the bundled demo
+model with a worker thread beside it, as `needle demo` / `needle serve --with-worker` run it.
+
+Without chromium (or the playwright package) these tests skip, saying why; with
+NEEDLE_REQUIRE_BROWSER=1 (as .ci/run sets) they fail instead. ./scripts/test.sh installs
+Debian's chromium when it is missing (never `playwright install`, which downloads).
+
+Every step saves a full-page screenshot to NEEDLE_ARTIFACTS (default test-artifacts/browser/
+at the repository root), named <test>-<step number>-<step>.png; a test that fails also saves
+<test>-failed.png, where it stopped. Every walk fails on a console error, an uncaught page
+error, a Content-Security-Policy violation or an error answer from the server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.live_server import running_server
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("NEEDLE_CHROMIUM", "/usr/bin/chromium")
+REQUIRE_BROWSER = os.environ.get("NEEDLE_REQUIRE_BROWSER") == "1"
+ARTIFACTS = Path(os.environ.get("NEEDLE_ARTIFACTS") or ROOT / "test-artifacts" / "browser")
+# The demo's corpus, cut to a few seconds of work (`needle demo` reads 262,144 tokens).
+DEMO_TOKENS = 4096
+# The neuron the live requests run on: comparison operators (README, "The demo model").
+LIVE_NEURON = (3, 102)
+LIVE_TEXT = "if x != y and a <= b:\n    return x"
+WORKER_TIMEOUT_MS = 90_000  # the worker thread loads the model on its first job
+
+# Reports every CSP violation (also as a console error, in every frame), with what was blocked.
+CSP_WATCH = """
+document.addEventListener("securitypolicyviolation", function (e) {
+  console.error("CSP violation: " + e.violatedDirective + " blocked " + (e.blockedURI || "inline") +
+                " in " + e.sourceFile + ":" + e.lineNumber);
+});
+"""
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRE_BROWSER:
+        pytest.fail(f"a browser is required (NEEDLE_REQUIRE_BROWSER=1) but {reason}")
+    pytest.skip(f"real-browser tests skipped: {reason}")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """The chromium binary, checked before the demo is indexed, so a missing one skips at once."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _unavailable("the playwright package is not installed (pip install -e '.[test]')")
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        _unavailable(f"there is no chromium at {CHROMIUM} (Debian: apt-get install -y chromium; "
+                     "./scripts/test.sh installs it when it can)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=15_000)  # a neuron page takes a few seconds on a busy 2-core machine
+
+    with sync_playwright() as p:
+        try:
+            b = p.chromium.launch(executable_path=chromium)
+        except Exception as exc:  # noqa: BLE001 - any launch failure means "no usable browser"
+            _unavailable(f"chromium at {chromium} does not start: {exc}")
+        yield b
+        b.close()
+
+
+@dataclass
+class Demo:
+    base: str  # the server's URL, without a trailing slash
+    model: str
+    n_layers: int
+    d_mlp: int
+
+    def url(self, path: str = "") -> str:
+        return f"{self.base}/{self.model}{path}"
+
+
+@pytest.fixture(scope="module")
+def demo(chromium, tmp_path_factory):
+    """The bundled demo model indexed as `needle demo` indexes it (its name, model folder and
+    stdlib corpus, from the same settings) into a fresh SQLite database, with DEMO_TOKENS corpus
+    tokens and without the demo's sparse probes and precomputed clamp curves, which cost minutes
+    of CPU whatever the token counts and which no step here reads; then served by a real uvicorn
+    server with a worker thread beside it for the live requests, as `needle serve --with-worker`."""
+    from app.config import Settings
+    from app.db import get_engine, upgrade
+    from app.main import create_app
+    from needle.cli import DEMO_MODEL, index_model, start_background_worker
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    url = f"sqlite:///{tmp_path_factory.mktemp('browser') / 'demo.sqlite'}"
+    # live requests on, and permalinks on this server (whatever NEEDLE_* the environment sets)
+    settings = Settings(database_url=url, demo_tokens=DEMO_TOKENS, live_requests=True, public_url="")
+    engine = get_engine(settings)
+    upgrade(engine)
+    index_model(settings, str(DEMO_MODEL), settings.demo_name, corpus=settings.demo_corpus,
+                tokens=settings.demo_tokens, clamp=False, quiet=True)
+    worker = start_background_worker(engine, settings)
+    try:
+        with running_server(create_app(settings)) as base:
+            import httpx
+
+            info = httpx.get(f"{base}/{settings.demo_name}.json", timeout=10).json()
+            yield Demo(base, settings.demo_name, int(info["n_layers"]), int(info["d_mlp"]))
+    finally:
+        worker.stopping.set()
+
+
+class Walk:
+    """One test's browser page: screenshots by step, and every problem the page reports."""
+
+    def __init__(self, page, demo: Demo, name: str):
+        self.page, self.demo, self.name = page, demo, name
+        self.steps = 0
+        self.problems: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.problems.append(f"uncaught page error: {exc}"))
+        page.on("response", self._response)
+
+    def _console(self, message) -> None:
+        if message.type == "error":
+            where = message.location.get("url", "") if message.location else ""
+            self.problems.append(f"console error: {message.text} ({where})")
+
+    def _response(self, response) -> None:
+        if response.url.startswith(self.demo.base) and response.status >= 400:
+            self.problems.append(f"HTTP {response.status} for {response.request.method} {response.url}")
+
+    def goto(self, path: str):
+        """Open a path of the server; returns the response (asserted 200)."""
+        response = self.page.goto(self.demo.base + path)
+        assert response is not None and response.status == 200, (path, response and response.status)
+        return response
+
+    def shot(self, step: str, panel=None) -> None:
+        """A full-page screenshot of this step; with panel (a locator), that element's too, as
+        <name>-panel.png, since a neuron page is several screens long."""
+        self.steps += 1
+        name = f"{self.name}-{self.steps:02d}-{step}"
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+        if panel is not None:
+            panel.screenshot(path=str(ARTIFACTS / f"{name}-panel.png"))
+
+    def assert_clean(self) -> None:
+        assert not self.problems, "the browser reported problems:\n" + "\n".join(self.problems)
+
+
+@pytest.fixture
+def walk(request, browser, demo):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=demo.base,
+                                  permissions=["clipboard-read", "clipboard-write"])
+    context.set_default_timeout(15_000)
+    context.add_init_script(CSP_WATCH)
+    page = context.new_page()
+    w = Walk(page, demo, request.node.name.removeprefix("test_"))
+    yield w
+    if getattr(request.node, "call_raised", False):
+        # the page may be gone: the failure itself is what matters
+        with suppress(Exception):
+            page.screenshot(path=str(ARTIFACTS / f"{w.name}-failed.png"), full_page=True)
+    context.close()
+
+
+def expect(*args, **kwargs):
+    from playwright.sync_api import expect as pw_expect
+
+    return pw_expect(*args, **kwargs)
+
+
+@contextmanager
+def other_site(html: str) -> Iterator[str]:
+    """Serve one HTML page from another site (http://localhost:PORT/) while inside the block."""
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def neuron_path(demo: Demo, layer: int, neuron: int) -> str:
+    return f"/{demo.model}/{layer}/{neuron}"
+
+
+def assert_on_neuron(walk: Walk, layer: int, neuron: int) -> None:
+    expect(walk.page).to_have_url(walk.demo.base + neuron_path(walk.demo, layer, neuron))
+    expect(walk.page.locator("h1")).to_have_text(f"Layer {layer} · Neuron {neuron}")
+
+
+# ---------------------------------------------------------------- the walk through the issue's steps
+
+
+def test_open_the_demo_model_and_go_to_a_neuron(walk, demo):
+    page = walk.page
+    walk.goto("/")
+    walk.shot("models")
+    page.locator("main").get_by_role("link", name=demo.model, exact=True).click()
+    expect(page).to_have_url(demo.url())
+    expect(page.locator("h1")).to_contain_text(demo.model)
+    walk.shot("model")
+    page.locator(f'main table a[href="/{demo.model}/3"]').click()
+    expect(page).to_have_url(demo.url("/3"))
+    expect(page.locator("h1")).to_contain_text("Layer 3")
+    walk.shot("layer")
+    first = page.locator(f'main table a[href^="/{demo.model}/3/"]').first
+    neuron = int(first.get_attribute("href").rsplit("/", 1)[1])
+    first.click()
+    assert_on_neuron(walk, 3, neuron)
+    # what the index computed shows: decoded tokens, and the corpus's histogram and top contexts
+    expect(page.locator("main table.decoding code.tok").first).to_be_visible()
+    expect(page.locator("#firing svg").first).to_be_visible()
+    assert page.locator("#firing ol.contexts .ctx-tokens span.t").count() > 0
+    walk.shot("neuron")
+    walk.assert_clean()
+
+
+def test_follow_previous_and_next(walk, demo):
+    page = walk.page
+    walk.goto(neuron_path(demo, 1, 5))
+    page.locator('a[rel~="next"]').click()
+    assert_on_neuron(walk, 1, 6)
+    walk.shot("next")
+    page.locator('a[rel~="prev"]').click()
+    page.locator('a[rel~="prev"]').click()
+    assert_on_neuron(walk, 1, 4)
+    walk.shot("previous-twice")
+    # across a layer's end, both ways
+    last = demo.d_mlp - 1
+    walk.goto(neuron_path(demo, 0, last))
+    page.locator('a[rel~="next"]').click()
+    assert_on_neuron(walk, 1, 0)
+    walk.shot("next-into-layer-1")
+    page.locator('a[rel~="prev"]').click()
+    assert_on_neuron(walk, 0, last)
+    # the ends of the model have no link past them
+    walk.goto(neuron_path(demo, 0, 0))
+    expect(page.locator('a[rel~="prev"]')).to_have_count(0)
+    expect(page.locator('a[rel~="next"]')).to_have_count(1)
+    walk.assert_clean()
+
+
+def test_search_a_token_and_click_a_result(walk, demo):
+    page = walk.page
+    walk.goto(f"/{demo.model}")
+    form = page.locator("main form.search")
+    form.locator('input[name="token"]').fill("return")
+    walk.shot("query-typed")
+    form.get_by_role("button", name="Search").click()
+    expect(page).to_have_url(re.compile(re.escape(demo.url("/search?token=return")) + "$"))
+    expect(page.locator("h1")).to_contain_text("return")
+    results = page.locator("main table.results tbody tr")
+    expect(results.first).to_be_visible()
+    assert results.count() >= 10
+    walk.shot("results")
+    link = results.nth(1).locator("a").first  # the second result: not just the first row
+    match = re.fullmatch(rf"/{re.escape(demo.model)}/(\d+)/(\d+)", link.get_attribute("href"))
+    assert match, link.get_attribute("href")
+    layer, neuron = int(match[1]), int(match[2])
+    link.click()
+    assert_on_neuron(walk, layer, neuron)
+    walk.shot("result-neuron")
+    walk.assert_clean()
+
+
+def test_test_your_own_text_shows_highlights(walk, demo):
+    page = walk.page
+    layer, neuron = LIVE_NEURON
+    walk.goto(neuron_path(demo, layer, neuron))
+    panel = page.locator("#your-text")
+    expect(panel.locator("#text-result .ctx-tokens span.t")).to_have_count(0)
+    panel.locator('textarea[name="text"]').fill(LIVE_TEXT)
+    walk.shot("text-typed")
+    panel.get_by_role("button", name="Run").click()
+    # htmx swaps in the polling panel, which polls until the worker has run the text
+    tokens = page.locator("#text-result .ctx-tokens span.t")
+    expect(tokens.first).to_be_visible(timeout=WORKER_TIMEOUT_MS)
+    expect(page).to_have_url(demo.base + neuron_path(demo, layer, neuron))  # in place, not a new page
+    walk.shot("highlights", panel=page.locator("#your-text"))
+    # the highlights are the run's activations, token by token
+    json_link = page.locator("#text-result a", has_text="JSON")
+    run = page.request.get(demo.base + json_link.get_attribute("href")).json()
+    assert run["state"] == "done" and "".join(run["result"]["tokens"]) == LIVE_TEXT
+    acts = run["result"]["activations"]
+    assert tokens.count() == len(acts)
+    titles = tokens.evaluate_all("spans => spans.map(s => s.title)")
+    for title, a in zip(titles, acts):
+        assert title.endswith(f"activation {a:.4g}"), (title, a)
+    # the max token is coloured (its background has alpha > 0: the style="" attributes are
+    # not blocked by the Content-Security-Policy) and outlined
+    top = page.locator("#text-result .ctx-tokens span.t.max")
+    expect(top).to_have_count(1)
+    assert tokens.evaluate_all("spans => spans.findIndex(s => s.classList.contains('max'))") == run["result"]["max_index"]
+    background = top.evaluate("s => getComputedStyle(s).backgroundColor")
+    alpha = re.fullmatch(r"rgba?\((\d+), (\d+), (\d+)(?:, ([\d.]+))?\)", background)
+    assert alpha and float(alpha[4] or 1) > 0.05, background
+    walk.assert_clean()
+
+
+def test_clamp_sweep_shows_the_plot(walk, demo):
+    page = walk.page
+    layer, neuron = LIVE_NEURON
+    walk.goto(neuron_path(demo, layer, neuron))
+    expect(page.locator("#clamp-result svg")).to_have_count(0)
+    form = page.locator("#clamp form.clamp-form").first
+    form.locator('input[name="count"]').fill("11")
+    walk.shot("clamp-form")
+    form.get_by_role("button", name="Sweep").click()
+    plot = page.locator("#clamp-result svg")
+    expect(plot).to_be_visible(timeout=WORKER_TIMEOUT_MS)
+    expect(page.locator("#clamp-result .error-message")).to_have_count(0)
+    box = plot.bounding_box()
+    assert box and box["width"] > 200 and box["height"] > 100, box
+    walk.shot("clamp-plot", panel=page.locator("#clamp-result"))
+    # the plot is this sweep's: the stored curve has the 11 values asked for, a probability each
+    json_link = page.locator("#clamp-result a", has_text="JSON").first
+    curve = page.request.get(demo.base + json_link.get_attribute("href")).json()
+    curve = curve.get("curve", curve)
+    assert len(curve["values"]) == 11 and len(curve["probs"]) == 11
+    assert all(0.0 <= p <= 1.0 for p in curve["probs"])
+    walk.assert_clean()
+
+
+def test_pages_send_a_content_security_policy_that_breaks_nothing(walk, demo):
+    """Every page kind, in a browser that enforces the policy: no violation (Walk fails on one)."""
+    page = walk.page
+    csp = walk.goto(neuron_path(demo, *LIVE_NEURON)).header_value("content-security-policy")
+    assert csp and "script-src" in csp, csp
+    script_src = re.search(r"script-src ([^;]*)", csp)[1]
+    assert "'unsafe-inline'" not in script_src and "'unsafe-eval'" not in script_src, csp
+    # htmx and the page's own script did load under it
+    assert page.evaluate("typeof window.htmx") == "object"
+    for path in ("/", f"/{demo.model}", f"/{demo.model}/2", f"/{demo.model}/2?sort=neuron",
+                 f"/{demo.model}/search?token=def", f"/{demo.model}/features", "/-/jobs"):
+        response = walk.goto(path)
+        assert response.header_value("content-security-policy"), path
+    walk.shot("jobs-page")
+    # an htmx swap under the policy: the layer page's sort links fetch and swap #content
+    walk.goto(f"/{demo.model}/2")
+    page.locator("main a", has_text="neuron index").first.click()
+    expect(page).to_have_url(demo.url("/2?sort=neuron"))
+    expect(page.locator("main table a").first).to_have_text("0")
+    walk.shot("layer-sorted-by-htmx")
+    walk.assert_clean()
+
+
+# ---------------------------------------------------------------- navigation (issue 7's contract)
+
+
+def test_needle_js_is_loaded_deferred(walk, demo):
+    walk.goto(neuron_path(demo, 2, 10))
+    scripts = walk.page.locator('script[src*="needle.js"]')
+    expect(scripts).to_have_count(1)
+    assert scripts.evaluate("s => s.defer") is True
+    walk.assert_clean()
+
+
+def test_keyboard_j_k_slash_and_r(walk, demo):
+    page = walk.page
+    walk.goto(neuron_path(demo, 2, 10))
+    page.keyboard.press("j")
+    assert_on_neuron(walk, 2, 11)
+    walk.shot("j-next")
+    page.keyboard.press("k")
+    assert_on_neuron(walk, 2, 10)
+    page.keyboard.press("k")
+    assert_on_neuron(walk, 2, 9)
+    walk.shot("k-previous")
+    # keys typed into a field are text, not shortcuts
+    box = page.locator('#your-text textarea[name="text"]')
+    box.click()
+    page.keyboard.type("jkr")
+    page.wait_for_timeout(500)
+    expect(box).to_have_value("jkr")
+    assert_on_neuron(walk, 2, 9)
+    box.evaluate("b => b.blur()")
+    # "/" focuses the header search box, which searches this model
+    page.keyboard.press("/")
+    search = page.locator("#search-q")
+    expect(search).to_be_focused()
+    expect(search).to_have_value("")  # the "/" itself is not typed into it
+    page.keyboard.type("def")
+    walk.shot("slash-search")
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(demo.url("/search?token=def"))
+    expect(page.locator("main table.results tbody tr").first).to_be_visible()
+    # "r": a random neuron of this model (a new page load, even if it drew the same neuron)
+    with page.expect_navigation():
+        page.keyboard.press("r")
+    expect(page).to_have_url(re.compile(re.escape(demo.url()) + r"/\d+/\d+$"))
+    expect(page.locator("h1")).to_have_text(re.compile(r"^Layer \d+ · Neuron \d+$"))
+    walk.shot("r-random")
+    walk.assert_clean()
+
+
+def test_breadcrumbs(walk, demo):
+    page = walk.page
+    walk.goto(neuron_path(demo, 2, 10))
+    crumbs = page.locator("nav.breadcrumbs")
+    expect(crumbs).to_have_count(1)
+    expect(crumbs).to_contain_text(demo.model)
+    expect(crumbs).to_contain_text("10")
+    walk.shot("neuron-crumbs")
+    crumbs.locator(f'a[href="/{demo.model}/2"]').click()
+    expect(page).to_have_url(demo.url("/2"))
+    expect(page.locator("h1")).to_contain_text("Layer 2")
+    walk.shot("layer")
+    page.locator("nav.breadcrumbs").locator(f'a[href="/{demo.model}"]').click()
+    expect(page).to_have_url(demo.url())
+    page.locator("nav.breadcrumbs").locator('a[href="/"]').click()
+    expect(page).to_have_url(demo.base + "/")
+    expect(page.locator("h1")).to_have_text("Models")
+    walk.shot("models")
+    walk.assert_clean()
+
+
+def test_jump_to_a_neuron(walk, demo):
+    page = walk.page
+    walk.goto(neuron_path(demo, 0, 0))
+    form = page.locator("form.jump").first
+    form.locator('input[name="layer"]').fill("3")
+    form.locator('input[name="neuron"]').fill("102")
+    form.locator('input[name="neuron"]').press("Enter")
+    assert_on_neuron(walk, 3, 102)
+    walk.shot("jumped")
+    # from the model page too
+    walk.goto(f"/{demo.model}")
+    form = page.locator("form.jump").first
+    form.locator('input[name="layer"]').fill("1")
+    form.locator('input[name="neuron"]').fill(str(demo.d_mlp - 1))
+    form.locator('input[name="neuron"]').press("Enter")
+    assert_on_neuron(walk, 1, demo.d_mlp - 1)
+    walk.assert_clean()
+
+
+def test_copy_permalink(walk, demo):
+    page = walk.page
+    walk.goto(neuron_path(demo, 3, 102))
+    button = page.locator("button.copy-permalink")
+    expect(button).to_have_count(1)
+    url = button.get_attribute("data-url")
+    assert url and url.endswith(neuron_path(demo, 3, 102)), url
+    page.evaluate("navigator.clipboard.writeText('nothing copied yet')")
+    button.click()
+    expect(button).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == url
+    walk.shot("copied")
+    # the permalink opens this neuron
+    page.goto(url)
+    assert_on_neuron(walk, 3, 102)
+    walk.assert_clean()
+
+
+def test_embed_card_in_another_sites_iframe(walk, demo):
+    page = walk.page
+    path = neuron_path(demo, 3, 102)
+    top = page.request.get(demo.base + path + ".json").json()["input_tokens"][0]
+    walk.goto(path + "?embed=true")
+    card = page.locator("main")
+    expect(card).to_contain_text("102")
+    expect(card.locator(f'code.tok[title="token id {top["token_id"]}"]').first).to_be_visible()
+    expect(page.locator("header.site")).to_have_count(0)  # a card, not the page
+    expect(page.locator("#your-text")).to_have_count(0)
+    walk.shot("card")
+    # framed by a page of another site (a second local server: Chromium refuses a local frame
+    # in a page from a public or unknown address), the card renders inside it
+    html = (f'<!doctype html><title>blog</title><h1>A post</h1>'
+            f'<iframe src="{demo.base}{path}?embed=true" width="700" height="600"></iframe>')
+    with other_site(html) as embedder:
+        page.goto(embedder)
+        framed = page.frame_locator("iframe").locator("main")
+        expect(framed).to_contain_text("102")
+        expect(framed.locator(f'code.tok[title="token id {top["token_id"]}"]').first).to_be_visible()
+        walk.shot("card-in-iframe")
+    walk.assert_clean()
