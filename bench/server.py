@@ -2,6 +2,7 @@
 
     python bench/server.py                          # Postgres: build a 64 x 16,384-neuron database, serve, load, drop
     python bench/server.py --keep                   # ... and keep the database (its URL is printed)
+    python bench/server.py --setup-only             # only build the database, and keep it
     python bench/server.py --database-url URL       # reuse a database an earlier --keep run filled
     python bench/server.py --sqlite /tmp/bench.sqlite   # SQLite instead (built once, reused)
     python bench/server.py --layers 2 --d-mlp 2048 --vocab 8192 --seconds 3 --rounds 1   # smoke run
@@ -27,7 +28,10 @@
    of each, --rounds rounds run each kind for --seconds, the order rotated every round, so drift
    in the machine's speed falls on all three alike. Latency: from writing the request to reading
    the last byte of the response, p50 and p99 over all rounds. Throughput: responses / seconds
-   per round; the ratio page / health is per round, and the median is reported.
+   per round; the ratio page / health is per round, and the median is reported. Then each kind
+   for --serial-seconds on one connection (latency with nothing queued). Also reported: the
+   server's CPU time per request (its process and children, from /proc), the machine's load
+   average and a speed probe before and after (other work on the cores slows everything).
 
 Goals (issue 7): p50 < 20 ms and p99 < 100 ms for the neuron page and the search, and each at
 >= 30% of the health endpoint's throughput.
