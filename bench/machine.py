@@ -7,8 +7,6 @@ import gc
 import platform
 from pathlib import Path
 
-import torch
-
 
 def status_mb(field: str) -> float:
     """A memory figure of this process from /proc/self/status (VmRSS, VmHWM = peak), in MB."""
@@ -50,4 +48,6 @@ def cpu_name() -> str:
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
+        import torch  # here, so that a benchmark without torch (bench/server.py) can use the rest
+
         torch.cuda.synchronize()

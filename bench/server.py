@@ -56,6 +56,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import cpu_name  # noqa: E402 - bench/machine.py
 
 NAME = "bench-1m"
 GOAL_P50_MS, GOAL_P99_MS, GOAL_RATIO = 20.0, 100.0, 0.30
@@ -515,7 +518,7 @@ def main() -> int:
     from app.db import engine_for, upgrade
 
     dbs = None
-    out: dict = {"machine": {"cores": os.cpu_count(), "cpu": _cpu_name(), "note": (
+    out: dict = {"machine": {"cores": os.cpu_count(), "cpu": cpu_name(), "note": (
         "server, Postgres and the load generator share these cores")}}
     if args.sqlite:
         url = f"sqlite:///{Path(args.sqlite).resolve()}"
@@ -609,16 +612,6 @@ def _python_speed_ms() -> float:
             total += i
         best = min(best, time.perf_counter() - t0)
     return round(best * 1000, 1)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":
