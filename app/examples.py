@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app import queries, urls
 from app.arrays import FLOAT16, FLOAT32, INT16, INT32, INT64, unpack
-from app.fastpage import TokenTexts, rounded_activations, token_texts
+from app.fastpage import PageSpans, TokenTexts, rounded_activations, token_texts
 from app.schema import ExampleRun, Job, Model, NeuronActivations, TextRun
 
 METHOD = [
@@ -86,7 +86,7 @@ def _example(token_ids: np.ndarray, acts: np.ndarray, text: dict[int, str], sour
 def neuron_activations(session: Session, model: Model, row: NeuronActivations | None, context: int) -> dict:
     """The "examples", "interval_samples" and "stats" of a neuron page (empty when not computed)."""
     if row is None:
-        return {"examples": [], "interval_samples": [], "stats": None}
+        return {"examples": [], "interval_samples": [], "stats": None, "_context_spans": None}
     top_windows = unpack(row.top_windows, INT32)
     top_pos = unpack(row.top_pos, INT16)
     top_acts = unpack(row.top_acts, FLOAT16, (len(top_windows), context))
@@ -112,26 +112,22 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
         out["window"] = int(window)
         return out
 
-    examples = [
-        example(int(w), top_acts[k], int(top_pos[k]), top_max[k])
-        for k, w in enumerate(top_windows)
-        if w >= 0 and int(w) in windows
-    ]
+    top = [k for k, w in enumerate(top_windows.tolist()) if w >= 0 and w in windows]
+    examples = [example(int(top_windows[k]), top_acts[k], int(top_pos[k]), top_max[k]) for k in top]
+    spans = [[(ids[int(top_windows[k])], top_acts[k], int(top_pos[k])) for k in top]]
     firing = int(int_counts.sum())
     intervals = []
     for b in range(bins):
+        kept = [j for j, w in enumerate(int_windows[b].tolist()) if w >= 0 and w in windows]
         intervals.append(
             {
                 "bin": [round(float(int_edges[b]), 4), round(float(int_edges[b + 1]), 4)],
                 "share": round(float(int_counts[b]) / firing, 6) if firing else 0.0,
                 "tokens": int(int_counts[b]),
-                "examples": [
-                    example(int(w), int_acts[b, j], int(int_pos[b, j]), int_max[b, j])
-                    for j, w in enumerate(int_windows[b])
-                    if w >= 0 and int(w) in windows
-                ],
+                "examples": [example(int(int_windows[b, j]), int_acts[b, j], int(int_pos[b, j]), int_max[b, j]) for j in kept],
             }
         )
+        spans.append([(ids[int(int_windows[b, j])], int_acts[b, j], int(int_pos[b, j])) for j in kept])
     stats = {
         "tokens": int(row.tokens),
         "frequency": float(row.frequency),
@@ -145,7 +141,9 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
             unpack(row.hist_edges, FLOAT32), unpack(row.hist_counts, INT64), float(row.min_act), float(row.max_act)
         ),
     }
-    return {"examples": examples, "interval_samples": intervals, "stats": stats}
+    # "_context_spans": the HTML of every context's tokens, for the page's template (not in the JSON)
+    spans_html = PageSpans(text, colour_scale(stats["max"], stats["min"]), spans)
+    return {"examples": examples, "interval_samples": intervals, "stats": stats, "_context_spans": spans_html}
 
 
 def histogram(edges: np.ndarray, counts: np.ndarray, lo: float, hi: float) -> dict:

@@ -10,6 +10,11 @@
 - context_tokens: the token spans of one example context (templates/_examples.html), byte for
   byte what the template's own loop wrote, with the per-token formatting done by table lookups
   and numpy instead of about ten template expressions per token.
+- PageSpans: the same spans for all 45 contexts of a neuron page at once, from the stored arrays
+  (token ids, float16 activations): each span is four strings taken from tables (its opening
+  tag by sign, max mark and colour share; its token's escaped title; its activation's text by
+  float16 bit pattern; its token's escaped text and the closing tag) and joined, with no Python
+  work per token. Byte for byte what context_tokens writes for the same example (a test checks).
 """
 
 from __future__ import annotations
@@ -40,6 +45,26 @@ class TokenTexts(dict):
         for token_id, token in self.items():
             if token_id >= 0:
                 self._array[token_id] = token
+        self._parts = None  # span_parts, built on first use
+
+    def span_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(titles, ends, known) indexed by token id, with one more entry for ids out of range:
+        the escaped visible text of a token's title, its escaped text in context followed by
+        "</span>", and whether the id is in the vocabulary (a missing one's title names its id).
+        Built on first use (a 128k vocabulary: about half a second) and kept with the vocabulary."""
+        parts = self._parts
+        if parts is None:
+            size = len(self._array)
+            titles = np.full(size, "", dtype=object)
+            ends = np.full(size, str(escape(in_context(None))) + "</span>", dtype=object)
+            known = np.zeros(size, dtype=bool)
+            for token_id, token in self.items():
+                if 0 <= token_id < size - 1 and token is not None:
+                    titles[token_id] = str(escape(visible(token)))
+                    ends[token_id] = str(escape(in_context(token))) + "</span>"
+                    known[token_id] = True
+            parts = self._parts = (titles, ends, known)
+        return parts
 
     def many(self, ids: np.ndarray) -> list[str | None]:
         """[self.get(t) for t in ids] for an integer array."""
@@ -128,6 +153,69 @@ def context_tokens(ex: dict, scale: float) -> Markup:
         f'<span class="{c}" style="--a:{s}" title="{title}  activation {v}">{text}</span>'
         for c, s, (text, title), v in zip(classes, shares, markups, values_text)
     ]))
+
+
+@lru_cache(maxsize=1)
+def _span_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """By float16 bit pattern: the rounded value (float64) and '  activation %.4g">' of it; and the
+    opening tags '<span class="t[ neg][ max]" style="--a:S" title="' for every share S, indexed
+    by kind * 1001 + round(1000 * share), kind = negative + 2 * max."""
+    rounded = _float16_tables()[0]
+    value_ends = np.array([f'  activation {"%.4g" % v}">' for v in rounded.tolist()], dtype=object)
+    starts = np.array([f'<span class="{c}" style="--a:{s}" title="' for c in ("t", "t neg", "t max", "t neg max")
+                       for s in _SHARE], dtype=object)
+    return rounded, value_ends, starts
+
+
+class PageSpans:
+    """The token spans of a neuron page's contexts, rendered together on first use.
+    groups: lists of contexts (the top contexts, then each interval bin's samples), a context
+    being (token ids, float16 activations, max index); `html(g, j)` is the spans of group g's
+    j-th context, as context_tokens(example, scale) writes them."""
+
+    def __init__(self, text: TokenTexts, scale: float, groups: list[list[tuple[np.ndarray, np.ndarray, int]]]):
+        self._text, self._scale = text, float(scale)
+        self._contexts = [c for group in groups for c in group]
+        self._starts = np.cumsum([0, *[len(group) for group in groups]]).tolist()
+        self._html: list[Markup] | None = None
+
+    def html(self, group: int, j: int) -> Markup:
+        if self._html is None:
+            self._html = self._render()
+        return self._html[self._starts[group] + j]
+
+    def _render(self) -> list[Markup]:
+        if not self._contexts:
+            return []
+        rounded, value_ends, starts = _span_tables()
+        titles, ends, known = self._text.span_parts()
+        lengths = [min(len(ids), len(acts)) for ids, acts, _ in self._contexts]
+        ids = np.concatenate([np.asarray(ids[:n], dtype=np.int64) for (ids, _, _), n in zip(self._contexts, lengths)])
+        bits = np.concatenate([np.ascontiguousarray(acts[:n], dtype=np.float16).view(np.uint16)
+                               for (_, acts, _), n in zip(self._contexts, lengths)])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        values = rounded[bits]
+        kind = (values < 0).astype(np.int64)
+        for k, (_, _, mark) in enumerate(self._contexts):
+            if 0 <= mark < lengths[k]:
+                kind[offsets[k] + mark] += 2
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            y = np.minimum(np.abs(values) / self._scale, 1.0) * 1000.0
+            odd = ~np.isfinite(y) | (np.abs(y - np.floor(y) - 0.5) < 1e-6)
+            share = np.where(odd, 0, np.rint(y)).astype(np.int64)
+        last = len(titles) - 1
+        at = np.where((ids >= 0) & (ids < last), ids, last)
+        pieces = np.empty((len(ids), 4), dtype=object)
+        pieces[:, 0] = starts[kind * 1001 + share]
+        pieces[:, 1] = titles[at]
+        pieces[:, 2] = value_ends[bits]
+        pieces[:, 3] = ends[at]
+        for i in np.flatnonzero(odd).tolist():  # near a rounding tie, or not finite: formatted alone
+            c = ("t", "t neg", "t max", "t neg max")[int(kind[i])]
+            pieces[i, 0] = f'<span class="{c}" style="--a:{"%.3f" % min(abs(float(values[i])) / self._scale, 1.0)}" title="'
+        for i in np.flatnonzero(~known[at]).tolist():  # not in the stored vocabulary: its id
+            pieces[i, 1] = str(escape(visible(f"#{int(ids[i])}")))
+        return [Markup("".join(pieces[a:b].ravel().tolist())) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
 # ---------------------------------------------------------------- the search page's result rows

@@ -297,7 +297,7 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
     model = _model(session, name)
     layer = _index(layer_text, "layer", model, model.n_layers)
     index = _index(neuron_text, "neuron", model, model.d_mlp)
-    row = queries.get_neuron(session, model.id, layer, index)
+    row, activations, run_row, previous, following = queries.neuron_page_rows(session, model.id, layer, index)
     if row is None:
         raise NotFound(
             f"Neuron {index} of layer {layer} of {model.name!r} has not been decoded yet.",
@@ -305,11 +305,9 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
         )
     in_ids, out_pos_ids, out_neg_ids = (unpack(b, INT32) for b in (row.in_ids, row.out_pos_ids, row.out_neg_ids))
     text = token_texts(session, model)  # the vocabulary, held in memory (app/fastpage.py)
-    previous = queries.previous_neuron(session, model.id, layer, index)
-    following = queries.next_neuron(session, model.id, layer, index)
-    run_row = queries.example_run(session, model.id)
     run = examples.run_info(run_row)
-    activations = queries.neuron_activations(session, model.id, layer, index) if run_row is not None else None
+    if run_row is None:
+        activations = None
     firing = examples.neuron_activations(session, model, activations, run_row.context if run_row else 0)
 
     def link(pos: tuple[int, int] | None) -> dict | None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 from sqlalchemy import (
     and_,
+    bindparam,
     case,
     delete,
     exists,
@@ -532,6 +534,51 @@ def previous_neuron(session: Session, model_id: int, layer: int, neuron: int) ->
     return None if row is None else (int(row.layer), int(row.neuron))
 
 
+@lru_cache(maxsize=1)
+def _neuron_page_statement():
+    """neuron_page_rows' statement, built once (bound parameters m, l, n): building it anew on
+    every page took longer than the query."""
+    m, lay, n = bindparam("m"), bindparam("l"), bindparam("n")
+    key, at = tuple_(Neuron.layer, Neuron.neuron), tuple_(lay, n)
+
+    def neighbour(column, before: bool):
+        order = (Neuron.layer.desc(), Neuron.neuron.desc()) if before else (Neuron.layer, Neuron.neuron)
+        return (
+            select(column)
+            .where(Neuron.model_id == m, (key < at) if before else (key > at))
+            .order_by(*order)
+            .limit(1)
+            .scalar_subquery()
+        )
+
+    return (
+        select(
+            Neuron, NeuronActivations, ExampleRun,
+            neighbour(Neuron.layer, True), neighbour(Neuron.neuron, True),
+            neighbour(Neuron.layer, False), neighbour(Neuron.neuron, False),
+        )
+        .select_from(Neuron)
+        .outerjoin(NeuronActivations, (NeuronActivations.model_id == Neuron.model_id)
+                   & (NeuronActivations.layer == Neuron.layer) & (NeuronActivations.neuron == Neuron.neuron))
+        .outerjoin(ExampleRun, ExampleRun.model_id == Neuron.model_id)
+        .where(Neuron.model_id == m, Neuron.layer == lay, Neuron.neuron == n)
+    )
+
+
+def neuron_page_rows(session: Session, model_id: int, layer: int, neuron: int):
+    """What a neuron page reads about one neuron, in one round trip: (its decodings row, its
+    activations row or None, the model's example run or None, the previous and the next stored
+    neuron as (layer, neuron) or None). All None when the neuron is not stored. The neighbours
+    are row-value comparisons, so the primary key's index starts at (layer, neuron)."""
+    row = session.execute(_neuron_page_statement(), {"m": model_id, "l": layer, "n": neuron}).first()
+    if row is None:
+        return None, None, None, None, None
+    n, activations, run, prev_layer, prev_neuron, next_layer, next_neuron = row
+    previous = None if prev_layer is None else (int(prev_layer), int(prev_neuron))
+    following = None if next_layer is None else (int(next_layer), int(next_neuron))
+    return n, activations, run, previous, following
+
+
 def has_token_index(session: Session, model_id: int) -> bool:
     """Whether the search_index stage has written any token rows for the model yet."""
     row = session.execute(select(TokenIndex.token_id).where(TokenIndex.model_id == model_id).limit(1)).first()
@@ -570,9 +617,14 @@ def neuron_activations(session: Session, model_id: int, layer: int, neuron: int)
     return session.get(NeuronActivations, (model_id, layer, neuron))
 
 
-def example_windows(session: Session, model_id: int, window_ids: Iterable[int]) -> dict[int, ExampleWindow]:
+def example_windows(session: Session, model_id: int, window_ids: Iterable[int]) -> dict:
+    """{window: row} of the windows asked for; a row has .window, .token_ids and .source
+    (plain rows, not ORM objects: a neuron page reads 45 of them)."""
     ids = sorted({int(w) for w in window_ids if w >= 0})
-    rows = session.scalars(select(ExampleWindow).where(ExampleWindow.model_id == model_id, ExampleWindow.window.in_(ids)))
+    rows = session.execute(
+        select(ExampleWindow.window, ExampleWindow.token_ids, ExampleWindow.source)
+        .where(ExampleWindow.model_id == model_id, ExampleWindow.window.in_(ids))
+    )
     return {r.window: r for r in rows}
 
 

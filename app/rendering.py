@@ -67,8 +67,8 @@ def render_html(request: Request, template_name: str, data: dict) -> str:
 
 def respond(request: Request, template_name: str, data: dict, fmt: str | None = None, status: int = 200) -> Response:
     """The page as JSON (fmt="json"), as a fragment (htmx request) or as a whole page."""
-    if fmt == urls.JSON:
-        return JSONResponse(data, status_code=status)
+    if fmt == urls.JSON:  # keys starting with "_" are for the templates only
+        return JSONResponse({k: v for k, v in data.items() if not k.startswith("_")}, status_code=status)
     return HTMLResponse(render_html(request, template_name, data), status_code=status, headers={"Vary": "HX-Request"})
 
 
