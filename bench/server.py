@@ -18,7 +18,8 @@
    run, the windows and the first layer's rows go through `write_examples`; the other layers are
    added one layer per transaction with `queries.add_activations`, the insert `write_examples`
    itself uses, so the whole set need not sit in memory at once.
-2. The server: `needle serve` (one uvicorn process, as the CLI runs it) in its own process, on a
+2. The server: `needle serve` (one uvicorn process, as the CLI runs it; --server-processes N: `needle
+   serve --processes N`, N processes sharing the port) in its own process, on a
    free port, against that database.
 3. Load, from a separate process (this script with --load): an asyncio HTTP/1.1 client with
    --concurrency keep-alive connections, each sending its next request as soon as the last one's
@@ -425,10 +426,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(url: str, port: int, log: Path) -> subprocess.Popen:
-    """`needle serve` (python -m needle.cli, from this checkout: one uvicorn process) against url."""
+def start_server(url: str, port: int, log: Path, processes: int = 1) -> subprocess.Popen:
+    """`needle serve --processes N` (python -m needle.cli, from this checkout) against url."""
     env = {**os.environ, "NEEDLE_DATABASE_URL": url}
-    argv = [sys.executable, "-m", "needle.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [sys.executable, "-m", "needle.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--processes", str(processes)]
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -505,6 +507,7 @@ def main() -> int:
     ap.add_argument("--layers-per-part", type=int, default=8, help="layers per decode part (search part)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--server-processes", type=int, default=1, help="needle serve --processes (default 1)")
     ap.add_argument("--seconds", type=float, default=20.0, help="per kind per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of each kind before the rounds")
@@ -556,7 +559,7 @@ def main() -> int:
 
         port = free_port()
         logdir = Path(tempfile.mkdtemp(prefix="needle-bench-server-"))
-        server = start_server(url, port, logdir / "server.log")
+        server = start_server(url, port, logdir / "server.log", args.server_processes)
         spec = {"host": "127.0.0.1", "port": port, "model": NAME, "layers": facts["layers"], "d_mlp": facts["d_mlp"],
                 "tokens": tokens, "server_pid": server.pid, "concurrency": args.concurrency, "seconds": args.seconds,
                 "rounds": args.rounds, "warmup": args.warmup, "serial_seconds": args.serial_seconds}
@@ -564,7 +567,7 @@ def main() -> int:
         spec_file.write_text(json.dumps(spec))
         out["load"] = {"concurrency": args.concurrency, "seconds_per_kind_per_round": args.seconds,
                        "rounds": args.rounds, "warmup_s": args.warmup,
-                       "server": "needle serve (1 uvicorn process)", "client": "asyncio HTTP/1.1 keep-alive, own process"}
+                       "server": f"needle serve --processes {args.server_processes}", "client": "asyncio HTTP/1.1 keep-alive, own process"}
         out["machine"]["load_average_before"] = round(os.getloadavg()[0], 2)
         out["machine"]["python_loop_ms_before"] = _python_speed_ms()
         load = subprocess.run([sys.executable, __file__, "--load", str(spec_file)], check=False, capture_output=True,

@@ -318,7 +318,7 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def serve(settings: Settings, host: str, port: int, *, with_worker: bool = False) -> None:
+def serve(settings: Settings, host: str, port: int, *, with_worker: bool = False, processes: int = 1) -> None:
     import uvicorn
 
     from app.db import get_engine, require_migrated
@@ -329,10 +329,52 @@ def serve(settings: Settings, host: str, port: int, *, with_worker: bool = False
     check_port_free(host, port)
     if with_worker:
         start_background_worker(engine, settings)
-    print(f"Needle is serving at http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+    shown = f" in {processes} processes" if processes > 1 else ""
+    print(f"Needle is serving at http://{host}:{port}/{shown}  (Ctrl-C to stop)", flush=True)
     # X-Forwarded-For from a proxy on this host is uvicorn's to apply only when NEEDLE_TRUST_PROXY says so
     # (app/security.py counts live requests per client address)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", proxy_headers=settings.trust_proxy)
+    if processes > 1:
+        serve_processes(settings, host, port, processes)
+    else:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", proxy_headers=settings.trust_proxy)
+
+
+def serve_processes(settings: Settings, host: str, port: int, processes: int) -> None:
+    """The app in `processes` server processes sharing one listening socket (uvicorn's own
+    supervisor restarts one that dies). The socket is made here (listening_socket): uvicorn's own
+    `--workers` socket is not an IPPROTO_TCP one, so asyncio left TCP_NODELAY off and each small
+    answer waited ~40 ms for a delayed ACK. Each process builds the app from the environment
+    (settings are read from NEEDLE_* variables); the database URL is put there in case it came
+    from the default."""
+    import os
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ["NEEDLE_DATABASE_URL"] = settings.resolved_database_url()
+    sock = listening_socket(host, port)
+    config = uvicorn.Config("app.main:create_app", factory=True, host=host, port=port, workers=processes,
+                            log_level="warning", proxy_headers=settings.trust_proxy)
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+
+
+def listening_socket(host: str, port: int):
+    """A TCP socket listening on host:port, made as IPPROTO_TCP so that asyncio sets TCP_NODELAY
+    on the connections it accepts (serve_processes)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def start_background_worker(engine, settings: Settings):
@@ -348,7 +390,8 @@ def start_background_worker(engine, settings: Settings):
 
 
 def cmd_serve(args, settings: Settings) -> None:
-    serve(settings, args.host or settings.host, args.port or settings.port, with_worker=args.with_worker)
+    serve(settings, args.host or settings.host, args.port or settings.port, with_worker=args.with_worker,
+          processes=args.processes)
 
 
 def cmd_demo(args, settings: Settings) -> None:
@@ -465,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--with-worker", action="store_true",
                    help="also run a worker thread, for users' text runs (needs torch; `needle worker` is the other way)")
+    p.add_argument("--processes", type=positive_int, default=1,
+                   help="server processes sharing the port (default 1; one Python process uses one core)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="claim and run queued jobs")

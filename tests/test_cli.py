@@ -4,11 +4,13 @@ Bad input gets one clear line and a non-zero exit, and the database stays as it 
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -234,3 +236,77 @@ def test_serve_on_a_busy_port_is_a_clear_error(sqlite_url):
         proc = needle("serve", "--port", str(port), db_url=sqlite_url, timeout=60)
     _assert_clear_error(proc, "cannot serve", "--port")
     assert "serving at" not in proc.stdout
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_serve_in_several_processes(indexed):
+    """`needle serve --processes 2`: two server processes share the port and answer pages."""
+    db_url, _ = indexed
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "needle.cli", "serve", "--port", str(port), "--processes", "2"],
+                            env={**os.environ, "NEEDLE_DATABASE_URL": db_url}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/-/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not answer within 60 s"
+            time.sleep(0.2)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            for _ in range(10):
+                page = http.get("/kept/0/1")
+                assert page.status_code == 200 and "Layer 0 · Neuron 1" in page.text
+            assert http.get("/kept/0/1.json").json()["neuron"] == 1
+        time.sleep(0.5)
+        assert len(_children(proc.pid)) >= 2, "one server process per --processes"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+    assert "in 2 processes" in out and "Traceback" not in out
+    assert proc.returncode == 0
+
+
+def test_listening_socket_gives_connections_tcp_nodelay():
+    """asyncio sets TCP_NODELAY only on connections accepted from an IPPROTO_TCP socket; without it
+    each small answer of a `--processes` server waited for a delayed ACK."""
+    import asyncio
+
+    from needle.cli import listening_socket
+
+    async def check() -> int:
+        sock = listening_socket("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        def accepted(reader, writer):
+            raw = writer.get_extra_info("socket")
+            seen.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        _, w = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            w.close()
+            server.close()
+
+    assert asyncio.run(check()) != 0
