@@ -11,6 +11,7 @@
  *   ?  show or hide the list of shortcuts (footer details#shortcuts)
  *
  * button.copy-permalink copies its data-url to the clipboard and then reads "Copied".
+ * An htmx request answered with an error shows the error panel in place of the result.
  */
 (function () {
   "use strict";
@@ -65,6 +66,20 @@
     if (isTyping(event.target)) return;
     var action = Object.prototype.hasOwnProperty.call(KEYS, event.key) ? KEYS[event.key] : null;
     if (action && action()) event.preventDefault();
+  });
+
+  /* ------------------------------------------------------------ errors in htmx panels */
+
+  /* htmx leaves the page as it was when an answer is an error (4xx, 5xx). Needle answers an htmx
+     request's error with a small panel (templates/_error_panel.html) carrying the target's id:
+     swap it in, so "too many requests", a bad value or a switched-off live request is shown
+     where the result would have been. */
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var detail = event.detail;
+    if (detail && detail.xhr && detail.xhr.status >= 400 && detail.xhr.status < 600) {
+      detail.shouldSwap = true;
+      detail.isError = false;
+    }
   });
 
   /* ------------------------------------------------------------ copy permalink */

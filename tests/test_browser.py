@@ -355,6 +355,32 @@ def test_clamp_sweep_shows_the_plot(walk, demo):
     walk.assert_clean()
 
 
+def test_an_error_in_a_panel_is_shown_and_the_form_works_again(walk, demo):
+    """htmx swaps nothing on an error answer by default: a bad sweep would look like a dead
+    button. Needle shows the error where the result goes, and the form can be sent again."""
+    page = walk.page
+    walk.goto(neuron_path(demo, *LIVE_NEURON))
+    form = page.locator("#clamp form.clamp-form").first
+    form.locator('input[name="start"]').fill("5")
+    form.locator('input[name="stop"]').fill("1")
+    form.locator('input[name="count"]').fill("5")
+    form.get_by_role("button", name="Sweep").click()
+    error = page.locator("#clamp-result.error-panel")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("Error 400")
+    expect(error).to_contain_text("starts at 5, not below its end 1")
+    walk.shot("clamp-error", panel=error)
+    # the 400 itself is reported twice (the response, and Chrome's console line for it); nothing else
+    assert [p for p in walk.problems if not ("400" in p and "/clamp" in p)] == [], walk.problems
+    walk.problems.clear()
+    # the panel kept its id: a good range now gives the plot in the same place
+    form.locator('input[name="start"]').fill("-5")
+    form.get_by_role("button", name="Sweep").click()
+    expect(page.locator("#clamp-result svg")).to_be_visible(timeout=WORKER_TIMEOUT_MS)
+    expect(page.locator("#clamp-result .error-message")).to_have_count(0)
+    walk.assert_clean()
+
+
 def test_pages_send_a_content_security_policy_that_breaks_nothing(walk, demo):
     """Every page kind, in a browser that enforces the policy: no violation (Walk fails on one)."""
     page = walk.page

@@ -330,7 +330,9 @@ def test_live_requests_over_the_limit_are_429_and_store_nothing(limited):
     before = stored(engine)
     # the burst is spent: every live request now waits, in each form a client can send it
     for kind in ("text", "clamp", "generate"):
-        for how in ({"json": GOOD[kind]}, {"data": GOOD[kind]}, {"data": GOOD[kind], "headers": {"HX-Request": "true"}}):
+        panel = {"HX-Request": "true", "HX-Target": f"{kind}-result"}
+        for how in ({"json": GOOD[kind]}, {"data": GOOD[kind]}, {"data": GOOD[kind], "headers": {"HX-Request": "true"}},
+                    {"data": GOOD[kind], "headers": panel}):
             r = http.post(f"{where}/{kind}", **how)
             assert r.status_code == 429, (kind, how.keys(), r.status_code, r.text[:300])
             assert 1 <= int(r.headers["retry-after"]) <= 10
@@ -342,6 +344,10 @@ def test_live_requests_over_the_limit_are_429_and_store_nothing(limited):
                 soup = BeautifulSoup(r.text, "html.parser")
                 assert "Too many live requests" in soup.select_one(".error-message").get_text()
                 assert "Try again in" in soup.select_one(".hint").get_text()
+                if how.get("headers") == panel:  # htmx's panel: the error alone, in the panel's place
+                    top = soup.find(True)
+                    assert top.get("id") == f"{kind}-result" and "error-panel" in top["class"] and not soup.find("html")
+                    assert "Error 429" in top.get_text()
     assert stored(engine) == before, "a refused live request stores nothing"
     # pages are not limited
     for _ in range(20):
