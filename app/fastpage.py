@@ -119,18 +119,27 @@ def _token_markup(token: str | None, token_id: int) -> tuple[str, str]:
 _SHARE = [f"{k // 1000}.{k % 1000:03d}" for k in range(1001)]  # "%.3f" of k / 1000 for k in 0..1000
 
 
-def _shares(values: np.ndarray, scale: float) -> list[str]:
-    """["%.3f" % min(abs(a) / scale, 1.0) for a in values], rounding in numpy: x * 1000 is off
-    x's exact value by far less than 1e-6, so only the values that close to a rounding tie (or
-    not finite) are formatted one by one."""
+def _share_steps(values: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(k, odd): k = round(1000 * min(|v| / scale, 1)) per value, so "%.3f" of the share is
+    _SHARE[k], rounding in numpy: x * 1000 is off x's exact value by far less than 1e-6, so only
+    the values that close to a rounding tie, or not finite, are `odd` (k 0): format those one by
+    one with _share_text."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        x = np.minimum(np.abs(values) / scale, 1.0)
-        y = x * 1000.0
-        k = np.rint(y)
+        y = np.minimum(np.abs(values) / scale, 1.0) * 1000.0
         odd = ~np.isfinite(y) | (np.abs(y - np.floor(y) - 0.5) < 1e-6)
-    out = [_SHARE[i] for i in np.where(odd, 0, k).astype(np.int64).tolist()]
+        return np.where(odd, 0, np.rint(y)).astype(np.int64), odd
+
+
+def _share_text(value: float, scale: float) -> str:
+    return "%.3f" % min(abs(float(value)) / scale, 1.0)
+
+
+def _shares(values: np.ndarray, scale: float) -> list[str]:
+    """["%.3f" % min(abs(a) / scale, 1.0) for a in values]."""
+    k, odd = _share_steps(values, scale)
+    out = [_SHARE[i] for i in k.tolist()]
     for i in np.flatnonzero(odd).tolist():
-        out[i] = "%.3f" % min(abs(float(values[i])) / scale, 1.0)
+        out[i] = _share_text(values[i], scale)
     return out
 
 
@@ -155,6 +164,9 @@ def context_tokens(ex: dict, scale: float) -> Markup:
     ]))
 
 
+_SPAN_CLASSES = ("t", "t neg", "t max", "t neg max")  # by kind = negative + 2 * max
+
+
 @lru_cache(maxsize=1)
 def _span_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """By float16 bit pattern: the rounded value (float64) and '  activation %.4g">' of it; and the
@@ -162,8 +174,8 @@ def _span_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     by kind * 1001 + round(1000 * share), kind = negative + 2 * max."""
     rounded = _float16_tables()[0]
     value_ends = np.array([f'  activation {"%.4g" % v}">' for v in rounded.tolist()], dtype=object)
-    starts = np.array([f'<span class="{c}" style="--a:{s}" title="' for c in ("t", "t neg", "t max", "t neg max")
-                       for s in _SHARE], dtype=object)
+    starts = np.array([f'<span class="{c}" style="--a:{s}" title="' for c in _SPAN_CLASSES for s in _SHARE],
+                      dtype=object)
     return rounded, value_ends, starts
 
 
@@ -199,10 +211,7 @@ class PageSpans:
         for k, (_, _, mark) in enumerate(self._contexts):
             if 0 <= mark < lengths[k]:
                 kind[offsets[k] + mark] += 2
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            y = np.minimum(np.abs(values) / self._scale, 1.0) * 1000.0
-            odd = ~np.isfinite(y) | (np.abs(y - np.floor(y) - 0.5) < 1e-6)
-            share = np.where(odd, 0, np.rint(y)).astype(np.int64)
+        share, odd = _share_steps(values, self._scale)
         last = len(titles) - 1
         at = np.where((ids >= 0) & (ids < last), ids, last)
         pieces = np.empty((len(ids), 4), dtype=object)
@@ -211,11 +220,12 @@ class PageSpans:
         pieces[:, 2] = value_ends[bits]
         pieces[:, 3] = ends[at]
         for i in np.flatnonzero(odd).tolist():  # near a rounding tie, or not finite: formatted alone
-            c = ("t", "t neg", "t max", "t neg max")[int(kind[i])]
-            pieces[i, 0] = f'<span class="{c}" style="--a:{"%.3f" % min(abs(float(values[i])) / self._scale, 1.0)}" title="'
+            share_text = _share_text(values[i], self._scale)
+            pieces[i, 0] = f'<span class="{_SPAN_CLASSES[int(kind[i])]}" style="--a:{share_text}" title="'
         for i in np.flatnonzero(~known[at]).tolist():  # not in the stored vocabulary: its id
             pieces[i, 1] = str(escape(visible(f"#{int(ids[i])}")))
-        return [Markup("".join(pieces[a:b].ravel().tolist())) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+        bounds = zip(offsets[:-1].tolist(), offsets[1:].tolist())
+        return [Markup("".join(pieces[a:b].ravel().tolist())) for a, b in bounds]
 
 
 # ---------------------------------------------------------------- the search page's result rows

@@ -306,9 +306,8 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
     in_ids, out_pos_ids, out_neg_ids = (unpack(b, INT32) for b in (row.in_ids, row.out_pos_ids, row.out_neg_ids))
     text = token_texts(session, model)  # the vocabulary, held in memory (app/fastpage.py)
     run = examples.run_info(run_row)
-    if run_row is None:
-        activations = None
-    firing = examples.neuron_activations(session, model, activations, run_row.context if run_row else 0)
+    firing = examples.neuron_activations(session, model, activations if run_row else None,
+                                         run_row.context if run_row else 0)
 
     def link(pos: tuple[int, int] | None) -> dict | None:
         if pos is None:

@@ -510,30 +510,6 @@ def layer_summary(session: Session, model_id: int, layer: int) -> dict:
     return {"layer": layer, "neurons": n, "max_score": None if best is None else float(best)}
 
 
-def next_neuron(session: Session, model_id: int, layer: int, neuron: int) -> tuple[int, int] | None:
-    """The stored neuron after (layer, neuron), crossing into the next layer at the end of one.
-    A row-value comparison, so the primary key's index starts at (layer, neuron) on both databases
-    (an OR of the two cases made Postgres scan every neuron of the model before it)."""
-    row = session.execute(
-        select(Neuron.layer, Neuron.neuron)
-        .where(Neuron.model_id == model_id, tuple_(Neuron.layer, Neuron.neuron) > tuple_(layer, neuron))
-        .order_by(Neuron.layer, Neuron.neuron)
-        .limit(1)
-    ).first()
-    return None if row is None else (int(row.layer), int(row.neuron))
-
-
-def previous_neuron(session: Session, model_id: int, layer: int, neuron: int) -> tuple[int, int] | None:
-    """The stored neuron before (layer, neuron), crossing into the previous layer at the start of one."""
-    row = session.execute(
-        select(Neuron.layer, Neuron.neuron)
-        .where(Neuron.model_id == model_id, tuple_(Neuron.layer, Neuron.neuron) < tuple_(layer, neuron))
-        .order_by(Neuron.layer.desc(), Neuron.neuron.desc())
-        .limit(1)
-    ).first()
-    return None if row is None else (int(row.layer), int(row.neuron))
-
-
 @lru_cache(maxsize=1)
 def _neuron_page_statement():
     """neuron_page_rows' statement, built once (bound parameters m, l, n): building it anew on
@@ -568,8 +544,9 @@ def _neuron_page_statement():
 def neuron_page_rows(session: Session, model_id: int, layer: int, neuron: int):
     """What a neuron page reads about one neuron, in one round trip: (its decodings row, its
     activations row or None, the model's example run or None, the previous and the next stored
-    neuron as (layer, neuron) or None). All None when the neuron is not stored. The neighbours
-    are row-value comparisons, so the primary key's index starts at (layer, neuron)."""
+    neuron as (layer, neuron) or None, crossing layers). All None when the neuron is not stored.
+    The neighbours are row-value comparisons, so the primary key's index starts at (layer, neuron)
+    on both databases (an OR of the two cases made Postgres scan every neuron of the model before it)."""
     row = session.execute(_neuron_page_statement(), {"m": model_id, "l": layer, "n": neuron}).first()
     if row is None:
         return None, None, None, None, None

@@ -228,6 +228,12 @@ def test_bad_layers_per_job_is_a_usage_error(sqlite_url, tmp_path):
     assert proc.returncode == 2 and "not a whole number" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_serve_with_no_processes_is_a_usage_error(sqlite_url):
+    proc = needle("serve", "--processes", "0", db_url=sqlite_url, timeout=60)
+    assert proc.returncode == 2 and "--processes" in proc.stderr and "Traceback" not in proc.stderr
+    assert "serving at" not in proc.stdout
+
+
 def test_serve_on_a_busy_port_is_a_clear_error(sqlite_url):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

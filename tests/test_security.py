@@ -376,6 +376,22 @@ def test_each_client_has_its_own_limit_behind_a_trusted_proxy(db_url):
         assert codes(http, "203.0.113.1", 2) + codes(http, "203.0.113.2", 1) == [202, 202, 429], "the header is ignored"
 
 
+def test_an_htmx_error_panel_escapes_its_target(unlimited):
+    """The panel echoes htmx's HX-Target header as its id: a hostile one stays an attribute value."""
+    http, engine = unlimited
+    before = stored(engine)
+    hostile = '"><script>alert(1)</script><div id="x'
+    r = http.post(f"{urls.neuron_url(MODEL, 0, 1)}/clamp", data={**GOOD["clamp"], "start": "5", "stop": "1"},
+                  headers={"HX-Request": "true", "HX-Target": hostile})
+    assert r.status_code == 400
+    soup = BeautifulSoup(r.text, "html.parser")
+    assert not soup.find("script") and len(soup.find_all(True, id=True)) == 1
+    panel = soup.find(True)
+    assert panel["id"] == hostile and "error-panel" in panel["class"]
+    assert "not below its end 1" in panel.get_text()
+    assert stored(engine) == before, "a refused sweep stores nothing"
+
+
 def test_switched_off_live_requests_are_403_not_429(db_url):
     engine = engine_for(db_url)
     fill_synthetic(engine, MODEL, 1, 20, ["<unk>", *PLAIN], tokenizer=True)

@@ -57,15 +57,12 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         if hint:
             body["hint"] = hint
         return JSONResponse(body, status_code=status, headers=headers)
-    target = request.headers.get("HX-Target")
-    if request.headers.get("HX-Request") == "true" and target:
-        # an htmx panel (your text, a clamp sweep, a generation): the error takes the panel's place,
-        # keeping its id so the form can be sent again (static/needle.js lets htmx swap an error in)
-        html = environment().get_template("_error_panel.html").render(status=status, error=message, hint=hint,
-                                                                       target=target)
-        return HTMLResponse(html, status_code=status, headers=headers)
+    # an htmx panel (your text, a clamp sweep, a generation): the error takes the panel's place,
+    # keeping its id so the form can be sent again (static/needle.js lets htmx swap an error in)
+    target = request.headers.get("HX-Target") if request.headers.get("HX-Request") == "true" else None
     try:
-        html = environment().get_template("error.html").render(status=status, error=message, hint=hint)
+        page = environment().get_template("_error_panel.html" if target else "error.html")
+        html = page.render(status=status, error=message, hint=hint, target=target)
     except Exception:  # noqa: BLE001 - the error page itself must not fail
         log.exception("error page could not be rendered")
         html = f"<!doctype html><title>Error {status}</title><h1>Error {status}</h1><p>{escape(message)}</p>"
