@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.gzip import GZipMiddleware
 
 from app import openapi, security
 from app.config import ROOT, Settings, get_settings
@@ -27,6 +28,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/-/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.include_router(pages.router)
     errors.install_error_handler(app)
+    if settings.gzip_level > 0:  # NEEDLE_GZIP_LEVEL
+        app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=settings.gzip_level)
     security.install(app, settings)  # after the error handler: its answers get the headers too
     openapi.install(app)
     return app

@@ -23,7 +23,9 @@
    free port, against that database.
 3. Load, from a separate process (this script with --load): an asyncio HTTP/1.1 client with
    --concurrency keep-alive connections, each sending its next request as soon as the last one's
-   response is read in full. Three kinds of request: the neuron page (HTML) of a uniformly random
+   response is read in full, with no Accept-Encoding (the server answers uncompressed) or, with
+   --gzip, "Accept-Encoding: gzip, deflate" as a browser sends (pages come compressed; the client
+   reads the bytes without unpacking them). Three kinds of request: the neuron page (HTML) of a uniformly random
    neuron, the search page (HTML) for a uniformly random vocabulary token (its text, as a user
    types it), and GET /-/health (a tiny JSON, no database: the baseline). After --warmup seconds
    of each, --rounds rounds run each kind for --seconds, the order rotated every round, so drift
@@ -110,11 +112,13 @@ class Paths:
         return f"/{self.model}/search?token={urllib.parse.quote(token, safe='')}"
 
 
-async def _connection(host: str, port: int, paths: Paths, deadline: float, out: list, codes: dict) -> None:
+async def _connection(host: str, port: int, paths: Paths, deadline: float, out: list, codes: dict, sizes: list,
+                      gzip: bool = False) -> None:
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    accept = "Accept-Encoding: gzip, deflate\r\n" if gzip else ""  # what a browser sends; the body is not unpacked
     try:
         while time.perf_counter() < deadline:
-            request = f"GET {paths.next()} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/html\r\n\r\n".encode()
+            request = f"GET {paths.next()} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/html\r\n{accept}\r\n".encode()
             t0 = time.perf_counter()
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -127,15 +131,19 @@ async def _connection(host: str, port: int, paths: Paths, deadline: float, out: 
                     length = int(value)
                 elif name == b"transfer-encoding" and b"chunked" in value.lower():
                     chunked = True
+            body = 0
             if chunked:
                 while True:
                     size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
                     await reader.readexactly(size + 2)
+                    body += size
                     if size == 0:
                         break
             else:
-                await reader.readexactly(length or 0)
+                body = length or 0
+                await reader.readexactly(body)
             out.append(time.perf_counter() - t0)
+            sizes.append(body)
             codes[status] = codes.get(status, 0) + 1
     finally:
         writer.close()
@@ -144,11 +152,13 @@ async def _connection(host: str, port: int, paths: Paths, deadline: float, out: 
 async def _phase(host: str, port: int, kind: str, spec: dict, seconds: float, concurrency: int, seed: int) -> dict:
     latencies: list[float] = []
     codes: dict[int, int] = {}
+    sizes: list[int] = []
     busy0, total0 = _cpu_jiffies()
     server0, own0 = _proc_cpu_s(spec["server_pid"]), time.process_time()
     start = time.perf_counter()
     await asyncio.gather(*[
-        _connection(host, port, Paths(kind, spec, seed * 1000 + i), start + seconds, latencies, codes)
+        _connection(host, port, Paths(kind, spec, seed * 1000 + i), start + seconds, latencies, codes, sizes,
+                    spec["gzip"])
         for i in range(concurrency)
     ])
     elapsed = time.perf_counter() - start
@@ -156,7 +166,7 @@ async def _phase(host: str, port: int, kind: str, spec: dict, seconds: float, co
     n = len(latencies)
     return {
         "kind": kind, "requests": n, "seconds": elapsed, "rps": n / elapsed, "latencies_ms": [x * 1000 for x in latencies],
-        "codes": codes, "machine_cpu_busy": (busy1 - busy0) / max(total1 - total0, 1),
+        "codes": codes, "body_bytes_mean": sum(sizes) / max(len(sizes), 1), "machine_cpu_busy": (busy1 - busy0) / max(total1 - total0, 1),
         "server_cpu_ms_per_request": (_proc_cpu_s(spec["server_pid"]) - server0) * 1000 / max(n, 1),
         "client_cpu_ms_per_request": (time.process_time() - own0) * 1000 / max(n, 1),
     }
@@ -459,6 +469,7 @@ def summarise(result: dict) -> dict:
         out[kind] = {
             "requests": len(lat),
             "status_codes": codes,
+            "body_bytes_mean": round(statistics.mean(p["body_bytes_mean"] for p in phases)),
             "p50_ms": round(_pct(lat, 0.5), 2),
             "p90_ms": round(_pct(lat, 0.9), 2),
             "p99_ms": round(_pct(lat, 0.99), 2),
@@ -507,6 +518,8 @@ def main() -> int:
     ap.add_argument("--layers-per-part", type=int, default=8, help="layers per decode part (search part)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--gzip", action="store_true",
+                    help="send Accept-Encoding: gzip, as browsers do (the server then compresses pages of 1 KiB or more)")
     ap.add_argument("--server-processes", type=int, default=1, help="needle serve --processes (default 1)")
     ap.add_argument("--seconds", type=float, default=20.0, help="per kind per round")
     ap.add_argument("--rounds", type=int, default=3)
@@ -562,12 +575,14 @@ def main() -> int:
         server = start_server(url, port, logdir / "server.log", args.server_processes)
         spec = {"host": "127.0.0.1", "port": port, "model": NAME, "layers": facts["layers"], "d_mlp": facts["d_mlp"],
                 "tokens": tokens, "server_pid": server.pid, "concurrency": args.concurrency, "seconds": args.seconds,
-                "rounds": args.rounds, "warmup": args.warmup, "serial_seconds": args.serial_seconds}
+                "rounds": args.rounds, "warmup": args.warmup, "serial_seconds": args.serial_seconds,
+                "gzip": args.gzip}
         spec_file = logdir / "load.json"
         spec_file.write_text(json.dumps(spec))
         out["load"] = {"concurrency": args.concurrency, "seconds_per_kind_per_round": args.seconds,
                        "rounds": args.rounds, "warmup_s": args.warmup,
-                       "server": f"needle serve --processes {args.server_processes}", "client": "asyncio HTTP/1.1 keep-alive, own process"}
+                       "server": f"needle serve --processes {args.server_processes}", "client": "asyncio HTTP/1.1 keep-alive, own process",
+                       "accept_encoding": "gzip, deflate" if args.gzip else "none (identity)"}
         out["machine"]["load_average_before"] = round(os.getloadavg()[0], 2)
         out["machine"]["python_loop_ms_before"] = _python_speed_ms()
         load = subprocess.run([sys.executable, __file__, "--load", str(spec_file)], check=False, capture_output=True,
@@ -594,7 +609,8 @@ def main() -> int:
         one = r.get("one_connection")
         alone = f"; one connection: p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms" if one else ""
         print(f"{kind:7s} p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  {r['rps']:8.1f} req/s{extra}  "
-              f"(server CPU {r['server_cpu_ms_per_request']:.2f} ms/request, codes {r['status_codes']}{alone})",
+              f"(server CPU {r['server_cpu_ms_per_request']:.2f} ms/request, {r['body_bytes_mean']:,} body bytes, "
+              f"codes {r['status_codes']}{alone})",
               file=sys.stderr)
     met = all(all(res[k]["goals"].values()) for k in ("neuron", "search"))
     out["goals_met"] = met
