@@ -16,6 +16,20 @@ from app.db import engine_for
 from app.routes import errors, pages
 
 
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered as GET (link checkers and some link-preview bots send it;
+    FastAPI routes GET alone). The server sends the headers only: uvicorn drops the body of an
+    answer to HEAD, keeping its Content-Length."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # The app's own pages live under /-/ so they never clash with a model's name; no docs
@@ -31,5 +45,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.gzip_level > 0:  # NEEDLE_GZIP_LEVEL
         app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=settings.gzip_level)
     security.install(app, settings)  # after the error handler: its answers get the headers too
+    app.add_middleware(HeadAsGet)
     openapi.install(app)
     return app

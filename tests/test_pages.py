@@ -386,3 +386,15 @@ def test_pages_are_gzipped_for_clients_that_accept_it(site, db_url):
         r = httpx.get(base + path, headers={"Accept-Encoding": "gzip"})
     assert r.status_code == 200 and "content-encoding" not in r.headers
     assert len(r.content) == len(plain.content) and "Layer 1 · Neuron 3" in r.text  # its permalink has another port
+
+
+def test_head_is_answered_like_get_without_a_body(site):
+    for path in (f"/{MODEL}/1/3", f"/{MODEL}/1/3.json", f"/{MODEL}", "/-/static/style.css"):
+        get = site.get(path, headers={"Accept-Encoding": "identity"})
+        head = site.http.head(path, headers={"Accept-Encoding": "identity"})
+        assert head.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        assert int(head.headers["content-length"]) == len(get.content), path
+        assert "content-security-policy" in head.headers
+    missing = site.http.head(f"/{MODEL}/1/999")
+    assert missing.status_code == 404 and missing.content == b""
