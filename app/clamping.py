@@ -20,6 +20,9 @@ DEFAULT_GENERATE_TOKENS = 32
 RANGE_TIMES_MAX = 10.0  # the default sweep: +-10x the neuron's observed max |activation|
 FALLBACK_RANGE = 10.0  # ... or +-10 when none was observed
 RANGE_HINT = "Write the range as START:STOP:COUNT, e.g. -50:50:41."
+ORDER_HINT = "Put the lower value first, e.g. -50:50:41."
+FORM_RANGE_HINTS = ("Sweep from a lower value to a higher one, e.g. from -50 to 50 in 41 values.",
+                    "Put the lower value in From and the higher in to, e.g. from -50 to 50.")
 
 METHOD = [
     ("Clamp-response curves after Davies (2025), Flash Interpretability, section 3.2: the neuron's activation (the "
@@ -47,15 +50,18 @@ METHOD = [
 # ---- inputs -----------------------------------------------------------------------------------
 
 
-def value_range(start: float, stop: float, count: int) -> list[float]:
-    """count evenly spaced values from start to stop, both included; NeedleError if not allowed."""
+def value_range(start: float, stop: float, count: int, *, hints: tuple[str, str] = (RANGE_HINT, ORDER_HINT)) -> list[float]:
+    """count evenly spaced values from start to stop, both included; NeedleError if not allowed.
+    hints: how to write a range, and how to order its ends, where it came from (the CLI's
+    START:STOP:COUNT by default)."""
+    hint, order_hint = hints
     if not (math.isfinite(start) and math.isfinite(stop)):
-        raise NeedleError("The clamp range's ends must be finite numbers.", hint=RANGE_HINT)
+        raise NeedleError("The clamp range's ends must be finite numbers.", hint=hint)
     if not 2 <= count <= MAX_VALUES:
-        raise NeedleError(f"A sweep of {count} values is not allowed: use 2 to {MAX_VALUES}.", hint=RANGE_HINT)
+        raise NeedleError(f"A sweep of {count} values is not allowed: use 2 to {MAX_VALUES}.", hint=hint)
     if start >= stop:
         raise NeedleError(f"The clamp range starts at {start:g}, not below its end {stop:g}.",
-                          hint="Put the lower value first, e.g. -50:50:41.")
+                          hint=order_hint)
     step = (stop - start) / (count - 1)
     return [start + i * step for i in range(count - 1)] + [stop]
 
@@ -210,7 +216,7 @@ def start_clamp(session: Session, model: Model, layer: int, neuron: int, form: d
         raise NeedleError(f"The target is {len(target)} characters long; a token is at most 200 here.",
                           hint="Type one token.")
     values = value_range(_number(form, "start", "range start"), _number(form, "stop", "range end"),
-                         _number(form, "count", "number of values", int))
+                         _number(form, "count", "number of values", int), hints=FORM_RANGE_HINTS)
     positions = "last" if str(form.get("positions", "all")) == "last" or form.get("last_only") in (True, "on", "1", "true") else "all"
     hits = queries.tokens_by_text(session, model.id, [target])
     token_id = hits[0].token_id if hits else None  # else the worker encodes it and takes its first token

@@ -45,6 +45,8 @@ SORT_LABELS = {
 
 def _model(session: Session, name: str) -> Model:
     # without its tokenizer JSON (megabytes for a large vocabulary), loaded if a page reads it
+    if name == "-":  # /-/... is the app's own: no model is named "-"
+        raise NotFound("There is no such page.", hint="The models list at / links to every model and page.")
     model = queries.get_model(session, name, tokenizer=False)
     if model is None:
         raise NotFound(f"There is no model named {name!r}.", hint="The models list shows the models indexed here.")

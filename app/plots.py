@@ -244,14 +244,22 @@ def score_strip_svg(strip: dict, ident: str = "score-strip") -> Markup:
     left, right, top, bottom = 52, 12, 12, 40
     plot_w, plot_h = STRIP_W - left - right, STRIP_H - top - bottom
     band = plot_w / n_layers
-    y_top = _nice_top(max(max(p["score"] for p in points), 1e-12))
-    spread = min(band * 0.1, 5.0)  # |offset| <= 3 * spread < band / 2
+    hi, lo = max(p["score"] for p in points), min(p["score"] for p in points)
+    y_top = _nice_top(max(hi, 1e-12))
+    # From 0, unless all the scores sit in the upper part: then from a round number below the
+    # lowest, so that close scores do not pile up (the axis's lowest label says where it starts).
+    y_low = 0.0
+    if lo > 0.5 * hi:
+        unit = _nice_top(max(hi - lo, hi * 0.1)) / 5
+        y_low = max(0.0, math.floor((lo - unit / 2) / unit) * unit)
+        y_top = math.ceil((hi + unit / 2) / unit) * unit
+    spread = min(band * 0.11, 10.0)  # |offset| <= 3 * spread < band / 2
 
     def x(layer: int) -> float:
         return left + band * (layer + 0.5)
 
     def y(score: float) -> float:
-        return top + plot_h * (1 - max(score, 0.0) / y_top)
+        return top + plot_h * (1 - (max(score, y_low) - y_low) / (y_top - y_low))
 
     best = points[0]
     layers = sorted({int(p["layer"]) for p in points})
@@ -265,11 +273,11 @@ def score_strip_svg(strip: dict, ident: str = "score-strip") -> Markup:
         f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}"/>',
         f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
     ]
-    for tick in (0.5, 1.0):
-        parts.append(f'<line class="grid" x1="{left}" y1="{y(y_top * tick):.1f}" x2="{left + plot_w}" '
-                     f'y2="{y(y_top * tick):.1f}"/>')
-    for tick in (0.0, 0.5, 1.0):
-        parts.append(f'<text x="{left - 6}" y="{y(y_top * tick) + 4:.1f}" text-anchor="end">{y_top * tick:.3g}</text>')
+    ticks = [y_low + (y_top - y_low) * f for f in (0.0, 0.5, 1.0)]
+    for tick in ticks[1:]:
+        parts.append(f'<line class="grid" x1="{left}" y1="{y(tick):.1f}" x2="{left + plot_w}" y2="{y(tick):.1f}"/>')
+    for tick in ticks:
+        parts.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.3g}</text>')
     step = max(1, math.ceil(n_layers / 16))
     for layer in range(n_layers):
         if layer % step == 0 or layer == n_layers - 1:

@@ -8,6 +8,7 @@ from functools import lru_cache
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
+from markupsafe import Markup, escape
 
 from app import clamping, plots, urls
 from app.config import ROOT
@@ -20,6 +21,15 @@ from app.fastpage import (
 from app.tokens import in_context, quoted, visible
 
 TEMPLATES = ROOT / "templates"
+
+
+def inline_code(text: str) -> Markup:
+    """Prose with `command` spans (the method texts, written once for the README, the pages and
+    the JSON) as HTML: escaped, each backticked span in <code>."""
+    parts = str(escape(text)).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick stays as it is
+        parts[-2:] = [parts[-2] + "`" + parts[-1]]
+    return Markup("".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)))
 
 
 @lru_cache(maxsize=1)
@@ -37,6 +47,7 @@ def environment() -> Environment:
     env.filters["visible"] = visible
     env.filters["in_context"] = in_context
     env.filters["quoted"] = quoted
+    env.filters["inline_code"] = inline_code
     env.globals.update(urls.template_globals())
     env.globals["histogram_svg"] = plots.histogram_svg
     env.globals["f1_curve_svg"] = plots.f1_curve_svg

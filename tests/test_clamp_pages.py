@@ -300,8 +300,10 @@ def test_live_clamp_curve_from_the_page(site, loaded):
     assert r.status_code == 303
     permalink = r.headers["location"]
     assert permalink.startswith(f"{ALIGNED_URL}/clamp/")
-    waiting = soup_of(http.get(permalink)).select_one("#clamp-result")
+    waiting_page = soup_of(http.get(permalink))
+    waiting = waiting_page.select_one("#clamp-result")
     assert waiting.has_attr("hx-get")
+    assert waiting_page.find("link", rel="alternate", type="application/json")["href"] == permalink + ".json"
     polls.append(permalink)
     assert stored(site.engine)["live_jobs"] == before["live_jobs"] + 3
 
@@ -405,6 +407,9 @@ def test_live_generation_from_the_page(site, loaded):
     # the permalink page, and the 404 of another neuron's URL
     page = soup_of(http.get(polls[-1]))
     assert page.select_one("#generation-result pre.continuation.clamped") is not None
+    assert page.find("link", rel="alternate", type="application/json")["href"] == polls[-1] + ".json"
+    method = page.select_one("section.method").decode_contents()
+    assert "`" not in method and "<code>needle index</code>" in method, "commands in the method text are code"
     gen_id = polls[-1].rsplit("/", 1)[1]
     assert http.get(f"/{NAME}/0/4/generate/{gen_id}.json").status_code == 404
     for missing in (str(int(gen_id) + 100), "x", "2147483648", "9" * 25, "\u00b2"):
@@ -474,6 +479,8 @@ def test_bad_input_is_a_clear_400_and_stores_nothing(site):
             r = http.post(f"{where}/{kind}", data=good)
             assert r.status_code == 404, (where, kind, r.status_code)
             assert http.post(f"{where}/{kind}", json=good).status_code == 404
+    backwards = http.post(f"{ALIGNED_URL}/clamp", json=with_changes(GOOD_CLAMP, {"start": "10", "stop": "-10"})).json()
+    assert "From" in backwards["hint"] and "-50:50" not in backwards["hint"], "the form's words, not the CLI's"
     assert stored(site.engine) == before, "a refused request stores no curve, generation or job"
 
 

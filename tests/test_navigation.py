@@ -488,3 +488,21 @@ def test_header_search_box_and_neighbour_links(site):
     assert soup.select_one('nav.neighbours a[rel="prev"]')["href"] == f"/{MODEL}/1/2"
     assert soup.select_one("body")["data-random-url"] == f"/{MODEL}/random"
     assert site.soup("/").select_one("#search-q") is None, "no model to search on the models list"
+
+
+@pytest.mark.parametrize("scores, low", [
+    ([1.27 - i * 0.0064 for i in range(50)], 0.9),  # close scores: the axis starts below the lowest
+    ([5.0 - i * 0.09 for i in range(50)], 0.0),  # spread out: from 0
+    ([3.0], 2.9),  # one neuron
+])
+def test_score_strip_axis_fits_the_scores(scores, low):
+    points = [{"layer": i % 4, "neuron": i, "score": s, "url": f"/m/{i % 4}/{i}"} for i, s in enumerate(scores)]
+    svg = BeautifulSoup(str(plots.score_strip_svg({"n_layers": 4, "points": points})), "html.parser")
+    labels = [float(t.get_text()) for t in svg.select("text")[:3]]
+    assert labels[0] == pytest.approx(low) and labels[0] <= min(scores) and labels[2] >= max(scores)
+    assert labels[0] < labels[1] < labels[2]
+    ys = [float(c["cy"]) for c in svg.select("circle")]
+    grid = [float(t["y"]) - 4 for t in svg.select("text")[:3]]  # the labels sit at their values' heights
+    assert all(grid[2] <= y <= grid[0] for y in ys), "every dot inside the axis"
+    if len(scores) > 1:
+        assert max(ys) - min(ys) > 0.5 * (grid[0] - grid[2]), "the dots use most of the height"

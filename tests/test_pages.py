@@ -250,6 +250,8 @@ def test_previous_next_and_random_links_resolve(site):
         (f"/{MODEL}/0/x", ["not a neuron number"]),
         ("/nope/random", ["nope"]),
         ("/nope/search", ["nope"]),
+        ("/-/nothing", ["There is no such page"]),  # the app's own prefix: not "no model named '-'"
+        ("/-/nothing/0/1", ["There is no page at /-/nothing/0/1"]),
     ],
 )
 def test_missing_or_malformed_things_are_404_in_html_and_json(site, path, words):
@@ -303,6 +305,13 @@ def test_multi_token_query_is_tokenized_and_each_token_searched(site):
 def test_search_without_a_token_is_a_clear_400(site):
     for path in (f"/{MODEL}/search", f"/{MODEL}/search?token="):
         assert_error(site.get(path), 400, False, "token")
+        soup = BeautifulSoup(site.get(path).text, "html.parser")
+        form = soup.select_one("main form.search")
+        assert form is not None and form["action"] == urls.search_url(MODEL), "the search form again: no dead end"
+        assert soup.select_one("header form.header-search") is not None
+        assert soup.select_one(f'main .crumbs a[href="{urls.model_url(MODEL)}"]') is not None
+    lost = BeautifulSoup(site.get("/no-such-model/search?token=dog").text, "html.parser")
+    assert lost.select_one("main form.search") is None and lost.select_one("header form.header-search") is None
     for path in (f"/{MODEL}/search.json", f"/{MODEL}/search.json?token="):
         assert_error(site.get(path), 400, True, "token")
 

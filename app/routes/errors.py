@@ -62,7 +62,14 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     target = request.headers.get("HX-Target") if request.headers.get("HX-Request") == "true" else None
     try:
         page = environment().get_template("_error_panel.html" if target else "error.html")
-        html = page.render(status=status, error=message, hint=hint, target=target)
+        context = {}
+        if status == 400 and isinstance(request.scope.get("path_params", {}).get("model"), str):
+            # a bad request to a model's page (a search with no token, say): the model's header
+            # search box and breadcrumb, and the search form again on a search, so it is no dead end
+            context["model"] = request.scope["path_params"]["model"]
+            context["search_form"] = request.url.path.endswith("/search")
+            context["query"] = request.query_params.get("token", "")[:200]
+        html = page.render(status=status, error=message, hint=hint, target=target, **context)
     except Exception:  # noqa: BLE001 - the error page itself must not fail
         log.exception("error page could not be rendered")
         html = f"<!doctype html><title>Error {status}</title><h1>Error {status}</h1><p>{escape(message)}</p>"
