@@ -90,21 +90,41 @@ def default_values(max_abs: float | None, count: int = DEFAULT_COUNT) -> list[fl
 
 
 def _number(form: dict, name: str, label: str, kind=float):
+    """A form's or JSON's number: text of ASCII digits (and sign, point, exponent) or a JSON
+    number; for kind=int a whole one (3, "3", 3.0; not 3.9 or "3.0")."""
     raw = form.get(name)
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         raise NeedleError(f"The {label} is missing.", hint=f"Fill in the {label}.")
+    shown = repr(raw)[:40]
+    not_number = NeedleError(f"The {label} {shown} is not a {'whole ' if kind is int else ''}number.",
+                             hint=f"Type a number for the {label}.")
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)) or (isinstance(raw, str) and not raw.isascii()):
+        raise not_number
     try:
-        value = kind(raw)
+        if kind is int and isinstance(raw, float):
+            if not raw.is_integer():
+                raise not_number
+            value = int(raw)  # OverflowError for inf
+        else:
+            value = kind(raw)  # OverflowError: float() of a 400-digit integer
     except (TypeError, ValueError):
-        raise NeedleError(f"The {label} {raw!r} is not a {'whole ' if kind is int else ''}number.",
-                          hint=f"Type a number for the {label}.") from None
+        raise not_number from None
+    except OverflowError:
+        raise NeedleError(f"The {label} {shown} is out of range.", hint=f"Type a smaller number for the {label}.") from None
     if kind is float and not math.isfinite(value):
         raise NeedleError(f"The {label} must be a finite number.", hint=f"Type a number for the {label}.")
     return value
 
 
+def _text_field(form: dict, name: str) -> str:
+    value = form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise NeedleError(f"The {name} must be text, not the number {value!r}.", hint=f"Send the {name} as a string.")
+    return value or ""
+
+
 def _prompt(form: dict, max_chars: int) -> str:
-    prompt = str(form.get("prompt") or "").replace("\r\n", "\n")
+    prompt = _text_field(form, "prompt").replace("\r\n", "\n")
     if not prompt.strip():
         raise NeedleError("The prompt is empty.", hint="Type a prompt for the model to continue.")
     if len(prompt) > max_chars:
@@ -209,7 +229,7 @@ def start_clamp(session: Session, model: Model, layer: int, neuron: int, form: d
     """Queue a clamp curve asked for on a neuron page: the form's prompt, token, range and positions."""
     require_live(live)
     prompt = _prompt(form, prompt_max_chars)
-    target = str(form.get("token") or "")
+    target = _text_field(form, "token")
     if not target:
         raise NeedleError("There is no target token.", hint="Type the token whose probability to plot, e.g. ' dog'.")
     if len(target) > 200:
@@ -243,7 +263,7 @@ def clamp_page(session: Session, model: Model, layer: int, neuron: int, curve_te
     curve_id = row_id(curve_text)
     curve = queries.get_clamp_curve(session, curve_id) if curve_id is not None else None
     if curve is None or curve.model_id != model.id or (curve.layer, curve.neuron) != (layer, neuron):
-        raise NotFound(f"There is no clamp curve {curve_text!r} for neuron {layer}/{neuron} of {model.name!r}.")
+        raise NotFound(f"There is no clamp curve {curve_text[:60]!r} for neuron {layer}/{neuron} of {model.name!r}.")
     job = queries.live_job(session, model.id, queries.CLAMP_STAGE, curve.id) if curve.probs is None else None
     return curve_data(model, curve, job)
 
@@ -277,6 +297,6 @@ def generation_page(session: Session, model: Model, layer: int, neuron: int, gen
     gen_id = row_id(gen_text)
     gen = queries.get_generation(session, gen_id) if gen_id is not None else None
     if gen is None or gen.model_id != model.id or (gen.layer, gen.neuron) != (layer, neuron):
-        raise NotFound(f"There is no generation {gen_text!r} for neuron {layer}/{neuron} of {model.name!r}.")
+        raise NotFound(f"There is no generation {gen_text[:60]!r} for neuron {layer}/{neuron} of {model.name!r}.")
     job = queries.live_job(session, model.id, queries.GENERATE_STAGE, gen.id) if gen.clamped is None else None
     return generation_data(model, gen, job)

@@ -186,12 +186,15 @@ def text_run(session: Session, model: Model, run: TextRun, job: Job | None, stat
         "form_url": urls.text_form_url(model.name, run.layer, run.neuron),
         "scale": colour_scale(stats.max_act, stats.min_act) if stats is not None else 0.0,
         "result": None,
+        "tokens_left_out": 0,
     }
     if run.activations is not None and run.token_ids is not None:
         token_ids = unpack(run.token_ids, INT32)
         acts = unpack(run.activations, FLOAT32)
         text = queries.tokens_by_ids(session, model.id, token_ids.tolist())
         data["result"] = _example(token_ids, acts, text, "your text")
+        # a text longer than the model reads: its first tokens ran, and the page says so
+        data["tokens_left_out"] = max(0, (run.n_tokens or 0) - len(token_ids))
         if stats is None:
             data["scale"] = colour_scale(float(acts.max()), float(acts.min()))
     return data

@@ -49,15 +49,22 @@ def _model(session: Session, name: str) -> Model:
         raise NotFound("There is no such page.", hint="The models list at / links to every model and page.")
     model = queries.get_model(session, name, tokenizer=False)
     if model is None:
-        raise NotFound(f"There is no model named {name!r}.", hint="The models list shows the models indexed here.")
+        hint = "The API's schema is at /-/openapi.json." if name == "openapi" else "The models list shows the models indexed here."
+        raise NotFound(f"There is no model named {_cut(name)!r}.", hint=hint)
     return model
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """Input echoed in an error message: at most `limit` characters of it."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _index(text: str, what: str, model: Model, count: int) -> int:
     """A layer or neuron number from a path segment: a non-negative integer below count."""
     if not DIGITS.fullmatch(text):
         raise NotFound(
-            f"{what.capitalize()} {text!r} is not a {what} number: {what}s are numbered 0 to {count - 1}.",
+            f"{what.capitalize()} {_cut(text)!r} is not a {what} number: {what}s are numbered 0 to {count - 1}.",
+            hint=f"The {what} is a number, as in /{model.name}/0/0 (the jump box on model and layer pages takes both).",
         )
     value = int(text) if len(text) <= 18 else None  # int() refuses numbers of over 4,300 digits
     if value is None or value >= count:
@@ -230,7 +237,7 @@ def layer_page(
     layer = _index(layer_text, "layer", model, model.n_layers)
     sort = sort or urls.DEFAULT_LAYER_SORT
     if sort not in queries.LAYER_SORTS:
-        raise NeedleError(f"Unknown sort {sort!r}: use one of {', '.join(queries.LAYER_SORTS)}.")
+        raise NeedleError(f"Unknown sort {_cut(sort)!r}: use one of {', '.join(queries.LAYER_SORTS)}.")
     if page is None:
         page_number = 1
     elif DIGITS.fullmatch(page) and len(page) <= 9 and int(page) >= 1:  # a 5,000-digit page is no number
@@ -482,7 +489,7 @@ def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str
     run_id = clamping.row_id(run_text)
     run = queries.get_text_run(session, run_id) if run_id is not None else None
     if run is None or run.model_id != model.id or (run.layer, run.neuron) != (layer, neuron):
-        raise NotFound(f"There is no text run {run_text!r} for neuron {layer}/{neuron} of {model.name!r}.")
+        raise NotFound(f"There is no text run {_cut(run_text)!r} for neuron {layer}/{neuron} of {model.name!r}.")
     job = queries.text_job(session, model.id, run.id)
     return examples.text_run(session, model, run, job, queries.neuron_activations(session, model.id, layer, neuron))
 
@@ -580,7 +587,7 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
     row = queries.get_feature(session, model.id, feature)
     if row is None:
         raise NotFound(
-            f"Model {model.name!r} has no feature named {feature!r}.",
+            f"Model {model.name!r} has no feature named {_cut(feature)!r}.",
             hint="The features list shows the features probed in this model.",
         )
     run = queries.probe_run(session, model.id)

@@ -642,8 +642,9 @@ def live_job(session: Session, model_id: int, stage: str, run_id: int) -> Job | 
     return session.scalar(select(Job).where(Job.model_id == model_id, Job.stage == stage, Job.key == f"run:{run_id}"))
 
 
-def save_text_result(session: Session, run_id: int, token_ids: bytes, activations: bytes) -> None:
-    session.execute(update(TextRun).where(TextRun.id == run_id).values(token_ids=token_ids, activations=activations))
+def save_text_result(session: Session, run_id: int, token_ids: bytes, activations: bytes, n_tokens: int) -> None:
+    session.execute(update(TextRun).where(TextRun.id == run_id)
+                    .values(token_ids=token_ids, activations=activations, n_tokens=n_tokens))
 
 
 # ---------------------------------------------------------------- clamp curves and generations

@@ -66,6 +66,12 @@ def wants_fragment(request: Request) -> bool:
     return request.headers.get("HX-Request") == "true" and request.headers.get("HX-History-Restore-Request") != "true"
 
 
+def sends_json(request: Request) -> bool:
+    """The request's body is JSON (media types are case-insensitive; application/*+json too)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
 def render_block(template: Template, block: str, context: dict) -> str:
     return "".join(template.blocks[block](template.new_context(context)))
 

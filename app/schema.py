@@ -260,6 +260,8 @@ class TextRun(Base):
     token_ids: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     activations: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    # the whole text's token count: above len(token_ids) when the text was longer than the model reads
+    n_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ProbeRun(Base):

@@ -96,9 +96,14 @@ class RefuseNul:
 
 
 def storable_fields(fields: dict) -> dict:
-    """A live request's posted fields, refused (400) if a text field holds what no database
-    text column can store: a NUL character, or half of a surrogate pair (JSON "\\ud800")."""
+    """A live request's posted fields, refused (400) if a field is not text or a number (a JSON
+    array, object or boolean), or if a text field holds what no database text column can store: a
+    NUL character, or half of a surrogate pair (JSON "\\ud800")."""
     for name, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int, float, type(None))):
+            kind = "true or false" if isinstance(value, bool) else f"a JSON {type(value).__name__.replace('dict', 'object').replace('list', 'array')}"
+            raise NeedleError(f"The field {str(name)[:40]!r} is {kind}; it must be text or a number.",
+                              hint="Send each field as a string or a number.")
         if isinstance(value, str):
             try:
                 value.encode("utf-8")

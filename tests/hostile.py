@@ -81,7 +81,8 @@ def fill_hostile(engine) -> dict:
               "recall": 0.95}],
         )
         run = queries.create_text_run(s, syn.model_id, 0, 0, " ".join(HOSTILE_TOKENS))
-        queries.save_text_result(s, run.id, pack(hostile_ids, INT32), pack(rng.uniform(-1, 3, len(hostile_ids)), FLOAT32))
+        queries.save_text_result(s, run.id, pack(hostile_ids, INT32), pack(rng.uniform(-1, 3, len(hostile_ids)), FLOAT32),
+                                 len(hostile_ids))
         failed = queries.create_text_run(s, syn.model_id, 0, 1, TEXTAREA)
         job = queries.enqueue_job(s, syn.model_id, queries.TEXT_STAGE, f"run:{failed.id}",
                                   {"run": failed.id, "layer": 0, "neuron": 1, "text": TEXTAREA}, max_attempts=1)

@@ -484,6 +484,59 @@ def test_bad_input_is_a_clear_400_and_stores_nothing(site):
     assert stored(site.engine) == before, "a refused request stores no curve, generation or job"
 
 
+BAD_JSON = [  # what a form cannot send: JSON's own types, and numbers beyond any range
+    ("clamp", {"count": float("inf")}, "is not a whole number"),
+    ("clamp", {"count": 3.9}, "is not a whole number"),
+    ("clamp", {"start": 10**400}, "is out of range"),
+    ("clamp", {"prompt": ["a"]}, "it must be text or a number"),
+    ("clamp", {"token": {"x": 1}}, "it must be text or a number"),
+    ("clamp", {"prompt": 5}, "The prompt must be text"),
+    ("clamp", {"count": "٣"}, "is not a whole number"),
+    ("generate", {"tokens": float("inf")}, "is not a whole number"),
+    ("generate", {"tokens": 2.9}, "is not a whole number"),
+    ("generate", {"seed": float("-inf")}, "is not a whole number"),
+    ("generate", {"value": 10**400}, "is out of range"),
+    ("generate", {"value": True}, "true or false"),
+    ("generate", {"seed": True}, "true or false"),
+]
+
+
+def test_bad_json_types_and_bodies_are_clear_4xx_and_store_nothing(site):
+    http = site.http
+    before = stored(site.engine)
+    for kind, changes, message in BAD_JSON:
+        body = json.dumps(with_changes(GOOD_CLAMP if kind == "clamp" else GOOD_GENERATE, changes))
+        r = http.post(f"{ALIGNED_URL}/{kind}", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and message in r.json()["error"], (kind, changes, r.status_code, r.text[:300])
+    assert http.post(f"{ALIGNED_URL}/clamp", json={**GOOD_CLAMP, "count": 5.0}).status_code == 202, "5.0 is whole"
+    deep = b"[" * 20_000 + b"]" * 20_000  # 40 KB, nested far past Python's recursion limit
+    for path in ("text", "clamp", "generate"):
+        url = f"{ALIGNED_URL}/{path}"
+        r = http.post(url, content=deep, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not a JSON object" in r.json()["error"], (path, r.status_code)
+        r = http.post(url, content=b"text=" + b"x" * 70_000, headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 413 and "64 KiB" in error_text(r), (path, r.status_code)
+        for media in ("application/xml", "multipart/form-data; boundary=x", "text/plain"):
+            r = http.post(url, content=b"<x/>", headers={"content-type": media})
+            assert r.status_code == 415 and "application/x-www-form-urlencoded" in r.text, (path, media, r.status_code)
+        r = http.get(url)
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert "sent with POST" in error_text(r) and "read with GET" not in error_text(r)
+    r = http.post(f"{ALIGNED_URL}/text", content=b"text=%FF%FE", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "not UTF-8" in error_text(r)
+    r = http.post(f"{ALIGNED_URL}/text", content=b"&".join(b"f%d=1" % i for i in range(200)),
+                  headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "over 100 fields" in error_text(r)
+    r = http.post(f"{ALIGNED_URL}/text", json={"text": 5})
+    assert r.status_code == 400 and "must be a string" in r.json()["error"]
+    r = http.post(f"{ALIGNED_URL}/text", content=json.dumps({"text": "def f(x):"}),
+                  headers={"content-type": "Application/JSON; charset=UTF-8"})
+    assert r.status_code == 202, "media types are case-insensitive"
+    after = stored(site.engine)
+    assert after["curves"] == {**before["curves"], "page": before["curves"].get("page", 0) + 1}
+    assert after["generations"] == before["generations"] and after["text_runs"] == before["text_runs"] + 1
+
+
 # ---------------------------------------------------------------- 5. the live switch
 
 

@@ -11,6 +11,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 import torch
 from bs4 import BeautifulSoup
 
@@ -137,6 +138,19 @@ def test_own_text_runs_through_a_worker(site):
     # the run has a permalink page of its own
     page = soup_of(http.get(poll))
     assert len(page.select("#text-result .ctx-tokens .t")) == len(shown)
+    assert page.select_one(".left-out") is None, "the whole text ran"
+
+    # a text longer than the model reads: its first tokens run, and the page says how many were left out
+    long_text = "dog feed return " * 60
+    r = http.post(f"/{NAME}/1/3/text", data={"text": long_text})
+    assert r.status_code == 303
+    long_url = r.headers["location"]
+    worker.run(until_idle=True, poll_seconds=0.1)
+    ran = http.get(long_url + ".json").json()["result"]
+    total = len(AutoTokenizer.from_pretrained(model_dir)(long_text, add_special_tokens=False)["input_ids"])
+    assert len(ran["token_ids"]) < total
+    note = soup_of(http.get(long_url)).select_one("#text-result .left-out").get_text(" ", strip=True)
+    assert f"first {len(ran['token_ids'])} tokens" in note and f"last {total - len(ran['token_ids'])} of" in note, note
 
 
 @pytest.mark.parametrize(

@@ -324,7 +324,8 @@ def run_text(ctx: JobContext) -> Writer:
     run_id, layer, neuron, text = ctx.params["run"], ctx.params["layer"], ctx.params["neuron"], ctx.params["text"]
     bos = bos_prefix_id(loaded.tokenizer)
     limit = min(MAX_TEXT_TOKENS, (max_positions(loaded.config) or MAX_TEXT_TOKENS) - (bos is not None))
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+    all_ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = all_ids[:limit]  # the model reads no more; the page says what was left out
     if not ids:
         raise NeedleError("The text has no tokens.", hint="Type some text to run.")
     windows = torch.tensor([ids], dtype=torch.int64)
@@ -340,7 +341,7 @@ def run_text(ctx: JobContext) -> Writer:
     token_blob, act_blob = pack(ids, INT32), pack(got[layer].numpy(), FLOAT32)
 
     def write(session: Session) -> None:
-        queries.save_text_result(session, run_id, token_blob, act_blob)
+        queries.save_text_result(session, run_id, token_blob, act_blob, len(all_ids))
 
     return write
 

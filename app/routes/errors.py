@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from app.errors import NeedleError
-from app.rendering import environment
+from app.rendering import environment, sends_json
 
 log = logging.getLogger("needle.web")
 
@@ -33,6 +33,10 @@ def _describe(request: Request, exc: Exception) -> tuple[int, str, str | None]:
         if exc.status_code == 404:
             return 404, f"There is no page at {request.url.path}.", "The models list is at /."
         if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            if "GET" not in allowed and "POST" in allowed:  # a live request's address: your text, clamp, generate
+                return 405, (f"{request.method} is not allowed at {request.url.path}: it takes the form's fields "
+                             "(or JSON) sent with POST."), "Use the form on the neuron's page."
             message = f"{request.method} is not allowed at {request.url.path}; Needle's pages are read with GET."
             return 405, message, None
         return exc.status_code, str(exc.detail), None
@@ -46,7 +50,7 @@ def is_json_path(request: Request) -> bool:
 
 def wants_json(request: Request) -> bool:
     """A .json path, or a body sent as JSON: the error is JSON too (a form post gets the HTML page)."""
-    return is_json_path(request) or request.headers.get("content-type", "").startswith("application/json")
+    return is_json_path(request) or sends_json(request)
 
 
 async def handle_error(request: Request, exc: Exception) -> Response:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from app import openapi, pagedata, urls
 from app.deps import SessionDep, SettingsDep
 from app.errors import NeedleError
-from app.rendering import render_partial, respond, wants_fragment
+from app.rendering import render_partial, respond, sends_json, wants_fragment
 from app.security import LIVE_RATE_LIMIT, storable_fields
 
 router = APIRouter()
@@ -156,7 +156,7 @@ async def start_text(request: Request, model: str, layer: str, neuron: str, sess
     session.commit()
     if wants_fragment(request):
         return render_partial("_text_panel.html", data)
-    if request.headers.get("content-type", "").startswith("application/json"):
+    if sends_json(request):
         return JSONResponse(data, status_code=202)
     return RedirectResponse(data["url"], status_code=303)
 
@@ -174,7 +174,7 @@ def _accepted(request: Request, data: dict, partial: str, url: str) -> Response:
     """A live request was queued: htmx gets the polling panel, JSON the data (202), a form a redirect."""
     if wants_fragment(request):
         return render_partial(partial, data)
-    if request.headers.get("content-type", "").startswith("application/json"):
+    if sends_json(request):
         return JSONResponse(data, status_code=202)
     return RedirectResponse(url, status_code=303)
 
@@ -219,24 +219,63 @@ def generation(request: Request, model: str, layer: str, neuron: str, gen: str, 
     return respond(request, "generation.html", data, fmt)
 
 
+# A live request's body: its text fields hold at most a few thousand characters (2,000 by default),
+# which even percent-encoded as 4-byte characters stay far below this.
+MAX_BODY_BYTES = 64 * 1024
+FORM_TYPES = ("", "application/x-www-form-urlencoded")
+
+
+async def _body(request: Request) -> bytes:
+    """The request's body, read no further than MAX_BODY_BYTES (413 beyond)."""
+    too_big = NeedleError(f"The request body is over {MAX_BODY_BYTES // 1024} KiB.", status=413,
+                          hint="Texts and prompts are limited to a few thousand characters: send less.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def posted_form(request: Request, example: str = '{"prompt": "...", "token": " dog"}') -> dict:
-    """The posted fields: a JSON object, or a form (each field's first value)."""
-    body = await request.body()
-    if request.headers.get("content-type", "").startswith("application/json"):
+    """The posted fields: a JSON object, or a form (each field's first value); anything else is
+    a 415, a body over MAX_BODY_BYTES a 413."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    is_json = sends_json(request)
+    if not is_json and media_type not in FORM_TYPES:
+        raise NeedleError(f"A body of type {media_type[:80]!r} cannot be read here.", status=415,
+                          hint=f"Send a form (application/x-www-form-urlencoded) or JSON, e.g. {example}.")
+    body = await _body(request)
+    if is_json:
         try:
             value = json.loads(body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             value = None
         if not isinstance(value, dict):
             raise NeedleError("The body is not a JSON object.", hint=f"Send e.g. {example}.")
         return storable_fields(value)
-    fields = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NeedleError("The form is not UTF-8 text.", hint="Send the form's fields encoded as UTF-8.") from None
+    try:
+        fields = parse_qs(text, keep_blank_values=True, max_num_fields=100, errors="strict")
+    except UnicodeDecodeError:  # a percent-encoded byte sequence that is not UTF-8
+        raise NeedleError("The form is not UTF-8 text.", hint="Send the form's fields encoded as UTF-8.") from None
+    except ValueError:
+        raise NeedleError("The form has over 100 fields.", hint="Send only the fields the form has.") from None
     return storable_fields({k: v[0] for k, v in fields.items()})
 
 
 async def posted_text(request: Request) -> str | None:
     value = (await posted_form(request, example='{"text": "..."}')).get("text")
-    return value if isinstance(value, str) else None
+    if value is not None and not isinstance(value, str):
+        raise NeedleError(f"The text must be a string, not the number {value!r}.", hint='Send e.g. {"text": "..."}.')
+    return value
 
 
 def _no_store(response: Response) -> Response:
