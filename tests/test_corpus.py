@@ -360,7 +360,7 @@ def test_hf_without_datasets(tok, monkeypatch):
 
 
 def test_hf_missing_dataset_fails_fast(tok):
-    pytest.importorskip("datasets")
+    import datasets  # noqa: F401 - a test dependency: missing, this fails rather than skips
     t0 = time.perf_counter()
     err = raises("'needle-tests/no-such-dataset-4f9c'", "hf:needle-tests/no-such-dataset-4f9c", tok, context=8)
     assert time.perf_counter() - t0 < 12
@@ -368,7 +368,7 @@ def test_hf_missing_dataset_fails_fast(tok):
 
 
 def test_hf_missing_dataset_offline(tok, monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a test dependency: missing, this fails rather than skips
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -381,7 +381,7 @@ def test_hf_missing_dataset_offline(tok, monkeypatch):
 
 
 def test_hf_local_dataset(tmp_path, tok):
-    pytest.importorskip("datasets")
+    import datasets  # noqa: F401 - a test dependency: missing, this fails rather than skips
     root = tmp_path / "ds"
     root.mkdir()
     docs = [doc_text(i) for i in range(5)]

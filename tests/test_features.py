@@ -89,7 +89,7 @@ def test_text_spec_labels_each_corpus_token(tmp_path, sp_tok):
     feats = by_name(data)
     assert list(feats) == list(TEXT_FEATURES)
     n_windows = data.windows.shape[0]
-    assert data.windows.shape == (n_windows, 8) and n_windows == 64 // 8 or n_windows < 8
+    assert data.windows.shape == (64 // 8, 8), "max_tokens 64 in windows of 8"
     assert data.lengths.tolist() == [8] * n_windows
     ids = data.windows.reshape(-1).tolist()
     pieces = sp_tok.convert_ids_to_tokens(ids)
@@ -240,9 +240,11 @@ def test_python_labels_match_tokenize_on_stdlib_windows(tok, stdlib_python):
     rows = stdlib_python.windows.shape[0] - 4096 // 64
     flat = stdlib_python.windows[:rows].reshape(-1)
     keywords = {tok.decode([int(i)]).strip() for i in flat[feats["is_keyword"].label]}
-    assert keywords and all(any(w in k for k in keyword.kwlist) for w in keywords)
+    assert keywords and "" not in keywords, "a whitespace token is no keyword"
+    assert all(any(w in k for k in keyword.kwlist) for w in keywords)
     numbers = {tok.decode([int(i)]).strip() for i in flat[feats["is_number"].label]}
-    assert numbers and all(set(w) <= set("0123456789.xXabcdefABCDEFjJ_eE+-oO") for w in numbers)
+    assert numbers and "" not in numbers, "a whitespace token is no number"
+    assert all(set(w) <= set("0123456789.xXabcdefABCDEFjJ_eE+-oO") for w in numbers)
     comments = tok.decode(flat[feats["in_comment"].label])
     assert "#" in comments
 

@@ -232,7 +232,8 @@ def test_html_page_shows_the_same_jobs_and_errors_in_full(site):
 
 
 def test_the_jobs_page_is_linked_from_every_page_header_and_the_model_panel(site):
-    assert site.soup("/").select_one("header.site a[href='/-/jobs']") is not None
+    for path in ("/", urls.model_url(ALPHA), urls.layer_url(ALPHA, 0), urls.jobs_url()):
+        assert site.soup(path).select_one("header.site a[href='/-/jobs']") is not None, path
     assert site.soup(f"/{ALPHA}").select_one(f"#jobs-panel a[href='{urls.jobs_url(ALPHA)}']") is not None
     assert urls.jobs_url(ALPHA) == "/-/jobs?model=alpha-1.5b"
 

@@ -496,7 +496,9 @@ def test_pages_fit_the_policy_no_inline_script_or_style_element(hostile):
              urls.generation_url(MODEL, 0, 0, hostile.generation), "/no-such-model"]
     for path in pages:
         r = http.get(path)
+        assert r.status_code == (404 if path == "/no-such-model" else 200), (path, r.status_code)
         soup = BeautifulSoup(r.text, "html.parser")
+        assert soup.select_one("main") is not None, path
         for tag in soup.find_all(True):
             assert not [a for a in tag.attrs if a.lower().startswith("on")], (path, tag.name)
             assert tag.name != "style", path
