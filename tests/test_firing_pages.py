@@ -11,7 +11,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 import torch
 from bs4 import BeautifulSoup
 
@@ -21,7 +21,6 @@ from app.main import create_app
 from needle.cli import index_model
 from tests.live_server import running_server
 from tests.tinymodels import TRAINING_TEXT, build_tiny
-from workers.loading import load_model
 from workers.worker import Worker
 
 CONTEXT = 16
@@ -47,10 +46,17 @@ def soup_of(r: httpx.Response) -> BeautifulSoup:
 
 
 def direct_activations(model_dir, layer: int, neuron: int, token_ids: list[int]) -> np.ndarray:
-    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
-    with torch.inference_mode(), loaded.adapter.read_activations(layer) as got:
-        loaded.model(input_ids=torch.tensor([token_ids]))
-    return got[layer][0, :, neuron].numpy()
+    """A plain float32 forward read by the test's own hook (not the project's adapter): the
+    input of GPT-2's MLP output projection c_proj in that layer."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    got = []
+    handle = model.transformer.h[layer].mlp.c_proj.register_forward_pre_hook(lambda m, args: got.append(args[0]))
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([token_ids]), use_cache=False)
+    finally:
+        handle.remove()
+    return got[0][0, :, neuron].numpy()
 
 
 def test_neuron_page_shows_contexts_intervals_and_stats(site):
