@@ -11,9 +11,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 import torch
 from bs4 import BeautifulSoup
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.config import Settings
 from app.db import engine_for, session_scope
