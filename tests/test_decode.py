@@ -34,19 +34,70 @@ def test_running_top_k_with_fewer_rows_than_k_pads_with_minus_one():
     assert scores[2, 0].item() == pytest.approx(0.9)
 
 
-def test_merging_shards_equals_one_shard():
-    g = np.random.default_rng(0)
-    scores = g.random((40, 200)).astype(np.float32)  # [vocab, neurons]
-    ids = np.arange(200)
-    whole = merge_search_parts([(scores, np.broadcast_to(ids, scores.shape), scores * 2)], k=10)
-    shards = []
-    for lo, hi in ((0, 70), (70, 130), (130, 200)):
-        part = scores[:, lo:hi]
-        order = np.argsort(-part, axis=1)[:, :10]
-        shards.append((np.take_along_axis(part, order, 1), order + lo, np.take_along_axis(part, order, 1) * 2))
-    merged = merge_search_parts(shards, k=10)
-    for a, b in zip(whole, merged):
-        np.testing.assert_array_equal(a, b)
+PAD_PROB = 0.0  # what a shard stores as the prob of a padding entry (workers/store.py)
+
+
+def expected_merge(scores: np.ndarray, probs: np.ndarray, k: int):
+    """Written out by hand: per token, every neuron as (score, id, prob), best score first and the
+    lower neuron id first on ties (merge_search_parts's documented rule), the first k kept, and
+    id -1 padding (score -inf) after them where there are fewer than k neurons."""
+    vocab, n = scores.shape
+    want_s = np.full((vocab, k), -np.inf)
+    want_i = np.full((vocab, k), -1, dtype=np.int64)
+    want_p = np.full((vocab, k), PAD_PROB)
+    for t in range(vocab):
+        cands = sorted(((float(scores[t, j]), j, float(probs[t, j])) for j in range(n)), key=lambda c: (-c[0], c[1]))
+        for slot, (sc, j, pr) in enumerate(cands[:k]):
+            want_s[t, slot], want_i[t, slot], want_p[t, slot] = sc, j, pr
+    return want_s, want_i, want_p
+
+
+def shard_parts(scores: np.ndarray, probs: np.ndarray, bounds, k: int):
+    """Each shard's own top k (lower id first on ties), padded with id -1 (and a score above every
+    real one, which the merge must ignore) where the shard has fewer than k neurons."""
+    parts = []
+    for lo, hi in bounds:
+        part_s, part_p = scores[:, lo:hi], probs[:, lo:hi]
+        order = np.argsort(-part_s, axis=1, kind="stable")[:, :k]
+        s_, i_, p_ = np.take_along_axis(part_s, order, 1), order + lo, np.take_along_axis(part_p, order, 1)
+        pad = k - s_.shape[1]
+        if pad > 0:
+            vocab = scores.shape[0]
+            s_ = np.concatenate([s_, np.full((vocab, pad), 5.0, dtype=s_.dtype)], axis=1)
+            i_ = np.concatenate([i_, np.full((vocab, pad), -1)], axis=1)
+            p_ = np.concatenate([p_, np.full((vocab, pad), PAD_PROB, dtype=p_.dtype)], axis=1)
+        parts.append((s_, i_, p_))
+    return parts
+
+
+@pytest.mark.parametrize(
+    "n,k,bounds",
+    [
+        (200, 10, [(0, 200)]),
+        (200, 10, [(0, 70), (70, 130), (130, 196), (196, 200)]),  # the last shard is padded
+        (7, 10, [(0, 4), (4, 7)]),  # fewer neurons than k: padding in the result too
+    ],
+)
+def test_merging_shards_equals_a_hand_written_merge(n, k, bounds):
+    g = np.random.default_rng(n + len(bounds))
+    scores = (np.round(g.random((40, n)) * 8) / 8).astype(np.float32)  # [vocab, neurons], many ties
+    probs = g.random((40, n)).astype(np.float32)  # unrelated to the scores
+    want_s, want_i, want_p = expected_merge(scores, probs, k)
+    parts = shard_parts(scores, probs, bounds, k)
+    for ordered in (parts, parts[::-1]):  # the shards' order must not matter (ties included)
+        check_merge(merge_search_parts(ordered, k=k), want_s, want_i, want_p, n, k)
+
+
+def check_merge(got, want_s, want_i, want_p, n, k):
+    got_s, got_i, got_p = got
+    assert got_i.shape == (40, k)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_p, want_p.astype(np.float32))
+    valid = want_i >= 0
+    np.testing.assert_array_equal(got_s[valid], want_s[valid].astype(np.float32))
+    assert (valid.sum(axis=1) == min(n, k)).all()
+    if not valid.all():  # the padding sorts last, below every real score
+        assert (got_s[~valid] < got_s[valid].min()).all()
 
 
 @pytest.mark.parametrize("largest", [True, False])

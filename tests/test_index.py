@@ -111,6 +111,7 @@ def test_search_index_is_the_top_neurons_of_every_token(db_url, tmp_path):
     # two layers per job would be one shard; one per job makes two shards to merge
     index_model(settings, str(path), "m", layers_per_job=1, quiet=True)
     direct = direct_decodings(path, "llama")
+    probs = torch.cat([p for p, _ in direct])  # [N, V], neuron id = layer * d_mlp + neuron
     scores = torch.cat([p / torch.topk(p, 100).values.mean(dim=-1, keepdim=True) for p, _ in direct])  # [N, V]
     d_mlp = direct[0][0].shape[0]
     engine = engine_for(db_url)
@@ -125,6 +126,10 @@ def test_search_index_is_the_top_neurons_of_every_token(db_url, tmp_path):
         np.testing.assert_allclose(got_scores, want, rtol=1e-3)
         ids = unpack(row.layers, INT32) * d_mlp + unpack(row.neurons, INT32)
         np.testing.assert_allclose(scores[ids, token_id].numpy(), got_scores, rtol=1e-3)
+        # each neuron's probability of this token, softmax(W_U . w_in)[token]
+        got_probs = unpack(row.probs, FLOAT32)
+        assert got_probs.shape == (k,)
+        np.testing.assert_allclose(got_probs, probs[ids, token_id].numpy(), rtol=1e-4, atol=1e-9)
         assert np.all(np.diff(got_scores) <= 1e-6), "best first"
 
 
