@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import ROOT, Settings
@@ -29,14 +30,13 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise NeedleError(
             f"NEEDLE_DATABASE_URL {url!r} is not a database URL.",
             hint="Use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB.",
         ) from None
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        # the file (and its folder) is made by upgrade() only, so a mistyped path is an error elsewhere
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -91,26 +91,70 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
+def _sqlite_file(engine: Engine) -> Path | None:
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return Path(path)
+
+
+def _cannot_open(engine: Engine, exc: DatabaseError) -> NeedleError:
+    reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+    path = _sqlite_file(engine)
+    if path is not None and not isinstance(exc, OperationalError):  # "file is not a database"
+        return NeedleError(
+            f"{str(path)!r} is not an SQLite database ({reason}).", status=503,
+            hint="Point NEEDLE_DATABASE_URL at a Needle database, or at a new file and run `needle db upgrade`.",
+        )
+    return NeedleError(
+        f"Cannot reach the database at {safe_url(engine)}: {reason}", status=503,
+        hint="Check NEEDLE_DATABASE_URL and that you can read and write that file and its folder." if path is not None
+        else "Check NEEDLE_DATABASE_URL and that the database server is running.",
+    )
+
+
+def connect(engine: Engine, *, create: bool = False) -> Connection:
+    """A connection, or a NeedleError saying why there is none. Only `create` (upgrade) makes a
+    missing SQLite file and its folder; otherwise a missing file is an error naming the path."""
+    path = _sqlite_file(engine)
+    if path is not None:
+        if os.path.isdir(path):
+            raise NeedleError(f"NEEDLE_DATABASE_URL names the folder {str(path)!r}, not a database file.",
+                              status=503, hint=f"Name a file in it, e.g. sqlite:///{path / 'needle.sqlite'}.")
+        if not create and not os.path.exists(path):
+            raise NeedleError(
+                f"There is no database at {str(path)!r}.", status=503,
+                hint="Create it with `needle db upgrade` (or `needle demo`), or correct NEEDLE_DATABASE_URL.",
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NeedleError(
+                f"Cannot make the folder {str(exc.filename or path.parent)!r} for the database: {exc.strerror or exc}.",
+                status=503, hint="Check NEEDLE_DATABASE_URL: name a file in a folder you can write to.",
+            ) from None
+    try:
+        return engine.connect()
+    except DatabaseError as exc:
+        raise _cannot_open(engine, exc) from None
+
+
 def current_revision(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
     try:
-        with engine.connect() as conn:
+        with connect(engine) as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except OperationalError as exc:
-        raise NeedleError(
-            f"Cannot reach the database at {safe_url(engine)}: {str(exc.orig).strip().splitlines()[0]}",
-            status=503,
-            hint="Check NEEDLE_DATABASE_URL and that the database server is running.",
-        ) from None
+        raise _cannot_open(engine, exc) from None
 
 
 def upgrade(engine: Engine) -> None:
-    """Migrate the database to the newest schema (Alembic head)."""
+    """Migrate the database to the newest schema (Alembic head), making an SQLite file that is not there."""
     from alembic import command
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as conn:
+    with connect(engine, create=True) as conn, conn.begin():
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

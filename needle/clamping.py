@@ -9,6 +9,8 @@ import json
 from app.config import Settings
 from app.errors import NeedleError
 
+MAX_SEED = 2**31 - 1
+
 
 def _target(settings: Settings, name: str, layer: int, neuron: int):
     """(model row detached, the model's default prompt, the neuron's top token id, its max |activation|)."""
@@ -115,17 +117,26 @@ def cmd_generate(args, settings: Settings) -> None:
 
 
 def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    """ASCII digits, perhaps after a '-' (a layer -1 gets _target's error), as the pages take them."""
+    if not (text.isascii() and text.removeprefix("-").isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
 
 
 def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if text.isascii():  # float() also takes other scripts' digits ("٣"); the pages do not
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+
+
+def _seed(text: str) -> int:
+    """A seed the page's form also takes (app/clamping.py start_generation) and the seed column holds."""
+    if not (text.isascii() and text.isdigit() and int(text) <= MAX_SEED):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed from 0 to {MAX_SEED}")
+    return int(text)
 
 
 def add_clamp_commands(sub) -> None:
@@ -150,7 +161,7 @@ def add_clamp_commands(sub) -> None:
     p.add_argument("--prompt", help="default: the model's clamp prompt")
     p.add_argument("--value", type=_float, required=True, help="the clamp value")
     p.add_argument("--tokens", type=_int, default=32, help="tokens to generate (1 to 256, default 32)")
-    p.add_argument("--seed", type=_int, help="sample with this seed (default: greedy)")
+    p.add_argument("--seed", type=_seed, help=f"sample with this seed, 0 to {MAX_SEED} (default: greedy)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: as indexed")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_generate)

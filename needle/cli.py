@@ -30,24 +30,51 @@ def check_name(name: str) -> str:
     return name
 
 
+def digits(text: str, default: int) -> int:
+    """ASCII digits as a number, else `default` (int() also takes "٣", "1_0" and " 3")."""
+    return int(text) if text.isascii() and text.isdigit() else default
+
+
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
+    value = digits(text, -1)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
     return value
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
+    value = digits(text, 0)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return value
+
+
+def port(text: str) -> int:
+    value = digits(text, 0)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 1 to 65535")
+    return value
+
+
+def is_text(s: str) -> bool:
+    """False for a lone surrogate: how Python keeps an argument's bytes that are not UTF-8 (bash $'\\xff')."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an argument that is not text (it could be neither stored nor printed), naming it."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices[args.command]._actions:
+        value = getattr(args, action.dest, None)
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not is_text(text):
+                name = action.option_strings[-1] if action.option_strings else action.metavar or action.dest.upper()
+                raise NeedleError(f"{name} {text!r} is not valid text: it has bytes that are not UTF-8.",
+                                  hint=f"Give {name} as UTF-8 text (check the encoding of your terminal or script).")
 
 
 class TqdmProgress:
@@ -462,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="index the bundled demo model (if needed) and serve the dashboard")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=port)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-serve", action="store_true", help="index only")
     p.set_defaults(func=cmd_demo)
@@ -505,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the dashboard")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=port)
     p.add_argument("--with-worker", action="store_true",
                    help="also run a worker thread, for users' text runs (needs torch; `needle worker` is the other way)")
     p.add_argument("--processes", type=positive_int, default=1,
@@ -528,11 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
-    """`--values -50:50:41` would read as an unknown option: join it to `--values=-50:50:41`."""
+    """`--values -50:50:41` would read as an unknown option: join it to `--values=-50:50:41` (and --layers,
+    whose value then gets export's own error)."""
     out: list[str] = []
     for arg in argv:
-        if out and out[-1] == "--values" and arg.startswith("-") and ":" in arg:
-            out[-1] = f"--values={arg}"
+        if out and out[-1] in ("--values", "--layers") and arg.startswith("-") and ":" in arg:
+            out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
     return out
@@ -541,8 +569,10 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    parser = build_parser()
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     try:
+        check_text(parser, args)
         args.func(args, get_settings())
     except NeedleError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -259,6 +259,12 @@ def check_out(out: Path, force: bool) -> None:
         )
 
 
+def out_error(out: Path, exc: OSError) -> NeedleError:
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+    return NeedleError(f"Cannot write to --out {str(out)!r}: {exc.strerror or exc}{where}.",
+                       hint="Give a folder you can write to (it is made if missing).")
+
+
 def require_pyarrow():
     try:
         import pyarrow as pa
@@ -693,7 +699,10 @@ def export_model(
     if fmt == "parquet":
         require_pyarrow()
     out = Path(out)
-    check_out(out, force)
+    try:
+        check_out(out, force)
+    except OSError as exc:  # a folder this user cannot list
+        raise out_error(out, exc) from None
     engine = get_engine(settings)
     require_migrated(engine)
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
@@ -726,10 +735,10 @@ def export_model(
             "decodings" in wanted or "examples" in wanted) else None
 
         created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         counts: dict[str, int] = {}
         try:
+            out.mkdir(parents=True, exist_ok=True)
             for table in tables:
                 path = out / f".{table.name}.{fmt}.partial"
                 written.append(path)
@@ -776,7 +785,7 @@ def export_model(
             for table in tables:
                 (out / f".{table.name}.{fmt}.partial").replace(out / f"{table.name}.{fmt}")
             path.replace(out / "manifest.json")
-        except BaseException:
+        except BaseException as exc:
             for path in written:
                 path.unlink(missing_ok=True)
             if created:
@@ -784,6 +793,8 @@ def export_model(
                     out.rmdir()
                 except OSError:
                     pass
+            if isinstance(exc, OSError):  # a folder that cannot be made or takes no files, a full disk
+                raise out_error(out, exc) from None
             raise
     return manifest
 

@@ -34,7 +34,7 @@ def dump(db_url: str) -> dict:
     engine = engine_for(db_url)
     out = {}
     with engine.connect() as c:
-        for table in ("models", "vocab", "neurons", "token_index", "search_parts", "jobs"):
+        for table in ("models", "vocab", "neurons", "token_index", "search_parts", "jobs", "clamp_curves", "generations"):
             out[table] = sorted(map(tuple, c.execute(text(f"select * from {table}")).fetchall()), key=repr)
     return out
 
@@ -53,7 +53,7 @@ def indexed(db_url, tmp_path):
 
 def _assert_clear_error(proc, *phrases):
     assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr
     first = proc.stderr.strip().splitlines()[0]
     assert first.startswith("error: ")
     for phrase in phrases:
@@ -129,6 +129,53 @@ def test_index_and_serve_refuse_an_unmigrated_database(tmp_path):
 def test_unreachable_postgres_is_a_clear_error(tmp_path):
     proc = needle("db", "current", db_url="postgresql+psycopg://postgres@127.0.0.1:1/none", timeout=60)
     _assert_clear_error(proc, "cannot reach the database")
+
+
+def test_unreachable_database_is_a_clear_error_for_upgrade_and_demo(tmp_path):
+    """db upgrade and demo connect through upgrade(): the same clear error as the other commands."""
+    for args in (["db", "upgrade"], ["demo", "--no-serve"]):
+        proc = needle(*args, db_url="postgresql+psycopg://postgres@127.0.0.1:1/none", timeout=60)
+        _assert_clear_error(proc, "cannot reach the database", "NEEDLE_DATABASE_URL")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for args in (["db", "upgrade"], ["db", "current"], ["jobs"]):
+        proc = needle(*args, db_url=f"sqlite:///{folder}", timeout=60)
+        _assert_clear_error(proc, f"names the folder '{folder}'", "needle.sqlite")
+    assert list(folder.iterdir()) == []
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    for args in (["db", "current"], ["db", "upgrade"], ["jobs"], ["serve", "--port", "8765"], ["demo", "--no-serve"]):
+        proc = needle(*args, db_url=f"sqlite:///{notes}", timeout=60)
+        _assert_clear_error(proc, f"'{notes}' is not an sqlite database", "NEEDLE_DATABASE_URL")
+    assert notes.read_text() == "not a database\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_database_url_with_a_bad_port_is_a_clear_error():
+    for args in (["jobs"], ["db", "upgrade"]):
+        proc = needle(*args, db_url="postgresql+psycopg://postgres@127.0.0.1:notaport/x", timeout=60)
+        _assert_clear_error(proc, "NEEDLE_DATABASE_URL", "is not a database URL")
+
+
+def test_a_missing_sqlite_database_is_only_made_by_upgrade(tmp_path):
+    """A mistyped path is an error naming it, and no folder or file appears; db upgrade (and so
+    demo) makes it, also at the default location."""
+    url = f"sqlite:///{tmp_path / 'typo' / 'sub' / 'x.sqlite'}"
+    for args in (["db", "current"], ["jobs"], ["serve", "--port", "8765"], ["export", "kept", "--format", "jsonl",
+                 "--out", str(tmp_path / "out")], ["index", str(tmp_path), "--name", "x"], ["clamp", "kept", "0", "0"]):
+        proc = needle(*args, db_url=url, timeout=120)
+        _assert_clear_error(proc, f"no database at '{tmp_path / 'typo' / 'sub' / 'x.sqlite'}'", "needle db upgrade")
+        assert not (tmp_path / "typo").exists() and not (tmp_path / "out").exists()
+    proc = needle("db", "upgrade", db_url=url, timeout=60)
+    assert proc.returncode == 0 and "(head)" in proc.stdout, proc.stderr
+    proc = needle("db", "current", db_url=url, timeout=60)
+    assert proc.returncode == 0 and "run `needle db upgrade`" not in proc.stdout, proc.stderr
+    # the default location (no NEEDLE_DATABASE_URL), folders and all
+    proc = needle("db", "upgrade", db_url="", XDG_DATA_HOME=str(tmp_path / "xdg"), timeout=60)
+    assert proc.returncode == 0 and (tmp_path / "xdg" / "needle" / "needle.sqlite").is_file(), proc.stderr
 
 
 def test_index_command_prints_progress_and_the_url(db_url, tmp_path):
@@ -226,6 +273,72 @@ def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
 def test_bad_layers_per_job_is_a_usage_error(sqlite_url, tmp_path):
     proc = needle("index", str(tmp_path), "--name", "x", "--layers-per-job", "-2", db_url=sqlite_url, timeout=60)
     assert proc.returncode == 2 and "not a whole number" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _assert_usage_error(proc, *phrases):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr
+    for phrase in phrases:
+        assert phrase in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args", [["serve", "--port", "99999"], ["serve", "--port", "-5"], ["serve", "--port", "0"],
+                                  ["serve", "--port", "٣٠٠٠"], ["demo", "--no-serve", "--port", "99999"]])
+def test_a_bad_port_is_a_usage_error(sqlite_url, args):
+    proc = needle(*args, db_url=sqlite_url, timeout=60)
+    _assert_usage_error(proc, "--port", "1 to 65535")
+    assert "serving at" not in proc.stdout and "Indexing" not in proc.stdout
+
+
+def test_generate_takes_the_pages_seeds_only(indexed):
+    """0 to 2147483647, as the page's form (and the seed column); -1 was stored, a huge one a crash."""
+    db_url, _ = indexed
+    before = dump(db_url)
+    for seed in ("99999999999999999999", "-1", "2147483648", "1e3", "٣"):
+        proc = needle("generate", "kept", "0", "0", "--value", "1", "--seed", seed, db_url=db_url, timeout=60)
+        _assert_usage_error(proc, "--seed", "0 to 2147483647")
+    assert dump(db_url) == before
+    proc = needle("generate", "kept", "0", "0", "--value", "1", "--tokens", "2", "--seed", "2147483647", db_url=db_url)
+    assert proc.returncode == 0 and "seed 2147483647" in proc.stdout, proc.stderr
+
+
+def test_numbers_are_ascii_digits_only(indexed):
+    """int() takes other scripts' digits ("١" is 1), "1_0" and " 1"; the pages answer 404 for them, and the CLI refuses them."""
+    db_url, _ = indexed
+    before = dump(db_url)
+    for args, bad in (
+        (["clamp", "kept", "١", "0"], "١"), (["clamp", "kept", "0", "٣"], "٣"), (["clamp", "kept", "1_0", "0"], "1_0"),
+        (["clamp", "kept", " 1", "0"], " 1"), (["generate", "kept", "١", "0", "--value", "1"], "١"),
+        (["generate", "kept", "0", "0", "--value", "١"], "١"), (["generate", "kept", "0", "0", "--value", "1", "--tokens", "٣"], "٣"),
+        (["index", "x", "--name", "x", "--context", "٣"], "٣"), (["index", "x", "--name", "x", "--layers-per-job", "١"], "١"),
+    ):
+        proc = needle(*args, db_url=db_url, timeout=60)
+        _assert_usage_error(proc, f"'{bad}' is not a ", "number")
+    assert dump(db_url) == before
+
+
+def test_arguments_that_are_not_utf8_are_a_clear_error(indexed, tmp_path):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (bash $'\\xff\\xfe' is "\\udcff\\udcfe", and
+    $'\\xed\\xa0\\x80', a UTF-8 surrogate, "\\udced\\udca0\\udc80"): one clear error naming the argument."""
+    db_url, path = indexed
+    before = dump(db_url)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for args, name in (
+        (["clamp", "kept", "0", "0", "--token", "\udcff\udcfe"], "--token"),
+        (["clamp", "kept", "0", "0", "--prompt", "\udced\udca0\udc80"], "--prompt"),
+        (["generate", "kept", "0", "0", "--value", "1", "--prompt", "x\udcff"], "--prompt"),
+        (["clamp", "kept\udcff", "0", "0"], "NAME"),
+        (["index", str(path), "--name", "kept", "--clamp-prompt", "\udcff"], "--clamp-prompt"),
+        (["index", "\udcff", "--name", "kept"], "MODEL"),
+        (["export", "\udcff", "--format", "jsonl", "--out", "out"], "NAME"),
+        (["jobs", "--model", "\udcff"], "--model"),
+        (["serve", "--host", "\udcff"], "--host"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "needle.cli", *args], capture_output=True, text=True, timeout=60,
+                              cwd=cwd, env={**os.environ, "NEEDLE_DATABASE_URL": db_url}, check=False)
+        _assert_clear_error(proc, f"{name} '", "not valid text", "utf-8")
+    assert dump(db_url) == before and list(cwd.iterdir()) == []
 
 
 def test_serve_with_no_processes_is_a_usage_error(sqlite_url):

@@ -385,7 +385,7 @@ def test_batches_change_nothing_and_are_parquet_row_groups(indexed, exported, tm
 
 def assert_clear_error(proc, *phrases):
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[0].startswith("error: ") and len(lines) >= 2 and lines[1].startswith("  "), proc.stderr
     for phrase in phrases:
@@ -402,6 +402,8 @@ def assert_clear_error(proc, *phrases):
     ([NAME, "--format", "jsonl", "--layers", "2"], ["goes past"]),
     ([NAME, "--format", "jsonl", "--layers", "a:b"], ["not a layer range", "A:B"]),
     ([NAME, "--format", "jsonl", "--layers=-1:2"], ["not a layer range"]),
+    ([NAME, "--format", "jsonl", "--layers", "-1:2"], ["--layers '-1:2' is not a layer range"]),  # not argparse's error
+    ([NAME, "--format", "jsonl", "--layers", "-1"], ["--layers '-1' is not a layer range"]),
     ([NAME, "--format", "jsonl", "--layers", "0:1:2"], ["not a layer range"]),
 ])
 def test_bad_arguments_are_one_clear_error_and_write_nothing(indexed, tmp_path, capsys, monkeypatch, args, phrases):
@@ -410,6 +412,18 @@ def test_bad_arguments_are_one_clear_error_and_write_nothing(indexed, tmp_path, 
                              monkeypatch=monkeypatch)
     assert_clear_error(proc, *phrases)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/needle-nope", "FILE/sub/out", "/sys/kernel/needle-nope"])
+def test_an_out_that_cannot_be_written_is_a_clear_error(indexed, tmp_path, capsys, monkeypatch, out):
+    """/proc and /sys take no new folders; a regular file has none under it."""
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    out = out.replace("FILE", str(file))
+    proc = needle_in_process("export", NAME, "--format", "jsonl", "--out", out, db_url=indexed["url"], capsys=capsys,
+                             monkeypatch=monkeypatch)
+    assert_clear_error(proc, f"cannot write to --out '{out}'", "a folder you can write to")
+    assert not Path(out).exists() and file.read_text() == "mine"
 
 
 def test_missing_parts_are_a_clear_error(indexed, tmp_path):
