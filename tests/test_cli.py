@@ -4,8 +4,8 @@ Bad input gets one clear line and a non-zero exit, and the database stays as it 
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
