@@ -10,6 +10,8 @@ import signal
 import sys
 import time
 
+from pydantic import ValidationError
+
 from app.config import ROOT, Settings, get_settings
 from app.errors import NeedleError
 from needle.clamping import add_clamp_commands
@@ -554,16 +556,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+NEGATIVE_VALUE = re.compile(r"-(\d|\.\d|[^-]*:)")  # -5, -1e3, -.5, -50:50:41; not an option such as --json
+
+
 def _join_negative_values(argv: list[str]) -> list[str]:
-    """`--values -50:50:41` would read as an unknown option: join it to `--values=-50:50:41` (and --layers,
-    whose value then gets export's own error)."""
+    """`--values -50:50:41` or `--value -1e3` would read as an unknown option: join it to
+    `--values=-50:50:41` (and --layers, whose value then gets export's own error)."""
     out: list[str] = []
     for arg in argv:
-        if out and out[-1] in ("--values", "--layers") and arg.startswith("-") and ":" in arg:
+        if out and out[-1] in ("--values", "--layers", "--value") and NEGATIVE_VALUE.match(arg):
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
     return out
+
+
+def _settings() -> Settings:
+    """The NEEDLE_* settings, or a NeedleError naming each variable that is not valid."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"NEEDLE_{'_'.join(map(str, e['loc'])).upper()}={str(e.get('input'))[:60]!r}: {e['msg']}"
+                             for e in exc.errors())
+        raise NeedleError(f"A setting is not valid: {problems}.",
+                          hint="Correct or unset that environment variable (the README lists the settings).") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -573,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         check_text(parser, args)
-        args.func(args, get_settings())
+        args.func(args, _settings())
     except NeedleError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:

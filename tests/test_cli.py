@@ -3,6 +3,7 @@ Bad input gets one clear line and a non-zero exit, and the database stays as it 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -429,3 +430,20 @@ def test_listening_socket_gives_connections_tcp_nodelay():
             server.close()
 
     assert asyncio.run(check()) != 0
+
+
+def test_a_bad_setting_is_a_clear_error(sqlite_url):
+    """A NEEDLE_* variable that is not valid names itself (it was "unexpected ValidationError")."""
+    for name, value in (("NEEDLE_PORT", "abc"), ("NEEDLE_LIVE_RATE_PER_MINUTE", "-1"), ("NEEDLE_GZIP_LEVEL", "10")):
+        proc = needle("jobs", db_url=sqlite_url, timeout=60, **{name: value})
+        _assert_clear_error(proc, name, "not valid")
+
+
+def test_a_negative_clamp_value_reads_as_a_value(indexed):
+    """`--value -1e3` would read as an unknown option to argparse; it is the value -1000."""
+    db_url, _ = indexed
+    proc = needle("generate", "kept", "0", "0", "--value", "-1e3", "--tokens", "2", "--json", db_url=db_url, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["value"] == -1000.0
+    with engine_for(db_url).connect() as c:
+        assert c.execute(text("select value from generations")).scalar_one() == -1000.0
