@@ -533,3 +533,29 @@ def test_embed_card_in_another_sites_iframe(walk, demo):
         expect(framed.locator(f'code.tok[title="token id {top["token_id"]}"]').first).to_be_visible()
         walk.shot("card-in-iframe")
     walk.assert_clean()
+
+
+def test_no_page_is_wider_than_a_phone(walk, demo):
+    """At 390 px (a phone), nothing makes the page scroll sideways: wide tables scroll inside their
+    panels and plots inside their figures. Before, every page but the embed card was 464 to 1,065
+    px wide. At 1280 px, no highlighted token runs past its context's edge."""
+    page = walk.page
+    paths = ["/", f"/{demo.model}", f"/{demo.model}/2", neuron_path(demo, *LIVE_NEURON),
+             f"/{demo.model}/search?token=def", f"/{demo.model}/features", "/-/jobs"]
+    overflowing = """() => { const out = []; for (const box of document.querySelectorAll('.ctx-tokens')) {
+        const edge = box.getBoundingClientRect().right;
+        for (const t of box.querySelectorAll('.t')) for (const r of t.getClientRects()) if (r.right > edge + 1) out.push(t.textContent);
+      } return out; }"""
+    walk.goto(neuron_path(demo, *LIVE_NEURON))
+    assert page.locator(".ctx-tokens .t").count() > 100
+    assert page.evaluate(overflowing) == []
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in paths:
+        walk.goto(path)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, (path, width)
+    walk.goto(neuron_path(demo, *LIVE_NEURON))
+    walk.shot("neuron-on-a-phone")
+    table = page.locator("main table.data").first
+    assert table.evaluate("t => t.scrollWidth > t.clientWidth"), "the wide table scrolls on its own"
+    walk.assert_clean()
