@@ -66,10 +66,15 @@ def wants_fragment(request: Request) -> bool:
     return request.headers.get("HX-Request") == "true" and request.headers.get("HX-History-Restore-Request") != "true"
 
 
+def media_type(request: Request) -> str:
+    """The request body's media type, lowercased (media types are case-insensitive), "" if none."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def sends_json(request: Request) -> bool:
-    """The request's body is JSON (media types are case-insensitive; application/*+json too)."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    return media_type == "application/json" or media_type.endswith("+json")
+    """The request's body is JSON (application/json, or application/*+json)."""
+    kind = media_type(request)
+    return kind == "application/json" or kind.endswith("+json")
 
 
 def render_block(template: Template, block: str, context: dict) -> str:

@@ -21,6 +21,7 @@ from app.config import Settings
 from app.deps import SettingsDep
 from app.errors import NeedleError, TooManyRequests
 from app.routes.errors import handle_error
+from app.tokens import is_text
 
 # ---------------------------------------------------------------- headers
 
@@ -105,11 +106,9 @@ def storable_fields(fields: dict) -> dict:
             raise NeedleError(f"The field {str(name)[:40]!r} is {kind}; it must be text or a number.",
                               hint="Send each field as a string or a number.")
         if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
+            if not is_text(value):
                 raise NeedleError(f"The field {str(name)[:40]!r} is not valid text (it holds a lone surrogate).",
-                                  hint="Send UTF-8 text.") from None
+                                  hint="Send UTF-8 text.")
             if "\x00" in value:
                 raise NeedleError(f"The field {str(name)[:40]!r} holds a NUL character.", hint=NUL_HINT)
     return fields

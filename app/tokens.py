@@ -8,6 +8,17 @@ LEADING_MARKERS = (" ", "Ġ", "▁")
 _VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
 
 
+def is_text(s: str) -> bool:
+    """False for a string holding half of a surrogate pair, which UTF-8 (and so no database text
+    column) can hold: how Python keeps a command-line argument's bytes that are not UTF-8, or
+    what JSON's "\\ud800" decodes to."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def search_key(text: str) -> str:
     """The key a token is searched by: one leading space, Ġ or ▁ dropped, then case-folded.
 

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from app.config import ROOT, Settings, get_settings
 from app.errors import NeedleError
+from app.tokens import is_text
 from needle.clamping import add_clamp_commands
 from needle.export import add_export_command
 from needle.jobs import add_jobs_command
@@ -56,15 +57,6 @@ def port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 1 to 65535")
     return value
-
-
-def is_text(s: str) -> bool:
-    """False for a lone surrogate: how Python keeps an argument's bytes that are not UTF-8 (bash $'\\xff')."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

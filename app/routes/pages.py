@@ -18,7 +18,13 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from app import openapi, pagedata, urls
 from app.deps import SessionDep, SettingsDep
 from app.errors import NeedleError
-from app.rendering import render_partial, respond, sends_json, wants_fragment
+from app.rendering import (
+    media_type,
+    render_partial,
+    respond,
+    sends_json,
+    wants_fragment,
+)
 from app.security import LIVE_RATE_LIMIT, storable_fields
 
 router = APIRouter()
@@ -244,10 +250,9 @@ async def _body(request: Request) -> bytes:
 async def posted_form(request: Request, example: str = '{"prompt": "...", "token": " dog"}') -> dict:
     """The posted fields: a JSON object, or a form (each field's first value); anything else is
     a 415, a body over MAX_BODY_BYTES a 413."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     is_json = sends_json(request)
-    if not is_json and media_type not in FORM_TYPES:
-        raise NeedleError(f"A body of type {media_type[:80]!r} cannot be read here.", status=415,
+    if not is_json and media_type(request) not in FORM_TYPES:
+        raise NeedleError(f"A body of type {media_type(request)[:80]!r} cannot be read here.", status=415,
                           hint=f"Send a form (application/x-www-form-urlencoded) or JSON, e.g. {example}.")
     body = await _body(request)
     if is_json:
@@ -259,12 +264,8 @@ async def posted_form(request: Request, example: str = '{"prompt": "...", "token
             raise NeedleError("The body is not a JSON object.", hint=f"Send e.g. {example}.")
         return storable_fields(value)
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise NeedleError("The form is not UTF-8 text.", hint="Send the form's fields encoded as UTF-8.") from None
-    try:
-        fields = parse_qs(text, keep_blank_values=True, max_num_fields=100, errors="strict")
-    except UnicodeDecodeError:  # a percent-encoded byte sequence that is not UTF-8
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=100, errors="strict")
+    except UnicodeDecodeError:  # raw or percent-encoded bytes that are not UTF-8
         raise NeedleError("The form is not UTF-8 text.", hint="Send the form's fields encoded as UTF-8.") from None
     except ValueError:
         raise NeedleError("The form has over 100 fields.", hint="Send only the fields the form has.") from None
