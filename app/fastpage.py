@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from app import queries
 from app.schema import Model
-from app.tokens import in_context, visible
+from app.tokens import context_html, in_context, joined_bytes, token_bytes, visible
 
 MAX_MODELS = 4  # vocabularies held at once (a 128k-token vocabulary is about 10 MB)
 
@@ -47,10 +47,12 @@ class TokenTexts(dict):
                 self._array[token_id] = token
         self._parts = None  # span_parts, built on first use
 
-    def span_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(titles, ends, known) indexed by token id, with one more entry for ids out of range:
-        the escaped visible text of a token's title, its escaped text in context followed by
-        "</span>", and whether the id is in the vocabulary (a missing one's title names its id).
+    def span_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(titles, ends, known, byte_ids) indexed by token id, with one more entry for ids out of
+        range: the escaped visible text of a token's title, its escaped text in context
+        (context_html) followed by "</span>", whether the id is in the vocabulary (a missing one's
+        title names its id), and whether the token is raw bytes (token_bytes: read with its
+        neighbours, joined_bytes).
         Built on first use (a 128k vocabulary: about half a second) and kept with the vocabulary."""
         parts = self._parts
         if parts is None:
@@ -58,12 +60,14 @@ class TokenTexts(dict):
             titles = np.full(size, "", dtype=object)
             ends = np.full(size, str(escape(in_context(None))) + "</span>", dtype=object)
             known = np.zeros(size, dtype=bool)
+            byte_ids = np.zeros(size, dtype=bool)
             for token_id, token in self.items():
                 if 0 <= token_id < size - 1 and token is not None:
                     titles[token_id] = str(escape(visible(token)))
-                    ends[token_id] = str(escape(in_context(token))) + "</span>"
+                    ends[token_id] = context_html(token) + "</span>"
                     known[token_id] = True
-            parts = self._parts = (titles, ends, known)
+                    byte_ids[token_id] = token.startswith("<0x") and token_bytes(token) is not None
+            parts = self._parts = (titles, ends, known, byte_ids)
         return parts
 
     def many(self, ids: np.ndarray) -> list[str | None]:
@@ -111,9 +115,9 @@ def rounded_activations(acts: np.ndarray) -> list[float]:
 
 @lru_cache(maxsize=1 << 17)
 def _token_markup(token: str | None, token_id: int) -> tuple[str, str]:
-    """(text shown in the context, text of its title), both escaped as the template escaped them."""
+    """(text shown in the context (context_html), text of its title), both escaped."""
     title = visible(token if token is not None else f"#{token_id}")
-    return str(escape(in_context(token))), str(escape(title))
+    return context_html(token), str(escape(title))
 
 
 _SHARE = [f"{k // 1000}.{k % 1000:03d}" for k in range(1001)]  # "%.3f" of k / 1000 for k in 0..1000
@@ -145,7 +149,8 @@ def _shares(values: np.ndarray, scale: float) -> list[str]:
 
 def context_tokens(ex: dict, scale: float) -> Markup:
     """The spans of _examples.html's context macro, one per token:
-    <span class="t[ neg][ max]" style="--a:min(|a|/scale, 1) as %.3f" title="token (visible)  activation %.4g">token</span>
+    <span class="t[ neg][ max][ part]" style="--a:min(|a|/scale, 1) as %.3f" title="token (visible)  activation %.4g">token</span>
+    where a byte token shows what joined_bytes makes of it ("part": it completes no character).
     """
     acts, ids, mark = ex["activations"], ex["token_ids"], ex["max_index"]
     if not acts:
@@ -158,6 +163,10 @@ def context_tokens(ex: dict, scale: float) -> Markup:
     if 0 <= mark < len(classes):
         classes[mark] += " max"
     markups = [_token_markup(t, 0) if t is not None else _token_markup(None, i) for t, i in zip(ex["tokens"], ids)]
+    for k, shown in joined_bytes(ex["tokens"][: len(classes)]).items():
+        markups[k] = (context_html(shown) if shown else "", markups[k][1])
+        if not shown:
+            classes[k] += " part"
     return Markup("".join([
         f'<span class="{c}" style="--a:{s}" title="{title}  activation {v}">{text}</span>'
         for c, s, (text, title), v in zip(classes, shares, markups, values_text)
@@ -200,7 +209,7 @@ class PageSpans:
         if not self._contexts:
             return []
         rounded, value_ends, starts = _span_tables()
-        titles, ends, known = self._text.span_parts()
+        titles, ends, known, byte_ids = self._text.span_parts()
         lengths = [min(len(ids), len(acts)) for ids, acts, _ in self._contexts]
         ids = np.concatenate([np.asarray(ids[:n], dtype=np.int64) for (ids, _, _), n in zip(self._contexts, lengths)])
         bits = np.concatenate([np.ascontiguousarray(acts[:n], dtype=np.float16).view(np.uint16)
@@ -224,6 +233,14 @@ class PageSpans:
             pieces[i, 0] = f'<span class="{_SPAN_CLASSES[int(kind[i])]}" style="--a:{share_text}" title="'
         for i in np.flatnonzero(~known[at]).tolist():  # not in the stored vocabulary: its id
             pieces[i, 1] = str(escape(visible(f"#{int(ids[i])}")))
+        if byte_ids[at].any():  # characters split across byte tokens: read each context's together
+            bytey = byte_ids[at]
+            for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+                if bytey[a:b].any():
+                    for k, shown in joined_bytes(self._text.many(ids[a:b])).items():
+                        pieces[a + k, 3] = (context_html(shown) if shown else "") + "</span>"
+                        if not shown:
+                            pieces[a + k, 0] = pieces[a + k, 0].replace('" style=', ' part" style=', 1)
         bounds = zip(offsets[:-1].tolist(), offsets[1:].tolist())
         return [Markup("".join(pieces[a:b].ravel().tolist())) for a, b in bounds]
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
+from markupsafe import escape
 
 LEADING_MARKERS = (" ", "Ġ", "▁")
 _VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
@@ -37,6 +42,78 @@ def in_context(text: str | None) -> str:
     if text is None:
         return "�"
     return text.translate(_IN_CONTEXT) if text else "∅"
+
+
+def context_html(text: str | None) -> str:
+    """A token's escaped text inside a context (in_context), with a <br> after each ↵ so that
+    the context's lines break where the text's do."""
+    if not text or "\n" not in text:
+        return str(escape(in_context(text)))
+    return "↵<br>".join(str(escape(in_context(part))) if part else "" for part in text.split("\n"))
+
+
+_BYTE_TOKEN = re.compile(r"(?:<0x[0-9A-F]{2}>)+")
+
+
+@lru_cache(maxsize=1 << 12)
+def token_bytes(text: str | None) -> bytes | None:
+    """The bytes a token stands for when its text is nothing but <0xXX> groups, as
+    workers/loading.py writes a token that holds part of a UTF-8 character (a sentencepiece
+    byte-fallback piece, or a byte-level BPE token that is not whole characters); else None.
+    A token with the byte 0 is left alone (it decodes to no character worth showing)."""
+    if not text or not text.startswith("<0x") or not _BYTE_TOKEN.fullmatch(text):
+        return None
+    data = bytes(int(text[i + 3 : i + 5], 16) for i in range(0, len(text), 6))
+    return None if 0 in data else data
+
+
+def _utf8_size(lead: int) -> int:
+    """How many bytes the UTF-8 character that starts with this byte has (0: it starts none)."""
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+def joined_bytes(tokens: Sequence[str | None]) -> dict[int, str]:
+    """{position: text to show} for the byte tokens (token_bytes) of a context, read together:
+    each run of consecutive byte tokens is decoded as UTF-8, and a character split across tokens
+    (<0xE2><0x80> then <0x99>: ’) is shown on the token that completes it; a token that completes
+    no character shows "" (the page draws it as a thin block; its title still names its bytes).
+    A byte that starts no whole character (a window cut inside one) stays <0xXX>."""
+    out: dict[int, str] = {}
+    n, i = len(tokens), 0
+    while i < n:
+        if token_bytes(tokens[i]) is None:
+            i += 1
+            continue
+        data, owner, j = bytearray(), [], i
+        while j < n and (part := token_bytes(tokens[j])) is not None:
+            data += part
+            owner += [j] * len(part)
+            j += 1
+        shown: dict[int, list[str]] = {k: [] for k in range(i, j)}
+        p = 0
+        while p < len(data):
+            size = _utf8_size(data[p])
+            try:
+                char = bytes(data[p : p + size]).decode("utf-8") if size and p + size <= len(data) else None
+            except UnicodeDecodeError:
+                char = None
+            if char is None:
+                shown[owner[p]].append(f"<0x{data[p]:02X}>")
+                p += 1
+            else:
+                shown[owner[p + size - 1]].append(char)
+                p += size
+        out.update({k: "".join(texts) for k, texts in shown.items()})
+        i = j
+    return out
 
 
 def visible(text: str) -> str:
