@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sysconfig
 import time
 import zlib
@@ -26,11 +27,18 @@ SEQ_LEN = 128
 SEED = 1234
 
 
-def stdlib_files() -> list[Path]:
-    """The standard library's Python sources, sorted, without tests and site-packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)]
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """The standard library's Python sources (under root, default the running Python's), sorted,
+    without tests and site-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if root is None else Path(root)
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = []
+    # os.walk, pruned: site-packages is not read at all (with torch installed it holds tens of
+    # thousands of files, and a pip install beside us adds and removes folders in it), and a
+    # folder that vanishes while we walk is passed over
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
