@@ -6,6 +6,8 @@ token's probability rises with the clamp value to well above 0.5, and no other n
 Curves are checked against plain forward passes of the same model with a clamp hook of our own
 on the MLP's output projection (written here, per family, not through the adapter), and
 generations against a greedy loop written here (no cache, a full forward pass per token).
+Every family of the adapter registry has its sweeps checked the same way on a tiny random model
+(tests/tinymodels.build_tiny), with the hook on that family's own output projection.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from tests.tinymodels import (
     MLP,
     POSITIONS,
     TINY_FAMILIES,
+    add_bos,
     build_clamp_model,
     build_tiny,
+    tokenizer_style,
 )
 from workers import clamp
+from workers.adapters import supported_model_types
 from workers.clamp import SweepItem
 from workers.corpus import bos_prefix_id
 from workers.loading import load_model
@@ -570,3 +575,181 @@ def test_sharing_the_blocks_before_the_clamp_changes_nothing(family, tmp_path):
             assert [t["token_id"] for t in a["top_tokens"]["high"]] == [t["token_id"] for t in b["top_tokens"]["high"]]
         # and the clamp mattered: the ends of the sweep differ (a test that can fail)
         assert any(abs(r["probs"][0] - r["probs"][-1]) > 1e-6 for r in shared)
+
+
+# ---------------------------------------------------------------- every family, against a hook of our own
+
+# Where each family keeps its neurons, by the families' own module names (DESIGN.md, "What a
+# neuron is"), written here and not read from workers/adapters.py. NEURON_AT: the MLP output
+# projection, whose input feature i is neuron i: the activation after the nonlinearity and, for
+# a gated MLP, after act(gate) * up. TOO_EARLY: (the module, feature offset) one step before it,
+# the MLP's input projection (pre-activation; up_proj; the up half of Phi-3's fused gate_up_proj),
+# where a clamp would be at the wrong point of the MLP.
+GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+NEURON_AT = {
+    "gpt2": "transformer.h.{}.mlp.c_proj",
+    "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h",
+    "opt": "model.decoder.layers.{}.fc2",
+    "gptj": "transformer.h.{}.mlp.fc_out",
+    **dict.fromkeys((*GATED, "phi3"), "model.layers.{}.mlp.down_proj"),
+}
+TOO_EARLY = {
+    "gpt2": ("transformer.h.{}.mlp.c_fc", 0),
+    "gpt_neox": ("gpt_neox.layers.{}.mlp.dense_h_to_4h", 0),
+    "opt": ("model.decoder.layers.{}.fc1", 0),
+    "gptj": ("transformer.h.{}.mlp.fc_in", 0),
+    "phi3": ("model.layers.{}.mlp.gate_up_proj", MLP),  # [gate; up] on the output axis
+    **dict.fromkeys(GATED, ("model.layers.{}.mlp.up_proj", 0)),
+}
+FAMILY_VALUES = clamp.value_range(-24.0, 24.0, 9)
+FAMILY_NEURONS = ((0, 5), (0, 42), (1, 5), (1, 42))
+F32_ATOL = 1e-5  # probabilities of one float32 model, computed two ways
+# a clamp in the wrong place moves some compared probabilities by more than this (the sweeps agree with
+# the hooks to about 3e-7; the tiny Gemma-2/3 soft-cap their logits at 3 and norm their MLP's output,
+# so their curves are flat and move little)
+SENSITIVE = 5 * F32_ATOL
+
+
+@torch.no_grad()
+def hooked_probs(model, ids: list[int], layer: int, neuron: int, values, positions: slice,
+                 at: tuple[str, int] | None = None) -> torch.Tensor:
+    """p(next token) [len(values), V] (float64) at the last position, from a plain forward pass of
+    a batch of len(values) copies of ids in which row j has the neuron's activation replaced by
+    values[j] at `positions`, by a forward-pre-hook of our own on its output projection. With
+    at=(module path, offset), a forward hook on that module's output feature offset + neuron
+    instead (a clamp in the wrong place, to show the comparison can fail)."""
+    rows, length = len(values), len(ids)
+    vals = torch.tensor(values, dtype=torch.float32)
+    feature = neuron + (at[1] if at else 0)
+
+    def overwrite(acts: torch.Tensor) -> torch.Tensor:
+        out = acts.clone().reshape(rows, length, acts.shape[-1])  # OPT's MLP sees [rows * length, d]
+        out[:, positions, feature] = vals[:, None].to(out.dtype)
+        return out.reshape(acts.shape)
+
+    if at is None:
+        module = model.get_submodule(NEURON_AT[model.config.model_type].format(layer))
+        assert module.weight.shape[0 if model.config.model_type == "gpt2" else 1] == MLP  # its input is the MLP
+        handle = module.register_forward_pre_hook(lambda m, args: (overwrite(args[0]), *args[1:]))
+    else:
+        module = model.get_submodule(at[0].format(layer))
+        handle = module.register_forward_hook(lambda m, args, output: overwrite(output))
+    try:
+        logits = model(input_ids=torch.tensor([ids] * rows), use_cache=False).logits
+    finally:
+        handle.remove()
+    return torch.softmax(logits[:, -1].double(), dim=-1)
+
+
+@torch.no_grad()
+def unclamped(model, ids: list[int], layer: int, neuron: int) -> tuple[torch.Tensor, float]:
+    """(p(next token) [V] float64, the neuron's activation at the last position), by a hook of our own."""
+    seen = []
+    module = model.get_submodule(NEURON_AT[model.config.model_type].format(layer))
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits
+    finally:
+        handle.remove()
+    acts = seen[0].reshape(len(ids), -1)  # [1, T, d] or OPT's [T, d]
+    return torch.softmax(logits[0, -1].double(), dim=-1), float(acts[-1, neuron])
+
+
+def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread while inside: these models are tiny, and on a busy 2-core machine several
+    threads spin against each other (the family test below takes ~4x as long)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["plain", "bos"])
+@pytest.mark.parametrize("name", [*supported_model_types(), "opt_proj"])
+def test_every_familys_sweep_matches_a_clamp_hook_of_our_own(name, bos, tmp_path, one_thread):
+    """Every family in the adapter registry (and OPT with project_out), saved and loaded as a
+    user's model is: the worker's sweep (sweep_many, as `needle index` calls it, several neurons
+    of both layers at once) gives, for every clamp value, the target's probability that a plain
+    forward pass with the neuron overwritten by a hook of our own gives, at every prompt position
+    after BOS ("all") or at the last one ("last"), by each of the sweep's ways of batching. Each
+    curve is checked to be one that a clamp of the wrong neuron, the wrong layer, the wrong point
+    of the MLP or the wrong positions would miss."""
+    path = build_tiny(name, tmp_path / name)
+    if bos:
+        add_bos(path)
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    model, tok = loaded.model, loaded.tokenizer
+    family = model.config.model_type
+    assert family == name.removesuffix("_proj") and family in NEURON_AT, f"no reference hook for {family}"
+    ids = tok(PROMPT).input_ids
+    assert (ids[0] == tok.bos_token_id) is bos and len(ids) == 11 + bos
+    first, last = int(bos), len(ids) - 1
+    dog = tok.convert_tokens_to_ids("▁dog" if tokenizer_style(name) == "sentencepiece" else "Ġdog")
+    n_layers = model.config.num_hidden_layers
+    assert n_layers == 2 and {layer for layer, _ in FAMILY_NEURONS} == {0, n_layers - 1}
+    baselines = {(layer, neuron): unclamped(model, ids, layer, neuron) for layer, neuron in FAMILY_NEURONS}
+    caught: dict[str, float] = {}  # a wrong clamp -> how far it moves the compared probabilities at most
+
+    for last_only in (False, True):
+        positions = slice(last, None) if last_only else slice(first, None)
+        want: dict[tuple[int, int, int], torch.Tensor] = {}  # (layer, neuron, token) -> p(token) per value
+        ends: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, neuron in FAMILY_NEURONS:
+            ref = hooked_probs(model, ids, layer, neuron, FAMILY_VALUES, positions)
+            ends[(layer, neuron)] = (ref[0], ref[-1])
+            # " dog", and the tokens the clamp makes likeliest at the sweep's ends (probabilities that move)
+            targets = sorted({dog, int(ref[0].argmax()), int(ref[-1].argmax())})
+            for t in targets:
+                want[(layer, neuron, t)] = ref[:, t]
+            # the comparison can fail: each of these clamps moves a compared probability past the tolerance
+            other_layer = 1 - layer
+            wrong = {
+                "neuron": hooked_probs(model, ids, layer, (neuron + 1) % MLP, FAMILY_VALUES, positions),
+                "layer": hooked_probs(model, ids, other_layer, neuron, FAMILY_VALUES, positions),
+                "point": hooked_probs(model, ids, layer, neuron, FAMILY_VALUES, positions, at=TOO_EARLY[family]),
+            }
+            if layer == 0:  # a last-layer clamp at earlier positions cannot reach the last one
+                wrong["positions"] = hooked_probs(model, ids, layer, neuron, FAMILY_VALUES,
+                                                  slice(first, None) if last_only else slice(last, None))
+                if bos and not last_only:
+                    wrong["bos"] = hooked_probs(model, ids, layer, neuron, FAMILY_VALUES, slice(None))
+            for what, alt in wrong.items():
+                caught[what] = max(caught.get(what, 0.0), gap(alt[:, targets], ref[:, targets]))
+
+        items = [SweepItem(layer, neuron, t, FAMILY_VALUES) for layer, neuron, t in want]
+        # the worker's batching (the blocks before the clamped layer run once for all rows), the same in
+        # chunks that split curves, and a plain batch of one row per value
+        for share_prefix, max_rows in ((True, 512), (True, 16), (False, 512)):
+            results = clamp.sweep_many(loaded, PROMPT, items, last_only=last_only, share_prefix=share_prefix,
+                                       max_rows=max_rows)
+            assert len(results) == len(items)
+            for item, res in zip(items, results, strict=True):
+                key = (item.layer, item.neuron, item.token_id)
+                where = f"{name} {'last' if last_only else 'all'} share_prefix={share_prefix} rows={max_rows} {key}"
+                assert (res["layer"], res["neuron"], res["token_id"]) == key, where
+                assert res["values"] == FAMILY_VALUES and res["positions"] == ("last" if last_only else "all")
+                assert res["prompt_tokens"] == 11, where
+                np.testing.assert_allclose(res["probs"], want[key].numpy(), rtol=0, atol=F32_ATOL, err_msg=where)
+                # the sweep's ends: the top tokens' probabilities are the distribution's at the first and last value
+                for end, ref_end in zip(("low", "high"), ends[(item.layer, item.neuron)], strict=True):
+                    top = res["top_tokens"][end]
+                    got_p = [t["prob"] for t in top]
+                    np.testing.assert_allclose(got_p, torch.topk(ref_end, clamp.TOP_TOKENS).values.numpy(), rtol=0,
+                                               atol=F32_ATOL, err_msg=f"{where} {end}")
+                    np.testing.assert_allclose(got_p, ref_end[[t["token_id"] for t in top]].numpy(), rtol=0,
+                                               atol=F32_ATOL, err_msg=f"{where} {end}")
+                # the baseline: the unclamped model, the neuron's activation at the last position
+                plain, act = baselines[(item.layer, item.neuron)]
+                assert res["baseline"]["prob"] == pytest.approx(float(plain[item.token_id]), abs=F32_ATOL), where
+                assert res["baseline"]["activation"] == pytest.approx(act, abs=F32_ATOL), where
+    left = [n for n, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
+    assert not left, f"hooks left on {left}"
+    # and the comparisons can fail: a sweep that clamped any of these would have missed a curve
+    assert set(caught) == {"neuron", "layer", "point", "positions"} | ({"bos"} if bos else set())
+    for what, moved in caught.items():
+        assert moved > SENSITIVE, f"a clamp of the wrong {what} moves the curves by {moved:.2g} only"

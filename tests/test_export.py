@@ -153,7 +153,7 @@ def pages(indexed):
 # ---------------------------------------------------------------- the neuron's JSON
 
 
-def test_neuron_json_has_decodings_examples_stats_features_and_clamp_curves(indexed, pages):
+def test_neuron_json_has_decodings_examples_stats_and_features(pages):
     page = pages["neurons"][DIGIT_NEURON]
     assert len(page["input_tokens"]) == 20 and {"token", "token_id", "prob", "score"} <= set(page["input_tokens"][0])
     assert len(page["output_tokens"]["promoted"]) == 10 and len(page["output_tokens"]["suppressed"]) == 10
@@ -163,14 +163,90 @@ def test_neuron_json_has_decodings_examples_stats_features_and_clamp_curves(inde
     assert len(page["interval_samples"]) == 5 and any(b["examples"] for b in page["interval_samples"])
     assert page["stats"]["frequency"] > 0 and page["stats"]["histogram"]["counts"]
     assert {f["feature"] for f in page["features"]} >= {"contains_digit", "all_digits"}
-    # `needle index` precomputed clamp curves; they are on their neurons' JSON
-    with session_scope(engine_for(indexed["url"])) as s:
-        candidates = queries.clamp_candidates(s, queries.get_model(s, NAME).id)
-    assert candidates
-    layer, neuron, token_id = candidates[0]
-    curves = pages["neurons"][(layer, neuron)]["clamp_curves"]
-    assert len(curves) == 1 and curves[0]["token_id"] == token_id
-    assert len(curves[0]["values"]) == len(curves[0]["probs"]) == 21
+
+
+# ---------------------------------------------------------------- clamp curves, from the tables themselves
+
+INDEX_TOP = 10  # `needle index` sweeps each neuron that is a top-10 search hit for its own top token
+INDEX_COUNT = 21  # ... with 21 values from -10x to +10x its largest |activation| on the corpus
+
+
+def sql_rows(url: str, query: str, **params) -> list:
+    """A plain SQL query's rows, read straight from the tables (not through app.queries)."""
+    engine = engine_for(url)
+    with engine.connect() as conn:
+        return conn.execute(text(query), params).all()
+
+
+def json_column(value):
+    """A JSON column as plain SQL reads it: text on SQLite, already decoded by psycopg on Postgres."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def int32s(blob) -> list[int]:
+    return np.frombuffer(bytes(blob), dtype="<i4").tolist()
+
+
+def index_clamp_neurons(url: str, model_id: int) -> dict[tuple[int, int], int]:
+    """(layer, neuron) -> its top token id, for each neuron among the first INDEX_TOP entries of the
+    search index (token_index, best score first) of its own top decoded token (neurons.top_token_id)."""
+    own = {(layer, neuron): token for layer, neuron, token in sql_rows(
+        url, "select layer, neuron, top_token_id from neurons where model_id = :m", m=model_id)}
+    assert len(own) == 2 * 64
+    rows = sql_rows(url, "select token_id, layers, neurons, scores from token_index where model_id = :m", m=model_id)
+    assert rows
+    found = {}
+    for token_id, layers, neurons, scores in rows:
+        scores = np.frombuffer(bytes(scores), dtype="<f4")
+        assert (np.diff(scores) <= 0).all(), f"token {token_id}'s search hits are not best first"
+        for key in zip(int32s(layers)[:INDEX_TOP], int32s(neurons)[:INDEX_TOP]):
+            if own.get(key) == token_id:
+                found[key] = token_id
+    return found
+
+
+def test_index_clamp_curves_are_on_their_neurons_json(indexed, pages):
+    """`needle index` stored one clamp curve for each neuron that is a top-10 search hit for its own
+    top token, and none for any other; each is on its neuron's JSON as it is in clamp_curves. The
+    expectations come from what this test wrote (the corpus) and from the tables read by plain SQL."""
+    url = indexed["url"]
+    ((model_id, info),) = sql_rows(url, "select id, info from models where name = :n", n=NAME)
+    want = index_clamp_neurons(url, model_id)
+    assert want
+    prompt = json_column(info)["clamp_prompt"]
+    assert len(prompt) > 10 and corpus_text().startswith(prompt)  # the default prompt: the corpus's first tokens
+    max_abs = {(layer, neuron): max(abs(hi), abs(lo)) for layer, neuron, hi, lo in sql_rows(
+        url, "select layer, neuron, max_act, min_act from neuron_activations where model_id = :m", m=model_id)}
+    stored: dict[tuple[int, int], list] = {}
+    for row in sql_rows(url, "select layer, neuron, prompt, target, token_id, token, note, positions, clamp_values, "
+                             "probs, baseline, top_tokens, source from clamp_curves where model_id = :m", m=model_id):
+        stored.setdefault((row.layer, row.neuron), []).append(row)
+    assert sorted(stored) == sorted(want)
+
+    for key, page in pages["neurons"].items():
+        curves = page["clamp_curves"]
+        if key not in want:
+            assert curves == [], key
+            continue
+        (row,) = stored[key]
+        (curve,) = curves
+        assert (curve["layer"], curve["neuron"]) == key
+        assert curve["token_id"] == row.token_id == want[key], key
+        assert (row.prompt, row.positions, row.source, row.note) == (prompt, "all", "index", None), key
+        assert row.target == row.token
+        assert (curve["prompt"], curve["target"], curve["token"], curve["note"], curve["positions"], curve["source"]) == (
+            row.prompt, row.target, row.token, row.note, row.positions, row.source), key
+        values, probs = json_column(row.clamp_values), json_column(row.probs)
+        assert curve["values"] == values and curve["probs"] == probs, key
+        assert curve["baseline"] == json_column(row.baseline) and curve["top_tokens"] == json_column(row.top_tokens)
+        assert curve["state"] == "done"
+        # 21 values evenly from -b to b, b being 10x the neuron's largest |activation| (to 3 digits)
+        assert len(values) == len(probs) == INDEX_COUNT and all(0.0 <= p <= 1.0 for p in probs), key
+        bound = values[-1]
+        assert values[0] == -bound and bound == pytest.approx(10 * max_abs[key], rel=5e-3), key
+        np.testing.assert_allclose(values, np.linspace(-bound, bound, INDEX_COUNT), rtol=0, atol=1e-9 * bound)
+        assert {"activation", "prob"} <= set(curve["baseline"])
+        assert [t["token_id"] for t in curve["top_tokens"]["high"]]
 
 
 # ---------------------------------------------------------------- the export as a whole

@@ -80,7 +80,7 @@ def _training_lines(*, keepends: bool = True) -> list[str]:
     return TRAINING_TEXT.splitlines(keepends=keepends) * 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _byte_level_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -98,7 +98,7 @@ def _byte_level_json() -> str:
     return tok.to_str()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sentencepiece_json() -> str:
     """A Llama-style tokenizer: ▁ pieces, <unk>/<s>/</s> at ids 0-2, byte fallback <0x00>..<0xFF>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
