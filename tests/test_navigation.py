@@ -231,6 +231,54 @@ def test_jump_in_an_unknown_model_and_huge_numbers_in_paths_are_404s(site):
         assert r.status_code == 404 and "numbered 0 to" in r.text, path
 
 
+# ---------------------------------------------------------------- one address per page
+
+
+def test_numbers_with_leading_zeros_redirect_to_the_canonical_url(site):
+    """A layer, neuron, curve or generation number spelled with leading zeros is the same page at
+    another address: a permanent redirect to the canonical one (urls.py), query string and .json
+    suffix kept."""
+    curve, gen = site.ids["curve"], site.ids["generation"]
+    moved = {
+        f"/{MODEL}/03/0102": f"/{MODEL}/3/102",  # no neuron 102 here: the redirect comes first, then the 404
+        f"/{MODEL}/01/03": urls.neuron_url(MODEL, 1, 3),
+        f"/{MODEL}/1/03": urls.neuron_url(MODEL, 1, 3),
+        f"/{MODEL}/01/3.json": urls.neuron_url(MODEL, 1, 3, fmt=urls.JSON),
+        f"/{MODEL}/01/03?embed=true": urls.embed_url(MODEL, 1, 3),
+        f"/{MODEL}/00": urls.layer_url(MODEL, 0),
+        f"/{MODEL}/02.json": urls.layer_url(MODEL, 2, fmt=urls.JSON),
+        f"/{MODEL}/02?sort=-score&page=2": urls.layer_url(MODEL, 2, sort="-score", page=2),
+        f"/{MODEL}/{'0' * 5000}1/3": urls.neuron_url(MODEL, 1, 3),
+        f"/{MODEL}/01/3/clamp/0{curve}": urls.clamp_url(MODEL, 1, 3, curve),
+        f"/{MODEL}/1/03/generate/{gen}.json": urls.generation_url(MODEL, 1, 3, gen, fmt=urls.JSON),
+    }
+    for path, target in moved.items():
+        r = site.get(path)
+        assert r.status_code in (301, 308) and r.headers["location"] == target, (path, r.status_code, r.headers)
+    for path, target in moved.items():
+        if "/102" in target or "page=2" in target:
+            continue
+        r = site.get(path, follow_redirects=True)
+        assert r.status_code == 200 and str(r.url) == site.base + target, (path, r.url)
+    r = site.get(f"/{MODEL}/01/03.json", follow_redirects=True)
+    assert r.json()["url"] == urls.neuron_url(MODEL, 1, 3), "where the page says it lives"
+    assert site.get(f"/{MODEL}/1/3").status_code == 200 and site.get(f"/{MODEL}/0/0").status_code == 200
+
+
+@pytest.mark.parametrize("spelling", ["+1", "\u0661", "\uff11", "1_0", " 1", "1 ", "0x1", "1e0", "-0"])
+def test_other_spellings_of_numbers_stay_errors(site, spelling):
+    """What int() or a pydantic int would also read ("+1", Arabic-Indic and fullwidth digits,
+    "1_0") is no layer or neuron number here, as in the jump box: a 404 saying what a number is,
+    never a page or a redirect."""
+    for path, what in ((f"/{MODEL}/{spelling}", "layer"), (f"/{MODEL}/{spelling}/3", "layer"),
+                       (f"/{MODEL}/1/{spelling}", "neuron")):
+        for suffix in ("", ".json"):
+            r = site.get(path + suffix)
+            assert r.status_code == 404 and "location" not in r.headers, (path, r.status_code)
+            text = r.json()["error"] if suffix else BeautifulSoup(r.text, "html.parser").select_one(".error-message").get_text()
+            assert f"not a {what} number" in text, (path, text)
+
+
 # ---------------------------------------------------------------- random neurons
 
 
@@ -334,6 +382,31 @@ def test_embed_card_is_compact_and_marked_for_framing(site):
     assert as_json.headers["content-type"].startswith("application/json") and "x-needle-embed" not in as_json.headers
     link = site.soup(f"/{MODEL}/1/3").select_one("a.embed-link")["href"]
     assert site.get(link).headers["x-needle-embed"] == "1"
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "yes", "on", "1", "0", "true ", "truee"])
+def test_embed_other_than_true_or_false_is_a_400_saying_so(site, value):
+    """?embed= is true (the card) or false (the page), in any case; anything else is not silently
+    the page but an error page that says what embed takes ("1" and "0" too: no query parameter
+    of the app's pages reads them as true or false)."""
+    r = site.get(f"/{MODEL}/1/3", params={"embed": value})
+    assert r.status_code == 400, (value, r.status_code)
+    assert r.headers["content-type"].startswith("text/html") and "x-needle-embed" not in r.headers
+    soup = BeautifulSoup(r.text, "html.parser")
+    assert "embed must be true or false" in soup.select_one(".error-message").get_text()
+    assert "?embed=true" in soup.select_one(".hint").get_text()
+    as_json = site.get(f"/{MODEL}/1/3.json", params={"embed": value})
+    assert as_json.status_code == 400 and "embed must be true or false" in as_json.json()["error"]
+
+
+def test_embed_true_or_false_in_any_case(site):
+    for value in ("true", "TRUE", "True"):
+        r = site.get(f"/{MODEL}/1/3", params={"embed": value})
+        assert r.status_code == 200 and r.headers["x-needle-embed"] == "1", value
+    for params in ({"embed": "false"}, {"embed": "False"}, {}):
+        r = site.get(f"/{MODEL}/1/3", params=params)
+        assert r.status_code == 200 and "x-needle-embed" not in r.headers, params
+        assert BeautifulSoup(r.text, "html.parser").select_one("header.site") is not None, "the full page"
 
 
 def test_embed_card_escapes_hostile_tokens(site):

@@ -37,6 +37,36 @@ def split_format(segment: str) -> tuple[str, str | None]:
     return segment, None
 
 
+def padded_numbers(*segments: str) -> tuple[int, ...] | None:
+    """The numbers in path segments of which one or more is spelled with leading zeros ("03",
+    "0102"), for a redirect to the canonical URL; None when each is spelled canonically, or
+    when one is no number at all (the page's builder then says what is wrong: "+5", "٣" and
+    "1_000" are no numbers here, as in the jump box)."""
+    values = []
+    for segment in segments:
+        digits = segment.lstrip("0") or "0"
+        if not pagedata.DIGITS.fullmatch(segment) or len(digits) > 18:  # 18: as pagedata._index reads them
+            return None
+        values.append(int(digits))
+    return tuple(values) if any(str(v) != s for v, s in zip(values, segments)) else None
+
+
+def moved_to(request: Request, path: str) -> Response:
+    """A permanent redirect to the canonical spelling of this page's URL, its query string kept."""
+    query = request.url.query
+    return RedirectResponse(f"{path}?{query}" if query else path, status_code=308)
+
+
+def embed_card(embed: str | None) -> bool:
+    """?embed=true: the neuron's card; false (or no embed): its page; anything else is a 400."""
+    if embed is None or embed.lower() == "false":
+        return False
+    if embed.lower() == "true":
+        return True
+    raise NeedleError(f"embed must be true or false, not {embed[:40]!r}.",
+                      hint="Add ?embed=true for the neuron's compact card (for an iframe), or leave embed out for its page.")
+
+
 @router.get("/")
 def models(request: Request, session: SessionDep) -> Response:
     return respond(request, "models.html", pagedata.models_page(session))
@@ -132,6 +162,8 @@ def layer(
     sort: str | None = None,
 ) -> Response:
     layer, fmt = split_format(layer)
+    if (canonical := padded_numbers(layer)) is not None:
+        return moved_to(request, urls.layer_url(model, *canonical, fmt=fmt))
     data = pagedata.layer_page(session, model, layer, page=page, sort=sort, page_size=settings.page_size)
     return respond(request, "layer.html", data, fmt)
 
@@ -142,10 +174,13 @@ def neuron(request: Request, model: str, layer: str, neuron: str, session: Sessi
     """The neuron's permalink; ?embed=true: its compact card, for an iframe (the X-Needle-Embed
     header tells app/security.py to let any site frame it)."""
     neuron, fmt = split_format(neuron)
+    if (canonical := padded_numbers(layer, neuron)) is not None:
+        return moved_to(request, urls.neuron_url(model, *canonical, fmt=fmt))
+    card = embed_card(embed)
     data = pagedata.neuron_page(session, model, layer, neuron, text_max_chars=settings.text_max_chars,
                                 live=settings.live_requests, clamp_prompt_max_chars=settings.clamp_prompt_max_chars,
                                 base_url=settings.public_url or str(request.base_url))
-    if fmt is None and embed is not None and embed.lower() == "true":
+    if card and fmt is None:
         response = respond(request, "neuron_card.html", data)
         response.headers["X-Needle-Embed"] = "1"
         return response
@@ -170,6 +205,8 @@ async def start_text(request: Request, model: str, layer: str, neuron: str, sess
 @router.get("/{model}/{layer}/{neuron}/text/{run}")
 def text_run(request: Request, model: str, layer: str, neuron: str, run: str, session: SessionDep) -> Response:
     run, fmt = split_format(run)
+    if (canonical := padded_numbers(layer, neuron, run)) is not None:
+        return moved_to(request, urls.text_run_url(model, *canonical, fmt=fmt))
     data = pagedata.text_run_page(session, model, layer, neuron, run)
     if wants_fragment(request) and fmt is None:
         return render_partial("_text_panel.html", data)
@@ -198,6 +235,8 @@ async def start_clamp(request: Request, model: str, layer: str, neuron: str, ses
 @router.get("/{model}/{layer}/{neuron}/clamp/{curve}")
 def clamp_curve(request: Request, model: str, layer: str, neuron: str, curve: str, session: SessionDep) -> Response:
     curve, fmt = split_format(curve)
+    if (canonical := padded_numbers(layer, neuron, curve)) is not None:
+        return moved_to(request, urls.clamp_url(model, *canonical, fmt=fmt))
     data = pagedata.clamp_page(session, model, layer, neuron, curve)
     if wants_fragment(request) and fmt is None:
         return render_partial("_clamp_panel.html", data)
@@ -219,6 +258,8 @@ async def start_generation(request: Request, model: str, layer: str, neuron: str
 @router.get("/{model}/{layer}/{neuron}/generate/{gen}")
 def generation(request: Request, model: str, layer: str, neuron: str, gen: str, session: SessionDep) -> Response:
     gen, fmt = split_format(gen)
+    if (canonical := padded_numbers(layer, neuron, gen)) is not None:
+        return moved_to(request, urls.generation_url(model, *canonical, fmt=fmt))
     data = pagedata.generation_page(session, model, layer, neuron, gen)
     if wants_fragment(request) and fmt is None:
         return render_partial("_generation_panel.html", data)
