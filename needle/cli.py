@@ -71,24 +71,28 @@ def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                                   hint=f"Give {name} as UTF-8 text (check the encoding of your terminal or script).")
 
 
-class TqdmProgress:
-    """A progress bar per job, on stderr."""
+SCALED_TOTAL = 10_000  # a bar counting this many or more writes 12.3k, not 12345
 
-    def __init__(self, desc: str, total: int):
+
+class TqdmProgress:
+    """A progress bar per job, on stderr, in the unit its stage counts (workers/worker.py Progress)."""
+
+    def __init__(self, desc: str, total: int, unit: str):
         from tqdm import tqdm
 
         self.total, self.done = total, 0
-        self.bar = tqdm(total=total, desc=desc, unit="neuron" if total > 1 else "step", leave=True, dynamic_ncols=True)
+        self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=total >= SCALED_TOTAL, leave=True,
+                        dynamic_ncols=True)
 
     def advance(self, n: int) -> None:
         self.done += n
         self.bar.update(n)
 
-    def set_total(self, total: int) -> None:
+    def set_total(self, total: int, unit: str) -> None:
         self.total = total
         self.bar.total = total
-        self.bar.unit = "tok"
-        self.bar.unit_scale = True
+        self.bar.unit = unit
+        self.bar.unit_scale = total >= SCALED_TOTAL  # 262k tok, not 262144 tok
         self.bar.refresh()
 
     def close(self) -> None:

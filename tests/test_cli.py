@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -187,6 +188,47 @@ def test_index_command_prints_progress_and_the_url(db_url, tmp_path):
     assert "/tiny-llama" in proc.stdout
     again = needle("index", str(path), "--name", "tiny-llama", db_url=db_url)
     assert again.returncode == 0, again.stderr
+
+
+BAR_UNITS = ("neuron", "step", "tok", "layer", "value")
+# a tqdm bar's rate field, "[00:01<00:02, 1.23ktok/s]", "?tok/s]" or "2.50s/tok]", names its unit
+BAR_RATE = re.compile(rf"(?:[\d?]|\d[kMGT])({'|'.join(BAR_UNITS)})/s\]|\ds/({'|'.join(BAR_UNITS)})\]")
+
+
+def bar_units(stderr: str, model: str) -> dict[str, set[str]]:
+    """{stage: the units its bars were drawn with} from `needle index`'s stderr, where each job's
+    bar is redrawn (after "\\r") with its description "MODEL STAGE KEY"."""
+    units: dict[str, set[str]] = {}
+    for line in re.split(r"[\r\n]", stderr):
+        if not line.startswith(f"{model} "):
+            continue
+        stage = line.split(" ")[1]
+        found = BAR_RATE.findall(line)
+        assert len(found) == 1, line  # every redraw names one unit, one of BAR_UNITS
+        units.setdefault(stage, set()).add("".join(found[0]))
+    return units
+
+
+def test_each_progress_bar_counts_in_its_stages_unit(sqlite_url, tmp_path):
+    """The bar of each job of `needle index` says what it counts, from its first redraw to its
+    last: decoded neurons, corpus tokens (an examples pass, a sharded run's range and part jobs,
+    and the probes), layers (a sharded run's merge), clamp values, or steps."""
+    path = build_tiny("gpt2", tmp_path / "m")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The dog sat on the mat, and the cat sat by the dog.\n" * 80)
+    common = ["--corpus", str(corpus), "--context", "16"]
+    proc = needle("index", str(path), "--name", "whole", *common, db_url=sqlite_url)
+    assert proc.returncode == 0, proc.stderr
+    assert bar_units(proc.stderr, "whole") == {
+        "decode": {"neuron"}, "search_index": {"step"}, "examples": {"tok"}, "clamp": {"value"},
+    }
+    proc = needle("index", str(path), "--name", "split", *common, "--layers-per-job", "1",
+                  "--features", "text", "--probe-tokens", "1024", db_url=sqlite_url)
+    assert proc.returncode == 0, proc.stderr
+    assert bar_units(proc.stderr, "split") == {
+        "decode": {"neuron"}, "search_index": {"step"}, "examples_range": {"tok"}, "examples_part": {"tok"},
+        "examples": {"layer"}, "probes": {"tok"}, "clamp": {"value"},
+    }
 
 
 def _free_port() -> int:

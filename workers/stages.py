@@ -59,7 +59,9 @@ class JobContext:
     batch_size: int = 512
     total: int = 0  # units of work, for progress
     advance: Callable[[int], None] = field(default=lambda n: None)
-    set_total: Callable[[int], None] = field(default=lambda n: None)  # once a stage knows its size
+    # set_total(n, unit): once a stage knows its size, in its own unit ("tok", "layer", ...), which
+    # the CLI's progress bar shows
+    set_total: Callable[..., None] = field(default=lambda n, unit: None)
     examples_batch_tokens: int = 8192
     clamp_batch_rows: int = 512
     read: Callable[[Callable[[Session], object]], object] = field(default=lambda fn: None)  # fn(session) in a short read
@@ -121,7 +123,7 @@ def run_examples(ctx: JobContext) -> Writer:
     n_windows = corpus.windows.shape[0]
     batch_tokens = p.get("batch_tokens") or ctx.examples_batch_tokens
     estimate = examples.plan(n_windows, p["context"], batch_tokens).estimate_ids
-    ctx.set_total((len(estimate) + n_windows) * p["context"])
+    ctx.set_total((len(estimate) + n_windows) * p["context"], unit=TOKENS)
     started = time.perf_counter()
     results = examples.collect(
         loaded.model, loaded.adapter, list(range(ctx.model.n_layers)), corpus.windows, bos,
@@ -145,6 +147,7 @@ def run_examples(ctx: JobContext) -> Writer:
 # examples (the merge, after every part): folds each layer's shards together and writes the
 #   same rows as one examples job would, then deletes the parts.
 
+TOKENS = "tok"  # the unit of progress of a pass over a corpus
 EXAMPLES_RANGE_STAGE = "examples_range"
 EXAMPLES_PART_STAGE = "examples_part"
 SHARDING_KEYS = ("shards", "layer_ranges", "batch_tokens")  # how a run is split, not what it computes
@@ -191,7 +194,7 @@ def run_examples_range(ctx: JobContext) -> Writer:
     corpus = _examples_corpus(ctx, loaded)
     start, stop = p["layers"]
     plan_ = examples.plan(corpus.windows.shape[0], p["context"], p["batch_tokens"])
-    ctx.set_total(len(plan_.estimate_ids) * p["context"])
+    ctx.set_total(len(plan_.estimate_ids) * p["context"], unit=TOKENS)
     ranges = examples.estimate_range(
         loaded.model, loaded.adapter, list(range(start, stop)), corpus.windows, bos_prefix_id(loaded.tokenizer),
         plan_, next(loaded.model.parameters()).device, ctx.advance,
@@ -224,7 +227,7 @@ def run_examples_part(ctx: JobContext) -> Writer:
     layers = list(range(start, stop))
     ranges = _stored_ranges(ctx, layers)
     w0, w1 = examples.shard_bounds(corpus.windows.shape[0], p["context"], p["batch_tokens"], p["shards"])[p["shard"]]
-    ctx.set_total(max(1, (w1 - w0) * p["context"]))
+    ctx.set_total(max(1, (w1 - w0) * p["context"]), unit=TOKENS)
     started = time.perf_counter()
     accs = examples.accumulate(
         loaded.model, loaded.adapter, layers, corpus.windows, bos_prefix_id(loaded.tokenizer), ranges,
@@ -248,7 +251,7 @@ def merge_examples(ctx: JobContext) -> Writer:
     corpus = _examples_corpus(ctx, loaded)
     shards = p["shards"]
     device = next(loaded.model.parameters()).device
-    ctx.set_total(ctx.model.n_layers)
+    ctx.set_total(ctx.model.n_layers, unit="layer")
     results, seconds, devices = [], {}, set()
     for start, stop in p["layer_ranges"]:
         layers = list(range(start, stop))
@@ -357,10 +360,11 @@ def run_probes(ctx: JobContext) -> Writer:
     dataset = load_features(
         p["features"], loaded.tokenizer, context=p["context"], max_tokens=p["tokens"], corpus=p["corpus"]
     )
-    # progress: the forward pass counts its tokens, and fitting (most of the time) as many again, split over features
+    # progress, in tokens: the forward pass counts its tokens, and fitting (most of the time) as many
+    # again, split over the features
     tokens = int(dataset.lengths.sum())
     per_feature = max(1, tokens // max(1, len(dataset.features)))
-    ctx.set_total(tokens + per_feature * len(dataset.features))
+    ctx.set_total(tokens + per_feature * len(dataset.features), unit=TOKENS)
     started = time.perf_counter()
     acts = probing.collect_activations(
         loaded.model, loaded.adapter, list(range(ctx.model.n_layers)), dataset, bos_prefix_id(loaded.tokenizer),
@@ -399,7 +403,7 @@ def run_clamp(ctx: JobContext) -> Writer:
     candidates, max_abs = ctx.read(read)
     items = [clamp.SweepItem(layer, neuron, token_id, clamp.default_values(max_abs.get((layer, neuron)), p["count"]))
              for layer, neuron, token_id in candidates]
-    ctx.set_total(max(1, sum(len(it.values) for it in items)))
+    ctx.set_total(max(1, sum(len(it.values) for it in items)), unit="value")  # a clamped forward row each
     results = clamp.sweep_many(loaded, p["prompt"], items, last_only=p.get("positions") == "last",
                                max_rows=ctx.clamp_batch_rows, progress=ctx.advance) if items else []
     rows = [clamp.curve_row(r, p["prompt"], r["token"]) for r in results]
@@ -457,13 +461,19 @@ STAGES: dict[str, Callable[[JobContext], Writer]] = {
 }
 
 
-def work_units(stage: str, params: dict, model: ModelSpec) -> int:
+def work_units(stage: str, params: dict, model: ModelSpec) -> tuple[int, str]:
+    """A job's size and its unit, as known before it runs: a stage that learns its size as it
+    goes (reading its corpus, say) says it again with ctx.set_total(n, unit=...), in the same unit."""
     if stage == "decode":
         start, stop = params["layers"]
-        return (stop - start) * model.d_mlp
-    if stage == "examples":
-        return params.get("tokens") or 0  # set exactly once the corpus is read
-    return 1
+        return (stop - start) * model.d_mlp, "neuron"
+    if stage == "examples" and "layer_ranges" in params:  # a sharded run's merge, a layer at a time
+        return model.n_layers, "layer"
+    if stage in ("examples", EXAMPLES_RANGE_STAGE, EXAMPLES_PART_STAGE, "probes"):
+        return params.get("tokens") or 0, TOKENS  # set exactly once the corpus is read
+    if stage == "clamp":
+        return 0, "value"  # set once the neurons to sweep are known
+    return 1, "step"
 
 
 def plan_index(

@@ -83,16 +83,17 @@ class ModelCache:
 
 
 class Progress:
-    """Progress of one job; the default prints nothing. The CLI passes tqdm bars."""
+    """Progress of one job, counted in the stage's unit ("neuron", "tok", "layer", ...: see
+    workers.stages.work_units); the default prints nothing. The CLI passes tqdm bars."""
 
-    def __init__(self, desc: str, total: int):
-        self.total, self.done = total, 0
+    def __init__(self, desc: str, total: int, unit: str):
+        self.total, self.done, self.unit = total, 0, unit
 
     def advance(self, n: int) -> None:
         self.done += n
 
-    def set_total(self, total: int) -> None:
-        self.total = total
+    def set_total(self, total: int, unit: str) -> None:
+        self.total, self.unit = total, unit
 
     def close(self) -> None:
         pass
@@ -136,7 +137,7 @@ class Worker:
         name: str | None = None,
         cache: ModelCache | None = None,
         only_model_id: int | None = None,
-        progress_factory: Callable[[str, int], Progress] = Progress,
+        progress_factory: Callable[[str, int, str], Progress] = Progress,  # (desc, total, unit)
         device: str | None = None,
     ):
         self.engine, self.settings = engine, settings
@@ -213,8 +214,8 @@ class Worker:
 
     def run_job(self, ctx: JobContext, desc: str) -> str | None:
         """Run one claimed job; returns None when done, else the error recorded."""
-        ctx.total = work_units(ctx.stage, ctx.params, ctx.model)
-        progress = self.progress_factory(desc, ctx.total)
+        ctx.total, unit = work_units(ctx.stage, ctx.params, ctx.model)
+        progress = self.progress_factory(desc, ctx.total, unit)
         ctx.advance, ctx.set_total = progress.advance, progress.set_total
         beat = Heartbeat(self.engine, ctx.job_id, self.name, self.settings.heartbeat_seconds, progress)
         beat.start()
