@@ -3,7 +3,7 @@
 from alembic import context
 
 from app.config import get_settings
-from app.db import make_engine
+from app.db import connect, make_engine
 from app.schema import Base
 
 config = context.config
@@ -17,9 +17,11 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
+    # run by hand (`alembic upgrade head`): connect as `needle db upgrade` does, making a missing
+    # SQLite file and its folder
     url = config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url()
     engine = make_engine(url)
-    with engine.begin() as connection:
+    with connect(engine, create=True) as connection, connection.begin():
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():
             context.run_migrations()

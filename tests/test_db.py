@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
 
 from app import queries
-from app.db import current_revision, head_revision, make_engine, require_migrated, session_scope
+from app.db import (
+    current_revision,
+    head_revision,
+    make_engine,
+    require_migrated,
+    session_scope,
+)
 from app.errors import NeedleError
 
 
@@ -28,6 +37,18 @@ def test_unmigrated_database_is_refused_naming_the_command(tmp_path):
     with pytest.raises(NeedleError) as err:
         require_migrated(eng)
     assert "needle db upgrade" in str(err.value)
+
+
+def test_alembic_by_hand_makes_the_sqlite_folder_as_needle_db_upgrade_does(tmp_path, repo_root):
+    """`alembic upgrade head` run by hand in the project, on NEEDLE_DATABASE_URL naming an SQLite
+    file in folders that are not there yet: it makes them, and the database is at head."""
+    path = tmp_path / "not" / "yet" / "needle.sqlite"
+    env = {**os.environ, "NEEDLE_DATABASE_URL": f"sqlite:///{path}"}
+    proc = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], check=False, cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert path.is_file()
+    assert current_revision(make_engine(f"sqlite:///{path}")) == head_revision()
 
 
 def test_jobs_wait_for_required_stage_and_claim_once(engine):
