@@ -100,8 +100,26 @@ def histogram_svg(stats: dict, ident: str = "histogram") -> Markup:
     return Markup("".join(parts))
 
 
-CURVE_W, CURVE_H = 560, 220
-PALETTE = ("#2457c5", "#e8913a", "#3f9b63", "#c8574b", "#8a5cc2", "#1c9aa8", "#b8a326", "#6b7280")
+# The F1 plots (feature pages) draw a line per layer, up to dozens of them: a plot area wider and
+# taller than the one-series plots', text a size larger (13px, set on the plot's text, as the
+# stylesheet's 11px is for the others), and a legend of every layer, in as many columns as it takes.
+F1_PLOT_W, F1_PLOT_H = 560, 260
+F1_LEFT, F1_TOP, F1_BOTTOM = 52, 14, 46
+F1_FONT = 13
+F1_LEGEND_ROW, F1_LEGEND_COL = 18, 80
+# Layers are coloured by depth along this ramp (first layer blue, last red): neighbouring layers
+# look alike and a layer's colour says where in the model it is, however many layers there are.
+DEPTH_RAMP = ((0x24, 0x57, 0xc5), (0x1c, 0x9a, 0xa8), (0x3f, 0x9b, 0x63), (0xb8, 0xa3, 0x26), (0xe8, 0x91, 0x3a),
+              (0xc8, 0x57, 0x4b))
+
+
+def depth_colour(i: int, n: int) -> str:
+    """The colour of the i-th of n layers on DEPTH_RAMP."""
+    t = i / (n - 1) if n > 1 else 0.0
+    j = min(int(t * (len(DEPTH_RAMP) - 1)), len(DEPTH_RAMP) - 2)
+    f = t * (len(DEPTH_RAMP) - 1) - j
+    a, b = DEPTH_RAMP[j], DEPTH_RAMP[j + 1]
+    return "#" + "".join(f"{round(u + (v - u) * f):02x}" for u, v in zip(a, b))
 
 
 def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = None) -> Markup:
@@ -110,8 +128,14 @@ def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = Non
     ks = sorted({p["k"] for layer in layers for p in layer[key]})
     if not ks:
         return Markup("")
-    left, right, top, bottom = 40, 90, 10, 34
-    plot_w, plot_h = CURVE_W - left - right, CURVE_H - top - bottom
+    # (colour by depth, layer, its points with an F1), for the layers with any
+    lines = [(depth_colour(i, len(layers)), int(layer["layer"]), [p for p in layer[key] if p.get("f1") is not None])
+             for i, layer in enumerate(layers)]
+    lines = [line for line in lines if line[2]]
+    left, top, plot_w, plot_h = F1_LEFT, F1_TOP, F1_PLOT_W, F1_PLOT_H
+    rows = plot_h // F1_LEGEND_ROW
+    columns = max(1, math.ceil(len(lines) / rows))
+    width, height = left + plot_w + 16 + columns * F1_LEGEND_COL, top + plot_h + F1_BOTTOM
     lo, hi = math.log2(ks[0]), math.log2(ks[-1]) or 1.0
 
     def x(k: int) -> float:
@@ -123,34 +147,39 @@ def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = Non
     best = max((p["f1"] for layer in layers for p in layer[key] if p.get("f1") is not None), default=None)
     desc = f"{len(layers)} layers, k from {ks[0]} to {ks[-1]}" + (f"; best F1 {best:.3f}." if best is not None else ".")
     parts = [
-        _open("curve", CURVE_W, CURVE_H, ident or f"f1-{key}", "Test F1 against the number of neurons k, per layer",
+        _open("curve", width, height, ident or f"f1-{key}", "Test F1 against the number of neurons k, per layer",
               desc),
+        f'<g font-size="{F1_FONT}">',
+    ]
+    for tick in (0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<line class="grid" x1="{left}" y1="{y(tick):.1f}" x2="{left + plot_w}" y2="{y(tick):.1f}"/>')
+    parts += [
         f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}"/>',
         f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
     ]
-    for tick in (0.0, 0.5, 1.0):
-        parts.append(f'<text x="{left - 5}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
     for k in ks:
         if k in (1, 2, 4, 8, 16, 32, 64, 128, 256) or k == ks[-1]:
-            parts.append(f'<text x="{x(k):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{k}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{CURVE_H - 4}" text-anchor="middle" class="label">k (neurons)</text>')
-    for i, layer in enumerate(layers):
-        colour = PALETTE[i % len(PALETTE)]
-        points = [p for p in layer[key] if p.get("f1") is not None]
+            parts.append(f'<line class="tick" x1="{x(k):.1f}" y1="{top + plot_h}" x2="{x(k):.1f}" y2="{top + plot_h + 4}"/>')
+            parts.append(f'<text x="{x(k):.1f}" y="{top + plot_h + 18}" text-anchor="middle">{k}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle" class="label">'
+                 "k (neurons)</text>")
+    parts.append(f'<text x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" class="label" '
+                 f'transform="rotate(-90 14 {top + plot_h / 2:.1f})">test F1</text>')
+    for i, (colour, number, points) in enumerate(lines):
         pts = [(x(p["k"]), y(p["f1"])) for p in points]
-        if not pts:
-            continue
         path = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
         parts.append(f'<polyline class="line" fill="none" stroke="{colour}" stroke-width="2" points="{path}">'
-                     f'<title>layer {int(layer["layer"])}</title></polyline>')
+                     f'<title>layer {number}</title></polyline>')
         for p, (px, py) in zip(points, pts):
-            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.5" fill="{colour}">'
-                         f'<title>layer {int(layer["layer"])}, k={int(p["k"])}: F1 {float(p["f1"]):.3f}</title></circle>')
-        ly = top + 12 + 14 * i
-        parts.append(f'<line x1="{left + plot_w + 10}" y1="{ly - 4}" x2="{left + plot_w + 24}" y2="{ly - 4}" '
-                     f'stroke="{colour}" stroke-width="2"/>')
-        parts.append(f'<text x="{left + plot_w + 28}" y="{ly}">layer {int(layer["layer"])}</text>')
-    parts.append("</svg>")
+            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{colour}">'
+                         f'<title>layer {number}, k={int(p["k"])}: F1 {float(p["f1"]):.3f}</title></circle>')
+        lx = left + plot_w + 16 + (i // rows) * F1_LEGEND_COL
+        ly = top + F1_LEGEND_ROW * (i % rows) + 12
+        parts.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 16}" y2="{ly - 4}" stroke="{colour}" stroke-width="3"/>')
+        parts.append(f'<text x="{lx + 21}" y="{ly}">layer {number}</text>')
+    parts.append("</g></svg>")
     return Markup("".join(parts))
 
 

@@ -37,6 +37,9 @@ ARTIFACTS = Path(os.environ.get("NEEDLE_ARTIFACTS") or ROOT / "test-artifacts" /
 DEMO_TOKENS = 4096
 # The neuron the live requests run on: comparison operators (README, "The demo model").
 LIVE_NEURON = (3, 102)
+# A feature whose probe results the demo fixture stores, for the feature page and its F1 plots.
+FEATURE = "is_keyword"
+FEATURE_KS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 32, 64, 128, 256)  # the probes stage's k, for d_mlp 256 and up
 LIVE_TEXT = "if x != y and a <= b:\n    return x"
 WORKER_TIMEOUT_MS = 90_000  # the worker thread loads the model on its first job
 
@@ -114,6 +117,7 @@ def demo(chromium, tmp_path_factory):
     upgrade(engine)
     index_model(settings, str(DEMO_MODEL), settings.demo_name, corpus=settings.demo_corpus,
                 tokens=settings.demo_tokens, clamp=False, quiet=True)
+    store_feature(engine, settings.demo_name)
     worker = start_background_worker(engine, settings)
     try:
         with running_server(create_app(settings)) as base:
@@ -123,6 +127,31 @@ def demo(chromium, tmp_path_factory):
             yield Demo(base, settings.demo_name, int(info["n_layers"]), int(info["d_mlp"]))
     finally:
         worker.stopping.set()
+
+
+def store_feature(engine, model: str) -> None:
+    """FEATURE's probe results in every layer, stored as the probes stage stores them (the F1
+    numbers made up: probing the demo costs minutes), so that its feature page has its plots."""
+    from app import queries
+    from app.db import session_scope
+
+    with session_scope(engine) as s:
+        m = queries.get_model(s, model, tokenizer=False)
+        layers = []
+        for layer in range(m.n_layers):
+            curve = [{"k": k, "f1": round(0.5 + 0.45 * (1 - 0.8 ** k) - 0.02 * layer, 4)} for k in FEATURE_KS
+                     if k <= m.d_mlp]
+            top = [{"neuron": n, "mean_dif": 1.0 - 0.1 * n, "f1": 0.5, "precision": 0.5, "recall": 0.5} for n in range(6)]
+            layers.append({"feature": FEATURE, "layer": layer, "best_neuron": 0, "best_f1": curve[0]["f1"],
+                           "best_precision": 0.6, "best_recall": 0.7, "top_neurons": top, "curve": curve,
+                           "pruned_curve": curve[7:]})
+        queries.replace_probes(
+            s, m.id, {"specs": ["python"], "description": "made up for the browser tests", "settings": {}},
+            [{"name": FEATURE, "kind": "token", "aggregation": "none", "source": "python", "description": "keywords",
+              "counts": {"train_pos": 300, "train_neg": 700, "test_pos": 130, "test_neg": 300}, "status": "probed",
+              "reason": None, "best_layer": 0, "best_neuron": 0, "best_f1": layers[0]["best_f1"]}],
+            layers, [],
+        )
 
 
 class Walk:
@@ -535,13 +564,37 @@ def test_embed_card_in_another_sites_iframe(walk, demo):
     walk.assert_clean()
 
 
+def test_feature_plots_are_readable_at_1280_px(walk, demo):
+    """The F1 plots of a feature page, a line per layer: at 1280 px each is drawn at least 640 px
+    wide with its text at 12 px or more, and every label and legend entry lies inside the plot."""
+    walk.goto(f"/{demo.model}/features/{FEATURE}")
+    plots = walk.page.locator("svg.curve")
+    expect(plots).to_have_count(2)
+    for i in range(2):
+        got = plots.nth(i).evaluate("""svg => { const box = svg.getBoundingClientRect();
+            const scale = box.width / svg.viewBox.baseVal.width, out = [], sizes = [];
+            for (const t of svg.querySelectorAll('text')) {
+              const r = t.getBoundingClientRect();
+              sizes.push(parseFloat(getComputedStyle(t).fontSize) * scale);
+              if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1)
+                out.push(t.textContent);
+            }
+            return {width: box.width, smallest: Math.min(...sizes), outside: out,
+                    legend: [...svg.querySelectorAll('text')].filter(t => t.textContent.startsWith('layer ')).length}; }""")
+        assert got["width"] >= 640 and got["smallest"] >= 12, got
+        assert got["outside"] == [] and got["legend"] == demo.n_layers, got
+    walk.shot("feature-plots", plots.first)
+    walk.assert_clean()
+
+
 def test_no_page_is_wider_than_a_phone(walk, demo):
     """At 390 px (a phone), nothing makes the page scroll sideways: wide tables scroll inside their
     panels and plots inside their figures. Before, every page but the embed card was 464 to 1,065
     px wide. At 1280 px, no highlighted token runs past its context's edge."""
     page = walk.page
     paths = ["/", f"/{demo.model}", f"/{demo.model}/2", neuron_path(demo, *LIVE_NEURON),
-             f"/{demo.model}/search?token=def", f"/{demo.model}/features", "/-/jobs"]
+             f"/{demo.model}/search?token=def", f"/{demo.model}/features", f"/{demo.model}/features/{FEATURE}",
+             "/-/jobs"]
     overflowing = """() => { const out = []; for (const box of document.querySelectorAll('.ctx-tokens')) {
         const edge = box.getBoundingClientRect().right;
         for (const t of box.querySelectorAll('.t')) for (const r of t.getClientRects()) if (r.right > edge + 1) out.push(t.textContent);
