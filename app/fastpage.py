@@ -66,7 +66,7 @@ class TokenTexts(dict):
                     titles[token_id] = str(escape(visible(token)))
                     ends[token_id] = context_html(token) + "</span>"
                     known[token_id] = True
-                    byte_ids[token_id] = token.startswith("<0x") and token_bytes(token) is not None
+                    byte_ids[token_id] = token_bytes(token) is not None
             parts = self._parts = (titles, ends, known, byte_ids)
         return parts
 
@@ -233,8 +233,8 @@ class PageSpans:
             pieces[i, 0] = f'<span class="{_SPAN_CLASSES[int(kind[i])]}" style="--a:{share_text}" title="'
         for i in np.flatnonzero(~known[at]).tolist():  # not in the stored vocabulary: its id
             pieces[i, 1] = str(escape(visible(f"#{int(ids[i])}")))
-        if byte_ids[at].any():  # characters split across byte tokens: read each context's together
-            bytey = byte_ids[at]
+        bytey = byte_ids[at]
+        if bytey.any():  # characters split across byte tokens: read each context's together
             for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
                 if bytey[a:b].any():
                     for k, shown in joined_bytes(self._text.many(ids[a:b])).items():

@@ -52,16 +52,26 @@ def context_html(text: str | None) -> str:
     return "↵<br>".join(str(escape(in_context(part))) if part else "" for part in text.split("\n"))
 
 
+def byte_names(data: bytes) -> str:
+    """Bytes written as <0xXX> each: how a token that is part of a UTF-8 character is stored
+    (workers/loading.py), and read back by token_bytes."""
+    return "".join(f"<0x{b:02X}>" for b in data)
+
+
 _BYTE_TOKEN = re.compile(r"(?:<0x[0-9A-F]{2}>)+")
 
 
-@lru_cache(maxsize=1 << 12)
 def token_bytes(text: str | None) -> bytes | None:
-    """The bytes a token stands for when its text is nothing but <0xXX> groups, as
+    """The bytes a token stands for when its text is nothing but <0xXX> groups (byte_names), as
     workers/loading.py writes a token that holds part of a UTF-8 character (a sentencepiece
     byte-fallback piece, or a byte-level BPE token that is not whole characters); else None.
     A token with the byte 0 is left alone (it decodes to no character worth showing)."""
-    if not text or not text.startswith("<0x") or not _BYTE_TOKEN.fullmatch(text):
+    return _parsed_bytes(text) if text and text.startswith("<0x") else None
+
+
+@lru_cache(maxsize=1 << 12)
+def _parsed_bytes(text: str) -> bytes | None:
+    if not _BYTE_TOKEN.fullmatch(text):
         return None
     data = bytes(int(text[i + 3 : i + 5], 16) for i in range(0, len(text), 6))
     return None if 0 in data else data
@@ -106,7 +116,7 @@ def joined_bytes(tokens: Sequence[str | None]) -> dict[int, str]:
             except UnicodeDecodeError:
                 char = None
             if char is None:
-                shown[owner[p]].append(f"<0x{data[p]:02X}>")
+                shown[owner[p]].append(byte_names(data[p : p + 1]))
                 p += 1
             else:
                 shown[owner[p + size - 1]].append(char)

@@ -88,10 +88,9 @@ class TqdmProgress:
         self.done += n
         self.bar.update(n)
 
-    def set_total(self, total: int, unit: str) -> None:
+    def set_total(self, total: int) -> None:
         self.total = total
         self.bar.total = total
-        self.bar.unit = unit
         self.bar.unit_scale = total >= SCALED_TOTAL  # 262k tok, not 262144 tok
         self.bar.refresh()
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from app.errors import NeedleError
-from app.tokens import search_key
+from app.tokens import byte_names, search_key
 from workers.adapters import Adapter, adapter_for, family_for_config
 
 HUB_PROBE_TIMEOUT_S = 5.0
@@ -329,7 +329,7 @@ def _byte_text(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:  # part of a multi-byte character: show the bytes
-        return "".join(f"<0x{b:02X}>" for b in data)
+        return byte_names(data)
 
 
 def _token_text(tokenizer, piece: str, style: str, byte_decoder: dict[str, int]) -> str:

@@ -59,9 +59,8 @@ class JobContext:
     batch_size: int = 512
     total: int = 0  # units of work, for progress
     advance: Callable[[int], None] = field(default=lambda n: None)
-    # set_total(n, unit): once a stage knows its size, in its own unit ("tok", "layer", ...), which
-    # the CLI's progress bar shows
-    set_total: Callable[..., None] = field(default=lambda n, unit: None)
+    # set_total(n): once a stage knows its size, in its unit (work_units: "tok", "layer", ...)
+    set_total: Callable[[int], None] = field(default=lambda n: None)
     examples_batch_tokens: int = 8192
     clamp_batch_rows: int = 512
     read: Callable[[Callable[[Session], object]], object] = field(default=lambda fn: None)  # fn(session) in a short read
@@ -123,7 +122,7 @@ def run_examples(ctx: JobContext) -> Writer:
     n_windows = corpus.windows.shape[0]
     batch_tokens = p.get("batch_tokens") or ctx.examples_batch_tokens
     estimate = examples.plan(n_windows, p["context"], batch_tokens).estimate_ids
-    ctx.set_total((len(estimate) + n_windows) * p["context"], unit=TOKENS)
+    ctx.set_total((len(estimate) + n_windows) * p["context"])
     started = time.perf_counter()
     results = examples.collect(
         loaded.model, loaded.adapter, list(range(ctx.model.n_layers)), corpus.windows, bos,
@@ -194,7 +193,7 @@ def run_examples_range(ctx: JobContext) -> Writer:
     corpus = _examples_corpus(ctx, loaded)
     start, stop = p["layers"]
     plan_ = examples.plan(corpus.windows.shape[0], p["context"], p["batch_tokens"])
-    ctx.set_total(len(plan_.estimate_ids) * p["context"], unit=TOKENS)
+    ctx.set_total(len(plan_.estimate_ids) * p["context"])
     ranges = examples.estimate_range(
         loaded.model, loaded.adapter, list(range(start, stop)), corpus.windows, bos_prefix_id(loaded.tokenizer),
         plan_, next(loaded.model.parameters()).device, ctx.advance,
@@ -227,7 +226,7 @@ def run_examples_part(ctx: JobContext) -> Writer:
     layers = list(range(start, stop))
     ranges = _stored_ranges(ctx, layers)
     w0, w1 = examples.shard_bounds(corpus.windows.shape[0], p["context"], p["batch_tokens"], p["shards"])[p["shard"]]
-    ctx.set_total(max(1, (w1 - w0) * p["context"]), unit=TOKENS)
+    ctx.set_total(max(1, (w1 - w0) * p["context"]))
     started = time.perf_counter()
     accs = examples.accumulate(
         loaded.model, loaded.adapter, layers, corpus.windows, bos_prefix_id(loaded.tokenizer), ranges,
@@ -251,7 +250,7 @@ def merge_examples(ctx: JobContext) -> Writer:
     corpus = _examples_corpus(ctx, loaded)
     shards = p["shards"]
     device = next(loaded.model.parameters()).device
-    ctx.set_total(ctx.model.n_layers, unit="layer")
+    ctx.set_total(ctx.model.n_layers)
     results, seconds, devices = [], {}, set()
     for start, stop in p["layer_ranges"]:
         layers = list(range(start, stop))
@@ -364,7 +363,7 @@ def run_probes(ctx: JobContext) -> Writer:
     # again, split over the features
     tokens = int(dataset.lengths.sum())
     per_feature = max(1, tokens // max(1, len(dataset.features)))
-    ctx.set_total(tokens + per_feature * len(dataset.features), unit=TOKENS)
+    ctx.set_total(tokens + per_feature * len(dataset.features))
     started = time.perf_counter()
     acts = probing.collect_activations(
         loaded.model, loaded.adapter, list(range(ctx.model.n_layers)), dataset, bos_prefix_id(loaded.tokenizer),
@@ -403,7 +402,7 @@ def run_clamp(ctx: JobContext) -> Writer:
     candidates, max_abs = ctx.read(read)
     items = [clamp.SweepItem(layer, neuron, token_id, clamp.default_values(max_abs.get((layer, neuron)), p["count"]))
              for layer, neuron, token_id in candidates]
-    ctx.set_total(max(1, sum(len(it.values) for it in items)), unit="value")  # a clamped forward row each
+    ctx.set_total(max(1, sum(len(it.values) for it in items)))  # a clamped forward row each
     results = clamp.sweep_many(loaded, p["prompt"], items, last_only=p.get("positions") == "last",
                                max_rows=ctx.clamp_batch_rows, progress=ctx.advance) if items else []
     rows = [clamp.curve_row(r, p["prompt"], r["token"]) for r in results]
@@ -463,7 +462,7 @@ STAGES: dict[str, Callable[[JobContext], Writer]] = {
 
 def work_units(stage: str, params: dict, model: ModelSpec) -> tuple[int, str]:
     """A job's size and its unit, as known before it runs: a stage that learns its size as it
-    goes (reading its corpus, say) says it again with ctx.set_total(n, unit=...), in the same unit."""
+    goes (reading its corpus, say) says it again with ctx.set_total(n), in that unit."""
     if stage == "decode":
         start, stop = params["layers"]
         return (stop - start) * model.d_mlp, "neuron"

@@ -87,13 +87,13 @@ class Progress:
     workers.stages.work_units); the default prints nothing. The CLI passes tqdm bars."""
 
     def __init__(self, desc: str, total: int, unit: str):
-        self.total, self.done, self.unit = total, 0, unit
+        self.total, self.done = total, 0
 
     def advance(self, n: int) -> None:
         self.done += n
 
-    def set_total(self, total: int, unit: str) -> None:
-        self.total, self.unit = total, unit
+    def set_total(self, total: int) -> None:
+        self.total = total
 
     def close(self) -> None:
         pass
