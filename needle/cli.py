@@ -75,28 +75,60 @@ SCALED_TOTAL = 10_000  # a bar counting this many or more writes 12.3k, not 1234
 
 
 class TqdmProgress:
-    """A progress bar per job, on stderr, in the unit its stage counts (workers/worker.py Progress)."""
+    """A progress bar per job, on stderr, in the unit its stage counts; the counting itself (and
+    the fraction the /-/jobs page shows) is workers/worker.py Progress's. A stage in phases
+    (the probes: forward, then fit) gets a bar per phase."""
 
     def __init__(self, desc: str, total: int, unit: str):
+        from workers.worker import Progress
+
+        self.count = Progress(desc, total, unit)
+        self.bar = self._bar(desc, total, unit)
+
+    @staticmethod
+    def _bar(desc: str, total: int, unit: str):
         from tqdm import tqdm
 
-        self.total, self.done = total, 0
-        self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=total >= SCALED_TOTAL, leave=True,
-                        dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=total >= SCALED_TOTAL, leave=True,
+                    dynamic_ncols=True)
+
+    @property
+    def total(self) -> int:
+        return self.count.total
+
+    @property
+    def done(self) -> int:
+        return self.count.done
+
+    def fraction(self) -> float | None:
+        return self.count.fraction()
 
     def advance(self, n: int) -> None:
-        self.done += n
+        self.count.advance(n)
         self.bar.update(n)
 
     def set_total(self, total: int) -> None:
-        self.total = total
+        self.count.set_total(total)
         self.bar.total = total
         self.bar.unit_scale = total >= SCALED_TOTAL  # 262k tok, not 262144 tok
         self.bar.refresh()
 
+    def phase(self, label: str, total: int, unit: str, share: float) -> None:
+        desc = f"{self.count.desc} ({label})"
+        if self.count.base == 0 and self.count.done == 0:  # the job's first count: this bar becomes it
+            self.count.phase(label, total, unit, share)
+            self.bar.set_description_str(desc, refresh=False)
+            self.bar.unit = unit
+            self.set_total(total)
+            return
+        self.close()
+        self.count.phase(label, total, unit, share)
+        self.bar = self._bar(desc, total, unit)
+
     def close(self) -> None:
-        if self.done < self.total:
-            self.bar.update(self.total - self.done)
+        if self.count.done < self.count.total:
+            self.bar.update(self.count.total - self.count.done)
+            self.count.done = self.count.total
         self.bar.close()
 
 

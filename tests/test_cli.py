@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from app.config import Settings
 from app.db import engine_for
-from needle.cli import index_model
+from needle.cli import TqdmProgress, index_model
 from tests.tinymodels import build_tiny, build_unsupported
 
 
@@ -190,19 +190,23 @@ def test_index_command_prints_progress_and_the_url(db_url, tmp_path):
     assert again.returncode == 0, again.stderr
 
 
-BAR_UNITS = ("neuron", "step", "tok", "layer", "value")
+BAR_UNITS = ("neuron", "step", "tok", "layer", "value", "feature")
 # a tqdm bar's rate field, "[00:01<00:02, 1.23ktok/s]", "?tok/s]" or "2.50s/tok]", names its unit
 BAR_RATE = re.compile(rf"(?:[\d?]|\d[kMGT])({'|'.join(BAR_UNITS)})/s\]|\ds/({'|'.join(BAR_UNITS)})\]")
 
 
 def bar_units(stderr: str, model: str) -> dict[str, set[str]]:
     """{stage: the units its bars were drawn with} from `needle index`'s stderr, where each job's
-    bar is redrawn (after "\\r") with its description "MODEL STAGE KEY"."""
+    bar is redrawn (after "\\r") with its description "MODEL STAGE KEY", or "MODEL STAGE KEY (PHASE)"
+    for a stage counted in phases (then the entry is "STAGE/PHASE")."""
     units: dict[str, set[str]] = {}
     for line in re.split(r"[\r\n]", stderr):
         if not line.startswith(f"{model} "):
             continue
         stage = line.split(" ")[1]
+        phase = re.match(r"[^:]* \((\w+)\):", line)
+        if phase:
+            stage += "/" + phase.group(1)
         found = BAR_RATE.findall(line)
         assert len(found) == 1, line  # every redraw names one unit, one of BAR_UNITS
         units.setdefault(stage, set()).add("".join(found[0]))
@@ -227,8 +231,30 @@ def test_each_progress_bar_counts_in_its_stages_unit(sqlite_url, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert bar_units(proc.stderr, "split") == {
         "decode": {"neuron"}, "search_index": {"step"}, "examples_range": {"tok"}, "examples_part": {"tok"},
-        "examples": {"layer"}, "probes": {"tok"}, "clamp": {"value"},
+        "examples": {"layer"}, "clamp": {"value"},
+        # the probes' bar is drawn before the features are read, then becomes the forward pass's
+        "probes": {"tok"}, "probes/forward": {"tok"}, "probes/fit": {"feature"},
     }
+
+
+def test_a_job_in_phases_has_one_rising_fraction():
+    """The probes count corpus tokens, then features fitted: the /-/jobs page's fraction (the
+    heartbeat's) runs 0 -> 0.5 over the first phase and 0.5 -> 1 over the second, never back."""
+    from workers.worker import Progress
+
+    for progress in (Progress("m probes all", 0, "tok"), TqdmProgress("m probes all", 0, "tok")):
+        seen = [progress.fraction()]
+        progress.phase("forward", 1000, "tok", 0.5)
+        for _ in range(4):
+            progress.advance(250)
+            seen.append(progress.fraction())
+        progress.phase("fit", 3, "feature", 0.5)
+        seen.append(progress.fraction())
+        for _ in range(3):
+            progress.advance(1)
+            seen.append(progress.fraction())
+        progress.close()
+        assert seen == pytest.approx([None, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5 + 1 / 6, 0.5 + 2 / 6, 1.0]), seen
 
 
 def _free_port() -> int:

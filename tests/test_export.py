@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -43,6 +44,10 @@ HOUSE_NEURON = (1, 5)  # fires on "▁house" only
 DIGIT_NEURON = (1, 7)  # fires on the digits only
 DIGITS = tuple(f"<0x{0x30 + d:02X}>" for d in range(10))  # the tiny tokenizer spells digits as byte tokens
 HOSTILE_AT = (0, 0)  # this neuron's top input token gets the hostile text
+# layer 0's neurons 20..31 read along one direction (neuron 20's up_proj row, scaled 1.0, 1.05, ...),
+# so they decode to the same top token; only 10 of them can be among its top-10 search hits, and
+# `needle index` sweeps no clamp curve for the others
+SAME_TOKEN = [(0, n) for n in range(20, 32)]
 HOSTILE = '<script>alert("x")</script>\n\t"},{\\ \u202e🐍 ünï'
 PER_NEURON = ("decodings", "examples", "probes")
 
@@ -97,6 +102,21 @@ def read_all(folder: Path) -> dict[str, list[dict]]:
 # ---------------------------------------------------------------- fixtures
 
 
+def share_input_direction(path, neurons: list[tuple[int, int]]) -> None:
+    """Give the neurons (all in one layer) the first one's input weights (the up_proj row, which
+    decoding reads), each scaled a little more, so they decode to the same tokens at rising scores."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    (layer,) = {layer for layer, _ in neurons}
+    up = model.model.layers[layer].mlp.up_proj.weight
+    with torch.no_grad():
+        row = up[neurons[0][1]].clone()
+        for i, (_, neuron) in enumerate(neurons):
+            up[neuron] = row * (1.0 + 0.05 * i)
+    model.save_pretrained(path)
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def indexed(request, tmp_path_factory, _sqlite_template):
     """The model indexed (decodings, examples, probes) into a fresh SQLite or Postgres database,
@@ -108,6 +128,7 @@ def indexed(request, tmp_path_factory, _sqlite_template):
     else:
         url = request.getfixturevalue("pg_databases_module").new()
     path = build_detector(root / "model", {HOUSE_NEURON: "▁house", DIGIT_NEURON: DIGITS})
+    share_input_direction(path, SAME_TOKEN)
     corpus = root / "corpus.txt"
     corpus.write_text(corpus_text(), encoding="utf-8")
     settings = Settings(database_url=url)
@@ -222,6 +243,8 @@ def test_index_clamp_curves_are_on_their_neurons_json(indexed, pages):
                              "probs, baseline, top_tokens, source from clamp_curves where model_id = :m", m=model_id):
         stored.setdefault((row.layer, row.neuron), []).append(row)
     assert sorted(stored) == sorted(want)
+    # both branches: neurons that index swept, and neurons it did not (whose JSON lists no curve)
+    assert 0 < len(want) < len(pages["neurons"]), len(want)
 
     for key, page in pages["neurons"].items():
         curves = page["clamp_curves"]

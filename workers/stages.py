@@ -61,6 +61,8 @@ class JobContext:
     advance: Callable[[int], None] = field(default=lambda n: None)
     # set_total(n): once a stage knows its size, in its unit (work_units: "tok", "layer", ...)
     set_total: Callable[[int], None] = field(default=lambda n: None)
+    # phase(label, total, unit, share): the next `share` of the job counts `total` of another unit
+    phase: Callable[[str, int, str, float], None] = field(default=lambda label, total, unit, share: None)
     examples_batch_tokens: int = 8192
     clamp_batch_rows: int = 512
     read: Callable[[Callable[[Session], object]], object] = field(default=lambda fn: None)  # fn(session) in a short read
@@ -359,17 +361,15 @@ def run_probes(ctx: JobContext) -> Writer:
     dataset = load_features(
         p["features"], loaded.tokenizer, context=p["context"], max_tokens=p["tokens"], corpus=p["corpus"]
     )
-    # progress, in tokens: the forward pass counts its tokens, and fitting (most of the time) as many
-    # again, split over the features
-    tokens = int(dataset.lengths.sum())
-    per_feature = max(1, tokens // max(1, len(dataset.features)))
-    ctx.set_total(tokens + per_feature * len(dataset.features))
+    # progress: the forward pass in corpus tokens, then fitting (as long, give or take) in features
+    ctx.phase("forward", int(dataset.lengths.sum()), TOKENS, 0.5)
     started = time.perf_counter()
     acts = probing.collect_activations(
         loaded.model, loaded.adapter, list(range(ctx.model.n_layers)), dataset, bos_prefix_id(loaded.tokenizer),
         batch_tokens=ctx.examples_batch_tokens, progress=ctx.advance,
     )
-    results = probing.probe_features(acts, dataset, progress=lambda n: ctx.advance(n * per_feature))
+    ctx.phase("fit", len(dataset.features), "feature", 0.5)
+    results = probing.probe_features(acts, dataset, progress=ctx.advance)
     del acts
     features, layers, neurons = probing.result_rows(results)
     run = {

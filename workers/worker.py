@@ -87,13 +87,26 @@ class Progress:
     workers.stages.work_units); the default prints nothing. The CLI passes tqdm bars."""
 
     def __init__(self, desc: str, total: int, unit: str):
-        self.total, self.done = total, 0
+        self.desc, self.total, self.done, self.unit = desc, total, 0, unit
+        self.base, self.share = 0.0, 1.0  # this count covers [base, base + share] of the job
 
     def advance(self, n: int) -> None:
         self.done += n
 
     def set_total(self, total: int) -> None:
         self.total = total
+
+    def fraction(self) -> float | None:
+        """How much of the job is done (the /-/jobs page's bar), or None before its size is known."""
+        if not self.total:
+            return self.base or None
+        return self.base + self.share * min(1.0, self.done / self.total)
+
+    def phase(self, label: str, total: int, unit: str, share: float) -> None:
+        """The next `share` of the job is `total` units of `unit` (a stage whose parts count
+        different things, such as the probes: corpus tokens, then features fitted)."""
+        self.base = self.fraction() or 0.0
+        self.total, self.done, self.unit, self.share = total, 0, unit, share
 
     def close(self) -> None:
         pass
@@ -114,7 +127,7 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.wait(self.every):
-            frac = self.progress.done / self.progress.total if self.progress.total else None
+            frac = self.progress.fraction()
             try:
                 with session_scope(self.engine) as s:
                     if not queries.heartbeat(s, self.job_id, self.worker, frac):
@@ -216,7 +229,7 @@ class Worker:
         """Run one claimed job; returns None when done, else the error recorded."""
         ctx.total, unit = work_units(ctx.stage, ctx.params, ctx.model)
         progress = self.progress_factory(desc, ctx.total, unit)
-        ctx.advance, ctx.set_total = progress.advance, progress.set_total
+        ctx.advance, ctx.set_total, ctx.phase = progress.advance, progress.set_total, progress.phase
         beat = Heartbeat(self.engine, ctx.job_id, self.name, self.settings.heartbeat_seconds, progress)
         beat.start()
         try:
