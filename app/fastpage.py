@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from app import queries
 from app.schema import Model
-from app.tokens import context_html, in_context, joined_bytes, token_bytes, visible
+from app.tokens import context_html, in_context, joined_bytes, one_break_per_run, token_bytes, visible
 
 MAX_MODELS = 4  # vocabularies held at once (a 128k-token vocabulary is about 10 MB)
 
@@ -167,10 +167,10 @@ def context_tokens(ex: dict, scale: float) -> Markup:
         markups[k] = (context_html(shown) if shown else "", markups[k][1])
         if not shown:
             classes[k] += " part"
-    return Markup("".join([
+    return Markup(one_break_per_run("".join([
         f'<span class="{c}" style="--a:{s}" title="{title}  activation {v}">{text}</span>'
         for c, s, (text, title), v in zip(classes, shares, markups, values_text)
-    ]))
+    ])))
 
 
 _SPAN_CLASSES = ("t", "t neg", "t max", "t neg max")  # by kind = negative + 2 * max
@@ -242,7 +242,7 @@ class PageSpans:
                         if not shown:
                             pieces[a + k, 0] = pieces[a + k, 0].replace('" style=', ' part" style=', 1)
         bounds = zip(offsets[:-1].tolist(), offsets[1:].tolist())
-        return [Markup("".join(pieces[a:b].ravel().tolist())) for a, b in bounds]
+        return [Markup(one_break_per_run("".join(pieces[a:b].ravel().tolist()))) for a, b in bounds]
 
 
 # ---------------------------------------------------------------- the search page's result rows

@@ -52,6 +52,22 @@ def context_html(text: str | None) -> str:
     return "↵<br>".join(str(escape(in_context(part))) if part else "" for part in text.split("\n"))
 
 
+# a <br> followed by another ↵ (in the same token, or first thing in the next token's span)
+_BREAK_BEFORE_NEWLINE = re.compile(r"<br>(?=(?:</span><span[^>]*>)?↵)")
+# the <br> that ends a run of line breaks the context starts with (the end of a line not shown)
+_LEADING_BREAK = re.compile(r"^((?:<span[^>]*>↵+</span>)*<span[^>]*>↵+)<br>")
+
+
+def one_break_per_run(html: str) -> str:
+    """A context's spans (context_html's ↵<br> in them) with each run of line breaks breaking
+    the line once, after its last ↵, and a run the window starts with not at all: a blank line
+    shows as one more ↵ at the end of the line before, not as an empty line, so that code reads
+    as code without a good part of each context being empty lines."""
+    if "<br>" not in html:
+        return html
+    return _LEADING_BREAK.sub(r"\1", _BREAK_BEFORE_NEWLINE.sub("", html), count=1)
+
+
 def byte_names(data: bytes) -> str:
     """Bytes written as <0xXX> each: how a token that is part of a UTF-8 character is stored
     (workers/loading.py), and read back by token_bytes."""

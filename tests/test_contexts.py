@@ -1,5 +1,5 @@
 """What a person reads in a context: characters split across byte tokens are shown whole, and
-line breaks break the line.
+line breaks break the line (a run of them once).
 
 A tiny Llama (a sentencepiece-style tokenizer with byte fallback: "é" is <0xC3> then <0xA9>) is
 indexed over a corpus of accented letters, curly quotes, emoji and newlines through the user's
@@ -35,7 +35,8 @@ def page(tmp_path_factory, _sqlite_template):
     root = tmp_path_factory.mktemp("contexts")
     path = build_tiny("llama", root / "model")
     corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(LINES * 12), encoding="utf-8")
+    # every other line is followed by a blank line (a run of two line breaks)
+    corpus.write_text("\n".join(line + "\n" * (i % 2) for i, line in enumerate(LINES * 12)), encoding="utf-8")
     db = root / "needle.sqlite"
     shutil.copy(_sqlite_template, db)
     url = f"sqlite:///{db}"
@@ -65,14 +66,30 @@ def test_each_context_reads_as_a_piece_of_the_corpus(page):
         assert not BYTES.search(middle), shown  # <0x..> only where the window cut a character
         assert middle.replace("↵", "\n").strip() in corpus, shown
         seen.update(ch for ch in "éû’“😀—" if ch in shown)
-        # a line break in the text is a ↵ and a <br>, inside the newline token's span
-        for s in spans:
-            if "↵" in s.get_text():
-                assert s.find("br") is not None, str(s)
+        # a line break in the text is a ↵; a run of them breaks the line once, after its last ↵
+        # (inside that newline token's span), and a run the window starts with does not
+        assert _lines(ctx) == _expected_lines(shown), shown
+        for br in ctx.find_all("br"):
+            assert br.parent.name == "span" and br.parent.get_text().endswith("↵"), str(br.parent)
     assert set("é’“—") <= seen, seen
     emoji = ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
     whole = any(ex["tokens"][i : i + 4] == emoji for ex in _all_examples(data) for i in range(len(ex["tokens"])))
     assert ("😀" in seen) == whole
+
+
+def _lines(ctx) -> list[str]:
+    """A context's text as it is laid out: split where a <br> breaks the line."""
+    from bs4 import BeautifulSoup
+
+    copy = BeautifulSoup(str(ctx), "html.parser")
+    for br in copy.find_all("br"):
+        br.replace_with("\n")
+    return copy.get_text().split("\n")
+
+
+def _expected_lines(shown: str) -> list[str]:
+    """shown (its ↵ marks) split after each run of ↵ but one it starts with."""
+    return re.sub(r"↵+", lambda m: m.group() + ("" if m.start() == 0 else "\n"), shown).split("\n")
 
 
 def _all_examples(data: dict) -> list[dict]:
@@ -134,6 +151,29 @@ def _render(tokens: list[str | None]) -> list[tuple[str, str]]:
 )
 def test_context_text(tokens, shown):
     assert _render(tokens) == shown
+
+
+@pytest.mark.parametrize(
+    ("tokens", "lines"),
+    [
+        (["a", "\n", "b"], ["a↵", "b"]),
+        # blank lines: one break after the run; a run the window starts with breaks nothing
+        (["\n", "\n", "a", "\n", "\n\n", "b", "\n"], ["↵↵a↵↵↵", "b↵", ""]),
+        (["x\n\ny", "\n", "z"], ["x↵↵", "y↵", "z"]),
+        # a newline inside a split character's run of byte tokens
+        (["a", "\n", "<0xC3>", "<0xA9>", "\n", "\n"], ["a↵", "é↵↵", ""]),
+        (["no breaks at all"], ["no breaks at all"]),
+    ],
+)
+def test_a_run_of_line_breaks_breaks_the_line_once(tokens, lines):
+    from bs4 import BeautifulSoup
+
+    n = len(tokens)
+    ex = {"tokens": tokens, "token_ids": list(range(n)), "activations": [0.5] * n, "max_index": 0}
+    html = str(context_tokens(ex, 1.0))
+    page = PageSpans(TokenTexts(dict(enumerate(tokens))), 1.0, [[(np.arange(n), np.full(n, 0.5, np.float16), 0)]])
+    assert str(page.html(0, 0)) == html
+    assert _lines(BeautifulSoup(html, "html.parser")) == lines
 
 
 def test_joined_bytes_leaves_text_tokens_alone():
