@@ -612,3 +612,31 @@ def test_no_page_is_wider_than_a_phone(walk, demo):
     table = page.locator("main table.data").first
     assert table.evaluate("t => t.scrollWidth > t.clientWidth"), "the wide table scrolls on its own"
     walk.assert_clean()
+
+
+def test_decoding_tables_fit_their_panels_on_a_desktop(walk, demo):
+    """At 1280 px the input and output decodings sit side by side with every column in view (the
+    score bars too), and at 1024 px they stack: no decoding panel scrolls sideways. Before, the
+    input table ran 84-128 px past its panel at 1280 px (128: a token of a newline and 35 spaces)
+    and 162 px at 1024 px."""
+    page = walk.page
+    scrolled = "() => [...document.querySelectorAll('.columns .panel')].map(p => p.scrollWidth - p.clientWidth)"
+    import httpx
+
+    def longest_token(key) -> int:
+        data = httpx.get(demo.base + neuron_path(demo, *key) + ".json", timeout=30).json()
+        return max(len(t["token"]) for t in data["input_tokens"])
+
+    # the neurons whose top input tokens are longest make the widest tables
+    sample = [(layer, neuron) for layer in range(demo.n_layers) for neuron in range(0, demo.d_mlp, 37)]
+    longest = sorted(sample, key=longest_token, reverse=True)
+    for width in (1280, 1024):
+        page.set_viewport_size({"width": width, "height": 900})
+        for key in [LIVE_NEURON, *longest[:4]]:
+            walk.goto(neuron_path(demo, *key))
+            panels = page.evaluate(scrolled)
+            assert len(panels) == 2 and max(panels) <= 0, (width, key, panels)
+            tops = page.evaluate("() => [...document.querySelectorAll('.columns .panel')].map(p => p.getBoundingClientRect().top)")
+            assert (tops[0] == tops[1]) == (width == 1280), (width, tops)  # side by side, or stacked
+        walk.shot(f"neuron-decodings-{width}")
+    walk.assert_clean()
