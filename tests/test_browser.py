@@ -640,3 +640,32 @@ def test_decoding_tables_fit_their_panels_on_a_desktop(walk, demo):
             assert (tops[0] == tops[1]) == (width == 1280), (width, tops)  # side by side, or stacked
         walk.shot(f"neuron-decodings-{width}")
     walk.assert_clean()
+
+
+def test_the_embed_card_reads_contexts_as_flowing_text(walk, demo):
+    """The card shows its contexts as a few lines of running text: a line break is its ↵ alone and
+    a run of spaces (code's indentation) one space wide, not a gap of many characters."""
+    page = walk.page
+    page.set_viewport_size({"width": 600, "height": 800})
+    gaps = """() => { const box = document.querySelector('.neuron-card .ctx-tokens');
+        const probe = document.createElement('span'); probe.textContent = '0'.repeat(20); box.appendChild(probe);
+        const char = probe.getBoundingClientRect().width / 20; probe.remove();
+        const out = []; let indents = 0;
+        for (const t of document.querySelectorAll('.neuron-card .ctx-tokens .t')) {
+          if (!/ {4,}/.test(t.textContent)) continue;
+          indents += 1;   // a token with a run of spaces: as wide as its text with the run as one space
+          const wide = [...t.getClientRects()].reduce((w, r) => w + r.width, 0);
+          const chars = t.textContent.replace(/\\s+/g, ' ').length;
+          if (wide > (chars + 1) * char) out.push([t.textContent, Math.round(wide / char)]);
+        }
+        return {out, indents, breaks: [...document.querySelectorAll('.neuron-card .ctx-tokens br')]
+                                          .filter(b => getComputedStyle(b).display !== 'none').length}; }"""
+    checked = 0
+    for key in [(2, 100), LIVE_NEURON, (0, 5)]:
+        walk.goto(neuron_path(demo, *key) + "?embed=true")
+        got = page.evaluate(gaps)
+        assert got["out"] == [] and got["breaks"] == 0, (key, got)
+        checked += got["indents"]
+    assert checked > 0, "the demo's code contexts have indentation runs to check"
+    walk.shot("card-600")
+    walk.assert_clean()
