@@ -21,11 +21,14 @@ from sqlalchemy import text
 from app.config import Settings
 from app.db import engine_for
 from needle.cli import TqdmProgress, index_model
+from tests.hubserver import counting_hub, hub_env
 from tests.tinymodels import build_tiny, build_unsupported
 
 
-def needle(*args: str, db_url: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "NEEDLE_DATABASE_URL": db_url, **env}
+def needle(*args: str, db_url: str, timeout: float = 300, **env: str | None) -> subprocess.CompletedProcess:
+    """Run `needle ARGS` with this environment plus env (a None value removes that variable)."""
+    merged = {**os.environ, "NEEDLE_DATABASE_URL": db_url, **env}
+    environ = {name: value for name, value in merged.items() if value is not None}
     return subprocess.run(
         [sys.executable, "-m", "needle.cli", *args], capture_output=True, text=True, env=environ, timeout=timeout
     )
@@ -79,13 +82,16 @@ def test_missing_folder(indexed, tmp_path):
     assert dump(db_url) == before
 
 
-def test_hub_id_without_network(indexed):
+def test_hub_id_without_network(indexed, tmp_path):
+    """A hub id not in the cache, with a hub that fails (503, a status huggingface_hub's backoff retries; a
+    local server, so the same with or without network): asked once, no retries, a clear error, the database unchanged."""
     db_url, _ = indexed
     before = dump(db_url)
-    t0 = time.time()
-    proc = needle("index", "EleutherAI/pythia-70m", "--name", "pythia-70m", db_url=db_url)
-    _assert_clear_error(proc, "hub")
-    assert time.time() - t0 < 60
+    with counting_hub(status=503) as hub:
+        proc = needle("index", "EleutherAI/pythia-70m", "--name", "pythia-70m", db_url=db_url,
+                      **hub_env(hub.url, tmp_path / "hf-home"))
+    assert hub.requests == [("HEAD", "/EleutherAI/pythia-70m/resolve/main/config.json")], proc.stderr
+    _assert_clear_error(proc, "hub", "EleutherAI/pythia-70m", "503")
     assert dump(db_url) == before
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from app.errors import NeedleError
+from tests.hubserver import counting_hub, point_hub_at
 from tests.tinymodels import TRAINING_TEXT, tiny_tokenizer
 from workers import corpus as corpus_module
 from workers.corpus import bos_prefix_id, load_corpus
@@ -369,25 +369,59 @@ def test_hf_without_datasets(tok, monkeypatch):
     assert "pip install 'needle[hf]'" in err.hint
 
 
-def test_hf_missing_dataset_fails_fast(tok):
+NO_SUCH_DATASET = "needle-tests/no-such-dataset-4f9c"
+# What the hub answers for a missing (or private) repo: the error code is what makes huggingface_hub raise
+# RepositoryNotFoundError (a bare 404 is a plain HTTP error to it).
+REPO_NOT_FOUND = {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}
+
+
+def point_datasets_at(monkeypatch, tmp_path, url: str) -> None:
+    """huggingface_hub and datasets both talking to url, with empty caches, not offline."""
+    import datasets
+
+    point_hub_at(monkeypatch, url, tmp_path / "hub-cache")
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", url)
+    monkeypatch.setattr(datasets.config, "HUB_DATASETS_URL", url + "/datasets/{repo_id}/resolve/{revision}/{path}")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+
+
+def test_hf_missing_dataset_asks_the_hub_once(tok, tmp_path, monkeypatch):
+    """A dataset the hub does not have: one request (the probe), then the error; datasets is never asked."""
     import datasets  # noqa: F401 - a test dependency: missing, this fails rather than skips
-    t0 = time.perf_counter()
-    err = raises("'needle-tests/no-such-dataset-4f9c'", "hf:needle-tests/no-such-dataset-4f9c", tok, context=8)
-    assert time.perf_counter() - t0 < 12
-    assert err.hint
+    with counting_hub(status=404, headers=REPO_NOT_FOUND) as hub:
+        point_datasets_at(monkeypatch, tmp_path, hub.url)
+        err = raises(f"no dataset '{NO_SUCH_DATASET}' on the Hugging Face hub", f"hf:{NO_SUCH_DATASET}", tok, context=8)
+    assert hub.requests == [("GET", f"/api/datasets/{NO_SUCH_DATASET}")]
+    assert "Check the name" in err.hint
 
 
-def test_hf_missing_dataset_offline(tok, monkeypatch):
+def test_hf_failing_hub_is_asked_once(tok, tmp_path, monkeypatch):
+    """A hub that answers 503 (a status huggingface_hub's backoff retries): one request, no retries."""
+    import datasets  # noqa: F401 - a test dependency: missing, this fails rather than skips
+    with counting_hub(status=503) as hub:
+        point_datasets_at(monkeypatch, tmp_path, hub.url)
+        err = raises(f"could not reach the Hugging Face hub to load the dataset '{NO_SUCH_DATASET}'",
+                     f"hf:{NO_SUCH_DATASET}", tok, context=8)
+    assert hub.requests == [("GET", f"/api/datasets/{NO_SUCH_DATASET}")]
+    assert "503" in err.message and "HF_HUB_OFFLINE=1" in err.hint
+
+
+@pytest.mark.parametrize("hub_offline", [True, False], ids=["hub-and-datasets-offline", "datasets-offline"])
+def test_hf_missing_dataset_offline(tok, tmp_path, monkeypatch, hub_offline):
+    """Offline, only the local cache is looked in: not one request, even to a hub that would answer. With only
+    datasets offline (HF_DATASETS_OFFLINE), huggingface_hub itself would let a request through."""
     import datasets  # a test dependency: missing, this fails rather than skips
     from huggingface_hub import constants
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    t0 = time.perf_counter()
-    name = "needle-tests/no-such-dataset-4f9c"
-    err = raises(f"could not load the dataset '{name}'", f"hf:{name}", tok, context=8)
+    with counting_hub(status=404, headers=REPO_NOT_FOUND) as hub:
+        point_datasets_at(monkeypatch, tmp_path, hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", hub_offline)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        err = raises(f"could not load the dataset '{NO_SUCH_DATASET}'", f"hf:{NO_SUCH_DATASET}", tok, context=8)
+    assert hub.requests == []
     assert "HF_HUB_OFFLINE" in err.message
-    assert time.perf_counter() - t0 < 12
 
 
 def test_hf_local_dataset(tmp_path, tok):

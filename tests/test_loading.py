@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pytest
 import torch
 
 from app.errors import NeedleError
-from tinymodels import SCRIPT_TOKEN, build_tiny, build_unsupported, build_without_mlp
+from tests.hubserver import counting_hub, point_hub_at
+from tests.tinymodels import (
+    SCRIPT_TOKEN,
+    build_tiny,
+    build_unsupported,
+    build_without_mlp,
+)
 from workers.adapters import supported_model_types
 from workers.loading import (
     LoadedModel,
@@ -102,18 +107,35 @@ def test_missing_absolute_folder(tmp_path):
     assert one_line_error(load_model, str(missing)) == f"no such folder: {missing}"
 
 
-def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch):
-    """An unreachable hub (here a closed local port, so the test is the same with or without network)."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", CLOSED_URL_TEMPLATE)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    start = time.monotonic()
-    message = one_line_error(load_model, "EleutherAI/pythia-70m")
-    assert time.monotonic() - start < 5
-    assert "could not load 'EleutherAI/pythia-70m' from the Hugging Face hub" in message
+def test_hub_id_with_failing_hub_asks_once(tmp_path, monkeypatch):
+    """A hub that answers 503 (a status huggingface_hub's backoff retries) is asked once: no retries."""
+    with counting_hub(status=503) as hub:
+        point_hub_at(monkeypatch, hub.url, tmp_path / "hub-cache")
+        message = one_line_error(load_model, "EleutherAI/pythia-70m")
+    assert hub.requests == [("HEAD", "/EleutherAI/pythia-70m/resolve/main/config.json")]
+    assert "could not load 'EleutherAI/pythia-70m' from the Hugging Face hub (no connection: " in message
+    assert "503 Service Unavailable" in message
     assert "local folder" in message
+
+
+def test_hub_id_with_unreachable_hub(tmp_path, monkeypatch):
+    """A closed local port: the connection is refused, and that is said in one line."""
+    point_hub_at(monkeypatch, CLOSED_PORT, tmp_path / "hub-cache")
+    message = one_line_error(load_model, "EleutherAI/pythia-70m")
+    assert "could not load 'EleutherAI/pythia-70m' from the Hugging Face hub (no connection: " in message
+    assert "refused" in message.lower()
+    assert "local folder" in message
+
+
+def test_hub_id_with_silent_hub_times_out_once(tmp_path, monkeypatch):
+    """A hub that accepts the connection and never answers: one request, ended by the probe's own time-out
+    (without one, the stand-in hub hangs up after HOLD_LIMIT_S and the error would not be a time-out)."""
+    with counting_hub(answer=False) as hub:
+        point_hub_at(monkeypatch, hub.url, tmp_path / "hub-cache")
+        message = one_line_error(load_model, "EleutherAI/pythia-70m")
+    assert hub.requests == [("HEAD", "/EleutherAI/pythia-70m/resolve/main/config.json")]
+    assert "could not load 'EleutherAI/pythia-70m' from the Hugging Face hub (no connection: " in message
+    assert "timed out" in message.lower() or "timeout" in message.lower(), message
 
 
 def test_hub_id_in_offline_mode(tmp_path, monkeypatch):
