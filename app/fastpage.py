@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from app import queries
 from app.schema import Model
-from app.tokens import context_html, in_context, joined_bytes, one_break_per_run, token_bytes, visible
+from app.tokens import chip_html, context_html, in_context, joined_bytes, one_break_per_run, token_bytes, visible
 
 MAX_MODELS = 4  # vocabularies held at once (a 128k-token vocabulary is about 10 MB)
 
@@ -253,7 +253,7 @@ def _tok(t: dict) -> str:
     if t.get("token") is None:
         return (f'<code class="tok missing" title="token id {escape(t["token_id"])} (not in the stored vocabulary)">'
                 f'#{escape(t["token_id"])}</code>')
-    return f'<code class="tok" title="token id {escape(t["token_id"])}">{escape(visible(t["token"]))}</code>'
+    return f'<code class="tok" title="token id {escape(t["token_id"])}">{chip_html(t["token"])}</code>'
 
 
 def _num(value, spec: str = "%.3f") -> str:

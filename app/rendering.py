@@ -18,7 +18,7 @@ from app.fastpage import (
     search_result_rows,
     token_table_rows,
 )
-from app.tokens import in_context, quoted, visible
+from app.tokens import chip_html, in_context, quoted, visible
 
 TEMPLATES = ROOT / "templates"
 
@@ -45,6 +45,7 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["visible"] = visible
+    env.filters["chip"] = chip_html
     env.filters["in_context"] = in_context
     env.filters["quoted"] = quoted
     env.filters["inline_code"] = inline_code

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 
-from markupsafe import escape
+from markupsafe import Markup, escape
 
 LEADING_MARKERS = (" ", "Ġ", "▁")
 _VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
@@ -145,6 +145,20 @@ def joined_bytes(tokens: Sequence[str | None]) -> dict[int, str]:
 def visible(text: str) -> str:
     """Whitespace made visible for display: ␣ for a space, ↵ for a newline, ⇥ for a tab."""
     return text.translate(_VISIBLE) if text else "∅"
+
+
+LONG_CHIP = 20  # characters: a longer token's chip may wrap (anywhere) where its table needs it to
+
+
+def chip_html(text: str | None) -> Markup:
+    """A token's text for its chip (code.tok): escaped, whitespace made visible; past LONG_CHIP
+    characters (a newline and 35 spaces, a row of 32 dashes) inside a <span class="long"> that
+    may wrap anywhere, so a narrow table can hold it, while a shorter chip (white-space: pre)
+    never breaks, not even at a hyphen."""
+    shown = visible(text)
+    if len(shown) <= LONG_CHIP:
+        return escape(shown)
+    return Markup('<span class="long">') + escape(shown) + Markup("</span>")
 
 
 def quoted(text: str | None) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from app.tokens import LONG_CHIP
 from tests.live_server import running_server
 
 pytestmark = pytest.mark.slow
@@ -632,10 +633,15 @@ def test_decoding_tables_fit_their_panels_on_a_desktop(walk, demo):
     longest = sorted(sample, key=longest_token, reverse=True)
     for width in (1280, 1024):
         page.set_viewport_size({"width": width, "height": 900})
-        for key in [LIVE_NEURON, *longest[:4]]:
+        for key in [LIVE_NEURON, (2, 100), *longest[:4]]:  # 2/100: IncrementalEncoder (18 characters)
             walk.goto(neuron_path(demo, *key))
             panels = page.evaluate(scrolled)
             assert len(panels) == 2 and max(panels) <= 0, (width, key, panels)
+            # ... and no token chip is broken across lines, but one of over LONG_CHIP characters
+            broken = page.evaluate("""n => [...document.querySelectorAll('.columns code.tok')]
+                .filter(c => [...c.textContent].length <= n && c.getClientRects().length > 1).map(c => c.textContent)""",
+                                   LONG_CHIP)
+            assert broken == [], (width, key, broken)
             tops = page.evaluate("() => [...document.querySelectorAll('.columns .panel')].map(p => p.getBoundingClientRect().top)")
             assert (tops[0] == tops[1]) == (width == 1280), (width, tops)  # side by side, or stacked
         walk.shot(f"neuron-decodings-{width}")

@@ -180,3 +180,16 @@ def test_joined_bytes_leaves_text_tokens_alone():
     assert joined_bytes(["the", " dog", None, "\n"]) == {}
     assert joined_bytes(["<0xC3>", "<0xA9>"]) == {0: "", 1: "é"}
 
+
+
+def test_a_chip_may_wrap_only_past_long_chip_characters():
+    from app.tokens import LONG_CHIP, chip_html
+
+    assert str(chip_html(" dog\n")) == "␣dog↵"
+    assert str(chip_html("IncrementalEncoder")) == "IncrementalEncoder"  # 18: never wraps
+    long = '<script>alert("x")</script> ' * 2
+    assert len(long) > LONG_CHIP
+    assert str(chip_html(long)) == (
+        '<span class="long">&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;␣&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;␣</span>'
+    )
+    assert str(chip_html(None)) == "∅" and str(chip_html("")) == "∅"
