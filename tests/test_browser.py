@@ -675,3 +675,21 @@ def test_the_embed_card_reads_contexts_as_flowing_text(walk, demo):
     assert checked > 0, "the demo's code contexts have indentation runs to check"
     walk.shot("card-600")
     walk.assert_clean()
+
+
+def test_the_next_page_of_a_layer_opens_at_its_top(walk, demo):
+    """The pager at the foot of a layer's table swaps the next page in place (htmx) and shows it
+    from its top, not from where the last page was scrolled to (its foot)."""
+    page = walk.page
+    walk.goto(f"/{demo.model}/1")
+    first = page.locator("table.data tbody tr").first.inner_text()
+    page.locator("nav.pager a[rel=next]").last.scroll_into_view_if_needed()
+    assert page.evaluate("window.scrollY") > 1000, "the foot's pager is far down the page"
+    page.locator("nav.pager a[rel=next]").last.click()
+    page.wait_for_url(re.compile(r"page=2"))
+    expect(page.locator("nav.pager span").first).to_have_text(re.compile(r"page 2 of"))
+    assert page.locator("table.data tbody tr").first.inner_text() != first
+    page.wait_for_function("window.scrollY === 0")
+    assert page.locator("table.data tbody tr").first.is_visible()
+    walk.shot("layer-page-2")
+    walk.assert_clean()
