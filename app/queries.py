@@ -677,13 +677,15 @@ def get_clamp_curve(session: Session, curve_id: int) -> ClampCurve | None:
 
 
 def clamp_curves_of_neuron(session: Session, model_id: int, layer: int, neuron: int, limit: int = 20) -> list[ClampCurve]:
-    """A neuron's finished curves, newest first (the ones `needle index` and `needle clamp` stored,
-    and those asked for on its page)."""
+    """A neuron's finished curves: the one `needle index` stored first (the neuron's own top token,
+    the curve its permalink stands for), then those of `needle clamp`, then those visitors asked
+    for on its page, each kind newest first."""
+    kind = case((ClampCurve.source == "index", 0), (ClampCurve.source == "cli", 1), else_=2)
     curves = session.scalars(
         select(ClampCurve)
         .where(ClampCurve.model_id == model_id, ClampCurve.layer == layer, ClampCurve.neuron == neuron,
                ClampCurve.probs.is_not(None))
-        .order_by(ClampCurve.id.desc())
+        .order_by(kind, ClampCurve.id.desc())
         .limit(limit)
     )
     return [c for c in curves if c.probs is not None]  # a row written before probs was none_as_null holds JSON null

@@ -110,3 +110,22 @@ def test_failure_retries_with_backoff_then_fails(engine):
         j = queries.claim_job(s, "w")
         assert queries.fail_job(s, j.id, "w", "boom again", backoff_s=0) == "failed"
         assert j.error == "boom again"
+
+
+def test_a_neurons_curves_list_the_index_one_first_then_cli_then_visitors(engine):
+    """A neuron's page leads with the curve `needle index` stored for its own top token, whatever
+    visitors swept since; then `needle clamp`'s, then visitors' (each kind newest first); curves
+    not yet computed are left out."""
+    result = {"token_id": 1, "token": " a", "note": None, "probs": [0.1, 0.2], "baseline": {"activation": 0.0, "prob": 0.1},
+              "top_tokens": {"low": [], "high": []}}
+    order = ["page", "index", "cli", "page", "cli", "page"]
+    with session_scope(engine) as s:
+        m = _model(s)
+        ids = [queries.add_clamp_curve(s, m.id, 1, 3, prompt="p", target=" a", positions="all", values=[-1.0, 1.0],
+                                       source=source, result=result).id for source in order]
+        queries.add_clamp_curve(s, m.id, 1, 3, prompt="p", target=" a", positions="all", values=[0.0], source="page")
+        queries.add_clamp_curve(s, m.id, 1, 4, prompt="p", target=" a", positions="all", values=[0.0], source="index",
+                                result=result)
+    with session_scope(engine) as s:
+        got = [(c.source, c.id) for c in queries.clamp_curves_of_neuron(s, m.id, 1, 3)]
+    assert got == [("index", ids[1]), ("cli", ids[4]), ("cli", ids[2]), ("page", ids[5]), ("page", ids[3]), ("page", ids[0])]
