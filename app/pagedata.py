@@ -388,13 +388,15 @@ def random_neuron_target(session: Session, name: str, fmt: str | None = None, rn
 
 def jump_target(session: Session, name: str, layer_text: str | None, neuron_text: str | None) -> str:
     """Where the jump box (GET /{model}/jump?layer=L&neuron=N) sends the browser: the neuron's
-    permalink. A missing or malformed number is a 400, one out of range a 404, each naming the
-    valid range."""
+    permalink, or with no neuron number the layer's page. A missing or malformed number is a 400,
+    one out of range a 404, each naming the valid range."""
     model = _model(session, name)
     ranges = f"layers are numbered 0 to {model.n_layers - 1} and neurons 0 to {model.d_mlp - 1}"
     numbers = []
     for text, what, count in ((layer_text, "layer", model.n_layers), (neuron_text, "neuron", model.d_mlp)):
         text = (text or "").strip()
+        if not text and what == "neuron":
+            return urls.layer_url(model.name, numbers[0])
         if not text:
             raise NeedleError(f"Give a {what} number to jump to: in {model.name!r}, {ranges}.")
         if not DIGITS.fullmatch(text):

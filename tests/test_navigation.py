@@ -190,7 +190,8 @@ def test_jump_box_is_a_get_form_that_lands_on_the_neuron(site, path, layer, neur
     assert form["method"] == "get" and form["action"] == f"/{MODEL}/jump"
     fields = {i["name"]: i for i in form.select("input")}
     assert set(fields) == {"layer", "neuron"}
-    assert all(i["type"] == "number" and i["min"] == "0" and i.has_attr("required") for i in fields.values())
+    assert all(i["type"] == "number" and i["min"] == "0" for i in fields.values())
+    assert fields["layer"].has_attr("required") and not fields["neuron"].has_attr("required")
     assert (fields["layer"]["max"], fields["neuron"]["max"]) == (str(N_LAYERS - 1), str(D_MLP - 1))
     assert (fields["layer"].get("value", ""), fields["neuron"].get("value", "")) == (layer, neuron), "prefilled"
     assert form.select_one("button[type=submit]") is not None
@@ -198,6 +199,11 @@ def test_jump_box_is_a_get_form_that_lands_on_the_neuron(site, path, layer, neur
     r = site.get(form["action"], params={"layer": "2", "neuron": "17"})  # what the browser sends
     assert r.status_code == 303 and r.headers["location"] == f"/{MODEL}/2/17"
     assert site.json(r.headers["location"] + ".json")["neuron"] == 17
+    # the neuron left empty: the layer's page
+    for empty in ({"layer": "2", "neuron": ""}, {"layer": " 2 "}):
+        r = site.get(form["action"], params=empty)
+        assert r.status_code == 303 and r.headers["location"] == urls.layer_url(MODEL, 2), empty
+        assert site.json(urls.layer_url(MODEL, 2, fmt=urls.JSON))["layer"] == 2
 
 
 @pytest.mark.parametrize(
@@ -209,8 +215,8 @@ def test_jump_box_is_a_get_form_that_lands_on_the_neuron(site, path, layer, neur
         ({"layer": "abc", "neuron": "1"}, 400, ["'abc' is not a layer number", "0 to 3", "0 to 29"]),
         ({"layer": "-1", "neuron": "1"}, 400, ["not a layer number", "0 to 3"]),
         ({"layer": "1", "neuron": "2.5"}, 400, ["not a neuron number", "0 to 29"]),
-        ({"layer": "1", "neuron": ""}, 400, ["Give a neuron number", "0 to 29"]),
-        ({"layer": "1"}, 400, ["Give a neuron number", "0 to 29"]),
+        ({"layer": "", "neuron": "3"}, 400, ["Give a layer number", "0 to 3"]),
+        ({"layer": str(N_LAYERS), "neuron": ""}, 404, ["no layer 4", "0 to 3"]),
         ({}, 400, ["Give a layer number", "0 to 3"]),
     ],
 )

@@ -98,6 +98,8 @@ def test_model_page_shows_layers_and_how_it_was_computed(site):
         assert fact in facts
     panel = soup.select_one("#jobs-panel")
     assert not panel.has_attr("hx-trigger"), "no polling once every job is done"
+    # every job done: the layers lead the page, the jobs close it
+    assert [h.get_text() for h in soup.select("main section.panel > h2")] == ["Layers", "What was computed, and how", "Jobs"]
     assert "decode" in panel.get_text() and "search_index" in panel.get_text()
 
     data = site.json(f"/{MODEL}.json")
@@ -111,8 +113,11 @@ def test_model_page_shows_layers_and_how_it_was_computed(site):
 def test_jobs_panel_polls_itself_until_the_jobs_are_done(site):
     fill_synthetic(site.engine, "busy", 1, 20, VOCAB)
     add_jobs(site.engine, "busy", finished=False)
-    panel = site.soup("/busy").select_one("#jobs-panel")
+    soup = site.soup("/busy")
+    panel = soup.select_one("#jobs-panel")
     assert panel["hx-trigger"] == "every 2s"
+    # while jobs run, their panel leads the page
+    assert [h.get_text() for h in soup.select("main section.panel > h2")][0] == "Jobs"
     assert panel["hx-get"] == urls.jobs_panel_url("busy")
     assert "running" in panel.get_text()
 
