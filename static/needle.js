@@ -10,7 +10,7 @@
  *   r  a random neuron of the current model (body[data-random-url])
  *   ?  show or hide the list of shortcuts (footer details#shortcuts)
  *
- * button.copy-permalink copies its data-url to the clipboard and then reads "Copied".
+ * button.copy-permalink copies its data-url to the clipboard and then reads "Copied" for 2 s.
  * An htmx request answered with an error shows the error panel in place of the result.
  */
 (function () {
@@ -83,6 +83,7 @@
   });
 
   /* ------------------------------------------------------------ copy permalink */
+  var COPIED_MS = 2000;
 
   function copyWithSelection(text) {
     var area = document.createElement("textarea");
@@ -117,9 +118,14 @@
     if (!button) return;
     var url = button.getAttribute("data-url");
     if (!url) return;
+    var label = button.getAttribute("data-label") || button.textContent;
+    button.setAttribute("data-label", label);
     copy(url).then(function (ok) {
       button.textContent = ok ? "Copied" : "Press Ctrl+C to copy";
-      if (!ok) {
+      if (ok) {  /* back to its label, ready for the next copy */
+        clearTimeout(button.needleReset);
+        button.needleReset = setTimeout(function () { button.textContent = label; }, COPIED_MS);
+      } else {
         var link = document.querySelector("a.permalink-url");
         var range = document.createRange && link ? document.createRange() : null;
         if (range) {

@@ -535,6 +535,7 @@ def test_copy_permalink(walk, demo):
     expect(button).to_have_text("Copied")
     assert page.evaluate("navigator.clipboard.readText()") == url
     walk.shot("copied")
+    expect(button).to_have_text("Copy permalink", timeout=5_000)  # back to its label, for the next copy
     # the permalink opens this neuron
     page.goto(url)
     assert_on_neuron(walk, 3, 102)
