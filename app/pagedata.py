@@ -21,6 +21,7 @@ from app.fastpage import token_texts
 from app.plots import STRIP_POINTS
 from app.schema import Job, Model
 from app.search import matching_tokens, number, ranked_neurons, tokenize_query
+from app.tokens import from_visible
 
 DIGITS = re.compile(r"[0-9]+")
 MAX_QUERY_CHARS = 200
@@ -417,12 +418,15 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
         raise NeedleError(f"The search query is {len(token)} characters long; the limit is {MAX_QUERY_CHARS}.")
 
     matches = matching_tokens(session, model.id, token)
+    meant = from_visible(token)  # a chip copied from a page: "␣dog" is " dog", "↵" a newline
+    if not matches and meant != token:
+        matches = matching_tokens(session, model.id, meant)
     method = "token"
     tokenized: list[dict] | None = None
     ids = [m.token_id for m in matches]
     text = {m.token_id: m.token for m in matches}
     if not matches:
-        pieces = tokenize_query(model, token)
+        pieces = tokenize_query(model, meant)
         if pieces:
             method = "tokenized"
             ids = list(dict.fromkeys(pieces))

@@ -142,6 +142,15 @@ def joined_bytes(tokens: Sequence[str | None]) -> dict[int, str]:
     return out
 
 
+_FROM_VISIBLE = str.maketrans({v: k for k, v in _VISIBLE.items()})
+
+
+def from_visible(text: str) -> str:
+    """The token text a page's chip stands for: ␣, ↵, ⇥ and ␍ (visible's marks) back to the
+    space, newline, tab and carriage return they show, so a chip copied into the search finds it."""
+    return text.translate(_FROM_VISIBLE)
+
+
 def visible(text: str) -> str:
     """Whitespace made visible for display: ␣ for a space, ↵ for a newline, ⇥ for a tab."""
     return text.translate(_VISIBLE) if text else "∅"

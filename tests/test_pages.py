@@ -297,6 +297,18 @@ def test_search_finds_the_dog_neurons_from_every_spelling(site):
     assert site.get(first.select_one("a")["href"]).status_code == 200
 
 
+def test_a_chip_copied_from_a_page_finds_its_token(site):
+    """Pages show a space as ␣ and a line break as ↵: searching what a chip shows finds its token."""
+    for shown, token in (("␣the", " the"), ("↵", "\n"), ("␣dog", " dog")):
+        data = site.json(urls.search_url(MODEL, shown, fmt="json"))
+        assert data["method"] == "token" and data["query"] == shown, shown
+        assert site.syn.token_id(token) in {m["token_id"] for m in data["matches"]}, shown
+        assert data["results"], shown
+    # the marks in a query that matches no token are read as what they show when it is tokenized
+    data = site.json(urls.search_url(MODEL, "hot␣dog", fmt="json"))
+    assert data["method"] == "tokenized" and [t["token"] for t in data["tokenized"]] == ["hot", "dog"]
+
+
 def test_multi_token_query_is_tokenized_and_each_token_searched(site):
     data = site.json(urls.search_url(MODEL, "hot dog", fmt="json"))
     assert data["method"] == "tokenized"
