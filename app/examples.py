@@ -160,9 +160,14 @@ def histogram(edges: np.ndarray, counts: np.ndarray, lo: float, hi: float) -> di
     return {"edges": [round(e, 5) for e in kept], "counts": [int(c) for c in counts[first : last + 1]]}
 
 
-def colour_scale(largest: float, smallest: float) -> float:
-    """One scale for the highlight colours of a neuron: the largest magnitude it reached."""
-    return max(abs(largest), abs(smallest), 1e-6)
+def colour_scale(largest: float, smallest: float) -> dict[str, float]:
+    """The highlight colours' scales of a neuron, one per sign: a positive activation's strength
+    is a / its largest activation, a negative one's |a| / its largest negative magnitude. One
+    scale for both (the largest magnitude) left a gated neuron's text nearly white wherever a
+    rare large negative value set it. A sign the neuron never reached borrows the other's scale."""
+    positive = largest if largest > 0 else -smallest
+    negative = -smallest if smallest < 0 else largest
+    return {"positive": max(positive, 1e-6), "negative": max(negative, 1e-6)}
 
 
 # ---------------------------------------------------------------- a user's own text
@@ -184,7 +189,8 @@ def text_run(session: Session, model: Model, run: TextRun, job: Job | None, stat
         "json_url": urls.text_run_url(model.name, run.layer, run.neuron, run.id, fmt=urls.JSON),
         "neuron_url": urls.neuron_url(model.name, run.layer, run.neuron),
         "form_url": urls.text_form_url(model.name, run.layer, run.neuron),
-        "scale": colour_scale(stats.max_act, stats.min_act) if stats is not None else 0.0,
+        "scale": colour_scale(stats.max_act, stats.min_act) if stats is not None else None,
+        "scale_from_examples": stats is not None,
         "result": None,
         "tokens_left_out": 0,
     }

@@ -123,23 +123,28 @@ def _token_markup(token: str | None, token_id: int) -> tuple[str, str]:
 _SHARE = [f"{k // 1000}.{k % 1000:03d}" for k in range(1001)]  # "%.3f" of k / 1000 for k in 0..1000
 
 
-def _share_steps(values: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(k, odd): k = round(1000 * min(|v| / scale, 1)) per value, so "%.3f" of the share is
-    _SHARE[k], rounding in numpy: x * 1000 is off x's exact value by far less than 1e-6, so only
-    the values that close to a rounding tie, or not finite, are `odd` (k 0): format those one by
-    one with _share_text."""
+Scale = dict  # app.examples.colour_scale: {"positive": p, "negative": n}, a positive a over p, a negative |a| over n
+
+
+def _share_steps(values: np.ndarray, scale: Scale) -> tuple[np.ndarray, np.ndarray]:
+    """(k, odd): k = round(1000 * min(|v| / its sign's scale, 1)) per value, so "%.3f" of the
+    share is _SHARE[k], rounding in numpy: x * 1000 is off x's exact value by far less than 1e-6,
+    so only the values that close to a rounding tie, or not finite, are `odd` (k 0): format those
+    one by one with _share_text."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        y = np.minimum(np.abs(values) / scale, 1.0) * 1000.0
+        by = np.where(values < 0, float(scale["negative"]), float(scale["positive"]))
+        y = np.minimum(np.abs(values) / by, 1.0) * 1000.0
         odd = ~np.isfinite(y) | (np.abs(y - np.floor(y) - 0.5) < 1e-6)
         return np.where(odd, 0, np.rint(y)).astype(np.int64), odd
 
 
-def _share_text(value: float, scale: float) -> str:
-    return "%.3f" % min(abs(float(value)) / scale, 1.0)
+def _share_text(value: float, scale: Scale) -> str:
+    by = float(scale["negative"] if value < 0 else scale["positive"])
+    return "%.3f" % min(abs(float(value)) / by, 1.0)
 
 
-def _shares(values: np.ndarray, scale: float) -> list[str]:
-    """["%.3f" % min(abs(a) / scale, 1.0) for a in values]."""
+def _shares(values: np.ndarray, scale: Scale) -> list[str]:
+    """["%.3f" % min(abs(a) / its sign's scale, 1.0) for a in values]."""
     k, odd = _share_steps(values, scale)
     out = [_SHARE[i] for i in k.tolist()]
     for i in np.flatnonzero(odd).tolist():
@@ -147,16 +152,16 @@ def _shares(values: np.ndarray, scale: float) -> list[str]:
     return out
 
 
-def context_tokens(ex: dict, scale: float) -> Markup:
+def context_tokens(ex: dict, scale: Scale) -> Markup:
     """The spans of _examples.html's context macro, one per token:
-    <span class="t[ neg][ max][ part]" style="--a:min(|a|/scale, 1) as %.3f" title="token (visible)  activation %.4g">token</span>
+    <span class="t[ neg][ max][ part]" style="--a:min(|a|/scale of a's sign, 1) as %.3f" title="token (visible)  activation %.4g">token</span>
     where a byte token shows what joined_bytes makes of it ("part": it completes no character).
     """
     acts, ids, mark = ex["activations"], ex["token_ids"], ex["max_index"]
     if not acts:
         return Markup("")
     values = np.asarray(acts, dtype=np.float64)
-    shares = _shares(values, float(scale))
+    shares = _shares(values, scale)
     table = _float16_tables()[1]
     values_text = [table.get(a) or "%.4g" % a for a in acts]  # zeros and NaN are not in the table
     classes = np.where(values < 0, "t neg", "t").tolist()
@@ -194,8 +199,8 @@ class PageSpans:
     being (token ids, float16 activations, max index); `html(g, j)` is the spans of group g's
     j-th context, as context_tokens(example, scale) writes them."""
 
-    def __init__(self, text: TokenTexts, scale: float, groups: list[list[tuple[np.ndarray, np.ndarray, int]]]):
-        self._text, self._scale = text, float(scale)
+    def __init__(self, text: TokenTexts, scale: Scale, groups: list[list[tuple[np.ndarray, np.ndarray, int]]]):
+        self._text, self._scale = text, {k: float(scale[k]) for k in ("positive", "negative")}
         self._contexts = [c for group in groups for c in group]
         self._starts = np.cumsum([0, *[len(group) for group in groups]]).tolist()
         self._html: list[Markup] | None = None

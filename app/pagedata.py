@@ -355,7 +355,7 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
         "next": link(following),
         **firing,
         "examples_run": run,
-        "colour_scale": examples.colour_scale(stats["max"], stats["min"]) if (stats := firing["stats"]) else 1.0,
+        "colour_scale": examples.colour_scale(stats["max"], stats["min"]) if (stats := firing["stats"]) else None,
         "features": [
             {
                 "feature": f.feature,

@@ -26,6 +26,7 @@ from tests.tinymodels import build_tiny
 
 LINES = ["the café’s crème brûlée 😀 is naïve", "the dog is in “the” house — déjà vu", "print(self) for résumé"]
 BYTES = re.compile(r"(?:<0x[0-9A-F]{2}>)+")
+ONE = {"positive": 1.0, "negative": 1.0}  # colour scales
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +121,9 @@ def _render(tokens: list[str | None]) -> list[tuple[str, str]]:
 
     n = len(tokens)
     ex = {"tokens": tokens, "token_ids": list(range(n)), "activations": [1.0] * n, "max_index": 0}
-    html = str(context_tokens(ex, 1.0))
+    html = str(context_tokens(ex, ONE))
     # the neuron page renders all its contexts at once (PageSpans): the same spans
-    page = PageSpans(TokenTexts(dict(enumerate(tokens))), 1.0, [[(np.arange(n), np.ones(n, np.float16), 0)]])
+    page = PageSpans(TokenTexts(dict(enumerate(tokens))), ONE, [[(np.arange(n), np.ones(n, np.float16), 0)]])
     assert str(page.html(0, 0)) == html
     spans = BeautifulSoup(html, "html.parser").select(".t")
     return [(s.get_text(), " ".join(c for c in s["class"] if c == "part")) for s in spans]
@@ -170,8 +171,8 @@ def test_a_run_of_line_breaks_breaks_the_line_once(tokens, lines):
 
     n = len(tokens)
     ex = {"tokens": tokens, "token_ids": list(range(n)), "activations": [0.5] * n, "max_index": 0}
-    html = str(context_tokens(ex, 1.0))
-    page = PageSpans(TokenTexts(dict(enumerate(tokens))), 1.0, [[(np.arange(n), np.full(n, 0.5, np.float16), 0)]])
+    html = str(context_tokens(ex, ONE))
+    page = PageSpans(TokenTexts(dict(enumerate(tokens))), ONE, [[(np.arange(n), np.full(n, 0.5, np.float16), 0)]])
     assert str(page.html(0, 0)) == html
     assert _lines(BeautifulSoup(html, "html.parser")) == lines
 

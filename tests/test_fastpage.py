@@ -38,7 +38,7 @@ def _contexts(rng: np.random.Generator, count: int) -> list[tuple[np.ndarray, np
     return contexts
 
 
-def _expected(text: TokenTexts, scale: float, context: tuple[np.ndarray, np.ndarray, int]) -> str:
+def _expected(text: TokenTexts, scale: dict, context: tuple[np.ndarray, np.ndarray, int]) -> str:
     """What context_tokens writes for the example the page builds from these arrays."""
     ids, acts, mark = context
     if 0 <= mark < len(acts):
@@ -53,7 +53,7 @@ def _expected(text: TokenTexts, scale: float, context: tuple[np.ndarray, np.ndar
 def test_page_spans_equal_the_per_example_renderer(seed):
     rng = np.random.default_rng(seed)
     text = _text()
-    scale = float(rng.choice([0.5, 2.0, 7.3, 1000.0]))
+    scale = {"positive": float(rng.choice([0.5, 2.0, 7.3, 1000.0])), "negative": float(rng.choice([0.5, 3.1, 1000.0]))}
     groups = [_contexts(rng, 7), _contexts(rng, 0), _contexts(rng, 3), _contexts(rng, 5)]
     spans = PageSpans(text, scale, groups)
     for g, group in enumerate(groups):
@@ -63,7 +63,7 @@ def test_page_spans_equal_the_per_example_renderer(seed):
 
 def test_special_values_and_ties():
     text = _text()
-    scale = 2.0
+    scale = {"positive": 2.0, "negative": 2.0}
     # |a| / 2 * 1000 lands on x.5 for 0.001 (0.5), a rounding tie; inf and nan are not finite
     acts = np.array([0.001, -0.001, np.inf, -np.inf, np.nan, 3.0, -3.0, 0.0], dtype=np.float16)
     ids = np.arange(len(acts), dtype=np.int32)
@@ -79,6 +79,6 @@ def test_hostile_tokens_are_escaped():
     text = _text()
     ids = np.array([VOCAB.index(t) for t in HOSTILE_TOKENS], dtype=np.int32)
     acts = np.ones(len(ids), dtype=np.float16)
-    html = str(PageSpans(text, 1.0, [[(ids, acts, 0)]]).html(0, 0))
+    html = str(PageSpans(text, {"positive": 1.0, "negative": 1.0}, [[(ids, acts, 0)]]).html(0, 0))
     assert html.count("<span") == len(ids) == html.count("</span>")
-    assert html == _expected(text, 1.0, (ids, acts, 0))
+    assert html == _expected(text, {"positive": 1.0, "negative": 1.0}, (ids, acts, 0))

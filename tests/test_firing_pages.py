@@ -86,6 +86,20 @@ def test_neuron_page_shows_contexts_intervals_and_stats(site):
     for t, a in zip(first, examples[0]["activations"]):
         assert f"{a:.4g}" in t["title"]
         assert ("neg" in t["class"]) == (a < 0)
+    # colour strength, per sign: a / the neuron's max for a positive a, |a| / |its min| for a negative one
+    assert stats["max"] > 0 > stats["min"] and stats["max"] != -stats["min"], "both signs, at different scales"
+    shown = [ex for ex in examples] + [ex for b in intervals for ex in b["examples"]]
+    boxes = firing.select("ol.contexts > li .ctx-tokens")
+    assert len(boxes) == len(shown)
+    negatives = 0
+    for box, ex in zip(boxes, shown):
+        for t, a in zip(box.select(".t"), ex["activations"]):
+            want = min(a / stats["max"], 1.0) if a >= 0 else min(-a / -stats["min"], 1.0)
+            assert float(t["style"].removeprefix("--a:")) == pytest.approx(want, abs=1.5e-3), (a, t["style"])
+            negatives += a < 0
+    assert negatives > 0
+    legend = firing.select_one("p.legend").get_text(" ", strip=True)
+    assert f"{stats['max']:.4g}" in legend and f"{-stats['min']:.4g}" in legend
     assert len(firing.select(".interval")) == 5
     assert firing.select_one("svg.histogram") is not None
     assert len(firing.select("svg.histogram rect.hbar")) == sum(c > 0 for c in stats["histogram"]["counts"])
