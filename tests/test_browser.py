@@ -119,6 +119,7 @@ def demo(chromium, tmp_path_factory):
     index_model(settings, str(DEMO_MODEL), settings.demo_name, corpus=settings.demo_corpus,
                 tokens=settings.demo_tokens, clamp=False, quiet=True)
     store_feature(engine, settings.demo_name)
+    store_curve(engine, settings.demo_name, *CURVE_NEURON)
     worker = start_background_worker(engine, settings)
     try:
         with running_server(create_app(settings)) as base:
@@ -153,6 +154,27 @@ def store_feature(engine, model: str) -> None:
               "reason": None, "best_layer": 0, "best_neuron": 0, "best_f1": layers[0]["best_f1"]}],
             layers, [],
         )
+
+
+CURVE_NEURON = (2, 100)  # a neuron with a stored clamp curve (made up, as `needle index` stores one)
+
+
+def store_curve(engine, model: str, layer: int, neuron: int) -> None:
+    """One clamp curve on the neuron, stored as `needle index` stores it (its numbers made up: the
+    demo's clamp stage costs a minute), so that its page draws the clamp plot without a sweep."""
+    from app import queries
+    from app.db import session_scope
+
+    values = [-50.0 + 5.0 * i for i in range(21)]
+    probs = [round(0.9 / (1.0 + 2.718 ** (-v / 10.0)), 4) for v in values]
+    with session_scope(engine) as s:
+        m = queries.get_model(s, model, tokenizer=False)
+        queries.add_clamp_curve(s, m.id, layer, neuron, prompt="def f(x):", target="return", positions="all",
+                                values=values, source="index",
+                                result={"token_id": 1, "token": "return", "note": None, "probs": probs,
+                                        "baseline": {"activation": 0.5, "prob": probs[10]},
+                                        "top_tokens": {"low": [{"token_id": 2, "token": " x", "prob": 0.3}],
+                                                       "high": [{"token_id": 1, "token": "return", "prob": 0.9}]}})
 
 
 class Walk:
@@ -609,6 +631,17 @@ def test_no_page_is_wider_than_a_phone(walk, demo):
         walk.goto(path)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, (path, width)
+    # every plot in full on a 390 px phone: none runs past its figure (the clamp curve's rising
+    # half, the F1 plots' legend and the search strip's last layer were cut off at 460 px)
+    clipped = """() => [...document.querySelectorAll('main svg.plot')].filter(svg => {
+        const box = svg.closest('figure') || svg.parentElement;
+        return svg.getBoundingClientRect().right > box.getBoundingClientRect().right + 1; }).length"""
+    for path in (neuron_path(demo, *CURVE_NEURON), f"/{demo.model}/search?token=def", f"/{demo.model}/features/{FEATURE}"):
+        walk.goto(path)
+        assert page.locator("main svg.plot").count() > 0, path
+        if path == neuron_path(demo, *CURVE_NEURON):
+            assert page.locator("main svg.clamp-curve").count() == 1
+        assert page.evaluate(clipped) == 0, path
     walk.goto(neuron_path(demo, *LIVE_NEURON))
     walk.shot("neuron-on-a-phone")
     table = page.locator("main table.data").first

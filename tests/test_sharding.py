@@ -8,7 +8,6 @@ the work split over layer ranges and corpus shards, on SQLite and Postgres.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from sqlalchemy import text
 
