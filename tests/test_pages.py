@@ -157,6 +157,16 @@ def test_layer_page_sorts_and_paginates(site):
     assert len(rows) == PAGE_SIZE
     assert rows[0].select_one("a")["href"] == f"/{MODEL}/1/3"
     assert "␣dog" in rows[0].select_one("td.tokens").get_text()
+    # each number column has one number of decimals, so the points line up; p to 3 significant digits
+    data = site.json(f"/{MODEL}/1.json")["neurons"]
+    best = max(n["top_score"] for n in data)
+    for row, n in zip(rows, data):
+        score, prob = [td.get_text() for td in row.select("td.num")][1:3]
+        assert score == f"{n['top_score']:.3f}" and re.fullmatch(r"\d+\.\d{3}", score), score
+        assert float(prob) == pytest.approx(n["top_prob"], rel=6e-3) and len(prob.replace(".", "").lstrip("0")) == 3, prob
+        # the bar: from a best score of 1 to the layer's best
+        width = float(re.search(r"width: ([\d.]+)%", str(row.select_one("td.barcell"))).group(1))
+        assert width == pytest.approx(100 * (n["top_score"] - 1) / (best - 1), abs=0.06), (n["top_score"], width)
     next_page = soup.select_one("nav.pager a[rel=next]")["href"]
     assert next_page == f"/{MODEL}/1?page=2"
     assert site.get(next_page).status_code == 200
