@@ -8,7 +8,8 @@
  *   k  previous neuron   (its a[rel=prev])
  *   /  focus the search box (#search-q in the header)
  *   r  a random neuron of the current model (body[data-random-url])
- *   ?  show or hide the list of shortcuts (footer details#shortcuts)
+ *   ?  show or hide the list of shortcuts (footer details#shortcuts, floating at the window's corner)
+ *   Escape  leave the search box, or close the list of shortcuts
  *
  * button.copy-permalink copies its data-url to the clipboard and then reads "Copied" for 2 s.
  * An htmx request answered with an error shows the error panel in place of the result.
@@ -48,9 +49,22 @@
   function toggleHelp() {
     var help = document.getElementById("shortcuts");
     if (!help) return false;
-    help.open = !help.open;
-    if (help.open && help.scrollIntoView) help.scrollIntoView({ block: "nearest" });
+    help.open = !help.open;  /* open, it floats at the window's corner (style.css): no scrolling */
     return true;
+  }
+
+  /* Escape: leaves a search box (so the other keys work again), or closes the shortcut list */
+  function escape(target) {
+    if (target && target.tagName === "INPUT" && target.type === "search") {
+      target.blur();
+      return true;
+    }
+    var help = document.getElementById("shortcuts");
+    if (help && help.open) {
+      help.open = false;
+      return true;
+    }
+    return false;
   }
 
   var KEYS = {
@@ -63,6 +77,10 @@
 
   document.addEventListener("keydown", function (event) {
     if (event.defaultPrevented || event.ctrlKey || event.metaKey || event.altKey || event.isComposing) return;
+    if (event.key === "Escape") {
+      if (escape(event.target)) event.preventDefault();
+      return;
+    }
     if (isTyping(event.target)) return;
     var action = Object.prototype.hasOwnProperty.call(KEYS, event.key) ? KEYS[event.key] : null;
     if (action && action()) event.preventDefault();

@@ -491,6 +491,13 @@ def test_keyboard_j_k_slash_and_r(walk, demo):
     search = page.locator("#search-q")
     expect(search).to_be_focused()
     expect(search).to_have_value("")  # the "/" itself is not typed into it
+    # Escape leaves the box, and the keys are shortcuts again; "/" comes back to it
+    page.keyboard.type("xyz")
+    page.keyboard.press("Escape")
+    expect(search).not_to_be_focused()
+    page.keyboard.press("/")
+    expect(search).to_be_focused()
+    page.keyboard.press("Control+a")
     page.keyboard.type("def")
     walk.shot("slash-search")
     page.keyboard.press("Enter")
@@ -502,6 +509,24 @@ def test_keyboard_j_k_slash_and_r(walk, demo):
     expect(page).to_have_url(re.compile(re.escape(demo.url()) + r"/\d+/\d+$"))
     expect(page.locator("h1")).to_have_text(re.compile(r"^Layer \d+ · Neuron \d+$"))
     walk.shot("r-random")
+    walk.assert_clean()
+
+
+def test_question_mark_shows_the_shortcuts_where_the_reader_is(walk, demo):
+    """"?" opens the list of shortcuts in view without scrolling the page (it used to jump to the
+    footer, 12,000 px down a neuron page); "?" or Escape closes it."""
+    page = walk.page
+    walk.goto(neuron_path(demo, 2, 10))
+    page.evaluate("window.scrollTo(0, 1500)")
+    help_list = page.locator("#shortcuts dl")
+    for close in ("?", "Escape"):
+        page.keyboard.press("?")
+        expect(help_list).to_be_visible()
+        assert page.evaluate("window.scrollY") == 1500
+        assert help_list.evaluate("e => { const r = e.getBoundingClientRect(); return r.top >= 0 && r.bottom <= innerHeight; }")
+        walk.shot(f"shortcuts-{close}")
+        page.keyboard.press(close)
+        expect(help_list).to_be_hidden()
     walk.assert_clean()
 
 
