@@ -86,10 +86,27 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round((end - start).total_seconds(), 1) if start and end else None
 
 
+_LAYERS_KEY = re.compile(r"layers:(\d+)-(\d+)(?:/shard:(\d+)-of-(\d+))?")
+
+
+def part_label(key: str) -> str:
+    """A job's key as a person reads it: "layers:0-4" (a half-open range) is "layers 0–3",
+    "layers:0-4/shard:1-of-2" is "layers 0–3, shard 1 of 2", "run:7" is "request 7"."""
+    m = _LAYERS_KEY.fullmatch(key)
+    if m:
+        start, last = int(m[1]), int(m[2]) - 1
+        label = f"layer {start}" if last == start else f"layers {start}–{last}"
+        return label + (f", shard {m[3]} of {m[4]}" if m[3] else "")
+    if key.startswith("run:") and key[4:].isdigit():
+        return f"request {key[4:]}"
+    return key
+
+
 def _job(job: Job) -> dict:
     return {
         "stage": job.stage,
         "key": job.key,
+        "part": part_label(job.key),
         "state": job.state,
         "progress": number(job.progress or 0.0),
         "attempts": job.attempts,

@@ -222,6 +222,7 @@ def test_html_page_shows_the_same_jobs_and_errors_in_full(site):
     assert FLAKY in backoff and "1 / 3" in backoff and any(t.startswith("in ") and t.endswith(" s") for t in backoff)
 
     live = shown[j.live]
+    assert cells(live)[3] == f"request {j.run}" and live.select("td")[3].span["title"] == f"job key run:{j.run}"
     assert "live" in live.select_one(".kind").get_text()
     assert live.select_one(".kind a")["href"] == urls.text_run_url(BETA, 1, 2, j.run)
     assert shown[j.failed].select_one(".kind") is None
@@ -448,3 +449,14 @@ def test_cli_bad_filters_are_one_clear_error(site, cli, args, phrase):
     lines = err.splitlines()
     assert lines[0].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, err
     assert phrase in lines[0], err
+
+
+@pytest.mark.parametrize("key, label", [
+    ("layers:0-4", "layers 0–3"), ("layers:3-4", "layer 3"), ("layers:0-4/shard:1-of-2", "layers 0–3, shard 1 of 2"),
+    ("run:12", "request 12"), ("all", "all"), ("layers:0", "layers:0"), ("run:x", "run:x"),
+])
+def test_a_jobs_part_reads_as_the_layers_it_covers(key, label):
+    """A decode or examples job's key is a half-open layer range: "layers:0-4" covers layers 0 to 3."""
+    from app.pagedata import part_label
+
+    assert part_label(key) == label
