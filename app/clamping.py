@@ -167,6 +167,16 @@ def curve_data(model: Model, curve: ClampCurve, job: Job | None = None) -> dict:
     }
 
 
+def _parting(clamped: dict | None, unclamped: dict | None) -> int | None:
+    """The first character where the clamped continuation differs from the unclamped one."""
+    if not clamped or not unclamped:
+        return None
+    a, b = clamped.get("text") or "", unclamped.get("text") or ""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def generation_data(model: Model, gen: Generation, job: Job | None = None) -> dict:
     done = gen.clamped is not None
     state = _state(job, done)
@@ -181,6 +191,8 @@ def generation_data(model: Model, gen: Generation, job: Job | None = None) -> di
         "mode": "greedy" if gen.seed is None else "sampled",
         "clamped": gen.clamped,
         "unclamped": gen.unclamped,
+        # where the two continuations part (a character index), None while running or if identical
+        "differ_at": _parting(gen.clamped, gen.unclamped),
         "source": gen.source,
         "created_at": gen.created_at.isoformat(timespec="seconds"),
         "state": state,

@@ -398,7 +398,14 @@ def test_live_generation_from_the_page(site, loaded):
         assert gen["clamped"] == direct["clamped"] and gen["unclamped"] == direct["unclamped"]
         assert 0 < len(gen["clamped"]["token_ids"]) <= int(ask["tokens"])
         shown = panel.select("pre.continuation")
-        assert [p.get_text() for p in shown] == [direct["clamped"]["text"], direct["unclamped"]["text"]]
+        # a browser drops one newline right after <pre> (html.parser keeps it): the page writes one, so a
+        # continuation that starts with a line break keeps it
+        assert [p.get_text() for p in shown] == ["\n" + direct["clamped"]["text"], "\n" + direct["unclamped"]["text"]]
+        same = direct["clamped"]["text"] == direct["unclamped"]["text"]
+        assert (panel.select_one("p.note.same") is not None) == same
+        assert gen["differ_at"] == (None if same else next(
+            i for i in range(len(direct["clamped"]["text"]) + 1)
+            if direct["clamped"]["text"][:i + 1] != direct["unclamped"]["text"][:i + 1]))
     # clamped high, the aligned neuron makes the model say " dog"; unclamped it does not
     greedy = http.get(polls[0] + ".json").json()["generation"]
     dog = token_id(loaded, DOG)
@@ -704,3 +711,12 @@ def test_cli_generate_prints_both_continuations_and_stores_them(site, cli, loade
     assert f"unclamped: {direct['unclamped']['text']!r}" in out
     assert "seed 3" in out and "stored: http" in out
     assert stored(site.engine)["generations"] == {"cli": 2}
+
+
+@pytest.mark.parametrize("a, b, at", [("\nimport sys", "\nimport os", 8), ("same", "same", None), ("ab", "abc", 2),
+                                      ("x", "y", 0), ("", "", None)])
+def test_where_two_continuations_part(a, b, at):
+    from app.clamping import _parting
+
+    assert _parting({"text": a}, {"text": b}) == at
+    assert _parting(None, {"text": b}) is None
