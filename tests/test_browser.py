@@ -752,3 +752,24 @@ def test_the_next_page_of_a_layer_opens_at_its_top(walk, demo):
     assert page.locator("table.data tbody tr").first.is_visible()
     walk.shot("layer-page-2")
     walk.assert_clean()
+
+
+def test_a_text_over_the_limit_is_refused_not_cut(walk, demo):
+    """A paste longer than the limit stays whole in the box and the server's answer says how long it
+    was and what the limit is (a maxlength attribute used to cut it silently); the box is named."""
+    page = walk.page
+    walk.goto(neuron_path(demo, *LIVE_NEURON))
+    box = page.get_by_role("textbox", name="Test your own text")
+    limit = int(page.request.get(demo.base + neuron_path(demo, *LIVE_NEURON) + ".json").json()["text_max_chars"])
+    long_text = "def f(x):\n    return x\n" * (limit // 20)
+    assert len(long_text) > limit
+    box.fill(long_text)
+    expect(box).to_have_value(long_text)
+    page.locator("#your-text").get_by_role("button", name="Run").click()
+    error = page.locator("#text-result .error-message, #text-result.error-panel, #your-text .error-panel")
+    expect(error.first).to_contain_text(f"{len(long_text)} characters")
+    expect(error.first).to_contain_text(str(limit))
+    walk.shot("text-too-long", panel=page.locator("#your-text"))
+    # the refusal itself (a 400, which the console reports too) is the only problem
+    assert [p for p in walk.problems if not ("400" in p and "/text" in p)] == [], walk.problems
+    walk.problems.clear()
