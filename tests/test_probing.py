@@ -73,7 +73,14 @@ def test_digit_neuron_is_the_k1_probe_and_first_by_mean_difference(probed):
         rows = page.select("table.feature-layers tbody tr")
         assert len(rows) == 2
         link = rows[DIGIT_NEURON[0]].select_one("a")["href"]
-        assert link == f"/{NAME}/{DIGIT_NEURON[0]}/{DIGIT_NEURON[1]}"
+        assert link == f"/{NAME}/{DIGIT_NEURON[0]}/{DIGIT_NEURON[1]}#features", "to the neuron's features panel"
+        # the top neuron by mean difference (k = 1, chosen on train data), and beside it the best test F1
+        # of the layer's one-neuron probes
+        for row, entry in zip(rows, sorted(data["layers"], key=lambda e: e["layer"])):
+            alone = max(entry["top_neurons"], key=lambda t: t["f1"])
+            cell = row.select("td")[5]
+            assert cell.select_one("a")["href"] == f"/{NAME}/{entry['layer']}/{alone['neuron']}#features"
+            assert f"{alone['f1']:.3f}" in cell.get_text()
         fast, pruned = page.select("svg.curve")  # the fast sweep and the pruning sweep, a line per layer
         assert len(fast.select("polyline")) == 2 and len(pruned.select("polyline")) == 2
         assert "Train" in page.select_one("dl.counts").get_text()
