@@ -252,7 +252,9 @@ def test_stdlib_with_a_cap(tok):
     assert torch.equal(c.windows, expected_windows(joined(tok, first), 64)[:400])
     assert c.sources[0] == files[0].relative_to(root).as_posix()
     assert not any(s.startswith(("site-packages/", "test/")) for s in c.sources)
-    assert c.description == f"stdlib: {c.n_documents} files of {root} (first 25,600 tokens)"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert c.description == f"stdlib: {c.n_documents} files of the Python {version} standard library (first 25,600 tokens)"
+    assert str(root) not in c.description, "no server path on public pages"
 
 
 def test_stdlib_files_leave_out_tests_caches_and_installed_packages(tmp_path):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,7 +308,9 @@ def _open(spec: str) -> _Source:
         raise NeedleError("no corpus given", hint=f"Give {SPEC_FORMS}.")
     if text == "stdlib":
         root, files = _stdlib_files()
-        return _files_source("stdlib", root, files, str(root))
+        # named, not by its folder: the server's install path has no place on public pages
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return _files_source("stdlib", root, files, f"the Python {version} standard library")
     if text.startswith("hf:"):
         return _hf_source(text)
     path = Path(text).expanduser()
