@@ -299,17 +299,18 @@ def logit_table_rows(tokens: list[dict], best, kind: str) -> Markup:
     ])
 
 
-def search_result_rows(results: list[dict], best) -> Markup:
-    """The <tr> rows of _search_results.html, as its loop over tok, num and bar wrote them (a search
-    for a common token lists hundreds of neurons; a template macro call costs more than a row)."""
+def search_result_rows(results: list[dict], best, start: int = 1) -> Markup:
+    """The <tr> rows of _search_results.html, ranked from `start` (a search for a common token
+    lists hundreds of neurons; a template macro call costs more than a row). Scores to 3 decimals
+    and probabilities to 3 significant digits, so that a column's points line up."""
     return Markup("\n".join([
         "    <tr>\n"
         f'      <td class="num rank">{i}</td>\n'
-        f'      <td><a href="{escape(r["url"])}">layer {escape(r["layer"])} · neuron {escape(r["neuron"])}</a></td>\n'
+        f'      <td><a class="nowrap" href="{escape(r["url"])}">layer {escape(r["layer"])} · neuron {escape(r["neuron"])}</a></td>\n'
         f"      <td>{_tok(r)}</td>\n"
-        f'      <td class="num">{_num(r["score"], "%.4g")}</td>\n'
-        f'      <td class="num">{_num(r["prob"], "%.4g")}</td>\n'
+        f'      <td class="num">{_num(r["score"], "%.3f")}</td>\n'
+        f'      <td class="num">{_num(r["prob"], "%#.3g")}</td>\n'
         f'      <td class="barcell">{_bar(r["score"], best)}</td>\n'
         "    </tr>"
-        for i, r in enumerate(results, 1)
+        for i, r in enumerate(results, start)
     ]))

@@ -307,6 +307,24 @@ def test_search_finds_the_dog_neurons_from_every_spelling(site):
     assert site.get(first.select_one("a")["href"]).status_code == 200
 
 
+def test_search_shows_50_results_then_the_others_folded(site):
+    """A query matching several tokens merges their top-50 lists: the page shows the best 50 and
+    folds the others into a <details>, ranked on; the JSON has them all."""
+    data = site.json(urls.search_url(MODEL, "dog", fmt="json"))
+    assert len(data["results"]) > 50, "the test needs more than 50 results"
+    soup = site.soup(urls.search_url(MODEL, "dog"))
+    first = soup.select("main > table.results tbody tr") or soup.select("table.results")[0].select("tbody tr")
+    folded = soup.select("details.more-results table.results tbody tr")
+    assert len(first) == 50 and len(first) + len(folded) == len(data["results"])
+    assert not soup.select_one("details.more-results").has_attr("open")
+    ranks = [int(r.select_one("td.rank").get_text()) for r in first + folded]
+    assert ranks == list(range(1, len(data["results"]) + 1))
+    for row, r in zip(first + folded, data["results"]):
+        assert row.select_one("a")["href"] == r["url"]
+        score, prob = [td.get_text() for td in row.select("td.num")][1:3]
+        assert score == f"{r['score']:.3f}" and float(prob) == pytest.approx(r["prob"], rel=6e-3)
+
+
 def test_a_chip_copied_from_a_page_finds_its_token(site):
     """Pages show a space as ␣ and a line break as ↵: searching what a chip shows finds its token."""
     for shown, token in (("␣the", " the"), ("↵", "\n"), ("␣dog", " dog")):
