@@ -159,7 +159,7 @@ def curve_data(model: Model, curve: ClampCurve, job: Job | None = None) -> dict:
         "baseline": curve.baseline,
         "top_tokens": curve.top_tokens,
         "source": curve.source,
-        "created_at": curve.created_at.isoformat(timespec="seconds"),
+        "created_at": queries.utc_text(curve.created_at),
         "state": state,
         "error": job.error if job is not None and state == "failed" else None,
         "url": urls.clamp_url(model.name, curve.layer, curve.neuron, curve.id),
@@ -194,7 +194,7 @@ def generation_data(model: Model, gen: Generation, job: Job | None = None) -> di
         # where the two continuations part (a character index), None while running or if identical
         "differ_at": _parting(gen.clamped, gen.unclamped),
         "source": gen.source,
-        "created_at": gen.created_at.isoformat(timespec="seconds"),
+        "created_at": queries.utc_text(gen.created_at),
         "state": state,
         "error": job.error if job is not None and state == "failed" else None,
         "url": urls.generation_url(model.name, gen.layer, gen.neuron, gen.id),

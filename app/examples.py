@@ -64,7 +64,7 @@ def run_info(run: ExampleRun | None) -> dict | None:
         "documents": run.n_documents,
         "bos_prefix": run.bos_prefix,
         "settings": s,
-        "computed_at": run.created_at.isoformat(timespec="seconds"),
+        "computed_at": queries.utc_text(run.created_at),
         "method": method,
     }
 

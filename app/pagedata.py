@@ -79,7 +79,7 @@ def _token(token_id: int, text: dict[int, str], **values) -> dict:
 
 
 def _time(value: datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") if value else None
+    return queries.utc_text(value)
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:

@@ -54,6 +54,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def utc_text(value: datetime | None) -> str | None:
+    """A stored time (naive, UTC: utcnow) as the JSON and pages write it: ISO 8601 to the second,
+    marked UTC with a Z."""
+    return value.isoformat(timespec="seconds") + "Z" if value else None
+
+
 # ---------------------------------------------------------------- models
 
 

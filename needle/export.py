@@ -666,12 +666,14 @@ def _snapshot(engine):
 
 
 def _model_meta(model) -> dict:
+    from app import queries
+
     return {
         "name": model.name, "source": model.source, "family": model.family, "architecture": model.architecture,
         "n_layers": model.n_layers, "d_model": model.d_model, "d_mlp": model.d_mlp, "vocab_size": model.vocab_size,
         "device": model.device, "dtype": model.dtype, "decode_norm": model.decode_norm, "info": model.info or {},
-        "created_at": model.created_at.isoformat(timespec="seconds") if model.created_at else None,
-        "updated_at": model.updated_at.isoformat(timespec="seconds") if model.updated_at else None,
+        "created_at": queries.utc_text(model.created_at),
+        "updated_at": queries.utc_text(model.updated_at),
     }
 
 
@@ -770,7 +772,7 @@ def export_model(
                 "counts": {"neurons": expected, **counts},
                 "examples_run": examples.run_info(run) if "examples" in wanted else None,
                 "probe_run": {"specs": probes.specs, "description": probes.description, "settings": probes.settings,
-                              "computed_at": probes.created_at.isoformat(timespec="seconds")}
+                              "computed_at": queries.utc_text(probes.created_at)}
                 if "probes" in wanted else None,
                 "tables": {t.name: {"file": f"{t.name}.{fmt}", "rows": counts[t.name], **t.manifest()} for t in tables},
             }

@@ -19,6 +19,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -313,6 +314,9 @@ def test_live_clamp_curve_from_the_page(site, loaded):
         got = http.get(url + ".json").json()
         curve = got["curve"]
         assert curve["state"] == "done" and curve["error"] is None and curve["source"] == "page"
+        made = datetime.fromisoformat(curve["created_at"])  # ISO 8601, marked UTC (Z)
+        assert curve["created_at"].endswith("Z") and made.utcoffset() == timedelta(0)
+        assert abs(datetime.now(UTC) - made) < timedelta(hours=1)
         count = int(ask["count"])
         check_curve_shape(curve, count)
         values = np.linspace(float(ask["start"]), float(ask["stop"]), count)

@@ -160,6 +160,9 @@ def test_json_lists_every_job_active_first_with_its_details(site):
     assert [STATE_RANK[job["state"]] for job in listed] == sorted(STATE_RANK[job["state"]] for job in listed)
     assert data["total"] == 7 and data["counts"] == {"running": 2, "queued": 3, "failed": 1, "done": 1}
     assert data["jobs_pending"] is True and data["page"] == data["pages"] == 1
+    # times are ISO 8601 marked UTC
+    assert all(j["created_at"].endswith("Z") for j in data["jobs"])
+    assert all(j[k] is None or j[k].endswith("Z") for j in data["jobs"] for k in ("started_at", "finished_at", "heartbeat_at"))
     by_id = {job["id"]: job for job in listed}
 
     failed = by_id[j.failed]
