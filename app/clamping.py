@@ -51,7 +51,8 @@ METHOD = [
 
 
 def value_range(start: float, stop: float, count: int, *, hints: tuple[str, str] = (RANGE_HINT, ORDER_HINT)) -> list[float]:
-    """count evenly spaced values from start to stop, both included; NeedleError if not allowed.
+    """count evenly spaced values from start to stop, both included (each to 15 significant digits);
+    NeedleError if not allowed.
     hints: how to write a range, and how to order its ends, where it came from (the CLI's
     START:STOP:COUNT by default)."""
     hint, order_hint = hints
@@ -63,7 +64,8 @@ def value_range(start: float, stop: float, count: int, *, hints: tuple[str, str]
         raise NeedleError(f"The clamp range starts at {start:g}, not below its end {stop:g}.",
                           hint=order_hint)
     step = (stop - start) / (count - 1)
-    return [start + i * step for i in range(count - 1)] + [stop]
+    # to 15 significant digits: 69.51, not the 69.51000000000002 that start + i * step can land on
+    return [float(f"{start + i * step:.15g}") for i in range(count - 1)] + [stop]
 
 
 def parse_values(spec: str) -> list[float]:

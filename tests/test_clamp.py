@@ -753,3 +753,14 @@ def test_every_familys_sweep_matches_a_clamp_hook_of_our_own(name, bos, tmp_path
     assert set(caught) == {"neuron", "layer", "point", "positions"} | ({"bos"} if bos else set())
     for what, moved in caught.items():
         assert moved > SENSITIVE, f"a clamp of the wrong {what} moves the curves by {moved:.2g} only"
+
+
+def test_value_range_is_even_and_clean():
+    """Evenly spaced from start to stop, both ends exact, each value to 15 significant digits: the
+    JSON says 69.51, not 69.51000000000002."""
+    values = clamp.value_range(-300.0, 300.0, 41)
+    assert values[0] == -300.0 and values[-1] == 300.0 and len(values) == 41
+    np.testing.assert_allclose(values, np.linspace(-300.0, 300.0, 41), rtol=1e-12, atol=1e-10)
+    assert all(len(repr(v).lstrip("-").replace(".", "").strip("0")) <= 15 for v in values), values
+    odd = clamp.value_range(-139.02, 139.02, 5)
+    assert odd == [-139.02, -69.51, 0.0, 69.51, 139.02]
