@@ -661,6 +661,10 @@ def test_cli_clamp_prints_the_curve_and_stores_it(site, cli, loaded):
     assert code == 0, err
     noted = json.loads(out)
     assert "first token" in noted["note"] and noted["token"] == DOG and noted["positions"] == "last"
+    # its page says so where it cannot be missed, above the plot
+    noted_page = f"{ALIGNED_URL}/clamp/{noted['url'].rsplit('/', 1)[1]}"  # its path on this test's server
+    warning = soup_of(http.get(noted_page)).select_one("#clamp-result p.warning")
+    assert warning is not None and "first token" in warning.get_text() and warning["role"] == "note"
     direct = clamp.sweep(loaded, *ALIGNED, PROMPT, token_id(loaded, DOG), noted["values"], last_only=True)
     np.testing.assert_allclose(noted["probs"], direct["probs"], atol=TOL, rtol=0)
     assert stored(site.engine)["curves"] == {"cli": 3}
