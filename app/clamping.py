@@ -5,6 +5,7 @@ curves are computed by workers/clamp.py."""
 from __future__ import annotations
 
 import math
+import os
 
 from sqlalchemy.orm import Session
 
@@ -174,9 +175,7 @@ def _parting(clamped: dict | None, unclamped: dict | None) -> int | None:
     if not clamped or not unclamped:
         return None
     a, b = clamped.get("text") or "", unclamped.get("text") or ""
-    if a == b:
-        return None
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return None if a == b else len(os.path.commonprefix([a, b]))
 
 
 def generation_data(model: Model, gen: Generation, job: Job | None = None) -> dict:

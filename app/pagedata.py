@@ -24,6 +24,7 @@ from app.search import matching_tokens, number, ranked_neurons, tokenize_query
 from app.tokens import from_visible
 
 DIGITS = re.compile(r"[0-9]+")
+MAX_DIGITS = 18  # a longer number in a path is out of range, not read
 MAX_QUERY_CHARS = 200
 LAYER_ROW_TOKENS = 5
 DECODE_NORMS = {
@@ -67,19 +68,15 @@ def _index(text: str, what: str, model: Model, count: int) -> int:
             f"{what.capitalize()} {_cut(text)!r} is not a {what} number: {what}s are numbered 0 to {count - 1}.",
             hint=f"The {what} is a number, as in /{model.name}/0/0 (the jump box on model and layer pages takes both).",
         )
-    value = int(text) if len(text) <= 18 else None  # int() refuses numbers of over 4,300 digits
+    value = int(text) if len(text) <= MAX_DIGITS else None  # int() refuses numbers of over 4,300 digits
     if value is None or value >= count:
-        shown = value if value is not None else text[:18] + "…"
+        shown = value if value is not None else text[:MAX_DIGITS] + "…"
         raise NotFound(f"Model {model.name!r} has no {what} {shown}: its {what}s are numbered 0 to {count - 1}.")
     return value
 
 
 def _token(token_id: int, text: dict[int, str], **values) -> dict:
     return {"token": text.get(int(token_id)), "token_id": int(token_id), **values}
-
-
-def _time(value: datetime | None) -> str | None:
-    return queries.utc_text(value)
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
@@ -113,8 +110,8 @@ def _job(job: Job) -> dict:
         "max_attempts": job.max_attempts,
         "worker": job.worker,
         "error": job.error,
-        "started_at": _time(job.started_at),
-        "finished_at": _time(job.finished_at),
+        "started_at": queries.utc_text(job.started_at),
+        "finished_at": queries.utc_text(job.finished_at),
         "seconds": _seconds(job.started_at, job.finished_at) if job.state == "done" else None,
         "eta_seconds": _eta(job),
     }
@@ -151,8 +148,8 @@ def _stages(jobs: list[Job]) -> list[dict]:
                 "state": state,
                 "jobs": len(group),
                 "done": sum(j.state == "done" for j in group),
-                "started_at": _time(min(starts, default=None)),
-                "finished_at": _time(max(ends, default=None)) if state == "done" else None,
+                "started_at": queries.utc_text(min(starts, default=None)),
+                "finished_at": queries.utc_text(max(ends, default=None)) if state == "done" else None,
                 "seconds": _seconds(min(starts, default=None), max(ends, default=None)) if state == "done" else None,
             }
         )
@@ -234,8 +231,8 @@ def model_page(session: Session, name: str) -> dict:
         "decode_norm_text": DECODE_NORMS.get(model.decode_norm, model.decode_norm),
         "has_tokenizer": bool(model.tokenizer_json),
         "info": model.info or {},
-        "created_at": _time(model.created_at),
-        "updated_at": _time(model.updated_at),
+        "created_at": queries.utc_text(model.created_at),
+        "updated_at": queries.utc_text(model.updated_at),
         "neurons": model.n_layers * model.d_mlp,
         "neurons_stored": sum(layer["neurons"] for layer in layers),
         "layers": layers,
@@ -681,11 +678,11 @@ def _listed_job(job: Job, model: str, now: datetime, stale_seconds: float | None
         "request_url": _request_url(model, job) if live else None,
         **_job(job),
         "requires_stage": job.requires_stage,
-        "created_at": _time(job.created_at),
+        "created_at": queries.utc_text(job.created_at),
         # a queued job is claimed once run_after has passed: after a failed attempt it waits (backoff)
-        "run_after": _time(job.run_after) if job.state == "queued" else None,
+        "run_after": queries.utc_text(job.run_after) if job.state == "queued" else None,
         "waits_seconds": round(waits, 1) if waits > 0 else None,
-        "heartbeat_at": _time(job.heartbeat_at) if job.state == "running" else None,
+        "heartbeat_at": queries.utc_text(job.heartbeat_at) if job.state == "running" else None,
         "heartbeat_age_seconds": round(max(age, 0.0), 1) if age is not None else None,
         # no heartbeat for longer than the setting: the worker is gone, and the job goes back to the queue
         "stale": age is not None and stale_seconds is not None and age > stale_seconds,

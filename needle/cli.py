@@ -92,14 +92,6 @@ class TqdmProgress:
         return tqdm(total=total, desc=desc, unit=unit, unit_scale=total >= SCALED_TOTAL, leave=True,
                     dynamic_ncols=True)
 
-    @property
-    def total(self) -> int:
-        return self.count.total
-
-    @property
-    def done(self) -> int:
-        return self.count.done
-
     def fraction(self) -> float | None:
         return self.count.fraction()
 

@@ -87,7 +87,7 @@ class Progress:
     workers.stages.work_units); the default prints nothing. The CLI passes tqdm bars."""
 
     def __init__(self, desc: str, total: int, unit: str):
-        self.desc, self.total, self.done, self.unit = desc, total, 0, unit
+        self.desc, self.total, self.done = desc, total, 0  # unit: the CLI's bars show it
         self.base, self.share = 0.0, 1.0  # this count covers [base, base + share] of the job
 
     def advance(self, n: int) -> None:
@@ -106,7 +106,7 @@ class Progress:
         """The next `share` of the job is `total` units of `unit` (a stage whose parts count
         different things, such as the probes: corpus tokens, then features fitted)."""
         self.base = self.fraction() or 0.0
-        self.total, self.done, self.unit, self.share = total, 0, unit, share
+        self.total, self.done, self.share = total, 0, share
 
     def close(self) -> None:
         pass

@@ -45,7 +45,7 @@ def padded_numbers(*segments: str) -> tuple[int, ...] | None:
     values = []
     for segment in segments:
         digits = segment.lstrip("0") or "0"
-        if not pagedata.DIGITS.fullmatch(segment) or len(digits) > 18:  # 18: as pagedata._index reads them
+        if not pagedata.DIGITS.fullmatch(segment) or len(digits) > pagedata.MAX_DIGITS:
             return None
         values.append(int(digits))
     return tuple(values) if any(str(v) != s for v, s in zip(values, segments)) else None
