@@ -325,12 +325,15 @@ def score_strip_svg(strip: dict, ident: str = "score-strip") -> Markup:
         k = seen.get(layer, 0)
         seen[layer] = k + 1
         cx = x(layer) + ((k % 7) - 3) * spread if k else x(layer)
-        cls = "dot best" if rank == 1 else "dot"
+        best_attrs = f' class="dot best" id="{escape(ident)}-best"' if rank == 1 else ' class="dot"'
         dots.append(
-            f'<a href="{escape(p["url"])}"><circle class="{cls}" cx="{cx:.1f}" cy="{y(score):.1f}" '
+            f'<a href="{escape(p["url"])}"><circle{best_attrs} cx="{cx:.1f}" cy="{y(score):.1f}" '
             f'r="{5 if rank == 1 else 4}"><title>#{rank}: layer {layer}, neuron {neuron}, '
             f"score {score:.4g}</title></circle></a>"
         )
-    parts.extend(reversed(dots))  # the best drawn last, on top
+    # The links in rank order, so that Tab goes from #1 down; the best is then drawn again last, on top
+    # of any dot it overlaps, as a picture only (no link, no pointer events, hidden from screen readers).
+    parts.extend(dots)
+    parts.append(f'<use href="#{escape(ident)}-best" class="on-top" aria-hidden="true" pointer-events="none"/>')
     parts.append("</svg>")
     return Markup("".join(parts))

@@ -349,6 +349,30 @@ def test_search_a_token_and_click_a_result(walk, demo):
     walk.assert_clean()
 
 
+def test_tab_reaches_the_search_strip_s_best_neuron_first(walk, demo):
+    """The score strip's dots are links: Tab from the search form reaches the best neuron's dot first
+    (they were drawn, and so tabbed, from #50 up), and Enter opens its page."""
+    page = walk.page
+    walk.goto(f"/{demo.model}/search?token=def")
+    page.locator("main form.search button").focus()
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => !!document.activeElement.closest('figure.score-strip')"):
+            break
+    else:
+        raise AssertionError("Tab never reached the score strip")
+    title = page.evaluate("() => document.activeElement.querySelector('title').textContent")
+    assert title.startswith("#1: "), title
+    walk.shot("strip-focused")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.querySelector('title').textContent").startswith("#2: ")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Enter")
+    layer, neuron = map(int, re.fullmatch(r"#1: layer (\d+), neuron (\d+), score .*", title).groups())
+    assert_on_neuron(walk, layer, neuron)
+    walk.assert_clean()
+
+
 def test_test_your_own_text_shows_highlights(walk, demo):
     page = walk.page
     layer, neuron = LIVE_NEURON

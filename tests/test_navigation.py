@@ -456,8 +456,13 @@ def test_search_strip_plots_the_top_50_by_layer_and_score(site):
     assert [svg.find(id=i).name for i in labelled] == ["title", "desc"]
     assert "50" in svg.find(id=labelled[0]).get_text()
 
-    points = strip_points(svg)[::-1]  # drawn best last, on top of the others
+    points = strip_points(svg)  # in rank order: Tab goes from the best down
     assert len(points) == len(svg.select("circle")) == 50
+    # the best is drawn again last, on top of the dots it overlaps: a picture only, not a second link
+    on_top = svg.find_all(True)[-1]
+    assert on_top.name == "use" and on_top["href"] == "#" + svg.select_one("a circle.dot.best")["id"]
+    assert on_top["aria-hidden"] == "true" and on_top["pointer-events"] == "none" and on_top.find_parent("a") is None
+    assert svg.select("circle.best") == [svg.select_one("a circle")], "the first link is the best"
     assert [(p["layer"], p["neuron"]) for p in points] == [(r["layer"], r["neuron"]) for r in data["results"][:50]]
     for rank, (p, r) in enumerate(zip(points, data["results"]), start=1):
         assert p["title"] == f"#{rank}: layer {r['layer']}, neuron {r['neuron']}, score {r['score']:.4g}"
