@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session
 from app import queries, urls
 from app.errors import NeedleError, NotFound
 from app.schema import ClampCurve, Generation, Job, Model
+from app.search import tokenize_query
+from app.tokens import from_visible, visible
 
 MAX_VALUES = 101
 DEFAULT_COUNT = 41
@@ -28,7 +30,8 @@ FORM_RANGE_HINTS = ("Sweep from a lower value to a higher one, e.g. from -50 to 
 METHOD = [
     ("Clamp-response curves after Davies (2025), Flash Interpretability, section 3.2: the neuron's activation (the "
     "input of its layer's MLP output projection) is replaced by each value of the sweep (not added to), and the "
-    "page plots p(target) for the prompt's next token. A target of several tokens uses its first token."),
+    "page plots p(target) for the prompt's next token. The target is one token: text the model reads as several "
+    "tokens is refused, with the tokens named, rather than swept for one of them."),
     ("All values run as one batched forward pass, one value per batch row; the layers before the clamped one run "
     "once for all rows. By default the neuron is clamped at every prompt position, as Davies clamps it for the whole "
     "pass; 'last position only' clamps where the next token is predicted. A BOS token the tokenizer adds is not part "
@@ -203,6 +206,35 @@ def generation_data(model: Model, gen: Generation, job: Job | None = None) -> di
     }
 
 
+def form_base(model: Model, layer: int, neuron: int, *, live: bool) -> dict:
+    """What every clamp and generate form of a neuron needs besides its values: where it posts, the
+    limits it states, and whether live requests are on (off: no form is shown)."""
+    return {
+        "clamp_url": urls.clamp_form_url(model.name, layer, neuron),
+        "generate_url": urls.generate_form_url(model.name, layer, neuron),
+        "max_values": MAX_VALUES,
+        "max_tokens": MAX_GENERATE_TOKENS,
+        "live": live,
+    }
+
+
+def again_form(model: Model, layer: int, neuron: int, *, live: bool, curve: dict | None = None,
+               generation: dict | None = None) -> dict:
+    """The form a curve's or a generation's own page shows to ask again (curve_data's or
+    generation_data's dict), filled with what it asked for: the prompt, target, range and positions
+    of a sweep; the prompt, value, length and seed of a generation. One field can be changed, the
+    rest kept."""
+    form = form_base(model, layer, neuron, live=live)
+    if curve is not None:
+        values = curve["values"] or [0.0, 0.0]
+        form.update(prompt=curve["prompt"], token=curve["target"] or curve["token"] or "", start=values[0],
+                    stop=values[-1], count=len(values), last_only=curve["positions"] == "last")
+    if generation is not None:
+        form.update(prompt=generation["prompt"], value=generation["value"], tokens=generation["tokens"],
+                    seed=generation["seed"])
+    return form
+
+
 def neuron_section(session: Session, model: Model, layer: int, neuron: int, top_token: str | None,
                    max_abs: float | None, *, live: bool, prompt_max_chars: int) -> dict:
     """The neuron page's clamp section: its stored curves and the forms' defaults."""
@@ -210,20 +242,16 @@ def neuron_section(session: Session, model: Model, layer: int, neuron: int, top_
     return {
         "clamp_curves": [curve_data(model, c) for c in queries.clamp_curves_of_neuron(session, model.id, layer, neuron)],
         "clamp_form": {
+            **form_base(model, layer, neuron, live=live),
             "prompt": (model.info or {}).get("clamp_prompt") or "The",
             "token": top_token or "",
             "start": -bound,
             "stop": bound,
             "count": DEFAULT_COUNT,
-            "max_values": MAX_VALUES,
             "value": bound / 2,
             "tokens": DEFAULT_GENERATE_TOKENS,
-            "max_tokens": MAX_GENERATE_TOKENS,
             "prompt_max_chars": prompt_max_chars,
             "range_from": "its largest |activation| on the examples corpus" if max_abs else "no observed activation",
-            "live": live,
-            "clamp_url": urls.clamp_form_url(model.name, layer, neuron),
-            "generate_url": urls.generate_form_url(model.name, layer, neuron),
         },
     }
 
@@ -251,8 +279,7 @@ def start_clamp(session: Session, model: Model, layer: int, neuron: int, form: d
     values = value_range(_number(form, "start", "range start"), _number(form, "stop", "range end"),
                          _number(form, "count", "number of values", int), hints=FORM_RANGE_HINTS)
     positions = "last" if str(form.get("positions", "all")) == "last" or form.get("last_only") in (True, "on", "1", "true") else "all"
-    hits = queries.tokens_by_text(session, model.id, [target])
-    token_id = hits[0].token_id if hits else None  # else the worker encodes it and takes its first token
+    token_id = target_token(session, model, target)
     curve = queries.add_clamp_curve(session, model.id, layer, neuron, prompt=prompt, target=target,
                                     positions=positions, values=values, source="page")
     job = queries.enqueue_job(
@@ -261,6 +288,40 @@ def start_clamp(session: Session, model: Model, layer: int, neuron: int, form: d
          "token_id": token_id, "values": values, "positions": positions}, max_attempts=1,
     )
     return curve_data(model, curve, job)
+
+
+def target_token(session: Session, model: Model, target: str) -> int | None:
+    """The id of the one token a sweep follows: a vocabulary token spelled exactly so, or as a page's
+    chip shows it (␣dog for " dog"), else what the model's stored tokenizer makes of it. Text of
+    several tokens is a 400 that names them: p(token) is one next token's probability (Davies), and
+    plotting a word's first piece instead would be a curve for something not asked. None: no stored
+    tokenizer, so the worker encodes the text (and refuses several tokens the same way)."""
+    for text in dict.fromkeys((target, from_visible(target))):
+        hits = queries.tokens_by_text(session, model.id, [text])
+        if hits:
+            return hits[0].token_id
+    ids = tokenize_query(model, target)
+    if ids is None:
+        return None
+    meant = from_visible(target)
+    if len(ids) != 1 and meant != target:  # ␣dog␣house: the marks stand for spaces
+        target, ids = meant, tokenize_query(model, meant)
+    if len(ids) == 1:
+        return ids[0]
+    if not ids:
+        raise NeedleError(f"The target {target!r} has no tokens.", hint="Type a word or a token, e.g. ' dog'.")
+    raise several_tokens(target, [queries.tokens_by_ids(session, model.id, ids).get(i) for i in ids])
+
+
+def several_tokens(target: str, pieces: list[str | None]) -> NeedleError:
+    """The error for a target that is several tokens, naming them (as the pages show tokens)."""
+    shown = ", ".join(visible(p) if p is not None else "?" for p in pieces)
+    first = pieces[0] if pieces[0] is not None else target
+    return NeedleError(
+        f"The target {target!r} is {len(pieces)} tokens for this model ({shown}); a clamp curve follows the "
+        "probability of one next token.",
+        hint=f"Type one token, for example its first, {first!r}, or search the model's tokens for the one you mean.",
+    )
 
 
 def row_id(text: str) -> int | None:

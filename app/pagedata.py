@@ -504,14 +504,19 @@ def start_text_run(
     return examples.text_run(session, model, run, job, queries.neuron_activations(session, model.id, layer, neuron))
 
 
-def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str, run_text: str) -> dict:
+def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str, run_text: str, *,
+                  live: bool = True, max_chars: int = 2000) -> dict:
+    """A text run's page; "_again": the text form filled with its text (HTML only)."""
     model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
     run_id = clamping.row_id(run_text)
     run = queries.get_text_run(session, run_id) if run_id is not None else None
     if run is None or run.model_id != model.id or (run.layer, run.neuron) != (layer, neuron):
         raise NotFound(f"There is no text run {_cut(run_text)!r} for neuron {layer}/{neuron} of {model.name!r}.")
     job = queries.text_job(session, model.id, run.id)
-    return examples.text_run(session, model, run, job, queries.neuron_activations(session, model.id, layer, neuron))
+    data = examples.text_run(session, model, run, job, queries.neuron_activations(session, model.id, layer, neuron))
+    data["_again"] = {"live": live, "text_url": data["form_url"], "text": run.text, "label_id": "again-title",
+                      "text_max_chars": max_chars}
+    return data
 
 
 # ---------------------------------------------------------------- clamp curves and generations
@@ -528,9 +533,13 @@ def start_clamp(session: Session, name: str, layer_text: str, neuron_text: str, 
     return {**_clamp_context(model, layer, neuron), "curve": curve}
 
 
-def clamp_page(session: Session, name: str, layer_text: str, neuron_text: str, curve_text: str) -> dict:
+def clamp_page(session: Session, name: str, layer_text: str, neuron_text: str, curve_text: str, *,
+               live: bool = True) -> dict:
+    """A clamp curve's page; "_again": the sweep form filled with this curve's settings (HTML only)."""
     model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
-    return {**_clamp_context(model, layer, neuron), "curve": clamping.clamp_page(session, model, layer, neuron, curve_text)}
+    curve = clamping.clamp_page(session, model, layer, neuron, curve_text)
+    return {**_clamp_context(model, layer, neuron), "curve": curve,
+            "_again": clamping.again_form(model, layer, neuron, live=live, curve=curve)}
 
 
 def start_generation(session: Session, name: str, layer_text: str, neuron_text: str, form: dict, *, live: bool,
@@ -540,10 +549,14 @@ def start_generation(session: Session, name: str, layer_text: str, neuron_text: 
     return {**_clamp_context(model, layer, neuron), "generation": gen}
 
 
-def generation_page(session: Session, name: str, layer_text: str, neuron_text: str, gen_text: str) -> dict:
+def generation_page(session: Session, name: str, layer_text: str, neuron_text: str, gen_text: str, *,
+                    live: bool = True) -> dict:
+    """A clamped generation's page; "_again": the generate form filled with its prompt, value,
+    length and seed (HTML only)."""
     model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
-    return {**_clamp_context(model, layer, neuron),
-            "generation": clamping.generation_page(session, model, layer, neuron, gen_text)}
+    generation = clamping.generation_page(session, model, layer, neuron, gen_text)
+    return {**_clamp_context(model, layer, neuron), "generation": generation,
+            "_again": clamping.again_form(model, layer, neuron, live=live, generation=generation)}
 
 
 # ---------------------------------------------------------------- sparse probes

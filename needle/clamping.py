@@ -146,7 +146,7 @@ def add_clamp_commands(sub) -> None:
     p.add_argument("neuron", type=_int)
     p.add_argument("--prompt", help="default: the model's clamp prompt (see `needle index --clamp-prompt`)")
     p.add_argument("--token", help="the target token (default: the neuron's top decoded token); text of several "
-                   "tokens uses its first")
+                   "tokens is refused, naming them")
     p.add_argument("--values", metavar="START:STOP:COUNT",
                    help="the clamp values (default: 41 values over +-10x the neuron's observed max |activation|)")
     p.add_argument("--last-only", action="store_true", help="clamp the last prompt position only (default: every one)")

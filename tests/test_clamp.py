@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from app.errors import NeedleError
+from app.tokens import visible
 from tests.tinymodels import (
     CLAMP_OUTPUT_SCALE,
     MLP,
@@ -546,11 +547,16 @@ def test_resolve_target(models):
         tid = target(loaded)
         assert clamp.resolve_target(loaded, " dog", None) == (tid, " dog", None)
         assert clamp.resolve_target(loaded, None, tid) == (tid, " dog", None)
-        # several tokens: the first, and a note that says so
-        first = loaded.tokenizer("doghouse", add_special_tokens=False).input_ids[0]
-        token_id, text, note = clamp.resolve_target(loaded, "doghouse", None)
-        assert token_id == first and text == clamp.token_texts(loaded.tokenizer, [first])[0]
-        assert note is not None and "'doghouse' is 3 tokens" in note and repr(text) in note
+        # as a page's chip shows it
+        assert clamp.resolve_target(loaded, "␣dog", None) == (tid, " dog", None)
+        # several tokens: an error that names them (as pages show tokens) and suggests the first
+        ids = loaded.tokenizer("doghouse", add_special_tokens=False).input_ids
+        pieces = clamp.token_texts(loaded.tokenizer, ids)
+        assert len(ids) == 3
+        with pytest.raises(NeedleError) as refused:
+            clamp.resolve_target(loaded, "doghouse", None)
+        assert f"'doghouse' is 3 tokens for this model ({', '.join(visible(p) for p in pieces)})" in refused.value.message
+        assert repr(pieces[0]) in refused.value.hint
         vocab = loaded.adapter.vocab_size
         for bad in (vocab, -1, 10**9):
             with pytest.raises(NeedleError, match=f"There is no token id {bad}: the vocabulary has ids 0 to {vocab - 1}"):

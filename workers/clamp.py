@@ -18,7 +18,8 @@ that reads activations (workers/adapters.py, `Adapter.clamp_rows`).
   activation at the last position and p(target) there. Clamped at the last position only, the
   curve passes through the baseline exactly; clamped everywhere, the baseline is the unclamped
   model's point, which the curve need not cross (the prompt's other positions change too).
-- **Target.** A token; text that is several tokens uses its first token, and says so.
+- **Target.** One token (as typed, or as a page's chip shows it: ␣dog); text of several tokens is an
+  error that names them (a curve is one next token's probability).
 - **Generation.** The prompt continued for N tokens twice in one batch: row 0 with the neuron
   clamped at every position (the prompt's and each generated token's, "permanently clamped"
   as in Davies' Figure 4), row 1 unclamped. Greedy, or sampled at temperature 1 from a
@@ -45,9 +46,11 @@ from app.clamping import (  # the inputs' rules, shared with the pages and the C
     MAX_VALUES,
     default_values,
     parse_values,
+    several_tokens,
     value_range,
 )
 from app.errors import NeedleError
+from app.tokens import from_visible
 from workers.corpus import bos_prefix_id
 from workers.loading import max_positions, token_texts
 
@@ -106,8 +109,10 @@ def encode_prompt(loaded, prompt: str, extra_positions: int = 0) -> tuple[list[i
 
 
 def resolve_target(loaded, text: str | None, token_id: int | None) -> tuple[int, str, str | None]:
-    """(token id, its text, a note or None). An id is used as it is; text is encoded and its
-    first token used, with a note when it is several tokens."""
+    """(token id, its text, a note or None). An id is used as it is; text must be one token (as
+    typed, or as a page's chip shows it: ␣dog for " dog"). Text of several tokens is an error that
+    names them: a curve is one next token's probability. (The note is kept for curves stored
+    before, when such text was swept for its first token.)"""
     vocab = loaded.adapter.vocab_size
     if token_id is not None:
         if not 0 <= int(token_id) < vocab:
@@ -117,13 +122,14 @@ def resolve_target(loaded, text: str | None, token_id: int | None) -> tuple[int,
     if not text:
         raise NeedleError("There is no target token.", hint="Give the token whose probability to plot, e.g. ' dog'.")
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 and from_visible(text) != text:  # ␣dog␣house: the marks stand for spaces
+        text = from_visible(text)
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise NeedleError(f"The target {text!r} has no tokens.", hint="Give a word or a token, e.g. ' dog'.")
-    first = token_texts(loaded.tokenizer, [ids[0]])[0]
-    note = None
     if len(ids) > 1:
-        note = f"{text!r} is {len(ids)} tokens; the curve is for its first token, {first!r}."
-    return int(ids[0]), first, note
+        raise several_tokens(text, token_texts(loaded.tokenizer, list(ids)))
+    return int(ids[0]), token_texts(loaded.tokenizer, [ids[0]])[0], None
 
 
 # ---- the forward passes -------------------------------------------------------------------------

@@ -203,11 +203,13 @@ async def start_text(request: Request, model: str, layer: str, neuron: str, sess
 
 
 @router.get("/{model}/{layer}/{neuron}/text/{run}")
-def text_run(request: Request, model: str, layer: str, neuron: str, run: str, session: SessionDep) -> Response:
+def text_run(request: Request, model: str, layer: str, neuron: str, run: str, session: SessionDep,
+             settings: SettingsDep) -> Response:
     run, fmt = split_format(run)
     if (canonical := padded_numbers(layer, neuron, run)) is not None:
         return moved_to(request, urls.text_run_url(model, *canonical, fmt=fmt))
-    data = pagedata.text_run_page(session, model, layer, neuron, run)
+    data = pagedata.text_run_page(session, model, layer, neuron, run, live=settings.live_requests,
+                                  max_chars=settings.text_max_chars)
     if wants_fragment(request) and fmt is None:
         return render_partial("_text_panel.html", data)
     return respond(request, "text_run.html", data, fmt)
@@ -233,11 +235,12 @@ async def start_clamp(request: Request, model: str, layer: str, neuron: str, ses
 
 
 @router.get("/{model}/{layer}/{neuron}/clamp/{curve}")
-def clamp_curve(request: Request, model: str, layer: str, neuron: str, curve: str, session: SessionDep) -> Response:
+def clamp_curve(request: Request, model: str, layer: str, neuron: str, curve: str, session: SessionDep,
+                settings: SettingsDep) -> Response:
     curve, fmt = split_format(curve)
     if (canonical := padded_numbers(layer, neuron, curve)) is not None:
         return moved_to(request, urls.clamp_url(model, *canonical, fmt=fmt))
-    data = pagedata.clamp_page(session, model, layer, neuron, curve)
+    data = pagedata.clamp_page(session, model, layer, neuron, curve, live=settings.live_requests)
     if wants_fragment(request) and fmt is None:
         return render_partial("_clamp_panel.html", data)
     return respond(request, "clamp.html", data, fmt)
@@ -256,11 +259,12 @@ async def start_generation(request: Request, model: str, layer: str, neuron: str
 
 
 @router.get("/{model}/{layer}/{neuron}/generate/{gen}")
-def generation(request: Request, model: str, layer: str, neuron: str, gen: str, session: SessionDep) -> Response:
+def generation(request: Request, model: str, layer: str, neuron: str, gen: str, session: SessionDep,
+               settings: SettingsDep) -> Response:
     gen, fmt = split_format(gen)
     if (canonical := padded_numbers(layer, neuron, gen)) is not None:
         return moved_to(request, urls.generation_url(model, *canonical, fmt=fmt))
-    data = pagedata.generation_page(session, model, layer, neuron, gen)
+    data = pagedata.generation_page(session, model, layer, neuron, gen, live=settings.live_requests)
     if wants_fragment(request) and fmt is None:
         return render_partial("_generation_panel.html", data)
     return respond(request, "generation.html", data, fmt)
