@@ -32,7 +32,12 @@
    in the machine's speed falls on all three alike. Latency: from writing the request to reading
    the last byte of the response, p50 and p99 over all rounds. Throughput: responses / seconds
    per round; the ratio page / health is per round, and the median is reported. Then each kind
-   for --serial-seconds on one connection (latency with nothing queued). Also reported: the
+   for --serial-seconds on one connection (latency with nothing queued). Then, open loop, each
+   page for --open-seconds at each of --open-shares (0.25, 0.5, 0.75) of the throughput it reached
+   above: requests arrive at that fixed rate (exponential gaps) whatever the answers' speed, each on
+   an idle connection (a new one if none is idle), latency counted from when it was due. The closed
+   loop keeps 16 requests in flight, so its p50 is 16 / throughput (Little's law) and says how fast
+   the server drains a queue; the open loop says what a user waits at a given traffic. Also reported: the
    server's CPU time per request (its process and children, from /proc), the machine's load
    average and a speed probe before and after (other work on the cores slows everything).
 
@@ -112,41 +117,88 @@ class Paths:
         return f"/{self.model}/search?token={urllib.parse.quote(token, safe='')}"
 
 
+async def _request(reader, writer, host: str, port: int, path: str, gzip: bool) -> tuple[int, int]:
+    """One GET on an open keep-alive connection, its response read in full: (status, body bytes)."""
+    accept = "Accept-Encoding: gzip, deflate\r\n" if gzip else ""  # what a browser sends; the body is not unpacked
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/html\r\n{accept}\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length, chunked = None, False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    body = 0
+    if chunked:
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            body += size
+            if size == 0:
+                break
+    else:
+        body = length or 0
+        await reader.readexactly(body)
+    return status, body
+
+
 async def _connection(host: str, port: int, paths: Paths, deadline: float, out: list, codes: dict, sizes: list,
                       gzip: bool = False) -> None:
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
-    accept = "Accept-Encoding: gzip, deflate\r\n" if gzip else ""  # what a browser sends; the body is not unpacked
     try:
         while time.perf_counter() < deadline:
-            request = f"GET {paths.next()} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/html\r\n{accept}\r\n".encode()
             t0 = time.perf_counter()
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length, chunked = None, False
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                    chunked = True
-            body = 0
-            if chunked:
-                while True:
-                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                    await reader.readexactly(size + 2)
-                    body += size
-                    if size == 0:
-                        break
-            else:
-                body = length or 0
-                await reader.readexactly(body)
+            status, body = await _request(reader, writer, host, port, paths.next(), gzip)
             out.append(time.perf_counter() - t0)
             sizes.append(body)
             codes[status] = codes.get(status, 0) + 1
     finally:
         writer.close()
+
+
+async def _open_phase(host: str, port: int, kind: str, spec: dict, rate: float, seconds: float, seed: int) -> dict:
+    """Open-loop load: requests arrive at `rate` per second (Poisson: exponential gaps, whatever the
+    answers' speed), each sent on an idle keep-alive connection (a new one when none is idle), and
+    its latency counted from the moment it was due, so time spent waiting for a connection counts
+    too (no coordinated omission). What a server's users see at that load, below saturation."""
+    rng, paths = random.Random(seed), Paths(kind, spec, seed)
+    idle: list = []
+    opened = 0
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    tasks: set = set()
+
+    async def one(due: float) -> None:
+        nonlocal opened
+        if idle:
+            conn = idle.pop()
+        else:
+            conn = await asyncio.open_connection(host, port, limit=1 << 20)
+            opened += 1
+        status, _ = await _request(*conn, host, port, paths.next(), spec["gzip"])
+        latencies.append(time.perf_counter() - due)
+        codes[status] = codes.get(status, 0) + 1
+        idle.append(conn)
+
+    start = due = time.perf_counter()
+    while True:
+        due += rng.expovariate(rate)
+        if due > start + seconds:
+            break
+        if (wait := due - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)
+        task = asyncio.create_task(one(due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    for _, writer in idle:
+        writer.close()
+    return {"kind": kind, "offered_rps": rate, "requests": len(latencies), "rps": len(latencies) / elapsed,
+            "latencies_ms": [x * 1000 for x in latencies], "codes": codes, "connections": opened}
 
 
 async def _phase(host: str, port: int, kind: str, spec: dict, seconds: float, concurrency: int, seed: int) -> dict:
@@ -185,7 +237,14 @@ async def _load(spec: dict) -> dict:
     if spec["serial_seconds"] > 0:
         serial = {kind: await _phase(host, port, kind, spec, spec["serial_seconds"], 1, 500 + i)
                   for i, kind in enumerate(KINDS)}
-    return {"rounds": rounds, "serial": serial}
+    open_loop = {}  # each page at a share of the throughput it reached above, arrivals at a fixed rate
+    if spec["open_seconds"] > 0:
+        for i, kind in enumerate(KINDS[1:]):
+            capacity = statistics.median(r[kind]["rps"] for r in rounds)
+            open_loop[kind] = [await _open_phase(host, port, kind, spec, share * capacity, spec["open_seconds"],
+                                                 700 + 10 * i + j)
+                               for j, share in enumerate(spec["open_shares"])]
+    return {"rounds": rounds, "serial": serial, "open_loop": open_loop, "open_shares": spec["open_shares"]}
 
 
 def load_main(spec_file: str) -> int:
@@ -484,6 +543,14 @@ def summarise(result: dict) -> dict:
             one = result["serial"][kind]
             out[kind]["one_connection"] = {"requests": one["requests"], "p50_ms": round(_pct(one["latencies_ms"], 0.5), 2),
                                            "p99_ms": round(_pct(one["latencies_ms"], 0.99), 2), "rps": round(one["rps"], 1)}
+    for kind, phases in result.get("open_loop", {}).items():
+        out[kind]["open_loop"] = [
+            {"offered_rps": round(p["offered_rps"], 1), "share_of_capacity": share, "rps": round(p["rps"], 1),
+             "requests": p["requests"], "connections": p["connections"],
+             "p50_ms": round(_pct(p["latencies_ms"], 0.5), 2), "p99_ms": round(_pct(p["latencies_ms"], 0.99), 2),
+             "codes": {str(c): n for c, n in p["codes"].items()}}
+            for share, p in zip(result["open_shares"], phases)
+        ]
     for kind in ("neuron", "search"):
         ratios = [r[kind]["rps"] / r["health"]["rps"] for r in rounds]
         o = out[kind]
@@ -526,6 +593,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of each kind before the rounds")
     ap.add_argument("--serial-seconds", type=float, default=5.0,
                     help="then each kind on one connection for this long (latency without queueing; 0: skip)")
+    ap.add_argument("--open-seconds", type=float, default=10.0,
+                    help="then each page open-loop (requests arriving at a fixed rate) for this long per rate (0: skip)")
+    ap.add_argument("--open-shares", default="0.25,0.5,0.75",
+                    help="the open-loop rates, as shares of the throughput each page reached under the closed loop")
     args = ap.parse_args()
     args.keep = args.keep or args.setup_only
     if args.load:
@@ -576,7 +647,8 @@ def main() -> int:
         spec = {"host": "127.0.0.1", "port": port, "model": NAME, "layers": facts["layers"], "d_mlp": facts["d_mlp"],
                 "tokens": tokens, "server_pid": server.pid, "concurrency": args.concurrency, "seconds": args.seconds,
                 "rounds": args.rounds, "warmup": args.warmup, "serial_seconds": args.serial_seconds,
-                "gzip": args.gzip}
+                "gzip": args.gzip, "open_seconds": args.open_seconds,
+                "open_shares": [float(x) for x in args.open_shares.split(",") if x.strip()]}
         spec_file = logdir / "load.json"
         spec_file.write_text(json.dumps(spec))
         out["load"] = {"concurrency": args.concurrency, "seconds_per_kind_per_round": args.seconds,
@@ -612,6 +684,11 @@ def main() -> int:
               f"(server CPU {r['server_cpu_ms_per_request']:.2f} ms/request, {r['body_bytes_mean']:,} body bytes, "
               f"codes {r['status_codes']}{alone})",
               file=sys.stderr)
+    for kind in ("neuron", "search"):
+        for o in res[kind].get("open_loop", []):
+            print(f"{kind:7s} open loop at {o['share_of_capacity']:.0%} of its closed-loop throughput "
+                  f"({o['offered_rps']:.1f} req/s offered, {o['rps']:.1f} answered): p50 {o['p50_ms']:.2f} ms, "
+                  f"p99 {o['p99_ms']:.2f} ms, {o['connections']} connections, codes {o['codes']}", file=sys.stderr)
     met = all(all(res[k]["goals"].values()) for k in ("neuron", "search"))
     out["goals_met"] = met
     print(f"goals (p50 < 20 ms, p99 < 100 ms, >= 30% of health's throughput, for both pages): "
