@@ -174,20 +174,17 @@ def colour_scale(largest: float, smallest: float) -> dict[str, float]:
 
 
 def text_run(session: Session, model: Model, run: TextRun, job: Job | None, stats: NeuronActivations | None) -> dict:
-    """A text run's page data. Its colours use the neuron's corpus scale when there is one (so
-    they compare with its examples), else the run's own largest magnitude."""
+    """A text run's page data, shaped as a clamp curve's and a generation's are: where it belongs
+    (model, layer, neuron) and the run itself under "run". Its colours use the neuron's corpus
+    scale when there is one (so they compare with its examples), else the run's own largest magnitude."""
     state = job.state if job is not None else "queued"
     data = {
-        "model": model.name,
-        "layer": run.layer,
-        "neuron": run.neuron,
-        "run": run.id,
+        "id": run.id,
         "text": run.text,
         "state": "done" if run.activations is not None else state,
         "error": job.error if job is not None and state == "failed" else None,
         "url": urls.text_run_url(model.name, run.layer, run.neuron, run.id),
         "json_url": urls.text_run_url(model.name, run.layer, run.neuron, run.id, fmt=urls.JSON),
-        "neuron_url": urls.neuron_url(model.name, run.layer, run.neuron),
         "form_url": urls.text_form_url(model.name, run.layer, run.neuron),
         "scale": colour_scale(stats.max_act, stats.min_act) if stats is not None else None,
         "scale_from_examples": stats is not None,
@@ -203,4 +200,5 @@ def text_run(session: Session, model: Model, run: TextRun, job: Job | None, stat
         data["tokens_left_out"] = max(0, (run.n_tokens or 0) - len(token_ids))
         if stats is None:
             data["scale"] = colour_scale(float(acts.max()), float(acts.min()))
-    return data
+    return {"model": model.name, "layer": run.layer, "neuron": run.neuron,
+            "neuron_url": urls.neuron_url(model.name, run.layer, run.neuron), "run": data}

@@ -514,7 +514,7 @@ def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str
         raise NotFound(f"There is no text run {_cut(run_text)!r} for neuron {layer}/{neuron} of {model.name!r}.")
     job = queries.text_job(session, model.id, run.id)
     data = examples.text_run(session, model, run, job, queries.neuron_activations(session, model.id, layer, neuron))
-    data["_again"] = {"live": live, "text_url": data["form_url"], "text": run.text, "label_id": "again-title",
+    data["_again"] = {"live": live, "text_url": data["run"]["form_url"], "text": run.text, "label_id": "again-title",
                       "text_max_chars": max_chars}
     return data
 

@@ -389,7 +389,7 @@ def test_test_your_own_text_shows_highlights(walk, demo):
     walk.shot("highlights", panel=page.locator("#your-text"))
     # the highlights are the run's activations, token by token
     json_link = page.locator("#text-result a", has_text="JSON")
-    run = page.request.get(demo.base + json_link.get_attribute("href")).json()
+    run = page.request.get(demo.base + json_link.get_attribute("href")).json()["run"]
     assert run["state"] == "done" and "".join(run["result"]["tokens"]) == LIVE_TEXT
     acts = run["result"]["activations"]
     assert tokens.count() == len(acts)

@@ -468,11 +468,11 @@ def test_a_request_s_own_page_asks_again_with_its_settings(site):
         assert r.status_code == 303 and r.headers["location"] != url
         first, second = (http.get(u + ".json").json() for u in (url, r.headers["location"]))
         keys = {"clamp": ("prompt", "target", "values", "positions"), "generate": ("prompt", "value", "tokens", "seed")}
+        keys["text"] = ("text",)
+        one, two = (d[{"clamp": "curve", "generate": "generation", "text": "run"}[path]] for d in (first, second))
+        assert [one[k] for k in keys[path]] == [two[k] for k in keys[path]]
         if path == "text":
-            assert first["text"] == second["text"] == ask["text"]
-        else:
-            one, two = (d["curve" if path == "clamp" else "generation"] for d in (first, second))
-            assert [one[k] for k in keys[path]] == [two[k] for k in keys[path]]
+            assert one["text"] == ask["text"]
     # one field changed, the rest kept: a sweep with every position
     again = form_fields(soup_of(http.get(firsts[0])).select_one("section#again form"))
     del again["positions"]

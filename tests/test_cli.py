@@ -304,7 +304,7 @@ def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
         run = httpx.post(f"http://127.0.0.1:{port}/stdlib-demo/0/0/text", json={"text": "def f(x):"}, timeout=10)
         assert run.status_code == 202
         for _ in range(120):
-            result = httpx.get(f"http://127.0.0.1:{port}{run.json()['json_url']}", timeout=10).json()
+            result = httpx.get(f"http://127.0.0.1:{port}{run.json()['run']['json_url']}", timeout=10).json()["run"]
             if result["state"] in ("done", "failed"):
                 break
             time.sleep(0.5)

@@ -150,7 +150,11 @@ def test_own_text_runs_through_a_worker(site):
     thread.join(30)
     assert not panel.has_attr("hx-get"), "the run did not finish"
     shown = panel.select(".ctx-tokens .t")
-    result = http.get(poll + ".json").json()["result"]
+    twin = http.get(poll + ".json").json()
+    # the shape every live request answers in: where it belongs, and the request under its own key
+    assert (twin["model"], twin["layer"], twin["neuron"], twin["neuron_url"]) == (NAME, 1, 3, f"/{NAME}/1/3")
+    assert twin["run"]["url"] == poll and twin["run"]["json_url"] == poll + ".json" and twin["run"]["state"] == "done"
+    result = twin["run"]["result"]
     assert len(shown) == len(result["token_ids"]) > 3
     expected = direct_activations(model_dir, 1, 3, result["token_ids"])
     np.testing.assert_allclose(result["activations"], expected, rtol=1e-3, atol=1e-4)
@@ -166,7 +170,7 @@ def test_own_text_runs_through_a_worker(site):
     assert r.status_code == 303
     long_url = r.headers["location"]
     worker.run(until_idle=True, poll_seconds=0.1)
-    ran = http.get(long_url + ".json").json()["result"]
+    ran = http.get(long_url + ".json").json()["run"]["result"]
     total = len(AutoTokenizer.from_pretrained(model_dir)(long_text, add_special_tokens=False)["input_ids"])
     assert len(ran["token_ids"]) < total
     note = soup_of(http.get(long_url)).select_one("#text-result .left-out").get_text(" ", strip=True)
@@ -193,7 +197,8 @@ def test_text_run_for_another_neuron_is_404(site):
     http, _, _, _ = site
     r = http.post(f"/{NAME}/1/3/text", json={"text": "dog"})
     assert r.status_code == 202
-    run = r.json()["run"]
+    run = r.json()["run"]["id"]
+    assert r.json()["run"]["state"] == "queued" and r.json()["neuron_url"] == f"/{NAME}/1/3"
     assert http.get(f"/{NAME}/1/4/text/{run}").status_code == 404
     assert http.get(f"/{NAME}/1/3/text/{run}.json").status_code == 200
     assert http.get(f"/{NAME}/1/3/text/999999.json").json()["ok"] is False

@@ -109,7 +109,7 @@ def make_jobs(engine: Engine, http: httpx.Client) -> Jobs:
     # a live request, as a person makes one: "test your own text" on a neuron page
     r = http.post(f"/{BETA}/1/2/text", json={"text": "hello world"})
     assert r.status_code == 202, r.text
-    run = r.json()["run"]
+    run = r.json()["run"]["id"]
     with session_scope(engine) as s:
         live = queries.text_job(s, beta, run).id
     return Jobs(failed, running, backoff, done, blocked, stale, live, run)

@@ -251,7 +251,7 @@ def test_text_run_clamp_and_generation_pages(hostile):
     assert soup.select_one("pre.your-text").get_text() == " ".join(HOSTILE_TOKENS)
     assert [t.get_text() for t in soup.select(".ctx-tokens .t")] == [in_context(t) for t in HOSTILE_TOKENS]
     data = http.get(urls.text_run_url(MODEL, 0, 0, hostile.run, fmt="json")).json()
-    assert data["result"]["tokens"] == HOSTILE_TOKENS
+    assert data["run"]["result"]["tokens"] == HOSTILE_TOKENS
     soup = inert(http.get(urls.text_run_url(MODEL, 0, 1, hostile.failed_run)))
     assert HOSTILE_TOKENS[1] in soup.select_one(".error-message").get_text()
 

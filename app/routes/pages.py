@@ -199,7 +199,7 @@ async def start_text(request: Request, model: str, layer: str, neuron: str, sess
         return render_partial("_text_panel.html", data)
     if sends_json(request):
         return JSONResponse(data, status_code=202)
-    return RedirectResponse(data["url"], status_code=303)
+    return RedirectResponse(data["run"]["url"], status_code=303)
 
 
 @router.get("/{model}/{layer}/{neuron}/text/{run}")
