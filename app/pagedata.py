@@ -316,8 +316,10 @@ def layer_page(
 
 
 def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, *, text_max_chars: int = 2000,
-                live: bool = True, clamp_prompt_max_chars: int = 2000, base_url: str = "") -> dict:
-    """base_url: the site's public address, for the absolute "permalink" (copy button, Open Graph)."""
+                live: bool = True, clamp_prompt_max_chars: int = 2000, base_url: str = "", arrays: bool = True) -> dict:
+    """base_url: the site's public address, for the absolute "permalink" (copy button, Open Graph).
+    arrays: the examples' per-token lists, for the JSON twin and the embed card (the page itself
+    draws its contexts from the stored arrays: examples.neuron_activations)."""
     model = _model(session, name)
     layer = _index(layer_text, "layer", model, model.n_layers)
     index = _index(neuron_text, "neuron", model, model.d_mlp)
@@ -331,7 +333,7 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
     text = token_texts(session, model)  # the vocabulary, held in memory (app/fastpage.py)
     run = examples.run_info(run_row)
     firing = examples.neuron_activations(session, model, activations if run_row else None,
-                                         run_row.context if run_row else 0)
+                                         run_row.context if run_row else 0, arrays=arrays)
 
     def link(pos: tuple[int, int] | None) -> dict | None:
         if pos is None:

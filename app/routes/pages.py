@@ -179,7 +179,8 @@ def neuron(request: Request, model: str, layer: str, neuron: str, session: Sessi
     card = embed_card(embed)
     data = pagedata.neuron_page(session, model, layer, neuron, text_max_chars=settings.text_max_chars,
                                 live=settings.live_requests, clamp_prompt_max_chars=settings.clamp_prompt_max_chars,
-                                base_url=settings.public_url or str(request.base_url))
+                                base_url=settings.public_url or str(request.base_url),
+                                arrays=fmt == urls.JSON or card)  # the page draws its tokens from the stored arrays
     if card and fmt is None:
         response = respond(request, "neuron_card.html", data)
         response.headers["X-Needle-Embed"] = "1"
