@@ -796,3 +796,17 @@ def test_where_two_continuations_part(a, b, at):
 
     assert _parting({"text": a}, {"text": b}) == at
     assert _parting(None, {"text": b}) is None
+
+
+@pytest.mark.parametrize("a, b, said", [("\nimport sys", "\nimport os", "agree on their first 8 characters, then part"),
+                                        ("ab", "ax", "agree on their first character, then part"),
+                                        ("same", "same", "The clamp changed nothing here")])
+def test_the_generation_panel_says_where_the_continuations_part(a, b, said):
+    from app.clamping import _parting
+    from app.rendering import environment
+
+    generation = {"state": "done", "tokens": 8, "seed": None, "url": "/m/0/0/generate/1", "json_url": "/m/0/0/generate/1.json",
+                  "prompt": "p", "value": 1.0, "clamped": {"text": a}, "unclamped": {"text": b},
+                  "differ_at": _parting({"text": a}, {"text": b})}
+    panel = BeautifulSoup(environment().get_template("_generation_panel.html").render(generation=generation), "html.parser")
+    assert said in panel.get_text(" ", strip=True)
