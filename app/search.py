@@ -63,14 +63,13 @@ def ranked_neurons(model_name: str, index_rows: dict[int, TokenIndex], token_tex
     entry per (layer, neuron) carrying the token it scored best on."""
     best: dict[tuple[int, int], dict] = {}
     for token_id, row in index_rows.items():
-        columns = (
-            unpack(row.layers, INT32),
-            unpack(row.neurons, INT32),
-            unpack(row.scores, FLOAT32),
-            unpack(row.probs, FLOAT32),
+        columns = (  # as Python numbers: element-wise numpy scalars cost more than the rest of the loop
+            unpack(row.layers, INT32).tolist(),
+            unpack(row.neurons, INT32).tolist(),
+            unpack(row.scores, FLOAT32).tolist(),
+            unpack(row.probs, FLOAT32).tolist(),
         )
         for layer, neuron, score, prob in zip(*columns):
-            layer, neuron, score = int(layer), int(neuron), float(score)
             if layer < 0 or neuron < 0 or not math.isfinite(score):
                 continue  # padding in a short index row
             seen = best.get((layer, neuron))

@@ -6,14 +6,27 @@ differ from the page's defaults, so each page has one canonical address.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from urllib.parse import quote, urlencode
 
 JSON = "json"
 DEFAULT_LAYER_SORT = "score"
 
 
+@lru_cache(maxsize=4096)
+def _quoted(text: str) -> str:
+    return quote(text, safe="")
+
+
+def _segment(value: object) -> str:
+    """A path segment, percent-encoded; an int as it is (its digits need no quoting), a string
+    through a cache (a search page links about 70 neurons of one model: quote() was a fifth of
+    its server time)."""
+    return str(value) if type(value) is int else _quoted(str(value))
+
+
 def _path(*segments: object, fmt: str | None = None) -> str:
-    path = "/" + "/".join(quote(str(s), safe="") for s in segments)
+    path = "/" + "/".join([_segment(s) for s in segments])
     if fmt == JSON:
         path += ".json"
     elif fmt is not None:
