@@ -67,11 +67,20 @@ def list_models(session: Session) -> list[Model]:
     return list(session.scalars(select(Model).order_by(Model.name)))
 
 
+@lru_cache(maxsize=2)
+def _model_statement(tokenizer: bool):
+    """get_model's statement, built once (bound parameter name): every page reads its model row,
+    and building a statement anew cost more than the query. So are the other statements a page
+    reads through on each request (neuron_page_rows, example_windows, clamp_curves_of_neuron,
+    features_of_neuron)."""
+    q = select(Model).where(Model.name == bindparam("name"))
+    return q if tokenizer else q.options(defer(Model.tokenizer_json))
+
+
 def get_model(session: Session, name: str, *, tokenizer: bool = True) -> Model | None:
     """tokenizer=False defers the tokenizer JSON (megabytes for a large vocabulary): it is then
     read from the database only if the row's tokenizer_json is used while the session is open."""
-    q = select(Model).where(Model.name == name)
-    return session.scalar(q if tokenizer else q.options(defer(Model.tokenizer_json)))
+    return session.scalar(_model_statement(tokenizer), {"name": name})
 
 
 def get_model_by_id(session: Session, model_id: int) -> Model | None:
@@ -604,11 +613,14 @@ def example_windows(session: Session, model_id: int, window_ids: Iterable[int]) 
     """{window: row} of the windows asked for; a row has .window, .token_ids and .source
     (plain rows, not ORM objects: a neuron page reads 45 of them)."""
     ids = sorted({int(w) for w in window_ids if w >= 0})
-    rows = session.execute(
-        select(ExampleWindow.window, ExampleWindow.token_ids, ExampleWindow.source)
-        .where(ExampleWindow.model_id == model_id, ExampleWindow.window.in_(ids))
-    )
+    rows = session.execute(_windows_statement(), {"m": model_id, "ids": ids})
     return {r.window: r for r in rows}
+
+
+@lru_cache(maxsize=1)
+def _windows_statement():
+    return (select(ExampleWindow.window, ExampleWindow.token_ids, ExampleWindow.source)
+            .where(ExampleWindow.model_id == bindparam("m"), ExampleWindow.window.in_(bindparam("ids", expanding=True))))
 
 
 def activation_layer_summaries(session: Session, model_id: int) -> dict[int, dict]:
@@ -686,15 +698,20 @@ def clamp_curves_of_neuron(session: Session, model_id: int, layer: int, neuron: 
     """A neuron's finished curves: the one `needle index` stored first (the neuron's own top token,
     the curve its permalink stands for), then those of `needle clamp`, then those visitors asked
     for on its page, each kind newest first."""
-    kind = case((ClampCurve.source == "index", 0), (ClampCurve.source == "cli", 1), else_=2)
-    curves = session.scalars(
-        select(ClampCurve)
-        .where(ClampCurve.model_id == model_id, ClampCurve.layer == layer, ClampCurve.neuron == neuron,
-               ClampCurve.probs.is_not(None))
-        .order_by(kind, ClampCurve.id.desc())
-        .limit(limit)
-    )
+    curves = session.scalars(_curves_statement(), {"m": model_id, "l": layer, "n": neuron, "limit": limit})
     return [c for c in curves if c.probs is not None]  # a row written before probs was none_as_null holds JSON null
+
+
+@lru_cache(maxsize=1)
+def _curves_statement():
+    kind = case((ClampCurve.source == "index", 0), (ClampCurve.source == "cli", 1), else_=2)
+    return (
+        select(ClampCurve)
+        .where(ClampCurve.model_id == bindparam("m"), ClampCurve.layer == bindparam("l"),
+               ClampCurve.neuron == bindparam("n"), ClampCurve.probs.is_not(None))
+        .order_by(kind, ClampCurve.id.desc())
+        .limit(bindparam("limit"))
+    )
 
 
 def replace_index_curves(session: Session, model_id: int, curves: Sequence[dict]) -> None:
@@ -799,12 +816,16 @@ def feature_layers(session: Session, model_id: int, name: str) -> list[FeatureLa
 
 def features_of_neuron(session: Session, model_id: int, layer: int, neuron: int) -> list[NeuronFeature]:
     """The features for which this neuron is among the top by mean difference, best F1 first."""
-    return list(
-        session.scalars(
-            select(NeuronFeature)
-            .where(NeuronFeature.model_id == model_id, NeuronFeature.layer == layer, NeuronFeature.neuron == neuron)
-            .order_by(NeuronFeature.f1.desc(), NeuronFeature.feature)
-        )
+    return list(session.scalars(_neuron_features_statement(), {"m": model_id, "l": layer, "n": neuron}))
+
+
+@lru_cache(maxsize=1)
+def _neuron_features_statement():
+    return (
+        select(NeuronFeature)
+        .where(NeuronFeature.model_id == bindparam("m"), NeuronFeature.layer == bindparam("l"),
+               NeuronFeature.neuron == bindparam("n"))
+        .order_by(NeuronFeature.f1.desc(), NeuronFeature.feature)
     )
 
 
