@@ -13,6 +13,7 @@ from markupsafe import Markup, escape
 from app import clamping, plots, urls
 from app.config import ROOT
 from app.fastpage import (
+    context_items,
     context_tokens,
     logit_table_rows,
     search_result_rows,
@@ -68,6 +69,7 @@ def environment() -> Environment:
     env.globals["score_strip_svg"] = plots.score_strip_svg
     env.globals["clamp_method"] = clamping.METHOD
     env.globals["context_tokens"] = context_tokens
+    env.globals["context_items"] = context_items
     env.globals["search_result_rows"] = search_result_rows
     env.globals["token_table_rows"] = token_table_rows
     env.globals["logit_table_rows"] = logit_table_rows

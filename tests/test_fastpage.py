@@ -82,3 +82,27 @@ def test_hostile_tokens_are_escaped():
     html = str(PageSpans(text, {"positive": 1.0, "negative": 1.0}, [[(ids, acts, 0)]]).html(0, 0))
     assert html.count("<span") == len(ids) == html.count("</span>")
     assert html == _expected(text, {"positive": 1.0, "negative": 1.0}, (ids, acts, 0))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_context_items_equal_the_context_macro(seed):
+    """A neuron page writes each list of contexts with context_items: byte for byte what the
+    template's context macro writes for each, given the same spans (hostile window sources, values
+    that round in '%.4g', negatives)."""
+    from app.fastpage import context_items
+    from app.rendering import environment
+
+    rng = np.random.default_rng(seed)
+    text = _text()
+    scale = {"positive": 2.0, "negative": 3.0}
+    groups = [_contexts(rng, 6), _contexts(rng, 0), _contexts(rng, 4)]
+    spans = PageSpans(text, scale, groups)
+    macro = environment().from_string(
+        '{% from "_examples.html" import context %}'
+        "{% for ex in exs %}<li>{{ context(ex, scale, spans=spans.html(group, loop.index0)) }}</li>{% endfor %}")
+    for g, group in enumerate(groups):
+        examples = [{"max_activation": float(rng.choice([1.23456789, -0.000123456, 12345.678, 0.0, 7.0])),
+                     "source": [HOSTILE_TOKENS[j % len(HOSTILE_TOKENS)], f"file.py:{j}"][j % 2], "max_index": mark}
+                    for j, (_, _, mark) in enumerate(group)]
+        expected = macro.render(exs=examples, scale=scale, spans=spans, group=g)
+        assert str(context_items(examples, spans, g)) == expected, g
