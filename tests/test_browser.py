@@ -431,6 +431,38 @@ def test_clamp_sweep_shows_the_plot(walk, demo):
     walk.assert_clean()
 
 
+def test_sweep_again_from_a_curve_s_page_with_one_thing_changed(walk, demo):
+    """A person opens a sweep's permalink, finds its form filled with what that sweep asked, changes
+    one number and sweeps again: the new curve's own page plots it, with the rest kept."""
+    page = walk.page
+    walk.goto(neuron_path(demo, *LIVE_NEURON))
+    form = page.locator("#clamp form.clamp-form").first
+    form.locator('input[name="count"]').fill("9")
+    form.locator('input[name="start"]').fill("-30")
+    form.get_by_role("button", name="Sweep").click()
+    permalink = page.locator("#clamp-result a", has_text="Permalink").first
+    expect(permalink).to_be_visible(timeout=WORKER_TIMEOUT_MS)
+    permalink.click()
+    expect(page).to_have_url(re.compile(r"/clamp/\d+$"))
+    first_url = page.url
+    again = page.locator("section#again form")
+    expect(again.locator('input[name="count"]')).to_have_value("9")
+    expect(again.locator('input[name="start"]')).to_have_value("-30")
+    walk.shot("sweep-again-form", panel=page.locator("section#again"))
+    again.locator('input[name="count"]').fill("5")
+    again.get_by_role("button", name="Sweep").click()
+    expect(page).not_to_have_url(first_url)
+    expect(page).to_have_url(re.compile(r"/clamp/\d+$"))
+    plot = page.locator("#clamp-result svg")
+    expect(plot).to_be_visible(timeout=WORKER_TIMEOUT_MS)
+    walk.shot("sweep-again-plot", panel=page.locator("#clamp-result"))
+    first, second = (page.request.get(url + ".json").json()["curve"] for url in (first_url, page.url))
+    assert len(first["values"]) == 9 and len(second["values"]) == 5 and len(second["probs"]) == 5
+    assert second["values"][0] == first["values"][0] == -30
+    assert (second["prompt"], second["token"], second["positions"]) == (first["prompt"], first["token"], first["positions"])
+    walk.assert_clean()
+
+
 def test_an_error_in_a_panel_is_shown_and_the_form_works_again(walk, demo):
     """htmx swaps nothing on an error answer by default: a bad sweep would look like a dead
     button. Needle shows the error where the result goes, and the form can be sent again."""
