@@ -28,7 +28,18 @@ def _error(description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
 
 
-def _live_request(description: str, fields: dict, required: list[str]) -> dict:
+def _queued(key: str) -> dict:
+    """The 202 body of a live request: the shape the three share (where it belongs, and the
+    request itself under `key`), which its .json twin also has."""
+    request = {"type": "object", "required": ["id", "state", "url", "json_url"],
+               "properties": {"id": {"type": "integer"}, "state": {"enum": ["queued", "running", "done", "failed"]},
+                              "url": {"type": "string"}, "json_url": {"type": "string"}}}
+    return {"type": "object", "required": ["model", "layer", "neuron", "neuron_url", key],
+            "properties": {"model": {"type": "string"}, "layer": {"type": "integer"}, "neuron": {"type": "integer"},
+                           "neuron_url": {"type": "string"}, key: request}}
+
+
+def _live_request(description: str, fields: dict, required: list[str], key: str) -> dict:
     schema = {"type": "object", "properties": fields, "required": required}
     return {
         "requestBody": {
@@ -37,8 +48,9 @@ def _live_request(description: str, fields: dict, required: list[str]) -> dict:
             "content": {"application/json": {"schema": schema}, "application/x-www-form-urlencoded": {"schema": schema}},
         },
         "responses": {
-            "202": {"description": "Queued for a worker (a JSON body): the request's data, with its permalink",
-                    "content": {"application/json": {"schema": {"type": "object"}}}},
+            "202": {"description": f"Queued for a worker (a JSON body): where it belongs, and the request under {key!r} "
+                                   "with its permalink",
+                    "content": {"application/json": {"schema": _queued(key)}}},
             "303": {"description": "Queued (a form): redirect to the request's page"},
             "400": _error("The fields are not valid, or are over the size limits"),
             "403": _error("Live requests are switched off on this server (NEEDLE_LIVE_REQUESTS=false)"),
@@ -48,17 +60,20 @@ def _live_request(description: str, fields: dict, required: list[str]) -> dict:
     }
 
 
-TEXT_REQUEST = _live_request("Your text, run through the model on this neuron", {"text": {"type": "string"}}, ["text"])
+TEXT_REQUEST = _live_request("Your text, run through the model on this neuron", {"text": {"type": "string"}}, ["text"],
+                             "run")
 CLAMP_REQUEST = _live_request(
     "A clamp sweep: p(token | prompt) as the neuron is clamped to COUNT values from START to STOP",
     {"prompt": {"type": "string"}, "token": {"type": "string"}, "start": _NUMBER, "stop": _NUMBER, "count": _INTEGER,
      "positions": {"enum": ["all", "last"]}},
     ["prompt", "token", "start", "stop", "count"],
+    "curve",
 )
 GENERATE_REQUEST = _live_request(
     "A generation with the neuron clamped at VALUE, beside the unclamped one (greedy without a seed)",
     {"prompt": {"type": "string"}, "value": _NUMBER, "tokens": _INTEGER, "seed": _INTEGER},
     ["prompt", "value", "tokens"],
+    "generation",
 )
 
 

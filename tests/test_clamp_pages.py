@@ -573,6 +573,30 @@ BAD_JSON = [  # what a form cannot send: JSON's own types, and numbers beyond an
 ]
 
 
+def test_the_live_requests_answer_in_one_shape_the_schema_gives(site):
+    """The text run, the clamp sweep and the generation answer (202, then their .json twins) in one
+    shape, which /-/openapi.json describes: where the request belongs, and the request under its key."""
+    import jsonschema
+
+    http = site.http
+    paths = http.get("/-/openapi.json").json()["paths"]
+    for path, body, key in (("text", {"text": "the dog"}, "run"), ("clamp", GOOD_CLAMP, "curve"),
+                            ("generate", GOOD_GENERATE, "generation")):
+        schema = paths["/{model}/{layer}/{neuron}/" + path]["post"]["responses"]["202"]["content"]["application/json"]["schema"]
+        r = http.post(f"{ALIGNED_URL}/{path}", json=body)
+        assert r.status_code == 202, r.text[:300]
+        queued = r.json()
+        jsonschema.validate(queued, schema)
+        assert (queued["model"], queued["layer"], queued["neuron"], queued["neuron_url"]) == (NAME, *ALIGNED, ALIGNED_URL)
+        twin = http.get(queued[key]["json_url"]).json()
+        jsonschema.validate(twin, schema)
+        assert set(twin) == set(queued) and twin[key]["id"] == queued[key]["id"]
+        for other in {"run", "curve", "generation"} - {key}:
+            with pytest.raises(jsonschema.ValidationError):  # the schema tells the three apart
+                jsonschema.validate(queued, paths["/{model}/{layer}/{neuron}/" + {"run": "text", "curve": "clamp",
+                                    "generation": "generate"}[other]]["post"]["responses"]["202"]["content"]["application/json"]["schema"])
+
+
 def test_bad_json_types_and_bodies_are_clear_4xx_and_store_nothing(site):
     http = site.http
     before = stored(site.engine)
