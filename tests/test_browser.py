@@ -354,6 +354,10 @@ def test_tab_reaches_the_search_strip_s_best_neuron_first(walk, demo):
     (they were drawn, and so tabbed, from #50 up), and Enter opens its page."""
     page = walk.page
     walk.goto(f"/{demo.model}/search?token=def")
+    # the copy drawn on top looks like the best dot (a <use> takes no style from the page's selectors)
+    fills = page.evaluate("""() => [document.querySelector('figure.score-strip circle.best'),
+                                    document.querySelector('figure.score-strip .on-top')].map(e => getComputedStyle(e).fill)""")
+    assert fills[0] == fills[1] == "rgb(176, 69, 47)", fills
     page.locator("main form.search button").focus()
     for _ in range(40):
         page.keyboard.press("Tab")
@@ -363,9 +367,13 @@ def test_tab_reaches_the_search_strip_s_best_neuron_first(walk, demo):
         raise AssertionError("Tab never reached the score strip")
     title = page.evaluate("() => document.activeElement.querySelector('title').textContent")
     assert title.startswith("#1: "), title
+    # the best dot's copy on top steps aside while #1 has the focus, so its focus mark shows; it is back for #2
+    on_top = "() => getComputedStyle(document.querySelector('figure.score-strip .on-top')).visibility"
+    assert page.evaluate(on_top) == "hidden"
     walk.shot("strip-focused")
     page.keyboard.press("Tab")
     assert page.evaluate("() => document.activeElement.querySelector('title').textContent").startswith("#2: ")
+    assert page.evaluate(on_top) == "visible"
     page.keyboard.press("Shift+Tab")
     page.keyboard.press("Enter")
     layer, neuron = map(int, re.fullmatch(r"#1: layer (\d+), neuron (\d+), score .*", title).groups())
