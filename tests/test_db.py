@@ -129,3 +129,38 @@ def test_a_neurons_curves_list_the_index_one_first_then_cli_then_visitors(engine
     with session_scope(engine) as s:
         got = [(c.source, c.id) for c in queries.clamp_curves_of_neuron(s, m.id, 1, 3)]
     assert got == [("index", ids[1]), ("cli", ids[4]), ("cli", ids[2]), ("page", ids[5]), ("page", ids[3]), ("page", ids[0])]
+
+
+def test_vocabulary_lookups_use_an_index_per_match(engine):
+    """The search's and the clamp target's token lookups find exact text, raw pieces and search
+    keys, exact matches first; on SQLite each match is an index lookup, not a read of the model's
+    whole vocabulary (one WHERE with OR made SQLite do that: 7.6 ms a search on 50k tokens)."""
+    from sqlalchemy import event
+
+    from tests.synthetic import vocab_rows
+
+    vocab = [" dog", "dog", "Dog", " Dog", "DOG", " cat", "hot dog", *[f"w{i}" for i in range(500)]]
+    with session_scope(engine) as s:
+        model = _model(s)
+        queries.replace_vocab(s, model.id, vocab_rows(vocab))
+        model_id = model.id
+    with session_scope(engine) as s:
+        found = queries.tokens_by_text_or_key(s, model_id, "dog", "dog")
+        assert [v.token for v in found] == ["dog", " dog", "Dog", " Dog", "DOG"], "exact first, then by key"
+        assert [v.token for v in queries.tokens_by_text_or_key(s, model_id, "Ġdog", "dog")][0] == " dog", "a raw piece"
+        assert [v.token for v in queries.tokens_by_text(s, model_id, [" cat", "Ġdog", "hot dog"])] == [" dog", " cat", "hot dog"]
+        assert queries.tokens_by_text(s, model_id, []) == []
+        if engine.dialect.name == "sqlite":  # the plans of the statements these lookups sent
+            sent = []
+            listener = lambda conn, cursor, statement, params, context, many: sent.append((statement, params))  # noqa: E731
+            event.listen(engine, "before_cursor_execute", listener)
+            try:
+                queries.tokens_by_text_or_key(s, model_id, "dog", "dog")
+                queries.tokens_by_text(s, model_id, ["dog", " cat"])
+            finally:
+                event.remove(engine, "before_cursor_execute", listener)
+            assert len(sent) == 2
+            for statement, params in sent:
+                plan = " ".join(str(r) for r in s.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params).all())
+                assert "ix_vocab_token" in plan and "ix_vocab_piece" in plan, plan
+                assert "SCAN vocab" not in plan and "(model_id=?)" not in plan, plan
