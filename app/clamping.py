@@ -296,14 +296,14 @@ def target_token(session: Session, model: Model, target: str) -> int | None:
     several tokens is a 400 that names them: p(token) is one next token's probability (Davies), and
     plotting a word's first piece instead would be a curve for something not asked. None: no stored
     tokenizer, so the worker encodes the text (and refuses several tokens the same way)."""
-    for text in dict.fromkeys((target, from_visible(target))):
+    meant = from_visible(target)
+    for text in dict.fromkeys((target, meant)):
         hits = queries.tokens_by_text(session, model.id, [text])
         if hits:
             return hits[0].token_id
     ids = tokenize_query(model, target)
     if ids is None:
         return None
-    meant = from_visible(target)
     if len(ids) != 1 and meant != target:  # ␣dog␣house: the marks stand for spaces
         target, ids = meant, tokenize_query(model, meant)
     if len(ids) == 1:

@@ -568,6 +568,17 @@ def summarise(result: dict) -> dict:
 # ---------------------------------------------------------------- main
 
 
+def _shares(text: str) -> list[float]:
+    """--open-shares: comma-separated numbers above 0, e.g. 0.25,0.5,0.75."""
+    try:
+        shares = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers, e.g. 0.25,0.5,0.75") from None
+    if not shares or not all(0 < x < float("inf") for x in shares):
+        raise argparse.ArgumentTypeError(f"{text!r}: give shares above 0, e.g. 0.25,0.5,0.75")
+    return shares
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--load", help=argparse.SUPPRESS)  # internal: run the load generator on this spec file
@@ -595,7 +606,7 @@ def main() -> int:
                     help="then each kind on one connection for this long (latency without queueing; 0: skip)")
     ap.add_argument("--open-seconds", type=float, default=10.0,
                     help="then each page open-loop (requests arriving at a fixed rate) for this long per rate (0: skip)")
-    ap.add_argument("--open-shares", default="0.25,0.5,0.75",
+    ap.add_argument("--open-shares", type=_shares, default="0.25,0.5,0.75",
                     help="the open-loop rates, as shares of the throughput each page reached under the closed loop")
     args = ap.parse_args()
     args.keep = args.keep or args.setup_only
@@ -648,7 +659,7 @@ def main() -> int:
                 "tokens": tokens, "server_pid": server.pid, "concurrency": args.concurrency, "seconds": args.seconds,
                 "rounds": args.rounds, "warmup": args.warmup, "serial_seconds": args.serial_seconds,
                 "gzip": args.gzip, "open_seconds": args.open_seconds,
-                "open_shares": [float(x) for x in args.open_shares.split(",") if x.strip()]}
+                "open_shares": args.open_shares}
         spec_file = logdir / "load.json"
         spec_file.write_text(json.dumps(spec))
         out["load"] = {"concurrency": args.concurrency, "seconds_per_kind_per_round": args.seconds,
