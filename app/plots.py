@@ -103,7 +103,11 @@ def histogram_svg(stats: dict, ident: str = "histogram") -> Markup:
 # The F1 plots (feature pages) draw a line per layer, up to dozens of them: a plot area wider and
 # taller than the one-series plots', text a size larger (13px, set on the plot's text, as the
 # stylesheet's 11px is for the others), and a legend of every layer, in as many columns as it takes.
+# Each is drawn twice: wide, its legend in columns at the right, and narrow (F1_NARROW_W), its
+# legend in rows below, for phones (the stylesheet shows one by the screen's width). Shrunk to a
+# 390 px phone, the wide one's text was about 6.5 px; the narrow one's stays about 12 px.
 F1_PLOT_W, F1_PLOT_H = 560, 260
+F1_NARROW_W = 296
 F1_LEFT, F1_TOP, F1_BOTTOM = 52, 14, 46
 F1_FONT = 13
 F1_LEGEND_ROW, F1_LEGEND_COL = 18, 80
@@ -122,9 +126,10 @@ def depth_colour(i: int, n: int) -> str:
     return "#" + "".join(f"{round(u + (v - u) * f):02x}" for u, v in zip(a, b))
 
 
-def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = None) -> Markup:
+def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = None, narrow: bool = False) -> Markup:
     """F1 against k (log axis), one line per layer, from each layer's `key` list ("curve": the
-    fast sweep, "pruned_curve": the pruning sweep)."""
+    fast sweep, "pruned_curve": the pruning sweep). narrow: the phone's drawing (class "narrow",
+    legend below the plot); else class "wide"."""
     ks = sorted({p["k"] for layer in layers for p in layer[key]})
     if not ks:
         return Markup("")
@@ -132,10 +137,17 @@ def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = Non
     lines = [(depth_colour(i, len(layers)), int(layer["layer"]), [p for p in layer[key] if p.get("f1") is not None])
              for i, layer in enumerate(layers)]
     lines = [line for line in lines if line[2]]
-    left, top, plot_w, plot_h = F1_LEFT, F1_TOP, F1_PLOT_W, F1_PLOT_H
-    rows = plot_h // F1_LEGEND_ROW
-    columns = max(1, math.ceil(len(lines) / rows))
-    width, height = left + plot_w + 16 + columns * F1_LEGEND_COL, top + plot_h + F1_BOTTOM
+    left, top, plot_h = F1_LEFT, F1_TOP, F1_PLOT_H
+    plot_w = F1_NARROW_W if narrow else F1_PLOT_W
+    if narrow:  # the legend in rows under the axis label, as many entries a row as fit the plot's width
+        columns = max(1, (left + plot_w) // F1_LEGEND_COL)
+        rows = max(1, math.ceil(len(lines) / columns))
+        width, height = left + plot_w + 16, top + plot_h + F1_BOTTOM + 8 + rows * F1_LEGEND_ROW
+    else:
+        rows = plot_h // F1_LEGEND_ROW
+        columns = max(1, math.ceil(len(lines) / rows))
+        width, height = left + plot_w + 16 + columns * F1_LEGEND_COL, top + plot_h + F1_BOTTOM
+    axis_label_y = top + plot_h + F1_BOTTOM - 6
     lo, hi = math.log2(ks[0]), math.log2(ks[-1]) or 1.0
 
     def x(k: int) -> float:
@@ -147,8 +159,9 @@ def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = Non
     best = max((p["f1"] for layer in layers for p in layer[key] if p.get("f1") is not None), default=None)
     desc = f"{len(layers)} layers, k from {ks[0]} to {ks[-1]}" + (f"; best F1 {best:.3f}." if best is not None else ".")
     parts = [
-        _open("curve", width, height, ident or f"f1-{key}", "Test F1 against the number of neurons k, per layer",
-              desc),
+        _open("curve " + ("narrow" if narrow else "wide"), width, height,
+              (ident or f"f1-{key}") + ("-narrow" if narrow else ""),
+              "Test F1 against the number of neurons k, per layer", desc),
         f'<g font-size="{F1_FONT}">',
     ]
     for tick in (0.25, 0.5, 0.75, 1.0):
@@ -163,7 +176,7 @@ def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = Non
         if k in (1, 2, 4, 8, 16, 32, 64, 128, 256) or k == ks[-1]:
             parts.append(f'<line class="tick" x1="{x(k):.1f}" y1="{top + plot_h}" x2="{x(k):.1f}" y2="{top + plot_h + 4}"/>')
             parts.append(f'<text x="{x(k):.1f}" y="{top + plot_h + 18}" text-anchor="middle">{k}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle" class="label">'
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{axis_label_y}" text-anchor="middle" class="label">'
                  "k (neurons)</text>")
     parts.append(f'<text x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" class="label" '
                  f'transform="rotate(-90 14 {top + plot_h / 2:.1f})">test F1</text>')
@@ -175,8 +188,12 @@ def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = Non
         for p, (px, py) in zip(points, pts):
             parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{colour}">'
                          f'<title>layer {number}, k={int(p["k"])}: F1 {float(p["f1"]):.3f}</title></circle>')
-        lx = left + plot_w + 16 + (i // rows) * F1_LEGEND_COL
-        ly = top + F1_LEGEND_ROW * (i % rows) + 12
+        if narrow:
+            lx = 8 + (i % columns) * F1_LEGEND_COL
+            ly = top + plot_h + F1_BOTTOM + 8 + F1_LEGEND_ROW * (i // columns) + 12
+        else:
+            lx = left + plot_w + 16 + (i // rows) * F1_LEGEND_COL
+            ly = top + F1_LEGEND_ROW * (i % rows) + 12
         parts.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 16}" y2="{ly - 4}" stroke="{colour}" stroke-width="3"/>')
         parts.append(f'<text x="{lx + 21}" y="{ly}">layer {number}</text>')
     parts.append("</g></svg>")

@@ -677,26 +677,31 @@ def test_embed_card_in_another_sites_iframe(walk, demo):
     walk.assert_clean()
 
 
-def test_feature_plots_are_readable_at_1280_px(walk, demo):
+def test_feature_plots_are_readable_on_a_desktop_and_a_phone(walk, demo):
     """The F1 plots of a feature page, a line per layer: at 1280 px each is drawn at least 640 px
-    wide with its text at 12 px or more, and every label and legend entry lies inside the plot."""
+    wide with its text at 12 px or more, and every label and legend entry lies inside the plot.
+    At 390 px (a phone) the narrow drawing shows instead, its legend below the plot, with its text
+    still 12 px or more; the wide one, shrunk to fit, had text of about 6.5 px."""
     walk.goto(f"/{demo.model}/features/{FEATURE}")
-    plots = walk.page.locator("svg.curve")
-    expect(plots).to_have_count(2)
-    for i in range(2):
-        got = plots.nth(i).evaluate("""svg => { const box = svg.getBoundingClientRect();
-            const scale = box.width / svg.viewBox.baseVal.width, out = [], sizes = [];
-            for (const t of svg.querySelectorAll('text')) {
-              const r = t.getBoundingClientRect();
-              sizes.push(parseFloat(getComputedStyle(t).fontSize) * scale);
-              if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1)
-                out.push(t.textContent);
-            }
-            return {width: box.width, smallest: Math.min(...sizes), outside: out,
-                    legend: [...svg.querySelectorAll('text')].filter(t => t.textContent.startsWith('layer ')).length}; }""")
-        assert got["width"] >= 640 and got["smallest"] >= 12, got
-        assert got["outside"] == [] and got["legend"] == demo.n_layers, got
-    walk.shot("feature-plots", plots.first)
+    measure = """svg => { const box = svg.getBoundingClientRect();
+        const scale = box.width / svg.viewBox.baseVal.width, out = [], sizes = [];
+        for (const t of svg.querySelectorAll('text')) {
+          const r = t.getBoundingClientRect();
+          sizes.push(parseFloat(getComputedStyle(t).fontSize) * scale);
+          if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1)
+            out.push(t.textContent);
+        }
+        return {width: box.width, smallest: Math.min(...sizes), outside: out, narrow: svg.classList.contains('narrow'),
+                legend: [...svg.querySelectorAll('text')].filter(t => t.textContent.startsWith('layer ')).length}; }"""
+    plots = walk.page.locator("svg.curve:visible")
+    for width, narrow, least in ((1280, False, 640), (390, True, 330)):
+        walk.page.set_viewport_size({"width": width, "height": 900})
+        expect(plots).to_have_count(2)
+        for i in range(2):
+            got = plots.nth(i).evaluate(measure)
+            assert got["narrow"] is narrow and got["width"] >= least and got["smallest"] >= 12, (width, got)
+            assert got["outside"] == [] and got["legend"] == demo.n_layers, (width, got)
+        walk.shot("feature-plots" + ("-on-a-phone" if narrow else ""), plots.first)
     walk.assert_clean()
 
 

@@ -531,9 +531,13 @@ def test_plots_name_themselves_and_every_mark_has_a_hover_value(site):
 
     feature = site.soup(urls.feature_url(MODEL, FEATURE))
     f1_plots = feature.select("svg.curve")
-    assert len(f1_plots) == 2
+    # the fast and the pruning sweep, each drawn wide and narrow (for phones), with the same marks
+    assert [" ".join(svg["class"]) for svg in f1_plots] == ["plot curve wide", "plot curve narrow"] * 2
     for svg in f1_plots:
         assert_accessible(svg)
+    for wide, narrow in (f1_plots[:2], f1_plots[2:]):
+        assert [c.title.get_text() for c in wide.select("circle")] == [c.title.get_text() for c in narrow.select("circle")]
+        assert wide.find("desc").get_text() == narrow.find("desc").get_text()
     ids = [tag["id"] for tag in feature.select("[id]")]
     assert len(ids) == len(set(ids))
 
@@ -590,3 +594,29 @@ def test_score_strip_axis_fits_the_scores(scores, low):
     assert all(grid[2] <= y <= grid[0] for y in ys), "every dot inside the axis"
     if len(scores) > 1:
         assert max(ys) - min(ys) > 0.5 * (grid[0] - grid[2]), "the dots use most of the height"
+
+
+@pytest.mark.parametrize("n_layers", [1, 4, 24, 64])
+def test_f1_plot_narrow_keeps_its_legend_inside_and_under_the_plot(n_layers):
+    """The phone's F1 plot: at most 364 units wide (drawn about 346 px wide on a 390 px phone, its
+    13-unit text at about 12 px), its legend in rows under the plot with every layer named, and
+    every label inside the drawing (13-unit text is at most about 8 units a character)."""
+    ks = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    layers = [{"layer": i, "curve": [{"k": k, "f1": 0.5 + 0.4 * (i / max(n_layers - 1, 1)) * k / 256} for k in ks]}
+              for i in range(n_layers)]
+    svg = BeautifulSoup(str(plots.f1_curve_svg(layers, narrow=True)), "html.parser").svg
+    _, _, width, height = map(float, svg["viewbox"].split())  # html.parser lowercases names
+    assert width <= 364 and "narrow" in svg["class"]
+    axis_bottom = max(float(line["y1"]) for line in svg.select("line.axis"))
+    legend = [t for t in svg.select("text") if t.get_text().startswith("layer ")]
+    assert [t.get_text() for t in legend] == [f"layer {i}" for i in range(n_layers)]
+    assert all(float(t["y"]) > axis_bottom + 20 for t in legend), "below the axis and its label"
+    for t in svg.select("text"):
+        x, y, chars = float(t["x"]), float(t["y"]), len(t.get_text())
+        half = {"middle": 0.5, "end": 1.0}.get(t.get("text-anchor"), 0.0) * 8 * chars
+        if t.get("transform"):  # the rotated y label
+            continue
+        assert 0 <= x - half and x - half + 8 * chars <= width + 1 and 0 < y <= height, t
+    wide = BeautifulSoup(str(plots.f1_curve_svg(layers)), "html.parser").svg
+    assert "wide" in wide["class"] and wide.find("desc").get_text() == svg.find("desc").get_text()
+    assert wide["aria-labelledby"] != svg["aria-labelledby"], "both on one page: their ids differ"

@@ -81,8 +81,9 @@ def test_digit_neuron_is_the_k1_probe_and_first_by_mean_difference(probed):
             cell = row.select("td")[5]
             assert cell.select_one("a")["href"] == f"/{NAME}/{entry['layer']}/{alone['neuron']}#features"
             assert f"{alone['f1']:.3f}" in cell.get_text()
-        fast, pruned = page.select("svg.curve")  # the fast sweep and the pruning sweep, a line per layer
-        assert len(fast.select("polyline")) == 2 and len(pruned.select("polyline")) == 2
+        # the fast sweep and the pruning sweep, a line per layer, each drawn wide and narrow (phones)
+        fast, fast_narrow, pruned, pruned_narrow = page.select("svg.curve")
+        assert all(len(svg.select("polyline")) == 2 for svg in (fast, fast_narrow, pruned, pruned_narrow))
         assert "Train" in page.select_one("dl.counts").get_text()
 
         # the neuron page lists the feature with its single-neuron metrics
