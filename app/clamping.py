@@ -227,7 +227,7 @@ def again_form(model: Model, layer: int, neuron: int, *, live: bool, curve: dict
     form = form_base(model, layer, neuron, live=live)
     if curve is not None:
         values = curve["values"] or [0.0, 0.0]
-        form.update(prompt=curve["prompt"], token=curve["target"] or curve["token"] or "", start=values[0],
+        form.update(prompt=curve["prompt"], token=target_field(curve["target"] or curve["token"]), start=values[0],
                     stop=values[-1], count=len(values), last_only=curve["positions"] == "last")
     if generation is not None:
         form.update(prompt=generation["prompt"], value=generation["value"], tokens=generation["tokens"],
@@ -244,7 +244,7 @@ def neuron_section(session: Session, model: Model, layer: int, neuron: int, top_
         "clamp_form": {
             **form_base(model, layer, neuron, live=live),
             "prompt": (model.info or {}).get("clamp_prompt") or "The",
-            "token": top_token or "",
+            "token": target_field(top_token),
             "start": -bound,
             "stop": bound,
             "count": DEFAULT_COUNT,
@@ -279,7 +279,7 @@ def start_clamp(session: Session, model: Model, layer: int, neuron: int, form: d
     values = value_range(_number(form, "start", "range start"), _number(form, "stop", "range end"),
                          _number(form, "count", "number of values", int), hints=FORM_RANGE_HINTS)
     positions = "last" if str(form.get("positions", "all")) == "last" or form.get("last_only") in (True, "on", "1", "true") else "all"
-    token_id = target_token(session, model, target)
+    token_id, target = target_token(session, model, target)  # ␣dog is kept as " dog", as it is meant
     curve = queries.add_clamp_curve(session, model.id, layer, neuron, prompt=prompt, target=target,
                                     positions=positions, values=values, source="page")
     job = queries.enqueue_job(
@@ -290,24 +290,32 @@ def start_clamp(session: Session, model: Model, layer: int, neuron: int, form: d
     return curve_data(model, curve, job)
 
 
-def target_token(session: Session, model: Model, target: str) -> int | None:
-    """The id of the one token a sweep follows: a vocabulary token spelled exactly so, or as a page's
-    chip shows it (␣dog for " dog"), else what the model's stored tokenizer makes of it. Text of
-    several tokens is a 400 that names them: p(token) is one next token's probability (Davies), and
-    plotting a word's first piece instead would be a curve for something not asked. None: no stored
-    tokenizer, so the worker encodes the text (and refuses several tokens the same way)."""
+def target_field(token: str | None) -> str:
+    """A target token as the sweep form's field shows it: as its chip does (␣dog for " dog"), so a
+    leading space, a newline or a tab can be seen, where typed text showed nothing. target_token
+    reads it back."""
+    return visible(token) if token else ""
+
+
+def target_token(session: Session, model: Model, target: str) -> tuple[int | None, str]:
+    """(the id of the one token a sweep follows, the text it was found as): a vocabulary token
+    spelled exactly so, or as a page's chip shows it (␣dog for " dog": found as " dog"), else what
+    the model's stored tokenizer makes of it. Text of several tokens is a 400 that names them:
+    p(token) is one next token's probability (Davies), and plotting a word's first piece instead
+    would be a curve for something not asked. None: no stored tokenizer, so the worker encodes the
+    text (and refuses several tokens the same way)."""
     meant = from_visible(target)
     for text in dict.fromkeys((target, meant)):
         hits = queries.tokens_by_text(session, model.id, [text])
         if hits:
-            return hits[0].token_id
+            return hits[0].token_id, text
     ids = tokenize_query(model, target)
     if ids is None:
-        return None
+        return None, target
     if len(ids) != 1 and meant != target:  # ␣dog␣house: the marks stand for spaces
         target, ids = meant, tokenize_query(model, meant)
     if len(ids) == 1:
-        return ids[0]
+        return ids[0], target
     if not ids:
         raise NeedleError(f"The target {target!r} has no tokens.", hint="Type a word or a token, e.g. ' dog'.")
     raise several_tokens(target, [queries.tokens_by_ids(session, model.id, ids).get(i) for i in ids])
