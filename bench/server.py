@@ -6,6 +6,7 @@
     python bench/server.py --database-url URL       # reuse a database an earlier --keep run filled
     python bench/server.py --sqlite /tmp/bench.sqlite   # SQLite instead (built once, reused)
     python bench/server.py --layers 2 --d-mlp 2048 --vocab 8192 --seconds 3 --rounds 1   # smoke run
+    python bench/server.py --database-url URL --ceiling   # ... and the ceiling (4. below)
 
 1. Setup (timed, in no ratio). A database of --layers x --d-mlp neurons (default 64 x 16,384 =
    1,048,576) with synthetic data written by the project's own writers (workers/store.py): a
@@ -40,6 +41,12 @@
    the server drains a queue; the open loop says what a user waits at a given traffic. Also reported: the
    server's CPU time per request (its process and children, from /proc), the machine's load
    average and a speed probe before and after (other work on the cores slows everything).
+
+4. --ceiling: the closed-loop rounds again against bench/ceiling.py, Needle's own app and middleware
+   served the same way, where the neuron page and the search answer with the bytes of one real page
+   of each (fetched from the server above) held in memory: no database, no rendering. Its ratio to
+   health is what those pages could reach if nothing were computed per request (every page rendered
+   ahead of time); the gap between it and step 3 is the per-request work, not the bytes sent.
 
 Goals (issue 7): p50 < 20 ms and p99 < 100 ms for the neuron page and the search, and each at
 >= 30% of the health endpoint's throughput.
@@ -495,11 +502,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(url: str, port: int, log: Path, processes: int = 1) -> subprocess.Popen:
-    """`needle serve --processes N` (python -m needle.cli, from this checkout) against url."""
+def start_server(url: str, port: int, log: Path, processes: int = 1, argv: list[str] | None = None) -> subprocess.Popen:
+    """`needle serve --processes N` (python -m needle.cli, from this checkout) against url, or
+    argv (a server that takes the same environment), once it answers /-/health."""
     env = {**os.environ, "NEEDLE_DATABASE_URL": url}
-    argv = [sys.executable, "-m", "needle.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--processes", str(processes)]
+    argv = argv or [sys.executable, "-m", "needle.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                    "--processes", str(processes)]
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -513,6 +521,59 @@ def start_server(url: str, port: int, log: Path, processes: int = 1) -> subproce
         except OSError:
             time.sleep(0.2)
     raise SystemExit("the server did not answer /-/health within 120 s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def fetch(port: int, path: str) -> bytes:
+    """One page's body, asked for as the load generator asks (text/html, no Accept-Encoding)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        c.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/html\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := c.recv(1 << 16):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200") or b"chunked" in head.lower():
+        raise SystemExit(f"GET {path} for the ceiling: {head[:200]!r}")
+    return body
+
+
+def run_ceiling(url: str, spec: dict, logdir: Path) -> dict:
+    """--ceiling: the closed-loop rounds again, against bench/ceiling.py (the same app, the same
+    uvicorn, but the neuron page and the search answer with one real page of each, fixed bytes
+    from memory). What the two pages would reach with nothing computed per request."""
+    rng = random.Random(spec["rounds"])
+    pages = {"neuron": f"/{NAME}/{rng.randrange(spec['layers'])}/{rng.randrange(spec['d_mlp'])}",
+             "search": f"/{NAME}/search?token={urllib.parse.quote(spec['tokens'][0], safe='')}"}
+    files = {}
+    for kind, path in pages.items():
+        files[kind] = logdir / f"ceiling-{kind}.html"
+        files[kind].write_bytes(fetch(spec["port"], path))
+    port = free_port()
+    server = start_server(url, port, logdir / "ceiling.log", argv=[
+        sys.executable, str(ROOT / "bench" / "ceiling.py"), "--port", str(port),
+        "--neuron", str(files["neuron"]), "--search", str(files["search"])])
+    try:
+        spec = {**spec, "port": port, "server_pid": server.pid, "serial_seconds": 0, "open_seconds": 0}
+        (logdir / "ceiling.json").write_text(json.dumps(spec))
+        load = subprocess.run([sys.executable, __file__, "--load", str(logdir / "ceiling.json")], check=False,
+                              capture_output=True, text=True)
+    finally:
+        stop_server(server)
+    if load.returncode != 0:
+        raise SystemExit(f"the load generator failed on the ceiling:\n{load.stderr[-3000:]}")
+    res = summarise(json.loads(load.stdout))
+    keep = ("p50_ms", "p99_ms", "rps", "ratio_to_health", "server_cpu_ms_per_request", "body_bytes_mean",
+            "status_codes")
+    return {"what": "the same app and server, the neuron page and the search answered with one real page of "
+                    "each from memory (bench/ceiling.py): no database, no rendering",
+            "pages": pages, **{kind: {k: v for k, v in res[kind].items() if k in keep} for kind in KINDS}}
 
 
 def summarise(result: dict) -> dict:
@@ -608,6 +669,9 @@ def main() -> int:
                     help="then each page open-loop (requests arriving at a fixed rate) for this long per rate (0: skip)")
     ap.add_argument("--open-shares", type=_shares, default="0.25,0.5,0.75",
                     help="the open-loop rates, as shares of the throughput each page reached under the closed loop")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="then the closed-loop rounds again with each page's bytes answered from memory by the same "
+                         "app (bench/ceiling.py): what the pages would reach with nothing computed per request")
     args = ap.parse_args()
     args.keep = args.keep or args.setup_only
     if args.load:
@@ -675,13 +739,11 @@ def main() -> int:
         if load.returncode != 0:
             raise SystemExit(f"the load generator failed:\n{load.stderr[-3000:]}")
         out["results"] = summarise(json.loads(load.stdout))
+        if args.ceiling:
+            out["ceiling"] = run_ceiling(url, spec, logdir)
     finally:
         if server is not None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
         if dbs is not None and not args.keep:
             dbs.drop_all()
 
@@ -700,6 +762,12 @@ def main() -> int:
             print(f"{kind:7s} open loop at {o['share_of_capacity']:.0%} of its closed-loop throughput "
                   f"({o['offered_rps']:.1f} req/s offered, {o['rps']:.1f} answered): p50 {o['p50_ms']:.2f} ms, "
                   f"p99 {o['p99_ms']:.2f} ms, {o['connections']} connections, codes {o['codes']}", file=sys.stderr)
+    for kind in ("neuron", "search") if "ceiling" in out else ():
+        c = out["ceiling"][kind]
+        print(f"{kind:7s} ceiling (one page's bytes from memory, same app): p50 {c['p50_ms']:.2f} ms, "
+              f"p99 {c['p99_ms']:.2f} ms, {c['rps']:.1f} req/s, {c['ratio_to_health']:.0%} of health's throughput "
+              f"(server CPU {c['server_cpu_ms_per_request']:.2f} ms/request, {c['body_bytes_mean']:,} body bytes, "
+              f"codes {c['status_codes']})", file=sys.stderr)
     met = all(all(res[k]["goals"].values()) for k in ("neuron", "search"))
     out["goals_met"] = met
     print(f"goals (p50 < 20 ms, p99 < 100 ms, >= 30% of health's throughput, for both pages): "
