@@ -4,7 +4,11 @@ for the templates.
 
 Each plot is an accessible image: <svg role="img" aria-labelledby=...> names its own <title>
 and <desc> (ids from the `ident` argument, unique on a page), and every bar or point carries
-a <title> with its values, which browsers show on hover without any script."""
+a <title> with its values, which browsers show on hover without any script.
+
+Each plot is drawn twice (wide_and_narrow): wide, and narrow (class "narrow", ids ending in
+"-narrow") for phones, where the stylesheet shows it instead. Shrunk to a 390 px phone, a wide
+plot's 11 px text was under 7 px; the narrow drawing, about the screen's width, keeps it near 11 px."""
 
 from __future__ import annotations
 
@@ -13,14 +17,41 @@ import math
 from markupsafe import Markup, escape
 
 WIDTH, HEIGHT = 560, 170
+NARROW_W = 340  # the phone's drawing of the histogram, the clamp curve and the score strip
 LEFT, RIGHT, TOP, BOTTOM = 46, 12, 10, 34
+
+
+def wide_and_narrow(draw):
+    """draw(...) + draw(..., narrow=True): both drawings of a plot, for the templates."""
+    def both(*args, **kwargs) -> Markup:
+        return draw(*args, **kwargs) + draw(*args, narrow=True, **kwargs)
+    both.__name__ = draw.__name__
+    return both
+
+
+def _variant(cls: str, ident: str, narrow: bool) -> tuple[str, str]:
+    """A drawing's class and its ids' stem: "narrow" ones end in "-narrow" (both are on a page)."""
+    return (f"{cls} narrow", f"{ident}-narrow") if narrow else (f"{cls} wide", ident)
 
 
 def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _open(cls: str, width: int, height: int, ident: str, title: str, desc: str) -> str:
+def _count(n: int) -> str:
+    """A count short enough for the histogram's left margin (at most 5 characters: 163,604 ran
+    past the plot's edge): 9,999, then 164k, 1.2M, 35M, 1.2G. Its tooltips keep the exact count."""
+    if n < 10_000:
+        return f"{n:,}"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size * 0.9995 or unit == "k":
+            value = n / size
+            text = f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
+            return text + unit
+    raise AssertionError(n)
+
+
+def _open(cls: str, ident: str, title: str, desc: str, width: int, height: int) -> str:
     """The opening <svg> of an accessible plot, with its <title> and <desc>."""
     ident = escape(ident)
     return (
@@ -30,7 +61,7 @@ def _open(cls: str, width: int, height: int, ident: str, title: str, desc: str) 
     )
 
 
-def histogram_svg(stats: dict, ident: str = "histogram") -> Markup:
+def histogram_svg(stats: dict, ident: str = "histogram", narrow: bool = False) -> Markup:
     """The activation histogram of a neuron: bars on a log count axis, with 0, the threshold
     and the mean marked. Each bar's tooltip gives its range and count."""
     edges = stats["histogram"]["edges"]
@@ -39,7 +70,8 @@ def histogram_svg(stats: dict, ident: str = "histogram") -> Markup:
         return Markup("")
     lo, hi = edges[0], edges[-1]
     span = (hi - lo) or 1.0
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    width = NARROW_W if narrow else WIDTH
+    plot_w, plot_h = width - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     top = math.log10(1 + max(counts, default=0)) or 1.0
 
     def x(v: float) -> float:
@@ -57,7 +89,8 @@ def histogram_svg(stats: dict, ident: str = "histogram") -> Markup:
     if stats.get("threshold") is not None:
         desc += f" Threshold {_fmt(stats['threshold'])}."
     parts = [
-        _open("histogram", WIDTH, HEIGHT, ident, "Histogram of this neuron's activations (log count)", desc),
+        _open(*_variant("histogram", ident, narrow), "Histogram of this neuron's activations (log count)", desc,
+              width, HEIGHT),
         f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{LEFT + plot_w}" y2="{TOP + plot_h}"/>',
         f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/>',
     ]
@@ -90,7 +123,7 @@ def histogram_svg(stats: dict, ident: str = "histogram") -> Markup:
     parts.append(
         f'<text x="{LEFT + plot_w / 2:.1f}" y="{base + 16}" text-anchor="middle" class="label">activation</text>'
     )
-    parts.append(f'<text x="{LEFT - 6}" y="{TOP + 8}" text-anchor="end">{max(counts, default=0):,}</text>')
+    parts.append(f'<text x="{LEFT - 6}" y="{TOP + 8}" text-anchor="end">{_count(max(counts, default=0))}</text>')
     parts.append(f'<text x="{LEFT - 6}" y="{TOP + plot_h}" text-anchor="end">0</text>')
     parts.append(
         f'<text x="12" y="{TOP + plot_h / 2:.1f}" text-anchor="middle" class="label" '
@@ -159,9 +192,8 @@ def f1_curve_svg(layers: list[dict], key: str = "curve", ident: str | None = Non
     best = max((p["f1"] for layer in layers for p in layer[key] if p.get("f1") is not None), default=None)
     desc = f"{len(layers)} layers, k from {ks[0]} to {ks[-1]}" + (f"; best F1 {best:.3f}." if best is not None else ".")
     parts = [
-        _open("curve " + ("narrow" if narrow else "wide"), width, height,
-              (ident or f"f1-{key}") + ("-narrow" if narrow else ""),
-              "Test F1 against the number of neurons k, per layer", desc),
+        _open(*_variant("curve", ident or f"f1-{key}", narrow), "Test F1 against the number of neurons k, per layer",
+              desc, width, height),
         f'<g font-size="{F1_FONT}">',
     ]
     for tick in (0.25, 0.5, 0.75, 1.0):
@@ -209,7 +241,7 @@ def _nice_top(value: float) -> float:
     return 10 ** (k + 1)
 
 
-def clamp_curve_svg(curve: dict, ident: str | None = None) -> Markup:
+def clamp_curve_svg(curve: dict, ident: str | None = None, narrow: bool = False) -> Markup:
     """p(target) against the clamp value: a line with a point per value (its tooltip gives both
     numbers) and the unclamped model marked (a dashed line at its activation, a ring at its
     probability). The y axis runs from 0 to a round number above the largest probability, which
@@ -221,7 +253,8 @@ def clamp_curve_svg(curve: dict, ident: str | None = None) -> Markup:
     lo, hi = min(xs), max(xs)
     span = (hi - lo) or 1.0
     y_top = _nice_top(max(max(ys), base.get("prob") or 0.0, 1e-12))
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    width = NARROW_W if narrow else WIDTH
+    plot_w, plot_h = width - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def x(v: float) -> float:
         return LEFT + plot_w * (v - lo) / span
@@ -239,7 +272,7 @@ def clamp_curve_svg(curve: dict, ident: str | None = None) -> Markup:
     if ident is None:
         ident = f"clamp-{int(curve['id'])}" if isinstance(curve.get("id"), int) else f"clamp-{abs(hash(tuple(xs))):x}"
     parts = [
-        _open("clamp-curve", WIDTH, HEIGHT, ident, "p(target) against the clamp value", desc),
+        _open(*_variant("clamp-curve", ident, narrow), "p(target) against the clamp value", desc, width, HEIGHT),
         f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{LEFT + plot_w}" y2="{TOP + plot_h}"/>',
         f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/>',
         f'<line class="grid" x1="{LEFT}" y1="{y(y_top / 2):.1f}" x2="{LEFT + plot_w}" y2="{y(y_top / 2):.1f}"/>',
@@ -276,7 +309,7 @@ STRIP_W, STRIP_H = 560, 210
 STRIP_POINTS = 50
 
 
-def score_strip_svg(strip: dict, ident: str = "score-strip") -> Markup:
+def score_strip_svg(strip: dict, ident: str = "score-strip", narrow: bool = False) -> Markup:
     """Where the top neurons for a token sit in the model (Davies 2025, Figure 2): one dot per
     neuron, x its layer, y its normalised score, each dot a link to the neuron's page with
     its numbers in a tooltip. `strip` is the search page's {"n_layers", "points": [{"layer",
@@ -288,7 +321,9 @@ def score_strip_svg(strip: dict, ident: str = "score-strip") -> Markup:
     if not points:
         return Markup("")
     left, right, top, bottom = 52, 12, 12, 40
-    plot_w, plot_h = STRIP_W - left - right, STRIP_H - top - bottom
+    width = NARROW_W if narrow else STRIP_W
+    cls, ident = _variant("score-strip", ident, narrow)
+    plot_w, plot_h = width - left - right, STRIP_H - top - bottom
     band = plot_w / n_layers
     hi, lo = max(p["score"] for p in points), min(p["score"] for p in points)
     y_top = _nice_top(max(hi, 1e-12))
@@ -314,8 +349,7 @@ def score_strip_svg(strip: dict, ident: str = "score-strip") -> Markup:
         f"the best, layer {int(best['layer'])} neuron {int(best['neuron'])}, scores {best['score']:.4g}."
     )
     parts = [
-        _open("score-strip", STRIP_W, STRIP_H, ident, f"Normalised score of the top {len(points)} neurons, by layer",
-              desc),
+        _open(cls, ident, f"Normalised score of the top {len(points)} neurons, by layer", desc, width, STRIP_H),
         f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}"/>',
         f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
     ]
@@ -324,7 +358,7 @@ def score_strip_svg(strip: dict, ident: str = "score-strip") -> Markup:
         parts.append(f'<line class="grid" x1="{left}" y1="{y(tick):.1f}" x2="{left + plot_w}" y2="{y(tick):.1f}"/>')
     for tick in ticks:
         parts.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.3g}</text>')
-    step = max(1, math.ceil(n_layers / 16))
+    step = max(1, math.ceil(n_layers / (10 if narrow else 16)))  # layer labels at least about 28 units apart
     for layer in range(n_layers):
         if layer % step == 0 or layer == n_layers - 1:
             parts.append(f'<line class="tick" x1="{x(layer):.1f}" y1="{top + plot_h}" x2="{x(layer):.1f}" '

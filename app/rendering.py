@@ -63,10 +63,11 @@ def environment() -> Environment:
     env.filters["quoted"] = quoted
     env.filters["inline_code"] = inline_code
     env.globals.update(urls.template_globals())
-    env.globals["histogram_svg"] = plots.histogram_svg
-    env.globals["f1_curve_svg"] = plots.f1_curve_svg
-    env.globals["clamp_curve_svg"] = plots.clamp_curve_svg
-    env.globals["score_strip_svg"] = plots.score_strip_svg
+    # each plot drawn wide and narrow (phones): the stylesheet shows one
+    env.globals["histogram_svg"] = plots.wide_and_narrow(plots.histogram_svg)
+    env.globals["f1_curve_svg"] = plots.wide_and_narrow(plots.f1_curve_svg)
+    env.globals["clamp_curve_svg"] = plots.wide_and_narrow(plots.clamp_curve_svg)
+    env.globals["score_strip_svg"] = plots.wide_and_narrow(plots.score_strip_svg)
     env.globals["clamp_method"] = clamping.METHOD
     env.globals["context_tokens"] = context_tokens
     env.globals["context_items"] = context_items

@@ -419,12 +419,12 @@ def test_clamp_sweep_shows_the_plot(walk, demo):
     page = walk.page
     layer, neuron = LIVE_NEURON
     walk.goto(neuron_path(demo, layer, neuron))
-    expect(page.locator("#clamp-result svg")).to_have_count(0)
+    expect(page.locator("#clamp-result svg.plot:visible")).to_have_count(0)
     form = page.locator("#clamp form.clamp-form").first
     form.locator('input[name="count"]').fill("11")
     walk.shot("clamp-form")
     form.get_by_role("button", name="Sweep").click()
-    plot = page.locator("#clamp-result svg")
+    plot = page.locator("#clamp-result svg.plot:visible")
     expect(plot).to_be_visible(timeout=WORKER_TIMEOUT_MS)
     expect(page.locator("#clamp-result .error-message")).to_have_count(0)
     box = plot.bounding_box()
@@ -461,7 +461,7 @@ def test_sweep_again_from_a_curve_s_page_with_one_thing_changed(walk, demo):
     again.get_by_role("button", name="Sweep").click()
     expect(page).not_to_have_url(first_url)
     expect(page).to_have_url(re.compile(r"/clamp/\d+$"))
-    plot = page.locator("#clamp-result svg")
+    plot = page.locator("#clamp-result svg.plot:visible")
     expect(plot).to_be_visible(timeout=WORKER_TIMEOUT_MS)
     walk.shot("sweep-again-plot", panel=page.locator("#clamp-result"))
     first, second = (page.request.get(url + ".json").json()["curve"] for url in (first_url, page.url))
@@ -492,7 +492,7 @@ def test_an_error_in_a_panel_is_shown_and_the_form_works_again(walk, demo):
     # the panel kept its id: a good range now gives the plot in the same place
     form.locator('input[name="start"]').fill("-5")
     form.get_by_role("button", name="Sweep").click()
-    expect(page.locator("#clamp-result svg")).to_be_visible(timeout=WORKER_TIMEOUT_MS)
+    expect(page.locator("#clamp-result svg.plot:visible")).to_be_visible(timeout=WORKER_TIMEOUT_MS)
     expect(page.locator("#clamp-result .error-message")).to_have_count(0)
     walk.assert_clean()
 
@@ -677,29 +677,33 @@ def test_embed_card_in_another_sites_iframe(walk, demo):
     walk.assert_clean()
 
 
+# A plot's drawn width, its smallest text in CSS pixels as drawn, the texts that stick out of it,
+# and how many legend entries ("layer N") it has.
+PLOT_TEXT = """svg => { const box = svg.getBoundingClientRect();
+    const scale = box.width / svg.viewBox.baseVal.width, out = [], sizes = [];
+    for (const t of svg.querySelectorAll('text')) {
+      const r = t.getBoundingClientRect();
+      sizes.push(parseFloat(getComputedStyle(t).fontSize) * scale);
+      if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1)
+        out.push(t.textContent);
+    }
+    return {width: box.width, smallest: Math.min(...sizes), outside: out, classes: [...svg.classList],
+            legend: [...svg.querySelectorAll('text')].filter(t => t.textContent.startsWith('layer ')).length}; }"""
+
+
 def test_feature_plots_are_readable_on_a_desktop_and_a_phone(walk, demo):
     """The F1 plots of a feature page, a line per layer: at 1280 px each is drawn at least 640 px
     wide with its text at 12 px or more, and every label and legend entry lies inside the plot.
     At 390 px (a phone) the narrow drawing shows instead, its legend below the plot, with its text
     still 12 px or more; the wide one, shrunk to fit, had text of about 6.5 px."""
     walk.goto(f"/{demo.model}/features/{FEATURE}")
-    measure = """svg => { const box = svg.getBoundingClientRect();
-        const scale = box.width / svg.viewBox.baseVal.width, out = [], sizes = [];
-        for (const t of svg.querySelectorAll('text')) {
-          const r = t.getBoundingClientRect();
-          sizes.push(parseFloat(getComputedStyle(t).fontSize) * scale);
-          if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1)
-            out.push(t.textContent);
-        }
-        return {width: box.width, smallest: Math.min(...sizes), outside: out, narrow: svg.classList.contains('narrow'),
-                legend: [...svg.querySelectorAll('text')].filter(t => t.textContent.startsWith('layer ')).length}; }"""
     plots = walk.page.locator("svg.curve:visible")
     for width, narrow, least in ((1280, False, 640), (390, True, 330)):
         walk.page.set_viewport_size({"width": width, "height": 900})
         expect(plots).to_have_count(2)
         for i in range(2):
-            got = plots.nth(i).evaluate(measure)
-            assert got["narrow"] is narrow and got["width"] >= least and got["smallest"] >= 12, (width, got)
+            got = plots.nth(i).evaluate(PLOT_TEXT)
+            assert ("narrow" in got["classes"]) is narrow and got["width"] >= least and got["smallest"] >= 12, (width, got)
             assert got["outside"] == [] and got["legend"] == demo.n_layers, (width, got)
         walk.shot("feature-plots" + ("-on-a-phone" if narrow else ""), plots.first)
     walk.assert_clean()
@@ -726,15 +730,22 @@ def test_no_page_is_wider_than_a_phone(walk, demo):
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, (path, width)
     # every plot in full on a 390 px phone: none runs past its figure (the clamp curve's rising
-    # half, the F1 plots' legend and the search strip's last layer were cut off at 460 px)
+    # half, the F1 plots' legend and the search strip's last layer were cut off at 460 px), and
+    # each is its narrow drawing, its text 10.5 px or more with none outside it (the wide ones,
+    # shrunk to fit, had text of 6.4 to 7.3 px)
     clipped = """() => [...document.querySelectorAll('main svg.plot')].filter(svg => {
         const box = svg.closest('figure') || svg.parentElement;
         return svg.getBoundingClientRect().right > box.getBoundingClientRect().right + 1; }).length"""
-    for path in (neuron_path(demo, *CURVE_NEURON), f"/{demo.model}/search?token=def", f"/{demo.model}/features/{FEATURE}"):
+    for path, kinds in ((neuron_path(demo, *CURVE_NEURON), ["histogram", "clamp-curve"]),
+                        (f"/{demo.model}/search?token=def", ["score-strip"]),
+                        (f"/{demo.model}/features/{FEATURE}", ["curve", "curve"])):
         walk.goto(path)
-        assert page.locator("main svg.plot").count() > 0, path
-        if path == neuron_path(demo, *CURVE_NEURON):
-            assert page.locator("main svg.clamp-curve").count() == 1
+        plots = page.locator("main svg.plot:visible")
+        assert plots.count() == len(kinds), path
+        for i, kind in enumerate(kinds):
+            got = plots.nth(i).evaluate(PLOT_TEXT)
+            assert kind in got["classes"] and "narrow" in got["classes"], (path, got)
+            assert got["smallest"] >= 10.5 and got["outside"] == [], (path, got)
         assert page.evaluate(clipped) == 0, path
     walk.goto(neuron_path(demo, *LIVE_NEURON))
     walk.shot("neuron-on-a-phone")

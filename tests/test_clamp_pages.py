@@ -257,7 +257,7 @@ def test_index_stores_a_curve_for_each_neuron_that_is_a_top_hit_for_its_own_top_
         data = http.get(f"/{NAME}/{layer}/{neuron}.json").json()
         section = soup_of(http.get(f"/{NAME}/{layer}/{neuron}")).select_one("section#clamp")
         boxes = section.select(".clamp-curve-box")
-        assert len(boxes) == len(data["clamp_curves"]) == len(section.select("svg.clamp-curve")) == 1
+        assert len(boxes) == len(data["clamp_curves"]) == len(section.select("svg.clamp-curve.wide")) == 1
         check_curve_plot(boxes[0], data["clamp_curves"][0])
         assert "needle index" in boxes[0].get_text()
         assert len(boxes[0].select("table.tokens")) == 2
@@ -348,7 +348,7 @@ def test_live_clamp_curve_from_the_page(site, loaded):
     page_curves = [c for c in data["clamp_curves"] if c["source"] == "page"]
     assert [c["url"] for c in page_curves] == polls[::-1]
     section = soup_of(http.get(ALIGNED_URL)).select_one("section#clamp")
-    assert len(section.select("svg.clamp-curve")) == len(data["clamp_curves"])
+    assert len(section.select("svg.clamp-curve.wide")) == len(data["clamp_curves"])
 
     # a curve belongs to its neuron: another neuron's URL, or no such curve, is a 404
     curve_id = permalink.rsplit("/", 1)[1]

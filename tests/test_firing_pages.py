@@ -102,7 +102,7 @@ def test_neuron_page_shows_contexts_intervals_and_stats(site):
     assert f"{stats['max']:.4g}" in legend and f"{-stats['min']:.4g}" in legend
     assert len(firing.select(".interval")) == 5
     assert firing.select_one("svg.histogram") is not None
-    assert len(firing.select("svg.histogram rect.hbar")) == sum(c > 0 for c in stats["histogram"]["counts"])
+    assert len(firing.select("svg.histogram.wide rect.hbar")) == sum(c > 0 for c in stats["histogram"]["counts"])
     method = page.select_one("section.method").get_text(" ", strip=True)
     assert "reservoir" in method and "estimate" in method
 

@@ -531,15 +531,37 @@ def test_plots_name_themselves_and_every_mark_has_a_hover_value(site):
 
     feature = site.soup(urls.feature_url(MODEL, FEATURE))
     f1_plots = feature.select("svg.curve")
-    # the fast and the pruning sweep, each drawn wide and narrow (for phones), with the same marks
-    assert [" ".join(svg["class"]) for svg in f1_plots] == ["plot curve wide", "plot curve narrow"] * 2
+    assert len(f1_plots) == 4  # the fast and the pruning sweep, each drawn wide and narrow
     for svg in f1_plots:
         assert_accessible(svg)
-    for wide, narrow in (f1_plots[:2], f1_plots[2:]):
-        assert [c.title.get_text() for c in wide.select("circle")] == [c.title.get_text() for c in narrow.select("circle")]
-        assert wide.find("desc").get_text() == narrow.find("desc").get_text()
     ids = [tag["id"] for tag in feature.select("[id]")]
     assert len(ids) == len(set(ids))
+
+
+def test_every_plot_is_drawn_wide_and_narrow_with_the_same_content(site):
+    """Each plot comes twice, the wide drawing and right after it the narrow one for phones
+    (the stylesheet shows one): the same marks with the same hover values, the same links, the
+    same description, the narrow one at most 364 units wide, each with its own ids."""
+    pages = {f"/{MODEL}/1/3": ("histogram", "clamp-curve"), urls.search_url(MODEL, "dog"): ("score-strip",),
+             urls.feature_url(MODEL, FEATURE): ("curve", "curve")}
+    for path, kinds in pages.items():
+        soup = site.soup(path)
+        plots_ = soup.select("svg.plot")
+        assert [[c for c in svg["class"] if c not in ("plot", "wide", "narrow")][0] for svg in plots_[::2]] == list(kinds)
+        for wide, narrow in zip(plots_[::2], plots_[1::2]):
+            assert "wide" in wide["class"] and "narrow" in narrow["class"], path
+            assert wide.find_next_sibling("svg") is narrow, "side by side in one figure"
+            assert_accessible(wide)
+            assert_accessible(narrow)
+            marks = [[(m.name, m.title.get_text()) for m in svg.select("rect, circle, polyline, line") if m.title]
+                     for svg in (wide, narrow)]
+            assert marks[0] and marks[0] == marks[1], path
+            assert [a["href"] for a in wide.select("a")] == [a["href"] for a in narrow.select("a")]
+            assert wide.find("desc").get_text() == narrow.find("desc").get_text()
+            assert float(narrow["width"]) <= 364 < float(wide["width"])
+        ids = [tag["id"] for tag in soup.select("[id]")]
+        assert len(ids) == len(set(ids)), path
+        assert all(u["href"][1:] in ids for u in soup.select("use")), "each <use> finds its own drawing's dot"
 
 
 # ---------------------------------------------------------------- needle.js and the markup it relies on
@@ -620,3 +642,21 @@ def test_f1_plot_narrow_keeps_its_legend_inside_and_under_the_plot(n_layers):
     wide = BeautifulSoup(str(plots.f1_curve_svg(layers)), "html.parser").svg
     assert "wide" in wide["class"] and wide.find("desc").get_text() == svg.find("desc").get_text()
     assert wide["aria-labelledby"] != svg["aria-labelledby"], "both on one page: their ids differ"
+
+
+@pytest.mark.parametrize("fullest, label", [(999, "999"), (9_999, "9,999"), (163_604, "164k"), (35_000_000, "35M"),
+                                            (1_234_567_890, "1.2G")])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_histogram_count_label_fits_its_margin(fullest, label, narrow):
+    """The fullest bin's count, written at the top of the y axis, stays inside the plot: 163,604
+    ran past its left edge, now 164k (the bars' tooltips and the description keep exact counts).
+    11-unit text is at most about 7 units a character."""
+    stats = {"histogram": {"edges": [-2.0, -1.0, 0.0, 1.0, 2.0], "counts": [10, fullest, 3, 0]}, "mean": 0.1,
+             "threshold": 1.0}
+    svg = BeautifulSoup(str(plots.histogram_svg(stats, narrow=narrow)), "html.parser").svg
+    texts = [t for t in svg.select("text") if not t.get("transform")]
+    top = [t for t in texts if t["text-anchor"] == "end" and float(t["y"]) < 30]
+    assert [t.get_text() for t in top] == [label]
+    assert float(top[0]["x"]) - 7 * len(label) >= 0
+    assert f"{fullest:,} tokens" in svg.select("rect.hbar")[1].title.get_text()
+    assert f"the fullest bin holds {fullest:,}" in svg.find("desc").get_text()
