@@ -13,6 +13,7 @@ plot's 11 px text was under 7 px; the narrow drawing, about the screen's width, 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from markupsafe import Markup, escape
 
@@ -61,6 +62,22 @@ def _open(cls: str, ident: str, title: str, desc: str, width: int, height: int) 
     )
 
 
+@lru_cache(maxsize=16)
+def _histogram_bars(edges: tuple, counts: tuple) -> list[tuple[float, float, str, str]]:
+    """(left edge, right edge, class, the rest of its <rect>: height and tooltip) of each non-empty
+    bin: the same in the wide and the narrow drawing (only x and width differ), so made once."""
+    top = math.log10(1 + max(counts, default=0)) or 1.0
+    plot_h = HEIGHT - TOP - BOTTOM
+    bars = []
+    for a, b, c in zip(edges, edges[1:], counts):
+        if c <= 0:
+            continue
+        y = TOP + plot_h * (1 - math.log10(1 + c) / top)
+        bars.append((a, b, "hbar neg" if b <= 0 else "hbar",
+                     f' y="{y:.1f}" height="{TOP + plot_h - y:.1f}"><title>[{_fmt(a)}, {_fmt(b)}): {c:,} tokens</title></rect>'))
+    return bars
+
+
 def histogram_svg(stats: dict, ident: str = "histogram", narrow: bool = False) -> Markup:
     """The activation histogram of a neuron: bars on a log count axis, with 0, the threshold
     and the mean marked. Each bar's tooltip gives its range and count."""
@@ -72,13 +89,9 @@ def histogram_svg(stats: dict, ident: str = "histogram", narrow: bool = False) -
     span = (hi - lo) or 1.0
     width = NARROW_W if narrow else WIDTH
     plot_w, plot_h = width - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    top = math.log10(1 + max(counts, default=0)) or 1.0
 
     def x(v: float) -> float:
         return LEFT + plot_w * (v - lo) / span
-
-    def y(count: int) -> float:
-        return TOP + plot_h * (1 - math.log10(1 + count) / top)
 
     desc = (
         f"{sum(counts):,} tokens in {len(counts)} bins of activation from {_fmt(lo)} to {_fmt(hi)}; "
@@ -94,15 +107,9 @@ def histogram_svg(stats: dict, ident: str = "histogram", narrow: bool = False) -
         f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{LEFT + plot_w}" y2="{TOP + plot_h}"/>',
         f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/>',
     ]
-    for a, b, c in zip(edges, edges[1:], counts):
-        if c <= 0:
-            continue
+    for a, b, cls, tail in _histogram_bars(tuple(edges), tuple(counts)):
         x0, x1 = x(a), x(b)
-        cls = "hbar neg" if b <= 0 else "hbar"
-        parts.append(
-            f'<rect class="{cls}" x="{x0:.1f}" y="{y(c):.1f}" width="{max(x1 - x0 - 0.5, 0.8):.1f}" '
-            f'height="{TOP + plot_h - y(c):.1f}"><title>[{_fmt(a)}, {_fmt(b)}): {c:,} tokens</title></rect>'
-        )
+        parts.append(f'<rect class="{cls}" x="{x0:.1f}" width="{max(x1 - x0 - 0.5, 0.8):.1f}"{tail}')
 
     def marker(value: float | None, cls: str, label: str) -> None:
         if value is None or not (lo <= value <= hi):
