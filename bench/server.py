@@ -36,7 +36,7 @@
    for --serial-seconds on one connection (latency with nothing queued). Then, open loop, each
    page for --open-seconds at each of --open-shares (0.25, 0.5, 0.75) of the throughput it reached
    above: requests arrive at that fixed rate (exponential gaps) whatever the answers' speed, each on
-   an idle connection (a new one if none is idle), latency counted from when it was due. The closed
+   an idle connection (a new one if none is idle), latency counted from when it was due (each rate says whether the issue's latency goals hold at it). The closed
    loop keeps 16 requests in flight, so its p50 is 16 / throughput (Little's law) and says how fast
    the server drains a queue; the open loop says what a user waits at a given traffic. Also reported: the
    server's CPU time per request (its process and children, from /proc), the machine's load
@@ -612,6 +612,8 @@ def summarise(result: dict) -> dict:
              "codes": {str(c): n for c, n in p["codes"].items()}}
             for share, p in zip(result["open_shares"], phases)
         ]
+        for o in out[kind]["open_loop"]:  # the issue's latency goals at this offered rate (its ratio goal is the closed loop's)
+            o["latency_goals_met"] = o["p50_ms"] < GOAL_P50_MS and o["p99_ms"] < GOAL_P99_MS and set(o["codes"]) == {"200"}
     for kind in ("neuron", "search"):
         ratios = [r[kind]["rps"] / r["health"]["rps"] for r in rounds]
         o = out[kind]
@@ -761,7 +763,8 @@ def main() -> int:
         for o in res[kind].get("open_loop", []):
             print(f"{kind:7s} open loop at {o['share_of_capacity']:.0%} of its closed-loop throughput "
                   f"({o['offered_rps']:.1f} req/s offered, {o['rps']:.1f} answered): p50 {o['p50_ms']:.2f} ms, "
-                  f"p99 {o['p99_ms']:.2f} ms, {o['connections']} connections, codes {o['codes']}", file=sys.stderr)
+                  f"p99 {o['p99_ms']:.2f} ms, {o['connections']} connections, codes {o['codes']}; latency goals "
+                  f"{'met' if o['latency_goals_met'] else 'not met'}", file=sys.stderr)
     for kind in ("neuron", "search") if "ceiling" in out else ():
         c = out["ceiling"][kind]
         print(f"{kind:7s} ceiling (one page's bytes from memory, same app): p50 {c['p50_ms']:.2f} ms, "

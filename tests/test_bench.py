@@ -34,7 +34,10 @@ def test_bench_server_reports_every_figure_and_the_ceiling(tmp_path):
         assert r["one_connection"]["requests"] > 0
     assert res["neuron"]["body_bytes_mean"] > 50_000, "a whole neuron page: 45 highlighted contexts"
     for kind in ("neuron", "search"):
-        assert [o["share_of_capacity"] for o in res[kind]["open_loop"]] == [0.5]
+        (open_loop,) = res[kind]["open_loop"]
+        assert open_loop["share_of_capacity"] == 0.5 and set(open_loop["codes"]) == {"200"}
+        met = open_loop["p50_ms"] < 20 and open_loop["p99_ms"] < 100
+        assert open_loop["latency_goals_met"] is met
         assert set(res[kind]["goals"]) == {"p50 < 20 ms", "p99 < 100 ms", "throughput >= 30% of health", "no errors"}
         assert res[kind]["goals"]["no errors"] is True
     ceiling = out["ceiling"]
