@@ -293,8 +293,13 @@ def start_clamp(session: Session, model: Model, layer: int, neuron: int, form: d
 def target_field(token: str | None) -> str:
     """A target token as the sweep form's field shows it: as its chip does (␣dog for " dog"), so a
     leading space, a newline or a tab can be seen, where typed text showed nothing. target_token
-    reads it back."""
-    return visible(token) if token else ""
+    reads it back. A token that holds one of the marks itself (a literal ␣) is shown as it is:
+    marked, it could not be read back (its own ␣ would become a space)."""
+    if not token:
+        return ""
+    if from_visible(token) != token:
+        return token
+    return visible(token)
 
 
 def target_token(session: Session, model: Model, target: str) -> tuple[int | None, str]:

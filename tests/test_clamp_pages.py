@@ -30,6 +30,7 @@ from bs4 import BeautifulSoup
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
+from app import queries
 from app.arrays import FLOAT32, INT32, unpack
 from app.config import Settings, get_settings
 from app.db import engine_for, session_scope
@@ -836,3 +837,26 @@ def test_the_generation_panel_says_where_the_continuations_part(a, b, said):
                   "differ_at": _parting({"text": a}, {"text": b})}
     panel = BeautifulSoup(environment().get_template("_generation_panel.html").render(generation=generation), "html.parser")
     assert said in panel.get_text(" ", strip=True)
+
+
+def test_every_token_shown_in_the_target_field_is_read_back_as_itself(site):
+    """The sweep form shows its target as a chip does (␣dog); posted back, every token of the
+    model's vocabulary resolves to a token of the same text (ids may share a text). A token that
+    holds a mark itself (a literal ␣ after a space) is shown as it is, since marked it could not
+    be read back."""
+    from app.clamping import target_field, target_token
+
+    with session_scope(site.engine) as s:
+        model = s.scalar(select(Model).where(Model.name == NAME))
+        vocab = dict(queries.vocab_tokens(s, model.id))
+        shown = 0
+        for token_id_, text in vocab.items():
+            if not text:
+                continue
+            field = target_field(text)
+            shown += field != text
+            found, meant = target_token(s, model, field)
+            assert vocab[found] == text == meant, (token_id_, text, field, found)
+        assert shown > 10, "tokens with a space or a newline are shown marked"
+    for text, field in ((" dog", "␣dog"), ("\n\n", "↵↵"), ("dog", "dog"), (" a␣b", " a␣b"), ("␣", "␣"), ("", "")):
+        assert target_field(text) == field
