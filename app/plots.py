@@ -44,12 +44,10 @@ def _count(n: int) -> str:
     past the plot's edge): 9,999, then 164k, 1.2M, 35M, 1.2G. Its tooltips keep the exact count."""
     if n < 10_000:
         return f"{n:,}"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size * 0.9995 or unit == "k":
-            value = n / size
-            text = f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
-            return text + unit
-    raise AssertionError(n)
+    # the largest unit it reaches once rounded (999,500 is 1.0M, not 1000k)
+    size, unit = (1e9, "G") if n >= 999_500_000 else (1e6, "M") if n >= 999_500 else (1e3, "k")
+    value = n / size
+    return (f"{value:.1f}" if value < 9.95 else f"{value:.0f}") + unit
 
 
 def _open(cls: str, ident: str, title: str, desc: str, width: int, height: int) -> str:

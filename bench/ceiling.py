@@ -35,12 +35,13 @@ def ceiling_app(neuron_bytes: bytes, search_bytes: bytes):
     def search_page(request: Request, model: str, token: str | None = None) -> HTMLResponse:
         return HTMLResponse(search_bytes, headers={"Vary": "HX-Request"})
 
-    before = len(app.router.routes)
+    routes = app.router.routes
+    before = len(routes)
     app.router.add_api_route("/{model}/{layer}/{neuron}", neuron_page, methods=["GET"])
     app.router.add_api_route("/{model}/search", search_page, methods=["GET"])
-    # first, before the app's own routes of the same paths
-    app.router.routes[:0] = app.router.routes[before:]
-    del app.router.routes[-2:]
+    added = routes[before:]  # moved first, before the app's own routes of the same paths
+    del routes[before:]
+    routes[:0] = added
     return app
 
 
