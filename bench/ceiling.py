@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--neuron", type=Path, required=True, help="the neuron page's bytes")
     ap.add_argument("--search", type=Path, required=True, help="the search page's bytes")
     args = ap.parse_args()
+    for path in (args.neuron, args.search):
+        if not path.is_file():
+            ap.error(f"{path} is not a file: give the bytes of a page saved from a running server")
     app = ceiling_app(args.neuron.read_bytes(), args.search.read_bytes())
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")  # as `needle serve` runs it
 

@@ -60,3 +60,11 @@ def test_bench_server_refuses_bad_shares_with_a_clear_error(tmp_path):
     run = bench("--sqlite", str(tmp_path / "never.sqlite"), "--open-shares", "x,1")
     assert run.returncode == 2 and "'x,1' is not a list of numbers, e.g. 0.25,0.5,0.75" in run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "never.sqlite").exists()
+
+
+def test_bench_ceiling_refuses_a_missing_page_file_with_a_clear_error(tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text("<p>a page</p>")
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "ceiling.py"), "--port", "1", "--neuron", str(page),
+                          "--search", str(tmp_path / "missing.html")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "missing.html is not a file" in run.stderr and "Traceback" not in run.stderr
