@@ -48,8 +48,14 @@
    health is what those pages could reach if nothing were computed per request (every page rendered
    ahead of time); the gap between it and step 3 is the per-request work, not the bytes sent.
 
-Goals (issue 7): p50 < 20 ms and p99 < 100 ms for the neuron page and the search, and each at
->= 30% of the health endpoint's throughput.
+Goals (issue 7, as written): p50 < 20 ms and p99 < 100 ms for the neuron page and the search, and
+each at >= 30% of the health endpoint's throughput. Reported as written ("goals_as_written_met").
+
+The traffic goal (decided in docs/benchmarks.md, "The load goal, decided", because the ratio goal is
+out of reach for a page whose 45 highlighted contexts are rendered per request): p50 < 20 ms and
+p99 < 100 ms with requests arriving open-loop at 50 neuron pages/s and, separately, 100 searches/s
+per server process, on the 1M-neuron database ("traffic_goal_met"; --traffic-seconds per page,
+after the open-loop shares).
 """
 
 from __future__ import annotations
@@ -78,6 +84,10 @@ from machine import cpu_name  # noqa: E402 - bench/machine.py
 
 NAME = "bench-1m"
 GOAL_P50_MS, GOAL_P99_MS, GOAL_RATIO = 20.0, 100.0, 0.30
+# The load goal Needle holds itself to (docs/benchmarks.md, "The load goal, decided"): the latency
+# goals above with requests arriving at these rates, per server process (needle serve --processes N:
+# N times these), on the 1M-neuron database. The issue's ratio goal is still measured and reported.
+TRAFFIC_GOAL_RPS = {"neuron": 50.0, "search": 100.0}
 KINDS = ("health", "neuron", "search")
 
 
@@ -252,7 +262,12 @@ async def _load(spec: dict) -> dict:
             open_loop[kind] = [await _open_phase(host, port, kind, spec, share * capacity, spec["open_seconds"],
                                                  700 + 10 * i + j)
                                for j, share in enumerate(spec["open_shares"])]
-    return {"rounds": rounds, "serial": serial, "open_loop": open_loop, "open_shares": spec["open_shares"]}
+    traffic = {}  # each page at the traffic goal's fixed rate (TRAFFIC_GOAL_RPS x server processes)
+    if spec["traffic_seconds"] > 0:
+        traffic = {kind: await _open_phase(host, port, kind, spec, rate, spec["traffic_seconds"], 800 + i)
+                   for i, (kind, rate) in enumerate(spec["traffic_rps"].items())}
+    return {"rounds": rounds, "serial": serial, "open_loop": open_loop, "open_shares": spec["open_shares"],
+            "traffic": traffic}
 
 
 def load_main(spec_file: str) -> int:
@@ -609,6 +624,12 @@ def summarise(result: dict) -> dict:
         ]
         for o in out[kind]["open_loop"]:  # the issue's latency goals at this offered rate (its ratio goal is the closed loop's)
             o["latency_goals_met"] = o["p50_ms"] < GOAL_P50_MS and o["p99_ms"] < GOAL_P99_MS and set(o["codes"]) == {"200"}
+    for kind, p in result.get("traffic", {}).items():
+        o = out[kind]["traffic_goal"] = {
+            "offered_rps": round(p["offered_rps"], 1), "rps": round(p["rps"], 1), "requests": p["requests"],
+            "connections": p["connections"], "p50_ms": round(_pct(p["latencies_ms"], 0.5), 2),
+            "p99_ms": round(_pct(p["latencies_ms"], 0.99), 2), "codes": {str(c): n for c, n in p["codes"].items()}}
+        o["met"] = o["p50_ms"] < GOAL_P50_MS and o["p99_ms"] < GOAL_P99_MS and set(o["codes"]) == {"200"}
     for kind in ("neuron", "search"):
         ratios = [r[kind]["rps"] / r["health"]["rps"] for r in rounds]
         o = out[kind]
@@ -666,6 +687,9 @@ def main() -> int:
                     help="then each page open-loop (requests arriving at a fixed rate) for this long per rate (0: skip)")
     ap.add_argument("--open-shares", type=_shares, default="0.25,0.5,0.75",
                     help="the open-loop rates, as shares of the throughput each page reached under the closed loop")
+    ap.add_argument("--traffic-seconds", type=float, default=20.0,
+                    help="then each page open-loop at the traffic goal's rate (neuron 50/s, search 100/s per server "
+                         "process) for this long (0: skip)")
     ap.add_argument("--ceiling", action="store_true",
                     help="then the closed-loop rounds again with each page's bytes answered from memory by the same "
                          "app (bench/ceiling.py): what the pages would reach with nothing computed per request")
@@ -720,7 +744,8 @@ def main() -> int:
                 "tokens": tokens, "server_pid": server.pid, "concurrency": args.concurrency, "seconds": args.seconds,
                 "rounds": args.rounds, "warmup": args.warmup, "serial_seconds": args.serial_seconds,
                 "gzip": args.gzip, "open_seconds": args.open_seconds,
-                "open_shares": args.open_shares}
+                "open_shares": args.open_shares, "traffic_seconds": args.traffic_seconds,
+                "traffic_rps": {k: r * args.server_processes for k, r in TRAFFIC_GOAL_RPS.items()}}
         spec_file = logdir / "load.json"
         spec_file.write_text(json.dumps(spec))
         out["load"] = {"concurrency": args.concurrency, "seconds_per_kind_per_round": args.seconds,
@@ -766,11 +791,22 @@ def main() -> int:
               f"p99 {c['p99_ms']:.2f} ms, {c['rps']:.1f} req/s, {c['ratio_to_health']:.0%} of health's throughput "
               f"(server CPU {c['server_cpu_ms_per_request']:.2f} ms/request, {c['body_bytes_mean']:,} body bytes, "
               f"codes {c['status_codes']})", file=sys.stderr)
+    for kind in ("neuron", "search") if args.traffic_seconds > 0 else ():
+        t = res[kind]["traffic_goal"]
+        print(f"{kind:7s} at the traffic goal ({t['offered_rps']:.0f} req/s offered, {t['rps']:.1f} answered): "
+              f"p50 {t['p50_ms']:.2f} ms, p99 {t['p99_ms']:.2f} ms, codes {t['codes']}; "
+              f"{'met' if t['met'] else 'NOT MET'}", file=sys.stderr)
     met = all(all(res[k]["goals"].values()) for k in ("neuron", "search"))
-    out["goals_met"] = met
-    print(f"goals (p50 < 20 ms, p99 < 100 ms, >= 30% of health's throughput, for both pages): "
-          f"{'MET' if met else 'NOT MET'} on {os.cpu_count()} CPU cores shared by server, Postgres and client",
-          file=sys.stderr)
+    out["goals_as_written_met"] = met
+    where = f"on {os.cpu_count()} CPU cores shared by server, Postgres and client"
+    print(f"the issue's goals as written (p50 < 20 ms, p99 < 100 ms under 16 connections, >= 30% of health's "
+          f"throughput, for both pages): {'MET' if met else 'NOT MET'} {where}", file=sys.stderr)
+    if args.traffic_seconds > 0:
+        traffic_met = all(res[k]["traffic_goal"]["met"] for k in ("neuron", "search"))
+        out["traffic_goal_met"] = traffic_met
+        rates = ", ".join(f"{k} {r * args.server_processes:g}/s" for k, r in TRAFFIC_GOAL_RPS.items())
+        print(f"the traffic goal (p50 < 20 ms, p99 < 100 ms with requests arriving at {rates}): "
+              f"{'MET' if traffic_met else 'NOT MET'} {where}", file=sys.stderr)
     print(json.dumps(out, indent=2))
     return 0
 

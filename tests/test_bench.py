@@ -13,7 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--layers", "2", "--d-mlp", "64", "--vocab", "512", "--windows", "256", "--seconds", "0.5", "--rounds", "1",
-         "--warmup", "0.2", "--serial-seconds", "0.2", "--open-seconds", "0.3", "--open-shares", "0.5"]
+         "--warmup", "0.2", "--serial-seconds", "0.2", "--open-seconds", "0.3", "--open-shares", "0.5",
+         "--traffic-seconds", "0.5"]
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
@@ -40,6 +41,11 @@ def test_bench_server_reports_every_figure_and_the_ceiling(tmp_path):
         assert open_loop["latency_goals_met"] is met
         assert set(res[kind]["goals"]) == {"p50 < 20 ms", "p99 < 100 ms", "throughput >= 30% of health", "no errors"}
         assert res[kind]["goals"]["no errors"] is True
+        traffic = res[kind]["traffic_goal"]  # requests arriving at the goal's fixed rate, whatever the capacity
+        assert traffic["offered_rps"] == {"neuron": 50, "search": 100}[kind] and set(traffic["codes"]) == {"200"}
+        assert traffic["requests"] > 0 and traffic["met"] is (traffic["p50_ms"] < 20 and traffic["p99_ms"] < 100)
+    assert out["traffic_goal_met"] is all(res[k]["traffic_goal"]["met"] for k in ("neuron", "search"))
+    assert out["goals_as_written_met"] is all(all(res[k]["goals"].values()) for k in ("neuron", "search"))
     ceiling = out["ceiling"]
     for kind in ("health", "neuron", "search"):
         assert set(ceiling[kind]["status_codes"]) == {"200"}, (kind, ceiling[kind])
@@ -48,12 +54,17 @@ def test_bench_server_reports_every_figure_and_the_ceiling(tmp_path):
         assert 0.5 < ceiling[kind]["body_bytes_mean"] / res[kind]["body_bytes_mean"] < 2, kind
         assert ceiling[kind]["ratio_to_health"] > 0
     assert ceiling["pages"]["neuron"].startswith("/bench-1m/")
-    assert "ceiling" in run.stderr and "goals (p50 < 20 ms" in run.stderr
-    # the database is kept and reused by the next run, without --ceiling there is no ceiling
-    again = bench("--sqlite", str(tmp_path / "bench.sqlite"), *SMALL, "--open-seconds", "0", "--serial-seconds", "0")
+    assert "ceiling" in run.stderr and "the issue's goals as written (p50 < 20 ms" in run.stderr
+    assert "the traffic goal (p50 < 20 ms, p99 < 100 ms with requests arriving at neuron 50/s, search 100/s)" in run.stderr
+    # the database is kept and reused by the next run; without --ceiling there is no ceiling, and
+    # --traffic-seconds 0 (after SMALL's) skips the traffic phase and its verdict
+    again = bench("--sqlite", str(tmp_path / "bench.sqlite"), *SMALL, "--open-seconds", "0", "--serial-seconds", "0",
+                  "--traffic-seconds", "0")
     assert again.returncode == 0, again.stderr[-3000:]
     out = json.loads(again.stdout)
     assert out["setup_seconds"] == "reused" and "ceiling" not in out
+    assert "traffic_goal_met" not in out and "traffic_goal" not in out["results"]["neuron"]
+    assert "the traffic goal" not in again.stderr
 
 
 def test_bench_server_refuses_bad_shares_with_a_clear_error(tmp_path):
