@@ -42,7 +42,7 @@ def test_bench_server_reports_every_figure_and_the_ceiling(tmp_path):
         assert set(res[kind]["goals"]) == {"p50 < 20 ms", "p99 < 100 ms", "throughput >= 30% of health", "no errors"}
         assert res[kind]["goals"]["no errors"] is True
         traffic = res[kind]["traffic_goal"]  # requests arriving at the goal's fixed rate, whatever the capacity
-        assert traffic["offered_rps"] == {"neuron": 50, "search": 100}[kind] and set(traffic["codes"]) == {"200"}
+        assert traffic["offered_rps"] == {"neuron": 25, "search": 50}[kind] and set(traffic["codes"]) == {"200"}
         assert traffic["requests"] > 0 and traffic["met"] is (traffic["p50_ms"] < 20 and traffic["p99_ms"] < 100)
     assert out["traffic_goal_met"] is all(res[k]["traffic_goal"]["met"] for k in ("neuron", "search"))
     assert out["goals_as_written_met"] is all(all(res[k]["goals"].values()) for k in ("neuron", "search"))
@@ -55,7 +55,7 @@ def test_bench_server_reports_every_figure_and_the_ceiling(tmp_path):
         assert ceiling[kind]["ratio_to_health"] > 0
     assert ceiling["pages"]["neuron"].startswith("/bench-1m/")
     assert "ceiling" in run.stderr and "the issue's goals as written (p50 < 20 ms" in run.stderr
-    assert "the traffic goal (p50 < 20 ms, p99 < 100 ms with requests arriving at neuron 50/s, search 100/s)" in run.stderr
+    assert "the traffic goal (p50 < 20 ms, p99 < 100 ms with requests arriving at neuron 25/s, search 50/s)" in run.stderr
     # the database is kept and reused by the next run; without --ceiling there is no ceiling, and
     # --traffic-seconds 0 (after SMALL's) skips the traffic phase and its verdict
     again = bench("--sqlite", str(tmp_path / "bench.sqlite"), *SMALL, "--open-seconds", "0", "--serial-seconds", "0",
