@@ -570,7 +570,8 @@ def run_ceiling(url: str, spec: dict, logdir: Path) -> dict:
         sys.executable, str(ROOT / "bench" / "ceiling.py"), "--port", str(port),
         "--neuron", str(files["neuron"]), "--search", str(files["search"])])
     try:
-        spec = {**spec, "port": port, "server_pid": server.pid, "serial_seconds": 0, "open_seconds": 0}
+        spec = {**spec, "port": port, "server_pid": server.pid, "serial_seconds": 0, "open_seconds": 0,
+                "traffic_seconds": 0}  # the closed-loop rounds only
         (logdir / "ceiling.json").write_text(json.dumps(spec))
         load = subprocess.run([sys.executable, __file__, "--load", str(logdir / "ceiling.json")], check=False,
                               capture_output=True, text=True)
@@ -584,6 +585,16 @@ def run_ceiling(url: str, spec: dict, logdir: Path) -> dict:
     return {"what": "the same app and server, the neuron page and the search answered with one real page of "
                     "each from memory (bench/ceiling.py): no database, no rendering",
             "pages": pages, **{kind: {k: v for k, v in res[kind].items() if k in keep} for kind in KINDS}}
+
+
+def _open_figures(p: dict, met: str, **first) -> dict:
+    """An open-loop phase's figures (after `first`), and under `met` whether the issue's latency
+    goals (p50, p99, no errors) hold at its rate."""
+    o = {**first, "offered_rps": round(p["offered_rps"], 1), "rps": round(p["rps"], 1), "requests": p["requests"],
+         "connections": p["connections"], "p50_ms": round(_pct(p["latencies_ms"], 0.5), 2),
+         "p99_ms": round(_pct(p["latencies_ms"], 0.99), 2), "codes": {str(c): n for c, n in p["codes"].items()}}
+    o[met] = o["p50_ms"] < GOAL_P50_MS and o["p99_ms"] < GOAL_P99_MS and set(o["codes"]) == {"200"}
+    return o
 
 
 def summarise(result: dict) -> dict:
@@ -615,21 +626,10 @@ def summarise(result: dict) -> dict:
             out[kind]["one_connection"] = {"requests": one["requests"], "p50_ms": round(_pct(one["latencies_ms"], 0.5), 2),
                                            "p99_ms": round(_pct(one["latencies_ms"], 0.99), 2), "rps": round(one["rps"], 1)}
     for kind, phases in result.get("open_loop", {}).items():
-        out[kind]["open_loop"] = [
-            {"offered_rps": round(p["offered_rps"], 1), "share_of_capacity": share, "rps": round(p["rps"], 1),
-             "requests": p["requests"], "connections": p["connections"],
-             "p50_ms": round(_pct(p["latencies_ms"], 0.5), 2), "p99_ms": round(_pct(p["latencies_ms"], 0.99), 2),
-             "codes": {str(c): n for c, n in p["codes"].items()}}
-            for share, p in zip(result["open_shares"], phases)
-        ]
-        for o in out[kind]["open_loop"]:  # the issue's latency goals at this offered rate (its ratio goal is the closed loop's)
-            o["latency_goals_met"] = o["p50_ms"] < GOAL_P50_MS and o["p99_ms"] < GOAL_P99_MS and set(o["codes"]) == {"200"}
+        out[kind]["open_loop"] = [_open_figures(p, "latency_goals_met", share_of_capacity=share)
+                                   for share, p in zip(result["open_shares"], phases)]
     for kind, p in result.get("traffic", {}).items():
-        o = out[kind]["traffic_goal"] = {
-            "offered_rps": round(p["offered_rps"], 1), "rps": round(p["rps"], 1), "requests": p["requests"],
-            "connections": p["connections"], "p50_ms": round(_pct(p["latencies_ms"], 0.5), 2),
-            "p99_ms": round(_pct(p["latencies_ms"], 0.99), 2), "codes": {str(c): n for c, n in p["codes"].items()}}
-        o["met"] = o["p50_ms"] < GOAL_P50_MS and o["p99_ms"] < GOAL_P99_MS and set(o["codes"]) == {"200"}
+        out[kind]["traffic_goal"] = _open_figures(p, "met")
     for kind in ("neuron", "search"):
         ratios = [r[kind]["rps"] / r["health"]["rps"] for r in rounds]
         o = out[kind]
@@ -804,7 +804,7 @@ def main() -> int:
     if args.traffic_seconds > 0:
         traffic_met = all(res[k]["traffic_goal"]["met"] for k in ("neuron", "search"))
         out["traffic_goal_met"] = traffic_met
-        rates = ", ".join(f"{k} {r * args.server_processes:g}/s" for k, r in TRAFFIC_GOAL_RPS.items())
+        rates = ", ".join(f"{k} {r:g}/s" for k, r in spec["traffic_rps"].items())
         print(f"the traffic goal (p50 < 20 ms, p99 < 100 ms with requests arriving at {rates}): "
               f"{'MET' if traffic_met else 'NOT MET'} {where}", file=sys.stderr)
     print(json.dumps(out, indent=2))
