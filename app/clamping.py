@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
@@ -86,8 +87,9 @@ def parse_values(spec: str) -> list[float]:
 
 def default_bound(max_abs: float | None) -> float:
     """The default sweep's end: 10x the observed max |activation|, to 3 significant digits."""
-    ok = max_abs is not None and math.isfinite(max_abs) and max_abs > 0
-    return float(f"{RANGE_TIMES_MAX * max_abs:.3g}") if ok else FALLBACK_RANGE
+    if max_abs is not None and math.isfinite(max_abs) and max_abs > 0:
+        return float(f"{RANGE_TIMES_MAX * max_abs:.3g}")
+    return FALLBACK_RANGE
 
 
 def default_values(max_abs: float | None, count: int = DEFAULT_COUNT) -> list[float]:
@@ -318,7 +320,7 @@ def target_token(session: Session, model: Model, target: str) -> tuple[int | Non
     if ids is None:
         return None, target
     if len(ids) != 1 and meant != target:  # ␣dog␣house: the marks stand for spaces
-        target, ids = meant, tokenize_query(model, meant)
+        target, ids = meant, tokenize_query(model, meant) or []
     if len(ids) == 1:
         return ids[0], target
     if not ids:
@@ -326,7 +328,7 @@ def target_token(session: Session, model: Model, target: str) -> tuple[int | Non
     raise several_tokens(target, [queries.tokens_by_ids(session, model.id, ids).get(i) for i in ids])
 
 
-def several_tokens(target: str, pieces: list[str | None]) -> NeedleError:
+def several_tokens(target: str, pieces: Sequence[str | None]) -> NeedleError:
     """The error for a target that is several tokens, naming them (as the pages show tokens)."""
     shown = ", ".join(visible(p) if p is not None else "?" for p in pieces)
     first = pieces[0] if pieces[0] is not None else target

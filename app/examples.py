@@ -9,6 +9,7 @@ Every example has the JSON shape the neuron page's .json twin documents:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -136,7 +137,7 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
             }
         )
         spans.append([(ids[int(int_windows[b, j])], int_acts[b, j], int(int_pos[b, j])) for j in kept])
-    stats = {
+    stats: dict[str, Any] = {
         "tokens": int(row.tokens),
         "frequency": float(row.frequency),
         "frequency_above": float(row.frequency_above),

@@ -83,7 +83,7 @@ _vocabularies: OrderedDict[tuple, TokenTexts] = OrderedDict()
 
 def token_texts(session: Session, model: Model) -> TokenTexts:
     """The model's whole stored vocabulary (shared: do not modify it)."""
-    key = (session.get_bind().url.render_as_string(hide_password=True), model.id, model.updated_at)
+    key = (session.get_bind().engine.url.render_as_string(hide_password=True), model.id, model.updated_at)
     with _lock:
         texts = _vocabularies.get(key)
         if texts is not None:
@@ -286,7 +286,7 @@ def _bar(value, best, kind: str = "") -> str:
     return f'<span class="{cls}" aria-hidden="true"><span style="width: {"%.1f" % min(max(share, 0), 100)}%"></span></span>'
 
 
-def _rows(rows: list[list[str]]) -> Markup:
+def _rows(rows: list[list[tuple[str, object]]]) -> Markup:
     """<tr> rows of <td> cells (each "attributes", "html"), laid out as the templates' loops wrote them."""
     return Markup("\n".join([
         "    <tr>\n" + "".join([f"      <td{attrs}>{html}</td>\n" for attrs, html in cells]) + "    </tr>"

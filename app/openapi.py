@@ -107,4 +107,4 @@ def install(app: FastAPI) -> None:
             app.openapi_schema = add_json_twins(build())
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema

@@ -11,6 +11,7 @@ import math
 import random
 import re
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -304,8 +305,8 @@ def layer_page(
                 "top_token": _token(row.top_token_id, text),
                 "top_score": number(row.top_score),
                 "top_prob": number(row.top_prob),
-                "frequency": number(stats[row.neuron].frequency) if stats[row.neuron] is not None else None,
-                "max_activation": number(stats[row.neuron].max_act) if stats[row.neuron] is not None else None,
+                "frequency": number(stat.frequency) if (stat := stats[row.neuron]) is not None else None,
+                "max_activation": number(stat.max_act) if stat is not None else None,
                 "tokens": [
                     _token(t, text, score=number(s)) for t, s in zip(top_ids[row.neuron], top_scores[row.neuron])
                 ],
@@ -409,7 +410,7 @@ def jump_target(session: Session, name: str, layer_text: str | None, neuron_text
     one out of range a 404, each naming the valid range."""
     model = _model(session, name)
     ranges = f"layers are numbered 0 to {model.n_layers - 1} and neurons 0 to {model.d_mlp - 1}"
-    numbers = []
+    numbers: list[int] = []
     for text, what, count in ((layer_text, "layer", model.n_layers), (neuron_text, "neuron", model.d_mlp)):
         text = (text or "").strip()
         if not text and what == "neuron":
@@ -420,7 +421,7 @@ def jump_target(session: Session, name: str, layer_text: str | None, neuron_text
             raise NeedleError(f"{what.capitalize()} {text[:MAX_QUERY_CHARS]!r} is not a {what} number: "
                               f"in {model.name!r}, {ranges}.")
         numbers.append(_index(text, what, model, count))
-    return urls.neuron_url(model.name, *numbers)
+    return urls.neuron_url(model.name, numbers[0], numbers[1])
 
 
 def search_page(session: Session, name: str, token: str | None) -> dict:
@@ -451,7 +452,7 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
 
     index_rows = queries.token_index_rows(session, model.id, ids) if ids else {}
     results = ranked_neurons(model.name, index_rows, text)
-    data = {
+    data: dict[str, Any] = {
         "model": model.name,
         "query": token,
         "url": urls.search_url(model.name, token),

@@ -7,8 +7,12 @@ import random
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import cast
 
 from sqlalchemy import (
+    BindParameter,
+    CursorResult,
+    Table,
     and_,
     bindparam,
     case,
@@ -21,8 +25,8 @@ from sqlalchemy import (
     union,
     update,
 )
-from sqlalchemy.sql import Select
 from sqlalchemy.orm import Session, aliased, defer
+from sqlalchemy.sql import Select
 
 from app.arrays import INT32, unpack
 from app.schema import (
@@ -125,14 +129,20 @@ def layer_summaries(session: Session, model_id: int) -> list[dict]:
     ]
 
 
+def _insert_rows(session: Session, entity: type, model_id: int, rows: Sequence[dict], chunk: int = 5000) -> None:
+    """Insert rows (dicts of column values) of one model into entity's table, chunk rows per statement."""
+    table = cast(Table, entity.__table__)  # type: ignore[attr-defined]
+    for i in range(0, len(rows), chunk):
+        session.execute(table.insert(), [{"model_id": model_id, **r} for r in rows[i : i + chunk]])
+
+
 # ---------------------------------------------------------------- vocabulary
 
 
 def replace_vocab(session: Session, model_id: int, rows: Sequence[dict]) -> None:
     """rows: {"token_id", "token", "piece", "key"}."""
     session.execute(delete(Vocab).where(Vocab.model_id == model_id))
-    if rows:
-        session.execute(Vocab.__table__.insert(), [{"model_id": model_id, **r} for r in rows])
+    _insert_rows(session, Vocab, model_id, rows, chunk=max(len(rows), 1))
 
 
 def vocab_size_stored(session: Session, model_id: int) -> int:
@@ -163,14 +173,14 @@ def _vocab_where_any(*matches) -> Select:
     what it must match), best token id first: one indexed lookup per match, joined by UNION. As
     one WHERE with OR, SQLite read the model's whole vocabulary (50k rows: 7.6 ms a search) unless
     ANALYZE had run, which nothing runs for it; Postgres combines its indexes either way."""
-    m = bindparam("m")
+    m: BindParameter[int] = bindparam("m")
     ids = union(*[select(Vocab.token_id).where(Vocab.model_id == m, match) for match in matches])
     return select(Vocab).where(Vocab.model_id == m, Vocab.token_id.in_(ids)).order_by(Vocab.token_id)
 
 
 @lru_cache(maxsize=1)
 def _tokens_by_text_statement() -> Select:
-    texts = bindparam("texts", expanding=True)
+    texts: BindParameter[list[str]] = bindparam("texts", expanding=True)
     return _vocab_where_any(Vocab.token.in_(texts), Vocab.piece.in_(texts))
 
 
@@ -181,7 +191,7 @@ def tokens_by_text(session: Session, model_id: int, texts: Sequence[str]) -> lis
 
 @lru_cache(maxsize=1)
 def _text_or_key_statement() -> Select:
-    text = bindparam("text")
+    text: BindParameter[str] = bindparam("text")
     return _vocab_where_any(Vocab.token == text, Vocab.piece == text, Vocab.key == bindparam("key"))
 
 
@@ -198,8 +208,7 @@ def tokens_by_text_or_key(session: Session, model_id: int, text: str, key: str) 
 def replace_neurons(session: Session, model_id: int, layers: Sequence[int], rows: Sequence[dict]) -> None:
     """Replace the stored decodings of these layers with rows, in the caller's transaction."""
     session.execute(delete(Neuron).where(Neuron.model_id == model_id, Neuron.layer.in_(list(layers))))
-    for i in range(0, len(rows), 5000):
-        session.execute(Neuron.__table__.insert(), [{"model_id": model_id, **r} for r in rows[i : i + 5000]])
+    _insert_rows(session, Neuron, model_id, rows)
 
 
 def get_neuron(session: Session, model_id: int, layer: int, neuron: int) -> Neuron | None:
@@ -313,8 +322,7 @@ def delete_example_parts(session: Session, model_id: int) -> None:
 
 def replace_token_index(session: Session, model_id: int, rows: Sequence[dict]) -> None:
     session.execute(delete(TokenIndex).where(TokenIndex.model_id == model_id))
-    for i in range(0, len(rows), 5000):
-        session.execute(TokenIndex.__table__.insert(), [{"model_id": model_id, **r} for r in rows[i : i + 5000]])
+    _insert_rows(session, TokenIndex, model_id, rows)
 
 
 def token_index_rows(session: Session, model_id: int, token_ids: Iterable[int]) -> dict[int, TokenIndex]:
@@ -445,7 +453,7 @@ def heartbeat(session: Session, job_id: int, worker: str, progress: float | None
     res = session.execute(
         update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == "running").values(**values)
     )
-    return res.rowcount == 1
+    return cast(CursorResult, res).rowcount == 1
 
 
 def finish_job(session: Session, job_id: int, worker: str) -> bool:
@@ -454,7 +462,7 @@ def finish_job(session: Session, job_id: int, worker: str) -> bool:
         .where(Job.id == job_id, Job.worker == worker, Job.state == "running")
         .values(state="done", progress=1.0, finished_at=utcnow(), error=None)
     )
-    return res.rowcount == 1
+    return cast(CursorResult, res).rowcount == 1
 
 
 def job_done_by(session: Session, job_id: int, worker: str) -> bool:
@@ -493,17 +501,17 @@ def requeue_stale(session: Session, stale_seconds: float) -> int:
     """Jobs whose worker stopped sending heartbeats go back to the queue (or fail when out of attempts)."""
     cutoff = utcnow() - timedelta(seconds=stale_seconds)
     stale = and_(Job.state == "running", Job.heartbeat_at < cutoff)
-    n_failed = session.execute(
+    failed = session.execute(
         update(Job)
         .where(stale, Job.attempts >= Job.max_attempts)
         .values(state="failed", error="worker stopped sending heartbeats", finished_at=utcnow())
-    ).rowcount
-    n_queued = session.execute(
+    )
+    queued = session.execute(
         update(Job)
         .where(stale, Job.attempts < Job.max_attempts)
         .values(state="queued", worker=None, heartbeat_at=None, error="worker stopped sending heartbeats")
-    ).rowcount
-    return n_failed + n_queued
+    )
+    return cast(CursorResult, failed).rowcount + cast(CursorResult, queued).rowcount
 
 
 # ---------------------------------------------------------------- web pages (reads)
@@ -540,7 +548,9 @@ def layer_summary(session: Session, model_id: int, layer: int) -> dict:
 def _neuron_page_statement():
     """neuron_page_rows' statement, built once (bound parameters m, l, n): building it anew on
     every page took longer than the query."""
-    m, lay, n = bindparam("m"), bindparam("l"), bindparam("n")
+    m: BindParameter[int] = bindparam("m")
+    lay: BindParameter[int] = bindparam("l")
+    n: BindParameter[int] = bindparam("n")
     key, at = tuple_(Neuron.layer, Neuron.neuron), tuple_(lay, n)
 
     def neighbour(column, before: bool):
@@ -600,16 +610,14 @@ def replace_examples(
         session.execute(delete(table).where(table.model_id == model_id))
     session.add(ExampleRun(model_id=model_id, created_at=utcnow(), **run))
     session.flush()
-    for i in range(0, len(windows), 5000):
-        session.execute(ExampleWindow.__table__.insert(), [{"model_id": model_id, **w} for w in windows[i : i + 5000]])
+    _insert_rows(session, ExampleWindow, model_id, windows)
     add_activations(session, model_id, rows)
 
 
 def add_activations(session: Session, model_id: int, rows: Sequence[dict]) -> None:
     """Insert neuron_activations rows (replace_examples' own insert; bench/server.py adds a large
     model's layers with it one transaction at a time)."""
-    for i in range(0, len(rows), 2000):
-        session.execute(NeuronActivations.__table__.insert(), [{"model_id": model_id, **r} for r in rows[i : i + 2000]])
+    _insert_rows(session, NeuronActivations, model_id, rows, chunk=2000)
 
 
 def example_run(session: Session, model_id: int) -> ExampleRun | None:
@@ -729,9 +737,7 @@ def replace_index_curves(session: Session, model_id: int, curves: Sequence[dict]
     """Replace the curves `needle index` precomputed (source "index") in the caller's transaction."""
     session.execute(delete(ClampCurve).where(ClampCurve.model_id == model_id, ClampCurve.source == "index"))
     now = utcnow()
-    rows = [{"model_id": model_id, "source": "index", "created_at": now, **c} for c in curves]
-    for i in range(0, len(rows), 1000):
-        session.execute(ClampCurve.__table__.insert(), rows[i : i + 1000])
+    _insert_rows(session, ClampCurve, model_id, [{"source": "index", "created_at": now, **c} for c in curves], chunk=1000)
 
 
 def clamp_candidates(session: Session, model_id: int, top: int = 10) -> list[tuple[int, int, int]]:
@@ -794,8 +800,7 @@ def replace_probes(
     session.add(ProbeRun(model_id=model_id, created_at=utcnow(), **run))
     session.flush()
     for table, rows in ((Feature, features), (FeatureLayer, layers), (NeuronFeature, neurons)):
-        for i in range(0, len(rows), 2000):
-            session.execute(table.__table__.insert(), [{"model_id": model_id, **r} for r in rows[i : i + 2000]])
+        _insert_rows(session, table, model_id, rows, chunk=2000)
 
 
 def probe_run(session: Session, model_id: int) -> ProbeRun | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -20,7 +21,7 @@ from app.tokens import search_key
 
 log = logging.getLogger(__name__)
 
-_tokenizers: dict[tuple[str, object], object] = {}
+_tokenizers: dict[tuple[str, object], Any] = {}  # tokenizers.Tokenizer, imported on first use
 _tokenizers_lock = threading.Lock()
 
 

@@ -68,7 +68,7 @@ def one_break_per_run(html: str) -> str:
     return _LEADING_BREAK.sub(r"\1", _BREAK_BEFORE_NEWLINE.sub("", html), count=1)
 
 
-def byte_names(data: bytes) -> str:
+def byte_names(data: bytes | bytearray) -> str:
     """Bytes written as <0xXX> each: how a token that is part of a UTF-8 character is stored
     (workers/loading.py), and read back by token_bytes."""
     return "".join(f"<0x{b:02X}>" for b in data)
@@ -151,7 +151,7 @@ def from_visible(text: str) -> str:
     return text.translate(_FROM_VISIBLE)
 
 
-def visible(text: str) -> str:
+def visible(text: str | None) -> str:
     """Whitespace made visible for display: ␣ for a space, ↵ for a newline, ⇥ for a tab."""
     return text.translate(_VISIBLE) if text else "∅"
 

@@ -60,7 +60,7 @@ def layer_url(model: str, layer: int, *, page: int = 1, sort: str = DEFAULT_LAYE
     )
 
 
-def neuron_url(model: str, layer: int, neuron: int, fmt: str | None = None) -> str:
+def neuron_url(model: str, layer: int, neuron: int, *, fmt: str | None = None) -> str:
     return _path(model, layer, neuron, fmt=fmt)
 
 
@@ -69,7 +69,7 @@ def text_form_url(model: str, layer: int, neuron: int) -> str:
     return _path(model, layer, neuron, "text")
 
 
-def text_run_url(model: str, layer: int, neuron: int, run: int, fmt: str | None = None) -> str:
+def text_run_url(model: str, layer: int, neuron: int, run: int, *, fmt: str | None = None) -> str:
     """A user's text run on a neuron: its result, or a panel that polls itself while it waits."""
     return _path(model, layer, neuron, "text", run, fmt=fmt)
 
@@ -79,7 +79,7 @@ def clamp_form_url(model: str, layer: int, neuron: int) -> str:
     return _path(model, layer, neuron, "clamp")
 
 
-def clamp_url(model: str, layer: int, neuron: int, curve: int, fmt: str | None = None) -> str:
+def clamp_url(model: str, layer: int, neuron: int, curve: int, *, fmt: str | None = None) -> str:
     """A stored clamp curve of a neuron (or the panel that polls itself while a worker computes it)."""
     return _path(model, layer, neuron, "clamp", curve, fmt=fmt)
 
@@ -89,7 +89,7 @@ def generate_form_url(model: str, layer: int, neuron: int) -> str:
     return _path(model, layer, neuron, "generate")
 
 
-def generation_url(model: str, layer: int, neuron: int, gen: int, fmt: str | None = None) -> str:
+def generation_url(model: str, layer: int, neuron: int, gen: int, *, fmt: str | None = None) -> str:
     """A clamped generation beside the unclamped one (or its polling panel)."""
     return _path(model, layer, neuron, "generate", gen, fmt=fmt)
 

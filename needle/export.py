@@ -27,11 +27,12 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -330,7 +331,7 @@ class Vocabulary:
         self.table = np.empty(max([size, *(t + 1 for t, _ in pairs[-1:])]), dtype=object)
         for token_id, token in pairs:
             self.table[token_id] = _text(token)
-        self._arrow = None
+        self._arrow: Any = None  # the vocabulary as an Arrow array, made on first use
 
     def text(self, token_id: int) -> str | None:
         return self.table[token_id] if 0 <= token_id < len(self.table) else None
@@ -539,6 +540,7 @@ def _example_rows(session, model, layers: range, vocab: Vocabulary, batch: int |
     from app.arrays import INT32, unpack
 
     run = queries.example_run(session, model.id)
+    assert run is not None, "export() exports examples only where a run is stored"
     s = run.settings or {}
     slots = int(s.get("top_k") or 20) + int(s.get("bins") or 5) * int(s.get("per_bin") or 5)
     batch = batch or examples_batch(slots, run.context)
@@ -643,9 +645,9 @@ class ParquetWriter:
         self.writer.close()
 
 
-WRITERS = {"parquet": ParquetWriter, "jsonl": JsonlWriter}
+WRITERS: dict[str, type[ParquetWriter | JsonlWriter]] = {"parquet": ParquetWriter, "jsonl": JsonlWriter}
 # each table's batches: f(session, model, layers, vocabulary, neurons per batch or None for the default)
-ROWS = {"decodings": _decoding_rows, "examples": _example_rows, "probes": _probe_rows, "features": _feature_rows,
+ROWS: dict[str, Callable[..., Iterator]] = {"decodings": _decoding_rows, "examples": _example_rows, "probes": _probe_rows, "features": _feature_rows,
         "feature_layers": _feature_layer_rows}
 
 
@@ -773,7 +775,7 @@ def export_model(
                 "examples_run": examples.run_info(run) if "examples" in wanted else None,
                 "probe_run": {"specs": probes.specs, "description": probes.description, "settings": probes.settings,
                               "computed_at": queries.utc_text(probes.created_at)}
-                if "probes" in wanted else None,
+                if probes is not None and "probes" in wanted else None,
                 "tables": {t.name: {"file": f"{t.name}.{fmt}", "rows": counts[t.name], **t.manifest()} for t in tables},
             }
             path = out / ".manifest.json.partial"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Install Needle (torch==2.13.0 first: the CPU wheel) and run the demo: index the bundled
-# model into the embedded SQLite database and serve the dashboard at http://127.0.0.1:8000.
+# Install Needle, pinned to the tested set (constraints.txt; torch==2.13.0 first: the CPU
+# wheel), and run the demo: index the bundled model into the embedded SQLite database and serve the dashboard at http://127.0.0.1:8000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --disable-pip-version-check torch==2.13.0
-python3 -m pip install -q --disable-pip-version-check -e .
+python3 -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e .
 exec needle demo "$@"

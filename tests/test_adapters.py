@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tinymodels import GEMMA_FAMILIES, MLP, TINY_FAMILIES, build_tiny
 from transformers import AutoModel, BertConfig
 from transformers.activations import ACT2FN
 
 from app.errors import NeedleError
-from tinymodels import GEMMA_FAMILIES, MLP, TINY_FAMILIES, build_tiny
 from workers.adapters import adapter_for, family_for_config, supported_model_types
 from workers.loading import load_model
 

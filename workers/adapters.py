@@ -16,12 +16,15 @@ import contextlib
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
 
 from app.errors import NeedleError, NotFound
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 InputKind = Literal["conv1d", "linear", "gated", "fused_gate_up"]
 
@@ -148,7 +151,7 @@ def _as_index(value: Any) -> int | None:
         return None
 
 
-def adapter_for(model: nn.Module) -> Adapter:
+def adapter_for(model: PreTrainedModel) -> Adapter:
     """An Adapter for a loaded Hugging Face causal LM; NeedleError if its family is unknown or its MLP missing."""
     return Adapter(model, family_for_config(model.config))
 
@@ -156,7 +159,7 @@ def adapter_for(model: nn.Module) -> Adapter:
 class Adapter:
     """Neuron access for one loaded model. Weights come back as detached views on the model's device and dtype."""
 
-    def __init__(self, model: nn.Module, spec: Family):
+    def __init__(self, model: PreTrainedModel, spec: Family):
         self.model = model
         self.spec = spec
         self.family: str = spec.name
@@ -225,7 +228,7 @@ class Adapter:
 
     def input_weights(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model]: row i is the input weight vector of neuron i (the up_proj row for gated MLPs)."""
-        weight = self._in[self._layer(layer)].weight.detach()
+        weight = cast(torch.Tensor, self._in[self._layer(layer)].weight).detach()
         if self.spec.kind == "conv1d":  # Conv1D stores [in, out]
             return weight.T
         if self.spec.kind == "fused_gate_up":  # [gate; up] stacked on the output axis
@@ -234,7 +237,7 @@ class Adapter:
 
     def output_weights(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model]: row i is the direction neuron i writes to the residual stream."""
-        weight = self._out[self._layer(layer)].weight.detach()
+        weight = cast(torch.Tensor, self._out[self._layer(layer)].weight).detach()
         return weight if self.spec.kind == "conv1d" else weight.T
 
     def out_projection(self, layer: int) -> nn.Module:

@@ -297,7 +297,8 @@ def generate(loaded, layer: int, neuron: int, prompt: str, value: float, *, toke
             if all(stopped):
                 break
             step = nxt.to(device)[:, None]
-    decode = lambda t: loaded.tokenizer.decode(t, skip_special_tokens=True)
+    def decode(t):
+        return loaded.tokenizer.decode(t, skip_special_tokens=True)
     return {
         "value": float(value),
         "tokens": tokens,

@@ -408,6 +408,7 @@ def _fill(source: _Source, tokenizer, need: int | None) -> tuple[_Stream, bool]:
             if need is not None and stream.total >= need:
                 return stream, True
             if not complete:  # a prefix of a large file: grow it until it holds what is needed, plus a margin
+                assert need is not None  # only a read with a limit stops short, and only a set need gives one
                 wanted = need - stream.total - (1 if stream.chunks and eos is not None else 0)
                 read_bytes = len(text.encode("utf-8"))
                 while not complete and len(ids) < wanted + PREFIX_MARGIN:

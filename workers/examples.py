@@ -381,8 +381,10 @@ def accumulate(model, adapter, layers: list[int], windows: torch.Tensor, bos_id:
     for b0 in range(start, stop, per_batch):
         b1 = min(b0 + per_batch, stop)
         ids = all_ids[b0:b1]
-        forward_windows(model, adapter, layers, windows[b0:b1], bos_id,
-                        lambda layer, acts, ids=ids: accs[layer].update(acts, ids), device)
+        def add(layer: int, acts: torch.Tensor, ids: torch.Tensor = ids) -> None:
+            accs[layer].update(acts, ids)
+
+        forward_windows(model, adapter, layers, windows[b0:b1], bos_id, add, device)
         progress((b1 - b0) * context)
     return accs
 

@@ -283,8 +283,8 @@ def _probe_batch(Xs: list[torch.Tensor], split: Split, ks: list[int], device: to
         orders.append(top)
         difs.append(dif[order[:T]])
         _design(X, top, (tr, te), mu, sd, const, (A_tr[li], A_te[li]))
-    orders = torch.stack(orders)
-    difs = torch.stack(difs)
+    order_t = torch.stack(orders)
+    dif_t = torch.stack(difs)
     lam = 1.0 / C
 
     # single-neuron probes on the top T neurons, [L * T] of them at once
@@ -298,7 +298,9 @@ def _probe_batch(Xs: list[torch.Tensor], split: Split, ks: list[int], device: to
     # fast sweep: top-k prefixes of the mean-difference order
     curve_m, w_top = _prefix_sweep(A_tr, A_te, y_tr, sw, y_te, ks, lam, first=single_m[:, :, 0])
 
-    pruned_m = enet_m = pruned_order = None
+    pruned_l: list = []
+    enet_l: list = []
+    porder_l: list = []
     if prune:
         A_tr, A_te = A_tr[:, :, : K + 1], A_te[:, :, : K + 1]
         pruned_order, enet_m = _pruning_sweep(A_tr, A_te, y_tr, sw, y_te, ks, w_top)
@@ -308,16 +310,14 @@ def _probe_batch(Xs: list[torch.Tensor], split: Split, ks: list[int], device: to
         # the largest k keeps every neuron: the same set as the fast sweep's largest k
         pruned_m, _ = _prefix_sweep(P_tr, P_te, y_tr, sw, y_te, ks[:-1], lam)
         pruned_m = torch.cat([pruned_m, curve_m[:, :, -1:]], dim=2)
-        pruned_order = torch.gather(orders[:, :K], 1, pruned_order)
+        pruned_order = torch.gather(order_t[:, :K], 1, pruned_order)
+        pruned_l, enet_l, porder_l = pruned_m.cpu().tolist(), enet_m.cpu().tolist(), pruned_order.cpu().tolist()
 
     # one transfer of everything to the CPU, then python lists
-    orders_l = orders.cpu().tolist()
-    difs_l = difs.double().cpu().tolist()
+    orders_l = order_t.cpu().tolist()
+    difs_l = dif_t.double().cpu().tolist()
     single_l = single_m.cpu().tolist()
     curve_l = curve_m.cpu().tolist()
-    pruned_l = pruned_m.cpu().tolist() if prune else None
-    enet_l = enet_m.cpu().tolist() if prune else None
-    porder_l = pruned_order.cpu().tolist() if prune else None
 
     results = []
     for li in range(L):

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from app.schema import Model
 from workers import examples, store
 from workers.corpus import bos_prefix_id, load_corpus
 from workers.decode import SEARCH_K, RunningTopK, decode_layers
-from workers.loading import max_positions
+from workers.loading import LoadedModel, max_positions
 
 Writer = Callable[[Session], None]
 
@@ -55,7 +56,7 @@ class JobContext:
     key: str
     params: dict
     model: ModelSpec
-    load: Callable[[ModelSpec], object]  # -> workers.loading.LoadedModel, cached per worker
+    load: Callable[[ModelSpec], LoadedModel]  # cached per worker
     batch_size: int = 512
     total: int = 0  # units of work, for progress
     advance: Callable[[int], None] = field(default=lambda n: None)
@@ -65,7 +66,7 @@ class JobContext:
     phase: Callable[[str, int, str, float], None] = field(default=lambda label, total, unit, share: None)
     examples_batch_tokens: int = 8192
     clamp_batch_rows: int = 512
-    read: Callable[[Callable[[Session], object]], object] = field(default=lambda fn: None)  # fn(session) in a short read
+    read: Callable[[Callable[[Session], Any]], Any] = field(default=lambda fn: None)  # fn(session) in a short read
 
 
 def decode_part_key(start: int, stop: int) -> str:
@@ -164,7 +165,7 @@ def shard_key(start: int, stop: int, shard: int, shards: int) -> str:
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     return buf.getvalue()
 
 
@@ -173,7 +174,7 @@ def _unnpz(blob: bytes) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-_corpus_cache: dict[tuple, object] = {}
+_corpus_cache: dict[tuple, Any] = {}
 
 
 def _examples_corpus(ctx: JobContext, loaded):
@@ -259,9 +260,10 @@ def merge_examples(ctx: JobContext) -> Writer:
         ranges = _stored_ranges(ctx, layers)
         keys = [shard_key(start, stop, i, shards) for i in range(shards)]
         for layer in layers:
-            rows = ctx.read(lambda s, layer=layer, keys=keys: [
-                (r.meta, _unnpz(r.data)) for r in queries.example_parts(s, ctx.model.id, "shard", keys, layer)
-            ])
+            def stored_shards(s: Session, layer: int = layer, keys: list[str] = keys) -> list:
+                return [(r.meta, _unnpz(r.data)) for r in queries.example_parts(s, ctx.model.id, "shard", keys, layer)]
+
+            rows = ctx.read(stored_shards)
             found = {meta["shard"] for meta, _ in rows}
             if found != set(range(shards)):
                 missing = [keys[i] for i in range(shards) if i not in found]
@@ -532,7 +534,7 @@ def examples_params_for(corpus: str, tokens: int | None, context: int, *, n_laye
                         shards: int, batch_tokens: int) -> dict:
     """The examples job's params: one pass (one layer range, one shard), or the merge of a
     sharded run over layer ranges of layers_per_job x `shards` corpus shards."""
-    params = {"corpus": corpus, "tokens": tokens, "context": context}
+    params: dict[str, Any] = {"corpus": corpus, "tokens": tokens, "context": context}
     ranges = [[a, min(a + layers_per_job, n_layers)] for a in range(0, n_layers, layers_per_job)]
     if shards > 1 or len(ranges) > 1:
         params.update(shards=shards, layer_ranges=ranges, batch_tokens=batch_tokens)

@@ -20,6 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -82,6 +83,16 @@ class ModelCache:
         return self._models[key]
 
 
+class JobProgress(Protocol):
+    """What a worker reports a job's progress to: Progress below, or the CLI's bars."""
+
+    def advance(self, n: int) -> None: ...
+    def set_total(self, total: int) -> None: ...
+    def phase(self, label: str, total: int, unit: str, share: float) -> None: ...
+    def fraction(self) -> float | None: ...
+    def close(self) -> None: ...
+
+
 class Progress:
     """Progress of one job, counted in the stage's unit ("neuron", "tok", "layer", ...: see
     workers.stages.work_units); the default prints nothing. The CLI passes tqdm bars."""
@@ -119,7 +130,7 @@ class RunSummary:
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, engine: Engine, job_id: int, worker: str, every: float, progress: Progress):
+    def __init__(self, engine: Engine, job_id: int, worker: str, every: float, progress: JobProgress):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
         self.engine, self.job_id, self.worker, self.every, self.progress = engine, job_id, worker, every, progress
         self.stop_event = threading.Event()
@@ -150,7 +161,7 @@ class Worker:
         name: str | None = None,
         cache: ModelCache | None = None,
         only_model_id: int | None = None,
-        progress_factory: Callable[[str, int, str], Progress] = Progress,  # (desc, total, unit)
+        progress_factory: Callable[[str, int, str], JobProgress] = Progress,  # (desc, total, unit)
         device: str | None = None,
     ):
         self.engine, self.settings = engine, settings
@@ -186,6 +197,7 @@ class Worker:
             if job is None:
                 return None
             model = queries.get_model_by_id(s, job.model_id)
+            assert model is not None  # a job's model_id is a foreign key
             spec = ModelSpec.of(model)
             if self.device is not None:
                 spec.device = self.device
@@ -247,7 +259,7 @@ class Worker:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job
             user_error = isinstance(exc, NeedleError)
-            if user_error:
+            if isinstance(exc, NeedleError):
                 message = exc.message + (f" ({exc.hint})" if exc.hint else "")
             else:
                 message = f"{type(exc).__name__}: {exc}"

@@ -9,7 +9,6 @@ Create Date: 2026-11-22 02:30:00
 import sqlalchemy as sa
 from alembic import op
 
-
 revision = '0007'
 down_revision = '0006'
 branch_labels = None
