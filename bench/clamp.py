@@ -156,6 +156,8 @@ def main() -> None:
     ap.add_argument("--sizes", action="store_true", help=f"also time sweeps of {', '.join(map(str, SIZES))} values")
     ap.add_argument("--sizes-repeats", type=int, default=3, help="repeats per size for --sizes (default 3)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
+    ap.add_argument("--json-out", type=Path, metavar="FILE",
+                    help="also write the figures printed as JSON to FILE (bench/gpu.sh reads it)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,6 +255,8 @@ def main() -> None:
         "load_average_end": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     mem = (f"peak +{result['peak_rss_beyond_model_mb']['ours']:.0f} MB resident "
            f"(sequential +{result['peak_rss_beyond_model_mb']['sequential']:.0f} MB)")
     if gpu_name:

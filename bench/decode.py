@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json-out", type=Path, metavar="FILE",
+                    help="also write the figures printed as JSON to FILE (bench/gpu.sh reads it)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +130,8 @@ def main() -> None:
         "gpu_peak_beyond_weights_mb": round(gpu_peak_mb, 1) if gpu_peak_mb is not None else None,
     }
     print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

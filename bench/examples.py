@@ -235,6 +235,8 @@ def main() -> None:
     ap.add_argument("--memory-batches", type=int, default=8,
                     help="batches each phase runs alone over, for its peak memory (it does not grow with the corpus)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
+    ap.add_argument("--json-out", type=Path, metavar="FILE",
+                    help="also write the figures printed as JSON to FILE (bench/gpu.sh reads it)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -339,6 +341,8 @@ def main() -> None:
         "load_average_end": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     mem = f"peak +{result['peak_rss_beyond_model_mb']['stage']:.0f} MB resident"
     if gpu_name:
         mem += f", +{result['gpu_peak_beyond_start_mb']['stage']:.0f} MB GPU"

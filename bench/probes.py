@@ -231,6 +231,8 @@ def main() -> None:
     ap.add_argument("--sklearn-threads", type=int, default=1,
                     help="BLAS threads for sklearn (default 1: faster than 2 for fits this small here)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-out", type=Path, metavar="FILE",
+                    help="also write the figures printed as JSON to FILE (bench/gpu.sh reads it)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -386,6 +388,8 @@ def main() -> None:
         "load_average_end": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     best = min(solvers, key=lambda s: base[s])
     met = ratio[best] >= GOAL and max(dF1[best]) <= F1_TOLERANCE
     if setup:

@@ -1,12 +1,14 @@
-"""bench/server.py end to end on a tiny SQLite database, a second or so of load per phase: it
-fills the database with the project's own writers, serves it with `needle serve`, loads it from
-its own process and reports every figure, the ceiling (bench/ceiling.py) included. It checks that
-the benchmark runs and what it reports, never how fast anything is (speed is the benchmark's own
-business: docs/benchmarks.md). It was broken once for a session without anyone noticing."""
+"""The benchmarks run end to end and report every figure; never how fast anything is (speed is
+the benchmarks' own business: docs/benchmarks.md). bench/server.py on a tiny SQLite database, a
+second or so of load per phase: it fills the database with the project's own writers, serves it
+with `needle serve`, loads it from its own process and reports every figure, the ceiling
+(bench/ceiling.py) included. bench/gpu.sh, the GPU check, on tiny shapes on the CPU with the
+Python running the tests: every benchmark's figures in one table, and a failed one marked."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +81,75 @@ def test_bench_ceiling_refuses_a_missing_page_file_with_a_clear_error(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "ceiling.py"), "--port", "1", "--neuron", str(page),
                           "--search", str(tmp_path / "missing.html")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "missing.html is not a file" in run.stderr and "Traceback" not in run.stderr
+
+
+BENCHMARKS = ["decode", "examples", "probes", "clamp"]
+
+
+def gpu_sh(tmp_path, python: str, *args: str) -> subprocess.CompletedProcess:
+    """bench/gpu.sh on tiny shapes on the CPU, with `python` and nothing installed."""
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--small", "--python", python,
+                           "--out", str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path)
+
+
+def table(stdout: str) -> dict[str, list[str]]:
+    """The printed table's rows: benchmark -> its other cells."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| ")]
+    assert rows[0] == ["benchmark", "case", "ours", "baseline", "ratio", "goal", "run"], rows
+    return {row[0]: row[1:] for row in rows[1:]}
+
+
+def test_bench_gpu_sh_small_runs_every_benchmark_and_prints_one_table_of_figures(tmp_path):
+    run = gpu_sh(tmp_path, sys.executable)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = table(run.stdout)
+    assert list(rows) == BENCHMARKS
+    number = re.compile(r"\d[\d,]*(\.\d+)?")
+    for name, (case, ours, baseline, ratio, goal, status) in rows.items():
+        assert case and number.search(ours) and number.search(baseline), (name, case, ours, baseline)
+        assert re.search(r"/ \w+ \d[\d.]*(%|x)?$", ratio), (name, ratio)  # e.g. "stage / bare 88%"
+        assert goal.endswith("met") and status.startswith("ok, "), (name, goal, status)
+    out = tmp_path / "out"
+    assert (out / "table.md").read_text() in run.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["small"] is True and results["device"] == "cpu"
+    for name in BENCHMARKS:
+        got = results["benchmarks"][name]
+        assert got["ok"] is True and got["exit"] == 0 and got["result"], name
+        assert (out / f"{name}.log").stat().st_size > 0
+    assert results["benchmarks"]["examples"]["result"]["tokens_per_s"]["stage"] > 0
+
+
+def test_bench_gpu_sh_prints_the_table_when_benchmarks_fail_and_exits_non_zero(tmp_path):
+    # a Python that runs everything but the benchmarks: decode hangs past its limit, the others fail
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+case "$1" in
+  bench/decode.py) exec sleep 60 ;;
+  bench/*.py) echo "$1: made to fail by the test" >&2; exit 3 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    run = gpu_sh(tmp_path, str(python), "--timeout", "1")
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = table(run.stdout)
+    assert list(rows) == BENCHMARKS
+    assert rows["decode"][-1] == "TIMED OUT after 1 s"
+    for name in BENCHMARKS[1:]:
+        assert rows[name][-1] == "FAILED (exit 3)" and str(tmp_path / "out" / f"{name}.log") in rows[name][0]
+    assert "bench/probes.py: made to fail by the test" in run.stdout  # the failed one's log, shown
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert not any(b["ok"] for b in results["benchmarks"].values())
+
+
+def test_bench_gpu_sh_refuses_bad_arguments_with_a_clear_error(tmp_path):
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--python", sys.executable],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--device cpu runs the small shapes only: add --small" in run.stderr
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--small", "--timeout", "soon"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--timeout 'soon' is not a number of seconds" in run.stderr
+    assert not run.stdout  # refused before installing or running anything
