@@ -23,6 +23,11 @@ MAX_GENERATE_TOKENS = 256
 DEFAULT_GENERATE_TOKENS = 32
 RANGE_TIMES_MAX = 10.0  # the default sweep: +-10x the neuron's observed max |activation|
 FALLBACK_RANGE = 10.0  # ... or +-10 when none was observed
+# A clamp value (a sweep's ends, a generation's value) lies within +-MAX_ABS_VALUE: far past any
+# neuron's activation (Davies swept +-500 on Llama-3.1-8B), and so a sweep's step and every value
+# on it are finite numbers (-1e308 and 1e308 are finite, the step between them is not).
+MAX_ABS_VALUE = 1e6
+BOUND_TEXT = f"{MAX_ABS_VALUE:,.0f}"
 RANGE_HINT = "Write the range as START:STOP:COUNT, e.g. -50:50:41."
 ORDER_HINT = "Put the lower value first, e.g. -50:50:41."
 FORM_RANGE_HINTS = ("Sweep from a lower value to a higher one, e.g. from -50 to 50 in 41 values.",
@@ -63,6 +68,8 @@ def value_range(start: float, stop: float, count: int, *, hints: tuple[str, str]
     hint, order_hint = hints
     if not (math.isfinite(start) and math.isfinite(stop)):
         raise NeedleError("The clamp range's ends must be finite numbers.", hint=hint)
+    for end in (start, stop):
+        within_bound(end, "clamp range's end")
     if not 2 <= count <= MAX_VALUES:
         raise NeedleError(f"A sweep of {count} values is not allowed: use 2 to {MAX_VALUES}.", hint=hint)
     if start >= stop:
@@ -85,10 +92,20 @@ def parse_values(spec: str) -> list[float]:
     return value_range(start, stop, count)
 
 
+def within_bound(value: float, label: str = "clamp value") -> float:
+    """value, if it lies within +-MAX_ABS_VALUE; else NeedleError."""
+    hint = f"Use a value from -{BOUND_TEXT} to {BOUND_TEXT}, e.g. -50 to 50."
+    if not math.isfinite(value):
+        raise NeedleError(f"The {label} must be a finite number.", hint=hint)
+    if abs(value) > MAX_ABS_VALUE:
+        raise NeedleError(f"The {label} {value:g} is out of range: clamp values lie within ±{BOUND_TEXT}.", hint=hint)
+    return value
+
+
 def default_bound(max_abs: float | None) -> float:
-    """The default sweep's end: 10x the observed max |activation|, to 3 significant digits."""
+    """The default sweep's end: 10x the observed max |activation|, to 3 significant digits, at most MAX_ABS_VALUE."""
     if max_abs is not None and math.isfinite(max_abs) and max_abs > 0:
-        return float(f"{RANGE_TIMES_MAX * max_abs:.3g}")
+        return min(float(f"{RANGE_TIMES_MAX * max_abs:.3g}"), MAX_ABS_VALUE)
     return FALLBACK_RANGE
 
 
@@ -148,10 +165,63 @@ def _state(job: Job | None, done: bool) -> str:
     return "done" if done else (job.state if job is not None else "queued")
 
 
+# ---- stored rows a page cannot show: an older version or a worker's bug may have written one; its
+# place on a page says so ("broken": a short message, state "broken"), and the rest of the page stays.
+
+CURVE_SOURCES = ("index", "cli", "page")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _finite_list(x, length: int | None = None) -> bool:
+    return isinstance(x, list) and bool(x) and length in (None, len(x)) and all(_finite(v) for v in x)
+
+
+def _top_tokens(x) -> bool:
+    return isinstance(x, list) and all(
+        isinstance(t, dict) and isinstance(t.get("token"), (str, type(None))) and isinstance(t.get("token_id"), int)
+        and _finite(t.get("prob")) for t in x)
+
+
+def curve_problem(curve: ClampCurve) -> str | None:
+    """What in a stored clamp curve cannot be shown, or None."""
+    if curve.source not in CURVE_SOURCES:
+        return "its source is not one Needle writes"
+    if not _finite_list(curve.clamp_values):
+        return "its clamp values are not a list of finite numbers"
+    if curve.probs is None:  # a worker has yet to compute it
+        return None
+    if not _finite_list(curve.probs, len(curve.clamp_values)):
+        return "its probabilities are not one finite number per clamp value"
+    base = curve.baseline
+    if not (isinstance(base, dict) and _finite(base.get("activation")) and _finite(base.get("prob"))):
+        return "its unclamped point is not two finite numbers"
+    tops = curve.top_tokens
+    if not (isinstance(tops, dict) and _top_tokens(tops.get("low")) and _top_tokens(tops.get("high"))):
+        return "its top next tokens are malformed"
+    return None
+
+
+def generation_problem(gen: Generation) -> str | None:
+    """What in a stored clamped generation cannot be shown, or None."""
+    if not _finite(gen.value):
+        return "its clamp value is not a finite number"
+    sides = (gen.clamped, gen.unclamped)
+    if (sides[0] is None) != (sides[1] is None) or not all(
+            side is None or (isinstance(side, dict) and isinstance(side.get("text"), str)
+                             and isinstance(side.get("token_ids"), list)) for side in sides):
+        return "its continuations are malformed"
+    return None
+
+
 def curve_data(model: Model, curve: ClampCurve, job: Job | None = None) -> dict:
-    """A curve as the CLI's JSON shape plus where it came from; "state" while a worker computes it."""
-    done = curve.probs is not None
-    state = _state(job, done)
+    """A curve as the CLI's JSON shape plus where it came from; "state" while a worker computes it,
+    "broken" (and its values left out) if the stored row cannot be shown."""
+    problem = curve_problem(curve)
+    state = "broken" if problem else _state(job, curve.probs is not None)
+    shown = problem is None
     return {
         "id": curve.id,
         "layer": curve.layer,
@@ -162,14 +232,15 @@ def curve_data(model: Model, curve: ClampCurve, job: Job | None = None) -> dict:
         "token_id": curve.token_id,
         "note": curve.note,
         "positions": curve.positions,
-        "values": curve.clamp_values,
-        "probs": curve.probs,
-        "baseline": curve.baseline,
-        "top_tokens": curve.top_tokens,
+        "values": curve.clamp_values if shown else None,
+        "probs": curve.probs if shown else None,
+        "baseline": curve.baseline if shown else None,
+        "top_tokens": curve.top_tokens if shown else None,
         "source": curve.source,
         "created_at": queries.utc_text(curve.created_at),
         "state": state,
         "error": job.error if job is not None and state == "failed" else None,
+        "broken": f"This clamp curve cannot be shown: {problem}." if problem else None,
         "url": urls.clamp_url(model.name, curve.layer, curve.neuron, curve.id),
         "json_url": urls.clamp_url(model.name, curve.layer, curve.neuron, curve.id, fmt=urls.JSON),
     }
@@ -184,25 +255,30 @@ def _parting(clamped: dict | None, unclamped: dict | None) -> int | None:
 
 
 def generation_data(model: Model, gen: Generation, job: Job | None = None) -> dict:
-    done = gen.clamped is not None
-    state = _state(job, done)
+    """A generation as the CLI's JSON shape plus where it came from; "state" while a worker computes
+    it, "broken" (and its continuations left out) if the stored row cannot be shown."""
+    problem = generation_problem(gen)
+    state = "broken" if problem else _state(job, gen.clamped is not None)
+    shown = problem is None
+    clamped, unclamped = (gen.clamped, gen.unclamped) if shown else (None, None)
     return {
         "id": gen.id,
         "layer": gen.layer,
         "neuron": gen.neuron,
         "prompt": gen.prompt,
-        "value": gen.value,
+        "value": gen.value if _finite(gen.value) else None,
         "tokens": gen.tokens,
         "seed": gen.seed,
         "mode": "greedy" if gen.seed is None else "sampled",
-        "clamped": gen.clamped,
-        "unclamped": gen.unclamped,
+        "clamped": clamped,
+        "unclamped": unclamped,
         # where the two continuations part (a character index), None while running or if identical
-        "differ_at": _parting(gen.clamped, gen.unclamped),
+        "differ_at": _parting(clamped, unclamped),
         "source": gen.source,
         "created_at": queries.utc_text(gen.created_at),
         "state": state,
         "error": job.error if job is not None and state == "failed" else None,
+        "broken": f"This generation cannot be shown: {problem}." if problem else None,
         "url": urls.generation_url(model.name, gen.layer, gen.neuron, gen.id),
         "json_url": urls.generation_url(model.name, gen.layer, gen.neuron, gen.id, fmt=urls.JSON),
     }
@@ -232,7 +308,8 @@ def again_form(model: Model, layer: int, neuron: int, *, live: bool, curve: dict
         form.update(prompt=curve["prompt"], token=target_field(curve["target"] or curve["token"]), start=values[0],
                     stop=values[-1], count=len(values), last_only=curve["positions"] == "last")
     if generation is not None:
-        form.update(prompt=generation["prompt"], value=generation["value"], tokens=generation["tokens"],
+        value = generation["value"] if generation["value"] is not None else 0.0
+        form.update(prompt=generation["prompt"], value=value, tokens=generation["tokens"],
                     seed=generation["seed"])
     return form
 
@@ -362,7 +439,7 @@ def start_generation(session: Session, model: Model, layer: int, neuron: int, fo
     """Queue a clamped generation asked for on a neuron page."""
     require_live(live)
     prompt = _prompt(form, prompt_max_chars)
-    value = _number(form, "value", "clamp value")
+    value = within_bound(_number(form, "value", "clamp value"))
     tokens = _number(form, "tokens", "number of tokens", int)
     if not 1 <= tokens <= MAX_GENERATE_TOKENS:
         raise NeedleError(f"Generating {tokens} tokens is not allowed: use 1 to {MAX_GENERATE_TOKENS}.",

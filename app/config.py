@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     # refilled at live_rate_per_minute; beyond it a 429 with Retry-After. 0 a minute: no limit.
     live_rate_per_minute: float = Field(default=10.0, ge=0)
     live_rate_burst: int = Field(default=5, ge=1)
+    # ... and capped for the whole site: with this many live jobs queued or running (counted in the
+    # database, so across server processes and servers), a new one is a 503 with Retry-After
+    # (about this many: two servers that check at the same moment can each add one). 0: no cap.
+    live_queue_max: int = Field(default=100, ge=0)
     # Behind one reverse proxy that sets X-Forwarded-For: the client is the address it added (the
     # header's last entry). Leave it off otherwise, or anyone could pick the address they are counted as.
     trust_proxy: bool = False
@@ -65,6 +69,22 @@ class Settings(BaseSettings):
     # CPU on a fast core (levels above 1 cost much more for little). 0: never (behind a proxy that
     # compresses).
     gzip_level: int = Field(default=1, ge=0, le=9)
+    # Connections to `needle serve` (uvicorn, its h11 protocol; needle/serving.py). An idle
+    # keep-alive connection is closed after keep_alive_seconds (uvicorn's timeout_keep_alive,
+    # its default kept: a page's polling panels ask every second, on one connection). A request
+    # head (request line and headers) must arrive whole within header_timeout_seconds of the
+    # connection opening or of its first byte, else the connection is closed: uvicorn sets no
+    # such limit, so a client that opens connections and sends nothing, or a byte at a time,
+    # would hold them open for ever. A request head over max_header_bytes is a 400 (uvicorn's
+    # h11_max_incomplete_event_size; h11's 16 KiB, stated here: Needle sets no cookies and its
+    # longest URLs, searches for long tokens, stay far below it; h11 checks the head it holds
+    # before the head ends). A request on a connection beyond max_connections open ones (per
+    # server process) is a 503 (uvicorn's limit_concurrency; kept below the common open-file
+    # limit of 1024; 0: no limit).
+    keep_alive_seconds: int = Field(default=5, ge=1)
+    header_timeout_seconds: int = Field(default=10, ge=1)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    max_connections: int = Field(default=512, ge=0)
 
     def resolved_database_url(self) -> str:
         url = self.database_url or default_database_url()

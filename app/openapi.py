@@ -53,9 +53,12 @@ def _live_request(description: str, fields: dict, required: list[str], key: str)
                     "content": {"application/json": {"schema": _queued(key)}}},
             "303": {"description": "Queued (a form): redirect to the request's page"},
             "400": _error("The fields are not valid, or are over the size limits"),
-            "403": _error("Live requests are switched off on this server (NEEDLE_LIVE_REQUESTS=false)"),
+            "403": _error("Live requests are switched off on this server (NEEDLE_LIVE_REQUESTS=false), or this one "
+                          "came from another site's page (its Origin or Referer header)"),
             "404": _error("No such model, layer or neuron"),
             "429": _error("Over this client's rate limit: try again after the Retry-After header's seconds"),
+            "503": _error("As many live requests as the server takes are queued or running (NEEDLE_LIVE_QUEUE_MAX): "
+                          "try again after the Retry-After header's seconds"),
         },
     }
 

@@ -1,10 +1,12 @@
 """Hardening for a public deployment. Pages are read-only; the only writes a page can make are
 the live requests (your text, clamp sweeps, clamped generation), which are size-limited where
 they are parsed (app/clamping.py, app/pagedata.py), switched off by NEEDLE_LIVE_REQUESTS=false,
-and rate-limited per client here. Every response also carries the security headers below, and
-text that no database can store (a NUL character, a lone surrogate) is a 400, not a 500.
+and guarded here (LIVE_GUARDS): refused when another site's page sends them, rate-limited per
+client, and capped for the whole site. Every response also carries the security headers below,
+and text that no database can store (a NUL character, a lone surrogate) is a 400, not a 500.
 
-A test asserts that every route that is not GET is a live request guarded by LIVE_RATE_LIMIT.
+A test asserts that every route that is not GET is a live request guarded by LIVE_RATE_LIMIT
+(tests/test_hardening.py: by all of LIVE_GUARDS).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
 
+from app import queries
 from app.config import Settings
-from app.deps import SettingsDep
+from app.deps import SessionDep, SettingsDep
 from app.errors import NeedleError, TooManyRequests
 from app.routes.errors import handle_error
 from app.tokens import is_text
@@ -178,6 +182,81 @@ def limit_live_requests(request: Request, settings: SettingsDep) -> None:
 
 
 LIVE_RATE_LIMIT = Depends(limit_live_requests)
+
+
+# ---------------------------------------------------------------- live requests from another site
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL or origin, lowercased and the port filled in; None
+    for anything else (the "null" origin of a sandboxed frame or a file, a malformed address)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:  # a port that is no number, or out of range
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme]
+
+
+def _last(request: Request, header: str) -> str | None:
+    """A header's last comma-separated entry (the one the nearest proxy added), or None."""
+    entries = [e.strip() for line in request.headers.getlist(header) for e in line.split(",") if e.strip()]
+    return entries[-1] if entries else None
+
+
+def own_origins(request: Request, settings: Settings) -> set[tuple[str, str, int]]:
+    """The origins this server is reached at: the address the request came to (behind a proxy
+    trusted with NEEDLE_TRUST_PROXY=true, the scheme and host the proxy says in X-Forwarded-Proto
+    and X-Forwarded-Host, when it sends them), and NEEDLE_PUBLIC_URL's."""
+    scheme, host = request.url.scheme, request.url.netloc
+    if settings.trust_proxy:
+        scheme, host = _last(request, "x-forwarded-proto") or scheme, _last(request, "x-forwarded-host") or host
+    found = {origin_of(f"{scheme}://{host}"), origin_of(settings.public_url) if settings.public_url else None}
+    return {o for o in found if o is not None}
+
+
+def refuse_other_sites(request: Request, settings: SettingsDep) -> None:
+    """A route dependency: a live request whose Origin header (or, without one, its Referer) is
+    another site than this server's is a 403, before anything is read, counted or stored: a page
+    elsewhere cannot make its visitors' browsers queue work here (browsers send Origin with every
+    POST). A request with neither header, as curl, scripts and the CLI send, is taken."""
+    sent = request.headers.get("origin")
+    if sent is None:
+        sent = request.headers.get("referer")
+    if sent is None or origin_of(sent) in own_origins(request, settings):
+        return
+    raise NeedleError(
+        f"This live request came from another site ({sent[:100]!r}): this server takes live requests "
+        "from its own pages only.", status=403,
+        hint="Use the form on the neuron's page here (a script can send the request without an Origin header). "
+        "To this server's operator: behind a proxy, set NEEDLE_PUBLIC_URL to the site's address.",
+    )
+
+
+# ---------------------------------------------------------------- the site's cap on queued live jobs
+
+LIVE_QUEUE_RETRY_SECONDS = 30
+
+
+def cap_live_queue(session: SessionDep, settings: SettingsDep) -> None:
+    """A route dependency: with NEEDLE_LIVE_QUEUE_MAX live jobs queued or running (counted in the
+    database, so across server processes), a live request is a 503 with Retry-After."""
+    cap = settings.live_queue_max
+    if cap and settings.live_requests and queries.pending_live_jobs(session) >= cap:
+        raise NeedleError(
+            f"This server is busy: {cap} live requests are already queued or running, as many as it takes.",
+            status=503, headers={"Retry-After": str(LIVE_QUEUE_RETRY_SECONDS)},
+            hint=f"Try again in {LIVE_QUEUE_RETRY_SECONDS} seconds. Stored pages are not affected.",
+        )
+
+
+# Every live request's guards, in this order: another site's request is refused before it costs
+# its client a request of the rate limit, and the rate limit is checked before the database is.
+LIVE_GUARDS = [Depends(refuse_other_sites), LIVE_RATE_LIMIT, Depends(cap_live_queue)]
 
 
 def install(app: FastAPI, settings: Settings) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from app.clamping import within_bound
 from app.config import Settings
 from app.errors import NeedleError
 
@@ -96,6 +97,7 @@ def cmd_generate(args, settings: Settings) -> None:
     from app.db import session_scope
     from workers import clamp
 
+    within_bound(args.value)  # the pages' rule, said before the model loads
     engine, model, prompt, _, _ = _target(settings, args.name, args.layer, args.neuron)
     prompt = args.prompt if args.prompt is not None else prompt
     loaded = _load(model, args.device)

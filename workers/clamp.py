@@ -48,6 +48,7 @@ from app.clamping import (  # the inputs' rules, shared with the pages and the C
     parse_values,
     several_tokens,
     value_range,
+    within_bound,
 )
 from app.errors import NeedleError
 from app.tokens import from_visible
@@ -184,6 +185,8 @@ def sweep_many(loaded, prompt: str, items: Sequence[SweepItem], *, last_only: bo
             raise NeedleError(f"A sweep has 1 to {MAX_VALUES} values; this one has {len(item.values)}.")
         if not all(math.isfinite(v) for v in item.values):
             raise NeedleError("Every clamp value must be a finite number.", hint="e.g. -50:50:41.")
+        for v in item.values:
+            within_bound(v)
     layers = sorted({it.layer for it in items})
     with torch.inference_mode():
         # the baseline: one unclamped pass, reading every swept layer
@@ -256,6 +259,7 @@ def generate(loaded, layer: int, neuron: int, prompt: str, value: float, *, toke
                           hint="e.g. --tokens 32.")
     if not math.isfinite(value):
         raise NeedleError("The clamp value must be a finite number.", hint="e.g. --value 20.")
+    within_bound(value)
     adapter = loaded.adapter
     adapter._neuron(neuron)
     ids, bos = encode_prompt(loaded, prompt, extra_positions=tokens)

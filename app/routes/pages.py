@@ -25,7 +25,7 @@ from app.rendering import (
     sends_json,
     wants_fragment,
 )
-from app.security import LIVE_RATE_LIMIT, storable_fields
+from app.security import LIVE_GUARDS, storable_fields
 
 router = APIRouter()
 
@@ -188,7 +188,7 @@ def neuron(request: Request, model: str, layer: str, neuron: str, session: Sessi
     return respond(request, "neuron.html", data, fmt)
 
 
-@router.post("/{model}/{layer}/{neuron}/text", dependencies=[LIVE_RATE_LIMIT], openapi_extra=openapi.TEXT_REQUEST)
+@router.post("/{model}/{layer}/{neuron}/text", dependencies=LIVE_GUARDS, openapi_extra=openapi.TEXT_REQUEST)
 async def start_text(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
     """Queue the posted text (a form field or JSON "text"); htmx gets the polling panel,
     a JSON client the run's data, a plain form post a redirect to the run's page."""
@@ -225,7 +225,7 @@ def _accepted(request: Request, data: dict, partial: str, url: str) -> Response:
     return RedirectResponse(url, status_code=303)
 
 
-@router.post("/{model}/{layer}/{neuron}/clamp", dependencies=[LIVE_RATE_LIMIT], openapi_extra=openapi.CLAMP_REQUEST)
+@router.post("/{model}/{layer}/{neuron}/clamp", dependencies=LIVE_GUARDS, openapi_extra=openapi.CLAMP_REQUEST)
 async def start_clamp(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
     """Queue a clamp curve: form fields or JSON {prompt, token, start, stop, count, positions}."""
     form = await posted_form(request)
@@ -247,7 +247,7 @@ def clamp_curve(request: Request, model: str, layer: str, neuron: str, curve: st
     return respond(request, "clamp.html", data, fmt)
 
 
-@router.post("/{model}/{layer}/{neuron}/generate", dependencies=[LIVE_RATE_LIMIT],
+@router.post("/{model}/{layer}/{neuron}/generate", dependencies=LIVE_GUARDS,
              openapi_extra=openapi.GENERATE_REQUEST)
 async def start_generation(request: Request, model: str, layer: str, neuron: str, session: SessionDep,
                            settings: SettingsDep) -> Response:
