@@ -391,6 +391,14 @@ def pending_jobs(session: Session, model_id: int | None = None) -> int:
     return session.scalar(q) or 0
 
 
+def running_jobs(session: Session, model_id: int | None = None) -> list[tuple[Job, str]]:
+    """Jobs a worker holds, with their model's name, oldest first: what an idle worker waits for."""
+    q = select(Job, Model.name).join(Model, Model.id == Job.model_id).where(Job.state == "running").order_by(Job.id)
+    if model_id is not None:
+        q = q.where(Job.model_id == model_id)
+    return [(job, name) for job, name in session.execute(q)]
+
+
 def failed_jobs(session: Session, model_id: int | None = None) -> list[Job]:
     """Failed indexing jobs (a user's live request that failed is shown on its own panel instead)."""
     q = select(Job).where(Job.state == "failed", Job.stage.not_in(LIVE_STAGES)).order_by(Job.id)
@@ -403,7 +411,8 @@ def claim_job(session: Session, worker: str, model_id: int | None = None) -> Job
     """Claim the next runnable job in one statement (FOR UPDATE SKIP LOCKED on Postgres).
 
     Runnable: queued, its run_after passed, and no job of the same model in its
-    requires_stage (one stage, or several comma-separated) left undone.
+    requires_stage (one stage, or several comma-separated) left undone. A live request (someone
+    waits for it on a page) comes before indexing work, then the oldest first.
     """
     now = utcnow()
     blocker = aliased(Job)
@@ -419,7 +428,7 @@ def claim_job(session: Session, worker: str, model_id: int | None = None) -> Job
                 blocker.state != "done",
             ),
         )
-        .order_by(Job.id)
+        .order_by(Job.stage.in_(LIVE_STAGES).desc(), Job.id)
         .limit(1)
         .with_for_update(skip_locked=True)
     )
@@ -677,6 +686,12 @@ def text_job(session: Session, model_id: int, run_id: int) -> Job | None:
 def live_job(session: Session, model_id: int, stage: str, run_id: int) -> Job | None:
     """The job of a live request (a text run, clamp curve or generation), keyed "run:ID"."""
     return session.scalar(select(Job).where(Job.model_id == model_id, Job.stage == stage, Job.key == f"run:{run_id}"))
+
+
+def pending_live_jobs(session: Session) -> int:
+    """Live requests' jobs queued or running, of every model (the site's cap on them: app/security.py)."""
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.state.in_(("queued", "running")), Job.stage.in_(LIVE_STAGES))) or 0
 
 
 def save_text_result(session: Session, run_id: int, token_ids: bytes, activations: bytes, n_tokens: int) -> None:

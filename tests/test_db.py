@@ -69,6 +69,21 @@ def test_jobs_wait_for_required_stage_and_claim_once(engine):
         assert nxt.stage == "search_index"
 
 
+def test_a_live_request_is_claimed_before_queued_indexing_work(engine):
+    """A person waiting on a page (a clamp sweep during the demo's fill-in) does not wait for the
+    indexing jobs queued before it; among themselves, jobs go oldest first."""
+    with session_scope(engine) as s:
+        m = _model(s)
+        queries.enqueue_job(s, m.id, "examples", "all", {})
+        queries.enqueue_job(s, m.id, "probes", "all", {})
+        queries.enqueue_job(s, m.id, queries.CLAMP_STAGE, "run:1", {})
+    claimed = []
+    for worker in ("w1", "w2", "w3"):
+        with session_scope(engine) as s:
+            claimed.append(queries.claim_job(s, worker).stage)
+    assert claimed == [queries.CLAMP_STAGE, "examples", "probes"]
+
+
 def test_enqueue_is_idempotent_and_force_requeues(engine):
     with session_scope(engine) as s:
         m = _model(s)

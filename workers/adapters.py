@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 InputKind = Literal["conv1d", "linear", "gated", "fused_gate_up"]
 
 
+# The config fields that size a model. transformers fills one that config.json lacks from its
+# default model of the family (a Llama without them has 7 billion parameters).
+SIZES = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+SIZES_MLP_4X = ("hidden_size", "num_hidden_layers", "vocab_size")  # the MLP width defaults to 4 * hidden_size
+
+
 @dataclass(frozen=True)
 class Family:
     """Where one architecture keeps its MLP, final norm and unembedding.
@@ -48,6 +54,7 @@ class Family:
     softcap: bool = False  # Gemma-2/3: logits = c * tanh(logits / c), c = final_logit_softcapping
     project_out: str | None = None  # OPT-350m: hidden -> word_embed_proj_dim before lm_head
     flattens_tokens: bool = False  # OPT runs its MLP on [batch * seq, d]
+    sizes: tuple[str, ...] = SIZES  # the config fields a model of the family must give (missing_sizes)
 
 
 def _gated(name: str, **extra: Any) -> Family:
@@ -67,7 +74,7 @@ def _families() -> dict[str, Family]:
     from transformers import CONFIG_MAPPING
 
     families = [
-        Family("gpt2", "transformer.h", "mlp.c_fc", "mlp.c_proj", "conv1d", "transformer.ln_f"),
+        Family("gpt2", "transformer.h", "mlp.c_fc", "mlp.c_proj", "conv1d", "transformer.ln_f", sizes=SIZES_MLP_4X),
         Family(
             "gpt_neox",
             "gpt_neox.layers",
@@ -92,8 +99,9 @@ def _families() -> dict[str, Family]:
             "model.decoder.final_layer_norm",
             project_out="model.decoder.project_out",
             flattens_tokens=True,
+            sizes=("hidden_size", "num_hidden_layers", "ffn_dim", "vocab_size"),
         ),
-        Family("gptj", "transformer.h", "mlp.fc_in", "mlp.fc_out", "linear", "transformer.ln_f"),
+        Family("gptj", "transformer.h", "mlp.fc_in", "mlp.fc_out", "linear", "transformer.ln_f", sizes=SIZES_MLP_4X),
         Family(
             "phi3",
             "model.layers",
@@ -130,6 +138,21 @@ def family_for_config(config: Any) -> Family:
     raise NeedleError(
         f"unsupported architecture: {what}; Needle supports the model types {', '.join(supported_model_types())}"
     )
+
+
+def missing_sizes(family: Family, config: Mapping) -> list[str]:
+    """The size fields of `family` that a config.json (as a dict) does not give as a whole number,
+    each named as the family's config.json names it (GPT-2's n_embd for hidden_size)."""
+    from transformers import CONFIG_MAPPING
+
+    aliases = CONFIG_MAPPING[family.name].attribute_map
+    missing = []
+    for field in family.sizes:
+        name = aliases.get(field, field)
+        value = config.get(name, config.get(field))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            missing.append(name)
+    return missing
 
 
 def _lookup(root: nn.Module, path: str) -> Any:

@@ -157,6 +157,11 @@ def _jsonl_docs(path: Path, spec: str) -> Iterator[_Doc]:
                 raise NeedleError(
                     f"line {number} of {spec} is not JSON: {exc.msg} (column {exc.colno})", hint=hint
                 ) from None
+            except RecursionError:
+                raise NeedleError(
+                    f"line {number} of {spec} is JSON nested too deeply to read (arrays or objects inside each other)",
+                    hint=hint,
+                ) from None
             if not isinstance(row, dict):
                 raise NeedleError(
                     f'line {number} of {spec} is a JSON {type(row).__name__}, not an object with a "text" field',

@@ -44,14 +44,15 @@ from __future__ import annotations
 import ast
 import bisect
 import io
+import itertools
 import json
 import keyword
 import re
 import tokenize
 import unicodedata
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,6 +63,7 @@ from app.errors import NeedleError
 BUILTIN_SPECS = ("text", "python")
 SPEC_FORMS = "text, python or a .jsonl file of labelled texts"
 PYTHON_CODE_WINDOWS = 512  # is_python_code: at most this many code windows and as many prose windows
+JSONL_BATCH = 1024  # lines of a .jsonl feature file read and tokenized at once
 NAME_MAX = 64
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _BYTES = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
@@ -264,7 +266,8 @@ def python_labels(text: str) -> PythonLabels | None:
             continue
         value = first.value
         start = char_at_byte(value.lineno, value.col_offset)
-        docstrings.append((start, char_at_byte(value.end_lineno, value.end_col_offset)))
+        end = char_at_byte(value.end_lineno or value.lineno, value.end_col_offset or value.col_offset)  # set by ast.parse
+        docstrings.append((start, end))
         doc = ast.get_docstring(node, clean=True)
         if doc and doc.strip():
             prose.append((start, doc.strip()))
@@ -475,6 +478,8 @@ def _jsonl_row(spec: str, number: int, raw: bytes) -> _Row:
         raise fail(f"not valid UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise fail(f"not JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise fail("JSON nested too deeply to read (arrays or objects inside each other)") from None
     if not isinstance(row, dict):
         raise fail(f"{_type(row)} in JSON, not an object")
     unknown = [k for k in row if k not in _JSONL_FIELDS]
@@ -523,101 +528,168 @@ def _jsonl_row(spec: str, number: int, raw: bytes) -> _Row:
     return _Row(number, feature, text, None, pairs, "token")
 
 
-def _jsonl_rows(spec: str, path: Path) -> list[_Row]:
-    rows: list[_Row] = []
+def _jsonl_rows(spec: str, path: Path) -> Iterator[_Row]:
+    """The file's rows, each checked as it is read; only each feature's first row is kept."""
     first: dict[str, _Row] = {}
     try:
         with open(path, "rb") as f:
-            lines = list(enumerate(f, start=1))
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                row = _jsonl_row(spec, number, raw)
+                seen = first.setdefault(row.feature, row)
+                if seen.kind != row.kind:
+                    raise NeedleError(
+                        f"{spec} line {number}: feature {row.feature!r} is {row.kind}-level here but {seen.kind}-level "
+                        f"on line {seen.line}; one feature cannot mix \"label\" and \"spans\" lines",
+                        hint="Give the token-level lines another feature name.",
+                    )
+                if seen.aggregation != row.aggregation:
+                    raise NeedleError(
+                        f"{spec} line {number}: feature {row.feature!r} has aggregation {row.aggregation!r} here but "
+                        f"{seen.aggregation!r} on line {seen.line}",
+                        hint='Give every line of a feature the same "aggregation" ("mean" when left out).',
+                    )
+                yield row
     except OSError as exc:
         raise NeedleError(
             f"could not read {spec}: {exc.strerror or exc}", hint="Check that the file is readable."
         ) from None
-    for number, raw in lines:
-        if not raw.strip():
-            continue
-        row = _jsonl_row(spec, number, raw)
-        seen = first.setdefault(row.feature, row)
-        if seen.kind != row.kind:
-            raise NeedleError(
-                f"{spec} line {number}: feature {row.feature!r} is {row.kind}-level here but {seen.kind}-level "
-                f"on line {seen.line}; one feature cannot mix \"label\" and \"spans\" lines",
-                hint="Give the token-level lines another feature name.",
-            )
-        if seen.aggregation != row.aggregation:
-            raise NeedleError(
-                f"{spec} line {number}: feature {row.feature!r} has aggregation {row.aggregation!r} here but "
-                f"{seen.aggregation!r} on line {seen.line}",
-                hint='Give every line of a feature the same "aggregation" ("mean" when left out).',
-            )
-        rows.append(row)
-    if not rows:
+    if not first:
         raise NeedleError(f"{spec} has no lines: the feature file is empty", hint=JSONL_HINT)
-    return rows
 
 
-def _jsonl_features(spec: str, tokenizer, context: int) -> ProbeDataset:
+@dataclass
+class _Encoded:
+    row: _Row
+    ids: list[int]  # all the text's tokens (a window keeps the first `context`)
+    labels: torch.Tensor | None  # token rows: bool [min(len(ids), context)]; sequence rows: None
+
+
+def _jsonl_batches(spec: str, tokenizer, context: int) -> Iterator[list[_Encoded]]:
+    """The rows of a feature file with their tokens, read, checked and tokenized JSONL_BATCH lines
+    at a time, so that a file of any length is held a batch at a time."""
     path = Path(spec).expanduser()
     if not path.is_file():
         raise NeedleError(f"no such feature file: {spec}", hint=f"Give {SPEC_FORMS}.")
     rows = _jsonl_rows(spec, path)
-    texts = list(dict.fromkeys(row.text for row in rows))
-    token_level = any(row.kind == "token" for row in rows)
-    if token_level:
-        _require_fast(tokenizer, f"the token-level features of {spec}")
-    enc = tokenizer(
-        texts, add_special_tokens=False, return_offsets_mapping=token_level, return_attention_mask=False,
-        return_token_type_ids=False, verbose=False,
-    )  # fmt: skip
-    row_of = {text: i for i, text in enumerate(texts)}
-    full = [len(ids) for ids in enc["input_ids"]]
-    empty = next((row for row in rows if full[row_of[row.text]] == 0), None)
-    if empty is not None:
-        raise NeedleError(f"{spec} line {empty.line}: \"text\" has no tokens", hint=JSONL_HINT)
+    while batch := list(itertools.islice(rows, JSONL_BATCH)):
+        token_level = any(row.kind == "token" for row in batch)
+        if token_level:
+            _require_fast(tokenizer, f"the token-level features of {spec}")
+        texts = list(dict.fromkeys(row.text for row in batch))
+        enc = tokenizer(
+            texts, add_special_tokens=False, return_offsets_mapping=token_level, return_attention_mask=False,
+            return_token_type_ids=False, verbose=False,
+        )  # fmt: skip
+        at = {text: i for i, text in enumerate(texts)}
+        out = []
+        for row in batch:
+            ids = enc["input_ids"][at[row.text]]
+            if not ids:
+                raise NeedleError(f"{spec} line {row.line}: \"text\" has no tokens", hint=JSONL_HINT)
+            labels = None
+            if row.spans is not None:
+                n = min(len(ids), context)
+                offsets = torch.tensor(enc["offset_mapping"][at[row.text]][:n], dtype=torch.long).view(-1, 2)
+                labels = overlap_labels(offsets, row.spans, len(row.text))
+            out.append(_Encoded(row, ids, labels))
+        yield out
+
+
+def _check_both_labels(spec: str, name: str, kind: str, positives: int, samples: int) -> None:
+    if positives in (0, samples):
+        unit = "tokens" if kind == "token" else "texts"
+        raise NeedleError(
+            f"feature {name!r} of {spec} has only {'negative' if positives == 0 else 'positive'} {unit} "
+            f"({samples:,}); a probe needs both",
+            hint="Add lines with the other label" + (" (or spans within the first tokens)" if kind == "token" else ""),
+        )
+
+
+def _jsonl_check(spec: str, tokenizer, context: int) -> list[str]:
+    """Every check _jsonl_features makes, keeping only counts: the names of the file's features."""
+    counts: dict[str, list] = {}  # name -> [kind, positives, samples]
+    for batch in _jsonl_batches(spec, tokenizer, context):
+        for e in batch:
+            count = counts.setdefault(e.row.feature, [e.row.kind, 0, 0])
+            count[1] += int(e.labels.sum()) if e.labels is not None else e.row.label
+            count[2] += len(e.labels) if e.labels is not None else 1
+    for name, (kind, positives, samples) in counts.items():
+        _check_both_labels(spec, name, kind, positives, samples)
+    return list(counts)
+
+
+@dataclass
+class _Gathered:
+    """One feature's samples, gathered a batch at a time."""
+
+    kind: str
+    aggregation: str
+    rows: int = 0
+    truncated: int = 0  # rows whose text is longer than a window
+    window: list[torch.Tensor] = field(default_factory=list)
+    position: list[torch.Tensor] = field(default_factory=list)
+    label: list[torch.Tensor] = field(default_factory=list)
+
+
+def _jsonl_features(spec: str, tokenizer, context: int) -> ProbeDataset:
     pad = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                 if i is not None), 0)  # fmt: skip
-    windows = torch.full((len(texts), context), pad, dtype=torch.long)
-    lengths = torch.tensor([min(n, context) for n in full], dtype=torch.long)
-    for i, ids in enumerate(enc["input_ids"]):
-        windows[i, : lengths[i]] = torch.tensor(ids[:context], dtype=torch.long)
+    row_of: dict[str, int] = {}  # each distinct text is one window row
+    windows, lengths = [], []
+    gathered: dict[str, _Gathered] = {}
+    lines = truncated_texts = 0
+    for batch in _jsonl_batches(spec, tokenizer, context):
+        lines += len(batch)
+        new = []
+        for e in batch:
+            if e.row.text not in row_of:
+                row_of[e.row.text] = len(row_of)
+                new.append(e.ids[:context])
+                truncated_texts += len(e.ids) > context
+        if new:
+            block = torch.full((len(new), context), pad, dtype=torch.long)
+            for i, ids in enumerate(new):
+                block[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            windows.append(block)
+            lengths.append(torch.tensor([len(ids) for ids in new], dtype=torch.long))
+        mine: dict[str, list[_Encoded]] = {}
+        for e in batch:
+            mine.setdefault(e.row.feature, []).append(e)
+        for name, encoded in mine.items():
+            g = gathered.setdefault(name, _Gathered(encoded[0].row.kind, encoded[0].row.aggregation))
+            g.rows += len(encoded)
+            g.truncated += sum(len(e.ids) > context for e in encoded)
+            rows = torch.tensor([row_of[e.row.text] for e in encoded], dtype=torch.long)
+            if g.kind == "sequence":
+                g.window.append(rows)
+                g.position.append(torch.full((len(encoded),), -1, dtype=torch.long))
+                g.label.append(torch.tensor([e.row.label for e in encoded], dtype=torch.bool))
+            else:
+                labels = [e.labels for e in encoded if e.labels is not None]  # every row of a token feature's
+                n = torch.tensor([len(t) for t in labels], dtype=torch.long)
+                g.window.append(rows.repeat_interleave(n))
+                g.position.append(torch.cat([torch.arange(int(k), dtype=torch.long) for k in n]))
+                g.label.append(torch.cat(labels))
 
     features = []
-    for name in dict.fromkeys(row.feature for row in rows):
-        mine = [row for row in rows if row.feature == name]
-        kind, aggregation = mine[0].kind, mine[0].aggregation
-        truncated = sum(full[row_of[row.text]] > context for row in mine)
-        cut = f"; {truncated:,} of them truncated to {context} tokens" if truncated else ""
-        if kind == "sequence":
-            window = torch.tensor([row_of[row.text] for row in mine], dtype=torch.long)
-            position = torch.full((len(mine),), -1, dtype=torch.long)
-            label = torch.tensor([row.label for row in mine], dtype=torch.bool)
-            what = f"{len(mine):,} texts labelled 1 or 0 ({aggregation} over each text's tokens){cut}"
-        else:
-            parts_w, parts_p, parts_l = [], [], []
-            for row in mine:
-                r = row_of[row.text]
-                n = int(lengths[r])
-                offsets = torch.tensor(enc["offset_mapping"][r][:n], dtype=torch.long).view(-1, 2)
-                parts_w.append(torch.full((n,), r, dtype=torch.long))
-                parts_p.append(torch.arange(n, dtype=torch.long))
-                parts_l.append(overlap_labels(offsets, row.spans, len(row.text)))
-            window, position, label = torch.cat(parts_w), torch.cat(parts_p), torch.cat(parts_l)
-            what = f"{len(mine):,} texts; a token is positive when it overlaps a labelled character span{cut}"
+    for name, g in gathered.items():
+        window, position, label = torch.cat(g.window), torch.cat(g.position), torch.cat(g.label)
         positives = int(label.sum())
-        if positives in (0, len(label)):
-            unit = "tokens" if kind == "token" else "texts"
-            raise NeedleError(
-                f"feature {name!r} of {spec} has only {'negative' if positives == 0 else 'positive'} {unit} "
-                f"({len(label):,}); a probe needs both",
-                hint="Add lines with the other label" + (" (or spans within the first tokens)" if kind == "token" else ""),
-            )
-        description = f"{spec}: {what}; {positives:,} of {len(label):,} {'tokens' if kind == 'token' else 'texts'} positive"
-        features.append(Feature(name, kind, aggregation, spec, description, window, position, label))
-    truncated = int((torch.tensor(full) > context).sum())
-    description = f"{spec}: {len(rows):,} lines, {len(texts):,} distinct texts, {len(features)} features" + (
-        f", {truncated:,} texts truncated to {context} tokens" if truncated else ""
+        _check_both_labels(spec, name, g.kind, positives, len(label))
+        cut = f"; {g.truncated:,} of them truncated to {context} tokens" if g.truncated else ""
+        if g.kind == "sequence":
+            what = f"{g.rows:,} texts labelled 1 or 0 ({g.aggregation} over each text's tokens){cut}"
+        else:
+            what = f"{g.rows:,} texts; a token is positive when it overlaps a labelled character span{cut}"
+        unit = "tokens" if g.kind == "token" else "texts"
+        description = f"{spec}: {what}; {positives:,} of {len(label):,} {unit} positive"
+        features.append(Feature(name, g.kind, g.aggregation, spec, description, window, position, label))
+    description = f"{spec}: {lines:,} lines, {len(row_of):,} distinct texts, {len(features)} features" + (
+        f", {truncated_texts:,} texts truncated to {context} tokens" if truncated_texts else ""
     )
-    return ProbeDataset(windows, lengths, features, description)
+    return ProbeDataset(torch.cat(windows), torch.cat(lengths), features, description)
 
 
 # ---- combining specs ---------------------------------------------------------------------------------
@@ -633,10 +705,7 @@ def _load_one(spec: str, tokenizer, context: int, max_tokens: int, corpus: str) 
     raise NeedleError(f"{spec!r} is not a feature spec", hint=f"Give {SPEC_FORMS}.")
 
 
-def load_features(
-    specs: list[str], tokenizer, *, context: int = 64, max_tokens: int = 65_536, corpus: str = "stdlib"
-) -> ProbeDataset:
-    """The feature datasets of SPECs, together (see the module docstring for each)."""
+def _checked_specs(specs: list[str], context: int, max_tokens: int) -> list[str]:
     specs = [spec.strip() for spec in specs]
     if not specs or not all(specs):
         raise NeedleError("no feature spec given", hint=f"Give {SPEC_FORMS}.")
@@ -647,6 +716,24 @@ def load_features(
             f"max_tokens {max_tokens:,} is less than one window of {context:,} tokens",
             hint="Raise max_tokens to at least the context, or lower the context.",
         )
+    return specs
+
+
+def _claim_name(owner: dict[str, str], name: str, spec: str) -> None:
+    """Note that feature `name` comes from `spec`; an error when another spec has it too."""
+    if name in owner:
+        raise NeedleError(
+            f"feature {name!r} comes from both {owner[name]} and {spec}",
+            hint="Feature names must be unique: rename one, or give each spec once.",
+        )
+    owner[name] = spec
+
+
+def load_features(
+    specs: list[str], tokenizer, *, context: int = 64, max_tokens: int = 65_536, corpus: str = "stdlib"
+) -> ProbeDataset:
+    """The feature datasets of SPECs, together (see the module docstring for each)."""
+    specs = _checked_specs(specs, context, max_tokens)
     owner: dict[str, str] = {}
     windows, lengths, features, descriptions = [], [], [], []
     offset = 0
@@ -654,12 +741,7 @@ def load_features(
         part = _load_one(spec, tokenizer, context, max_tokens, corpus)
         shifted: dict[int, torch.Tensor] = {}  # shared window tensors stay shared
         for feature in part.features:
-            if feature.name in owner:
-                raise NeedleError(
-                    f"feature {feature.name!r} comes from both {owner[feature.name]} and {spec}",
-                    hint="Feature names must be unique: rename one, or give each spec once.",
-                )
-            owner[feature.name] = spec
+            _claim_name(owner, feature.name, spec)
             if offset:
                 key = id(feature.window)
                 if key not in shifted:
@@ -671,3 +753,19 @@ def load_features(
         descriptions.append(part.description)
         offset += part.windows.shape[0]
     return ProbeDataset(torch.cat(windows), torch.cat(lengths), features, "; ".join(descriptions))
+
+
+def check_features(
+    specs: list[str], tokenizer, *, context: int = 64, max_tokens: int = 65_536, corpus: str = "stdlib"
+) -> None:
+    """Make every check load_features makes, without keeping the dataset: a .jsonl file is read
+    a batch of lines at a time and only counts are kept, so a file of any length is checked in
+    little memory (`needle index` checks the specs this way before it stores anything)."""
+    owner: dict[str, str] = {}
+    for spec in _checked_specs(specs, context, max_tokens):
+        if spec.lower().endswith(".jsonl"):
+            names = _jsonl_check(spec, tokenizer, context)
+        else:  # the built-in specs are as large as max_tokens at most
+            names = [f.name for f in _load_one(spec, tokenizer, context, max_tokens, corpus).features]
+        for name in names:
+            _claim_name(owner, name, spec)

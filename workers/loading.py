@@ -15,13 +15,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from app.errors import NeedleError
 from app.tokens import byte_names, search_key
-from workers.adapters import Adapter, adapter_for, family_for_config
+from workers.adapters import Adapter, adapter_for, family_for_config, missing_sizes
 
 HUB_PROBE_TIMEOUT_S = 5.0
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
@@ -44,7 +44,7 @@ class LoadedModel:
     tokenizer: Any
     adapter: Adapter
     config: Any
-    source: str
+    source: str  # a local folder's resolved path, or the hub id as given
     device: str
     dtype: str
 
@@ -120,6 +120,16 @@ def _locate(source: str) -> tuple[str, bool]:
     return source, False
 
 
+def local_path(source: str) -> str:
+    """A local file or folder as its resolved path (the same place, however it is named); anything
+    else (a hub id, a built-in name) as given."""
+    try:
+        path = Path(source.strip()).expanduser()
+        return str(path.resolve()) if path.exists() else source
+    except (OSError, RuntimeError, ValueError):  # a name too long, a symlink loop, a NUL byte
+        return source
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -178,6 +188,8 @@ def _read_config_json(path: Path | str, source: str) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise NeedleError(f"config.json of {source} is not valid JSON: {_first_line(exc)}") from None
+    except RecursionError:
+        raise NeedleError(f"config.json of {source} is JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise NeedleError(f"config.json of {source} is not a JSON object")
     return data
@@ -216,11 +228,19 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
     ref, local = _locate(source)
+    config_path: Path | str
     if local:
         config_path, offline = Path(ref) / "config.json", True
     else:
         config_path, offline = _hub_config_path(ref)
-    family_for_config(_read_config_json(config_path, source))  # unsupported -> error before any weights
+    data = _read_config_json(config_path, source)
+    family = family_for_config(data)  # unsupported -> error before any weights
+    missing = missing_sizes(family, data)
+    if missing:  # transformers would build its default model of the family: billions of parameters
+        raise NeedleError(
+            f"{config_path} lacks {', '.join(missing)}: the sizes of a {family.name} model, which transformers "
+            "would otherwise take from its default model (billions of parameters); add them as whole numbers"
+        )
 
     kwargs = {"local_files_only": offline}
     try:
@@ -243,9 +263,9 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
     try:
         # no device_map: transformers wants `accelerate` for it; one .to() does the same on one device
         with _quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = cast(tuple[Any, dict], AutoModelForCausalLM.from_pretrained(
                 ref, config=config, dtype=torch_dtype, output_loading_info=True, **kwargs
-            )
+            ))
         model.to(resolved_device)
     except torch.OutOfMemoryError:
         raise NeedleError(
@@ -268,7 +288,7 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
         tokenizer=tokenizer,
         adapter=adapter,
         config=config,
-        source=source,
+        source=ref if local else source,
         device=resolved_device,
         dtype=dtype_name(torch_dtype),
     )

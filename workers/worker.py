@@ -6,7 +6,9 @@ still holds the job; a job that was taken back (stale heartbeat) is not written 
 
 The database may go away (a restart, a network cut): every database step of the loop is
 retried until it is back (waits of 1, 2, 4 ... up to 15 s, each logged), and a job's writes
-replace what an earlier attempt of the same job stored, so repeating one is harmless.
+replace what an earlier attempt of the same job stored, so repeating one is harmless. A
+database that is there but cannot store (a full disk, read-only: app.db.StorageError) is not
+waited for: the worker stops with that error, the job in hand going back to the queue.
 SIGTERM (`needle worker`) gives the job in hand back to the queue, uncounted, and exits.
 """
 
@@ -27,7 +29,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app import queries
 from app.config import Settings
-from app.db import session_scope
+from app.db import StorageError, session_scope
 from app.errors import NeedleError
 from workers.stages import STAGES, JobContext, ModelSpec, work_units
 
@@ -144,6 +146,8 @@ class Heartbeat(threading.Thread):
                     if not queries.heartbeat(s, self.job_id, self.worker, frac):
                         self.lost = True
                         return
+            except StorageError as exc:  # the job's own write meets it too, and stops the worker
+                log.warning("heartbeat for job %s failed: %s", self.job_id, exc.message)
             except Exception:  # noqa: BLE001 - a missed beat is retried at the next tick
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
@@ -163,6 +167,7 @@ class Worker:
         only_model_id: int | None = None,
         progress_factory: Callable[[str, int, str], JobProgress] = Progress,  # (desc, total, unit)
         device: str | None = None,
+        on_wait: Callable[[str], None] | None = None,  # told, with until_idle, which job it waits for
     ):
         self.engine, self.settings = engine, settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
@@ -171,6 +176,8 @@ class Worker:
         self.progress_factory = progress_factory
         self.stopping = threading.Event()
         self.device = device  # load every model here instead of on the device it was indexed with
+        self.on_wait = on_wait
+        self._waited: set[tuple[int, str | None]] = set()  # (job, worker) pairs already told of
 
     def run(self, *, until_idle: bool, poll_seconds: float = 1.0) -> RunSummary:
         """Work until stopped; with until_idle, return once no job can run any more."""
@@ -180,6 +187,9 @@ class Worker:
             if claimed is None:
                 if until_idle and not with_database(self._more_to_come, "looking for jobs"):
                     break
+                if until_idle and self.on_wait is not None:
+                    for line in with_database(self._waits_for, "looking for jobs"):
+                        self.on_wait(line)
                 self.stopping.wait(poll_seconds)
                 continue
             ctx, desc = claimed
@@ -237,6 +247,24 @@ class Worker:
         with session_scope(self.engine) as s:
             return queries.pending_jobs(s, self.only_model_id) > 0 and not queries.failed_jobs(s, self.only_model_id)
 
+    def _waits_for(self) -> list[str]:
+        """A line for each job another worker holds that was not told of yet: whose it is, how
+        long ago it last heartbeat, and when it goes back to the queue without one."""
+        with session_scope(self.engine) as s:
+            now = queries.utcnow()
+            held = [(job.id, job.worker, f"{model} {job.stage} {job.key}", job.heartbeat_at)
+                    for job, model in queries.running_jobs(s, self.only_model_id)]
+        lines = []
+        for job_id, worker, desc, beat_at in held:
+            if (job_id, worker) in self._waited:
+                continue
+            self._waited.add((job_id, worker))
+            beat = (f"whose last heartbeat was {(now - beat_at).total_seconds():.0f} s ago" if beat_at
+                    else "which has sent no heartbeat")
+            lines.append(f"waiting for job {job_id} ({desc}), claimed by worker {worker} {beat}; a job goes back "
+                         f"to the queue after {self.settings.stale_seconds:g} s without one (NEEDLE_STALE_SECONDS)")
+        return lines
+
     def run_job(self, ctx: JobContext, desc: str) -> str | None:
         """Run one claimed job; returns None when done, else the error recorded."""
         ctx.total, unit = work_units(ctx.stage, ctx.params, ctx.model)
@@ -254,7 +282,7 @@ class Worker:
         except JobLost as exc:
             log.warning("%s", exc)
             return str(exc)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, StorageError):
             self._release(ctx.job_id)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job
@@ -284,6 +312,6 @@ class Worker:
             with session_scope(self.engine) as s:
                 queries.release_job(s, job_id, self.name)
             log.warning("released job %s", job_id)
-        except DBAPIError:
-            log.warning("could not release job %s (database unreachable): it goes back to the queue "
-                        "once its heartbeats are stale", job_id)
+        except (DBAPIError, StorageError):
+            log.warning("could not release job %s (database unreachable or read-only): it goes back to the "
+                        "queue once its heartbeats are stale", job_id)
