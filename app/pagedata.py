@@ -119,11 +119,14 @@ def _job(job: Job) -> dict:
 
 
 def _eta(job: Job) -> float | None:
-    """Seconds left for a running job, from its progress so far (None when it cannot tell yet)."""
+    """Seconds left for a running job, from its progress at its last heartbeat, which wrote it
+    (None when it cannot tell yet): counted down between heartbeats, not up."""
     if job.state != "running" or not job.started_at or not job.progress or job.progress <= 0:
         return None
-    elapsed = (queries.utcnow() - job.started_at).total_seconds()
-    return round(max(elapsed, 0) * (1 - job.progress) / job.progress, 1)
+    beat = job.heartbeat_at or job.started_at
+    elapsed = max((beat - job.started_at).total_seconds(), 0)
+    since = max((queries.utcnow() - beat).total_seconds(), 0)
+    return round(max(elapsed * (1 - job.progress) / job.progress - since, 0), 1)
 
 
 def _stage_state(states: set[str]) -> str:
@@ -134,10 +137,12 @@ def _stage_state(states: set[str]) -> str:
 
 
 def _stages(jobs: list[Job]) -> list[dict]:
-    """Per stage: overall state, jobs done, and the time taken (first start to last finish)."""
+    """Per stage: overall state, jobs done, the time taken (first start to last finish) and,
+    while unfinished, what is left of it (_left)."""
     by_stage: dict[str, list[Job]] = {}
     for job in jobs:
         by_stage.setdefault(job.stage, []).append(job)
+    schedule = _schedule(jobs)
     out = []
     for stage, group in by_stage.items():
         state = _stage_state({j.state for j in group})
@@ -152,8 +157,80 @@ def _stages(jobs: list[Job]) -> list[dict]:
                 "started_at": queries.utc_text(min(starts, default=None)),
                 "finished_at": queries.utc_text(max(ends, default=None)) if state == "done" else None,
                 "seconds": _seconds(min(starts, default=None), max(ends, default=None)) if state == "done" else None,
+                **_left(group, state, schedule),
             }
         )
+    return out
+
+
+def _schedule(jobs: list[Job]) -> dict[int, dict]:
+    """Per unfinished job: seconds until it starts and until it is done (None where not known),
+    and the job ahead of it, as one worker takes a model's jobs: the running ones first, from
+    their progress so far (_eta), then the queued ones in the order workers claim them. A
+    queued job's length is only known once it runs, so the ones behind it have no times yet."""
+    running = [j for j in jobs if j.state == "running"]
+    out: dict[int, dict] = {}
+    for job in running:
+        out[job.id] = {"starts_in": 0.0, "done_in": _eta(job), "after": None}
+    etas = [out[j.id]["done_in"] for j in running]
+    clock = min(etas) if running and None not in etas else None  # no job running: no worker to say when
+    ahead = running[-1] if running else None
+    for job in (j for j in jobs if j.state == "queued"):  # jobs_for_model: in id order, as claimed
+        out[job.id] = {"starts_in": clock, "done_in": None, "after": ahead.stage if ahead else None}
+        clock, ahead = None, job
+    return out
+
+
+def _about(seconds: float) -> str:
+    if seconds < 5:
+        return "a few seconds"
+    return f"about {math.ceil(seconds)} s" if seconds < 60 else f"about {round(seconds / 60)} min"
+
+
+def _left(group: list[Job], state: str, schedule: dict[int, dict]) -> dict:
+    """What is left of one stage (its jobs, `group`): seconds until it is done and until it
+    starts (None where not known), and the same in words, e.g. "running, 35% done, about 2 min
+    left" or "queued, starts in about 40 s"; all None once it is done."""
+    if state == "done":
+        return {"left": None, "eta_seconds": None, "starts_in_seconds": None}
+    if state == "failed":
+        error = next((j.error for j in group if j.state == "failed" and j.error), None)
+        return {"left": "failed" + (f": {error}" if error else ""), "eta_seconds": None, "starts_in_seconds": None}
+    unfinished = [schedule[j.id] for j in group if j.id in schedule]
+    done_in = [u["done_in"] for u in unfinished]
+    eta = max(done_in) if done_in and None not in done_in else None
+    starts_in = unfinished[0]["starts_in"] if unfinished else None
+    if state == "running":
+        progress = sum(1.0 if j.state == "done" else j.progress or 0.0 for j in group) / len(group)
+        words = f"running, {100 * progress:.0f}% done" + (f", {_about(eta)} left" if eta is not None else "")
+    elif starts_in is not None:
+        words = f"queued, starts in {_about(starts_in)}"
+    else:
+        after = unfinished[0]["after"] if unfinished else None
+        words = "queued" + (f", after {after}" if after else "")
+    return {"left": words, "eta_seconds": eta, "starts_in_seconds": starts_in}
+
+
+# The evidence a neuron page shows that a later stage computes: its field, the stage, and its name in words.
+EVIDENCE = (("examples", "examples", "Activation examples"), ("features", "probes", "Sparse probes"),
+            ("clamp_curves", "clamp", "Precomputed clamp curves"))
+
+
+def _pending(stages: list[dict]) -> dict:
+    """Evidence not computed yet, by the field of the neuron page it fills ("examples",
+    "features", "clamp_curves"): its stage's state and what is left of it, and a line that says so.
+    Evidence whose stage is done, or was never queued (a model indexed without a corpus), is not here."""
+    by_stage = {s["stage"]: s for s in stages}
+    out = {}
+    for field, stage, label in EVIDENCE:
+        s = by_stage.get(stage)
+        if s is None or s["state"] == "done":
+            continue
+        failed = s["state"] == "failed"
+        message = (f"{label} could not be computed: the {stage} stage {s['left']}." if failed
+                   else f"{label} not computed yet: {s['left']}.")
+        out[field] = {"stage": stage, "state": s["state"], "left": s["left"], "eta_seconds": s["eta_seconds"],
+                      "starts_in_seconds": s["starts_in_seconds"], "message": message}
     return out
 
 
@@ -199,6 +276,7 @@ def model_page(session: Session, name: str) -> dict:
     summaries = {s["layer"]: s for s in queries.layer_summaries(session, model.id)}
     firing = queries.activation_layer_summaries(session, model.id)
     jobs = queries.jobs_for_model(session, model.id)
+    stages = _stages(jobs)
     layers = []
     for layer in range(model.n_layers):
         summary = summaries.get(layer, {})
@@ -240,7 +318,10 @@ def model_page(session: Session, name: str) -> dict:
         # layers with no activation rows yet have no dead count
         "dead_neurons": sum(layer["dead"] or 0 for layer in layers) if firing else None,
         "examples_run": examples.run_info(queries.example_run(session, model.id)),
-        "stages": _stages(jobs),
+        "stages": stages,
+        "stages_done": [s["stage"] for s in stages if s["state"] == "done"],
+        "stages_left": [s["stage"] for s in stages if s["state"] != "done"],
+        "pending": _pending(stages),
         "jobs": [_job(j) for j in jobs],
         "jobs_pending": any(j.state in ("queued", "running") for j in jobs),
     }
@@ -325,9 +406,12 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
     layer = _index(layer_text, "layer", model, model.n_layers)
     index = _index(neuron_text, "neuron", model, model.d_mlp)
     row, activations, run_row, previous, following = queries.neuron_page_rows(session, model.id, layer, index)
+    stages = _stages(queries.jobs_for_model(session, model.id))
     if row is None:
+        decode = next((s for s in stages if s["stage"] == "decode" and s["state"] != "done"), None)
         raise NotFound(
-            f"Neuron {index} of layer {layer} of {model.name!r} has not been decoded yet.",
+            f"Neuron {index} of layer {layer} of {model.name!r} has not been decoded yet"
+            + (f": decode {decode['left']}." if decode else "."),
             hint="The model page shows the indexing jobs and their progress.",
         )
     in_ids, out_pos_ids, out_neg_ids = (unpack(b, INT32) for b in (row.in_ids, row.out_pos_ids, row.out_neg_ids))
@@ -372,6 +456,8 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
         "next": link(following),
         **firing,
         "examples_run": run,
+        # the examples, features and clamp curves whose stage has not finished, each with a line that says so
+        "pending": _pending(stages),
         "colour_scale": examples.colour_scale(stats["max"], stats["min"]) if (stats := firing["stats"]) else None,
         "features": [
             {
@@ -612,6 +698,7 @@ def features_page(session: Session, name: str, q: str | None = None) -> dict:
         "url": urls.features_url(model.name, q),
         "json_url": urls.features_url(model.name, q, fmt=urls.JSON),
         "probed": run is not None,
+        "pending": _pending(_stages(queries.jobs_for_model(session, model.id))).get("features"),
         "specs": run.specs if run else [],
         "description": run.description if run else None,
         "features": [_feature_summary(model, f) for f in queries.list_features(session, model.id, q)],

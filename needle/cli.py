@@ -71,6 +71,11 @@ def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                                   hint=f"Give {name} as UTF-8 text (check the encoding of your terminal or script).")
 
 
+def say(line: str) -> None:
+    """A line for the user beside the progress bars (on stderr, so that stdout stays the command's output)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 SCALED_TOTAL = 10_000  # a bar counting this many or more writes 12.3k, not 12345
 
 
@@ -157,7 +162,7 @@ def index_model(
     from app.db import get_engine, require_migrated, session_scope
     from workers.clamp import INDEX_COUNT, INDEX_TOP, default_prompt, encode_prompt
     from workers.corpus import load_corpus
-    from workers.loading import load_model, tokenizer_json, vocabulary
+    from workers.loading import load_model, local_path, tokenizer_json, vocabulary
     from workers.stages import ModelSpec, check_context, examples_params_for, plan_index
     from workers.worker import ModelCache, Progress, Worker
 
@@ -183,17 +188,17 @@ def index_model(
         )
     probe_params = None
     if features:
-        from workers.features import load_features
+        from workers.features import check_features
 
         check_examples_options(context, probe_tokens)
         check_context(loaded, context)
-        # build the dataset once now: a bad spec or a bad line of a JSONL file is an error before any write
-        load_features(features, loaded.tokenizer, context=context, max_tokens=probe_tokens, corpus=probe_corpus)
+        # a bad spec or a bad line of a JSONL file is an error before any write (read a batch of lines at a time)
+        check_features(features, loaded.tokenizer, context=context, max_tokens=probe_tokens, corpus=probe_corpus)
         probe_params = {"features": list(features), "corpus": probe_corpus, "tokens": probe_tokens, "context": context}
     if clamp_prompt is not None:
         encode_prompt(loaded, clamp_prompt)  # an empty or too long prompt is an error before any write
     fields = {
-        "source": str(source),
+        "source": loaded.source,  # a local folder as its resolved path: the same model however it is named
         "family": adapter.family,
         "architecture": (loaded.config.architectures or [type(loaded.model).__name__])[0],
         "n_layers": adapter.n_layers,
@@ -207,7 +212,8 @@ def index_model(
     with session_scope(engine) as s:
         existing = queries.get_model(s, name)
         if existing is not None and not force:
-            changed = {k: (getattr(existing, k), v) for k, v in fields.items() if k != "device" and getattr(existing, k) != v}
+            changed = {k: (getattr(existing, k), v) for k, v in fields.items() if k != "device" and getattr(existing, k) != v
+                       and not (k == "source" and local_path(existing.source) == v)}  # stored as named once
             if changed:
                 what = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items())
                 raise NeedleError(
@@ -245,7 +251,7 @@ def index_model(
     cache.put(spec, loaded)
     worker = Worker(
         engine, settings, cache=cache, only_model_id=model_id,
-        progress_factory=Progress if quiet else TqdmProgress,
+        progress_factory=Progress if quiet else TqdmProgress, on_wait=None if quiet else say,
     )
     worker.run(until_idle=True, poll_seconds=0.5)
     with session_scope(engine) as s:
@@ -275,12 +281,26 @@ def check_stage_unchanged(session, model_id: int, name: str, stage: str, params:
         return
     params = unsharded(params)
     for job in queries.jobs_for_model(session, model_id):
-        if job.stage == stage and job.state == "done" and unsharded(job.params) != params:
+        stored = unsharded(job.params)
+        if job.stage == stage and job.state == "done" and _same_specs(stored) != _same_specs(params):
             old = ", ".join(f"{k} {job.params.get(k)!r} (now {v!r})" for k, v in params.items() if job.params.get(k) != v)
             raise NeedleError(
                 f"{name!r} already has {stage} computed with {old}.",
                 hint=f"Pass --force to recompute them (and the rest of {name!r}) with the new settings.",
             )
+
+
+def _same_specs(params: dict) -> dict:
+    """Params with the corpus and feature specs that name a file or folder as its resolved path,
+    so that a corpus given relative once and absolute once is the same corpus."""
+    from workers.loading import local_path
+
+    out = dict(params)
+    if isinstance(out.get("corpus"), str):
+        out["corpus"] = local_path(out["corpus"])
+    if isinstance(out.get("features"), list):
+        out["features"] = [local_path(f) if isinstance(f, str) else f for f in out["features"]]
+    return out
 
 
 def _model_is_indexed(settings: Settings, name: str) -> bool:
@@ -371,6 +391,7 @@ def serve(settings: Settings, host: str, port: int, *, with_worker: bool = False
 
     from app.db import get_engine, require_migrated
     from app.main import create_app
+    from needle.serving import uvicorn_options
 
     engine = get_engine(settings)
     require_migrated(engine)
@@ -380,11 +401,13 @@ def serve(settings: Settings, host: str, port: int, *, with_worker: bool = False
     shown = f" in {processes} processes" if processes > 1 else ""
     print(f"Needle is serving at http://{host}:{port}/{shown}  (Ctrl-C to stop)", flush=True)
     # X-Forwarded-For from a proxy on this host is uvicorn's to apply only when NEEDLE_TRUST_PROXY says so
-    # (app/security.py counts live requests per client address)
+    # (app/security.py counts live requests per client address); idle and slow connections are
+    # closed, and connections capped, as needle/serving.py says
     if processes > 1:
         serve_processes(settings, host, port, processes)
     else:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", proxy_headers=settings.trust_proxy)
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", proxy_headers=settings.trust_proxy,
+                    **uvicorn_options(settings))
 
 
 def serve_processes(settings: Settings, host: str, port: int, processes: int) -> None:
@@ -399,10 +422,12 @@ def serve_processes(settings: Settings, host: str, port: int, processes: int) ->
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    from needle.serving import uvicorn_options
+
     os.environ["NEEDLE_DATABASE_URL"] = settings.resolved_database_url()
     sock = listening_socket(host, port)
     config = uvicorn.Config("app.main:create_app", factory=True, host=host, port=port, workers=processes,
-                            log_level="warning", proxy_headers=settings.trust_proxy)
+                            log_level="warning", proxy_headers=settings.trust_proxy, **uvicorn_options(settings))
     try:
         Multiprocess(config, sockets=[sock]).run()
     except KeyboardInterrupt:
@@ -443,25 +468,80 @@ def cmd_serve(args, settings: Settings) -> None:
 
 
 def cmd_demo(args, settings: Settings) -> None:
+    """Serve the demo model at once, its stages queued for a worker thread beside the server,
+    which fills its pages in (they say what is not computed yet); with --no-serve, index it here
+    and exit. A demo whose stages are all done queues nothing; one stopped half-way goes on."""
     from app.db import get_engine, upgrade
 
     engine = get_engine(settings)
     upgrade(engine)
     name = settings.demo_name
-    if _model_is_indexed(settings, name):
+
+    def index(queue_only: bool) -> None:
+        index_model(settings, str(DEMO_MODEL), name, device=args.device, corpus=settings.demo_corpus,
+                    tokens=settings.demo_tokens, features=list(DEMO_FEATURES),
+                    probe_tokens=settings.demo_probe_tokens, queue_only=queue_only)
+
+    indexed = _model_is_indexed(settings, name)
+    if indexed:
         print(f"The demo model {name!r} is already indexed; skipping.", flush=True)
-    else:
-        print(f"Indexing the demo model {name!r} from {DEMO_MODEL} ...", flush=True)
-        index_model(
-            settings, str(DEMO_MODEL), name, device=args.device,
-            corpus=settings.demo_corpus, tokens=settings.demo_tokens, features=list(DEMO_FEATURES),
-            probe_tokens=settings.demo_probe_tokens,
-        )
     if args.no_serve:
+        if not indexed:
+            print(f"Indexing the demo model {name!r} from {DEMO_MODEL} ...", flush=True)
+            index(queue_only=False)
         return
     host, port = args.host or settings.host, args.port or settings.port
+    check_port_free(host, port)  # before anything is queued
+    if not indexed:
+        print(f"Queuing the demo model {name!r} from {DEMO_MODEL}: a worker thread computes its decodings, "
+              "examples, probes and clamp curves while the pages are served, and the model page shows "
+              "what is done and what is left.", flush=True)
+        index(queue_only=True)
     print(f"Open http://{host}:{port}/{name}", flush=True)
-    serve(settings, host, port, with_worker=True)
+
+    def terminate(signum, frame):
+        raise SystemExit(0)  # as Ctrl-C: the jobs in hand go back to the queue (below)
+
+    worker = start_background_worker(engine, settings)
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+        serve(settings, host, port)
+    except SystemExit:
+        pass  # SIGTERM: stop as on Ctrl-C
+    finally:
+        released = release_jobs(engine, worker)
+        if released:
+            print(f"Stopped: the job in hand ({', '.join(released)}) went back to the queue, and the next "
+                  "`needle demo` goes on from there.", file=sys.stderr, flush=True)
+    # The worker thread may be inside a stage's native code (torch, BLAS threads), which the
+    # interpreter's shutdown around it would abort ("terminate called without an active
+    # exception"): leave at once, what it computed being stored or given back above.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def release_jobs(engine, worker) -> list[str]:
+    """Stop `worker` (a thread of this process, which is ending) from claiming more jobs and give
+    the ones it holds back to the queue, for the next run to take up at once (rather than after
+    NEEDLE_STALE_SECONDS without heartbeats). Returns them as "model stage part"."""
+    from sqlalchemy.exc import DBAPIError
+
+    from app import queries
+    from app.db import session_scope
+
+    worker.stopping.set()
+    released = []
+    try:
+        with session_scope(engine) as s:
+            for job, model in queries.list_jobs(s, state="running"):
+                if job.worker == worker.name:
+                    queries.release_job(s, job.id, worker.name)
+                    released.append(f"{model} {job.stage} {job.key}")
+    except DBAPIError:
+        print("could not give the jobs in hand back to the queue (database unreachable): they go back "
+              "once their heartbeats are stale", file=sys.stderr)
+        return []
+    return released
 
 
 def cmd_worker(args, settings: Settings) -> None:
@@ -475,7 +555,7 @@ def cmd_worker(args, settings: Settings) -> None:
         device = resolve_device(args.device)  # a GPU that is not there is an error now, not in a job
     engine = get_engine(settings)
     require_migrated(engine)
-    worker = Worker(engine, settings, device=device)
+    worker = Worker(engine, settings, device=device, on_wait=say)
 
     def terminate(signum, frame):
         # the job in hand goes back to the queue (Worker.run_job releases it on SystemExit)
@@ -493,7 +573,7 @@ def cmd_worker(args, settings: Settings) -> None:
 
 
 def cmd_db(args, settings: Settings) -> None:
-    from app.db import current_revision, get_engine, head_revision, safe_url, upgrade
+    from app.db import current_revision, get_engine, head_revision, known_revision, safe_url, upgrade
 
     engine = get_engine(settings)
     if args.db_command == "upgrade":
@@ -501,18 +581,24 @@ def cmd_db(args, settings: Settings) -> None:
         print(f"{safe_url(engine)} is at schema {current_revision(engine)} (head).")
     else:
         cur, head = current_revision(engine), head_revision()
-        print(f"{safe_url(engine)}: schema {cur or 'none'}, head {head}" + ("" if cur == head else " (run `needle db upgrade`)"))
+        state = ""
+        if cur is not None and cur != head and not known_revision(cur):
+            state = " (written by a newer Needle: upgrade Needle)"
+        elif cur != head:
+            state = " (run `needle db upgrade`)"
+        print(f"{safe_url(engine)}: schema {cur or 'none'}, head {head}{state}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="needle", description="Find and browse the neurons of transformer language models.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="index the bundled demo model (if needed) and serve the dashboard")
+    p = sub.add_parser("demo", help="serve the dashboard on the bundled demo model, indexing it (if needed) "
+                       "in a worker thread beside the server")
     p.add_argument("--host")
     p.add_argument("--port", type=port)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-serve", action="store_true", help="index only")
+    p.add_argument("--no-serve", action="store_true", help="index only, in this process, then exit")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("index", help="decode a model's MLP neurons into the database")
@@ -601,6 +687,16 @@ def _settings() -> Settings:
                           hint="Correct or unset that environment variable (the README lists the settings).") from None
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so that what is still buffered for a closed pipe goes nowhere."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (a test's capture)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -609,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_text(parser, args)
         args.func(args, _settings())
+        sys.stdout.flush()  # a closed pipe is found here, not in the interpreter's last flush
     except NeedleError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:
@@ -617,6 +714,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; what was stored is kept, and unfinished jobs go back to the queue.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of the output went away (`needle jobs | head -1`): stop quietly, as `cat` does
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE: what the shell reports for a command stopped by a closed pipe
     except Exception as exc:
         if os.environ.get("NEEDLE_DEBUG"):
             raise
