@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -66,3 +71,51 @@ def cli_runner(monkeypatch, capsys, db_url: str):
         return code, out.out, out.err
 
     return run
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def needle_serve(db_url: str, *args: str, **env: str) -> Iterator[tuple[int, subprocess.Popen]]:
+    """`python -m needle.cli serve ARGS` on a free port with NEEDLE_* settings (env, e.g.
+    keep_alive_seconds="1"): yields (port, process) once it answers, stops it with SIGINT after
+    and asserts it printed no traceback; proc.output holds what it printed."""
+    port = free_port()
+    environ = {**os.environ, "NEEDLE_DATABASE_URL": db_url, **{f"NEEDLE_{k.upper()}": v for k, v in env.items()}}
+    proc = subprocess.Popen([sys.executable, "-m", "needle.cli", "serve", "--port", str(port), *args], env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/-/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not answer within 60 s"
+            time.sleep(0.2)
+        yield port, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.output = proc.communicate(timeout=30)[0]  # type: ignore[attr-defined]
+    assert "Traceback" not in proc.output, proc.output  # type: ignore[attr-defined]
+
+
+def needle_in_process(*args: str, db_url: str, capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """`needle` run by its main() in this process (quicker than a new one, for the many bad-argument cases)."""
+    from app.config import get_settings
+    from needle.cli import main
+
+    monkeypatch.setenv("NEEDLE_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    try:
+        code = main(list(args))
+    finally:
+        get_settings.cache_clear()
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)

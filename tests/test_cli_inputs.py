@@ -18,10 +18,11 @@ import pytest
 from sqlalchemy import update
 
 from app import queries
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.db import engine_for, session_scope
 from app.schema import Job, Model
-from needle.cli import index_model, main
+from needle.cli import index_model
+from tests.live_server import needle_in_process
 from tests.tinymodels import build_tiny
 
 NESTED = "[" * 100_000  # json.loads raises RecursionError on it
@@ -32,16 +33,6 @@ def model_dir(tmp_path_factory) -> Path:
     return build_tiny("gpt2", tmp_path_factory.mktemp("inputs") / "gpt2")
 
 
-def run_main(*args: str, db_url: str, capsys, monkeypatch) -> subprocess.CompletedProcess:
-    """`needle ARGS` run by main() in this process (quicker than a new one)."""
-    monkeypatch.setenv("NEEDLE_DATABASE_URL", db_url)
-    get_settings.cache_clear()
-    try:
-        code = main(list(args))
-    finally:
-        get_settings.cache_clear()
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def assert_one_clear_error(proc, *phrases: str) -> None:
@@ -65,7 +56,7 @@ def test_a_feature_line_nested_too_deeply_names_the_file_and_line(model_dir, sql
     path = tmp_path / "deep.jsonl"
     ok = {"feature": "dog", "text": "a dog", "label": 1}
     path.write_text(json.dumps(ok) + "\n" + NESTED + "\n", encoding="utf-8")
-    proc = run_main("index", str(model_dir), "--name", "deep", "--features", str(path), db_url=sqlite_url,
+    proc = needle_in_process("index", str(model_dir), "--name", "deep", "--features", str(path), db_url=sqlite_url,
                     capsys=capsys, monkeypatch=monkeypatch)
     assert_one_clear_error(proc, f"{path} line 2", "nested too deeply")
     assert stored_models(sqlite_url) == []
@@ -74,7 +65,7 @@ def test_a_feature_line_nested_too_deeply_names_the_file_and_line(model_dir, sql
 def test_a_field_nested_too_deeply_in_a_feature_line(model_dir, sqlite_url, tmp_path, capsys, monkeypatch):
     path = tmp_path / "deep.jsonl"
     path.write_text('{"feature": "dog", "text": "a dog", "label": ' + NESTED + "\n", encoding="utf-8")
-    proc = run_main("index", str(model_dir), "--name", "deep", "--features", str(path), db_url=sqlite_url,
+    proc = needle_in_process("index", str(model_dir), "--name", "deep", "--features", str(path), db_url=sqlite_url,
                     capsys=capsys, monkeypatch=monkeypatch)
     assert_one_clear_error(proc, f"{path} line 1", "nested too deeply")
 
@@ -82,7 +73,7 @@ def test_a_field_nested_too_deeply_in_a_feature_line(model_dir, sqlite_url, tmp_
 def test_a_corpus_line_nested_too_deeply_names_the_file_and_line(model_dir, sqlite_url, tmp_path, capsys, monkeypatch):
     path = tmp_path / "corpus.jsonl"
     path.write_text(NESTED + "\n", encoding="utf-8")
-    proc = run_main("index", str(model_dir), "--name", "deep", "--corpus", str(path), db_url=sqlite_url,
+    proc = needle_in_process("index", str(model_dir), "--name", "deep", "--corpus", str(path), db_url=sqlite_url,
                     capsys=capsys, monkeypatch=monkeypatch)
     assert_one_clear_error(proc, f"line 1 of {path}", "nested too deeply")
     assert stored_models(sqlite_url) == []
@@ -93,7 +84,7 @@ def test_a_corpus_line_nested_too_deeply_fails_its_job_clearly(model_dir, sqlite
     job reads the rest and fails on the deep line with the same clear message, at once."""
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join([json.dumps({"text": "the dog sat " * 2000}), "", NESTED]) + "\n", encoding="utf-8")
-    proc = run_main("index", str(model_dir), "--name", "deep", "--corpus", str(path), "--context", "8",
+    proc = needle_in_process("index", str(model_dir), "--name", "deep", "--corpus", str(path), "--context", "8",
                     db_url=sqlite_url, capsys=capsys, monkeypatch=monkeypatch)
     assert_one_clear_error(proc, "examples", f"line 3 of {path}", "nested too deeply")
 
@@ -102,7 +93,7 @@ def test_a_config_json_nested_too_deeply(sqlite_url, tmp_path, capsys, monkeypat
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(NESTED, encoding="utf-8")
-    proc = run_main("index", str(folder), "--name", "deep", db_url=sqlite_url, capsys=capsys, monkeypatch=monkeypatch)
+    proc = needle_in_process("index", str(folder), "--name", "deep", db_url=sqlite_url, capsys=capsys, monkeypatch=monkeypatch)
     assert_one_clear_error(proc, f"config.json of {folder}", "nested too deeply")
 
 
@@ -136,15 +127,15 @@ def test_a_folder_given_relative_then_absolute_is_the_same_model(model_dir, sqli
     monkeypatch.chdir(model_dir.parent)
     relative = ["index", model_dir.name, "--name", "kept", "--corpus", os.path.relpath(corpus), "--context", "8",
                 "--tokens", "64"]
-    proc = run_main(*relative, db_url=sqlite_url, capsys=capsys, monkeypatch=monkeypatch)
+    proc = needle_in_process(*relative, db_url=sqlite_url, capsys=capsys, monkeypatch=monkeypatch)
     assert proc.returncode == 0, proc.stderr
     absolute = ["index", str(model_dir), "--name", "kept", "--corpus", str(corpus), "--context", "8", "--tokens", "64"]
-    proc = run_main(*absolute, db_url=sqlite_url, capsys=capsys, monkeypatch=monkeypatch)
+    proc = needle_in_process(*absolute, db_url=sqlite_url, capsys=capsys, monkeypatch=monkeypatch)
     assert proc.returncode == 0, proc.stderr
     with session_scope(engine_for(sqlite_url)) as s:
         assert queries.get_model(s, "kept").source == str(model_dir.resolve())  # loadable from any folder
         s.execute(update(Model).values(source=model_dir.name))  # as a relative name was stored before
-    proc = run_main(*absolute, db_url=sqlite_url, capsys=capsys, monkeypatch=monkeypatch)
+    proc = needle_in_process(*absolute, db_url=sqlite_url, capsys=capsys, monkeypatch=monkeypatch)
     assert proc.returncode == 0, proc.stderr
 
 

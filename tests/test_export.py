@@ -36,6 +36,7 @@ from app.main import create_app
 from app.search import number
 from needle.cli import index_model
 from needle.export import TABLES, export_model
+from tests.live_server import needle_in_process
 from tests.tinymodels import SCRIPT_TOKEN, TRAINING_TEXT, build_detector, build_tiny
 
 NAME = "exp"
@@ -69,19 +70,6 @@ def needle(*args: str, db_url: str, env: dict | None = None) -> subprocess.Compl
                           env=environ, timeout=300, check=False)
 
 
-def needle_in_process(*args: str, db_url: str, capsys, monkeypatch) -> subprocess.CompletedProcess:
-    """`needle` run by its main() in this process (quicker than a new one, for the many bad-argument cases)."""
-    from app.config import get_settings
-    from needle.cli import main
-
-    monkeypatch.setenv("NEEDLE_DATABASE_URL", db_url)
-    get_settings.cache_clear()
-    try:
-        code = main(list(args))
-    finally:
-        get_settings.cache_clear()
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def read_parquet(folder: Path, table: str) -> list[dict]:

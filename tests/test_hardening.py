@@ -8,12 +8,7 @@ the connection limits against a real `needle serve`."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,7 +24,7 @@ from app.errors import NeedleError
 from app.main import create_app
 from app.schema import ClampCurve, Generation, Job, TextRun
 from tests.hostile import MODEL, PLAIN
-from tests.live_server import cli_runner, running_server
+from tests.live_server import cli_runner, needle_serve, running_server
 from tests.synthetic import fill_synthetic
 
 WHERE = urls.neuron_url(MODEL, 0, 1)
@@ -346,37 +341,6 @@ def test_live_jobs_beyond_the_cap_are_503_across_server_processes(db_url, engine
 # ---------------------------------------------------------------- 4. `needle serve` closes idle and slow connections
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def needle_serve(db_url: str, *args: str, **env: str) -> Iterator[int]:
-    """`python -m needle.cli serve` on a free port with NEEDLE_* settings: yields the port."""
-    port = free_port()
-    environ = {**os.environ, "NEEDLE_DATABASE_URL": db_url, **{f"NEEDLE_{k.upper()}": v for k, v in env.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "needle.cli", "serve", "--port", str(port), *args], env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/-/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not answer within 60 s"
-            time.sleep(0.2)
-        yield port
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out = proc.communicate(timeout=30)[0]
-        assert "Traceback" not in out, out
-
-
 def connect(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.settimeout(60)  # far beyond the server's limits below: a server that never closes fails the test
@@ -412,7 +376,7 @@ REQUEST = b"GET /-/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_needle_serve_closes_idle_and_slow_connections(sqlite_url, processes):
-    with needle_serve(sqlite_url, "--processes", processes, keep_alive_seconds="1", header_timeout_seconds="2") as port:
+    with needle_serve(sqlite_url, "--processes", processes, keep_alive_seconds="1", header_timeout_seconds="2") as (port, _):
         kept = connect(port)
         for _ in range(2):  # keep-alive: the connection serves the next request ...
             kept.sendall(REQUEST)
@@ -429,7 +393,7 @@ def test_needle_serve_closes_idle_and_slow_connections(sqlite_url, processes):
 
 
 def test_needle_serve_limits_connections(sqlite_url):
-    with needle_serve(sqlite_url, max_connections="3", keep_alive_seconds="60") as port:  # 3 served at once
+    with needle_serve(sqlite_url, max_connections="3", keep_alive_seconds="60") as (port, _):  # 3 served at once
         held = [connect(port) for _ in range(3)]
         for sock in held:
             sock.sendall(REQUEST)
