@@ -15,9 +15,10 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app import queries, urls
-from app.arrays import FLOAT16, FLOAT32, INT16, INT32, INT64, unpack
+from app.arrays import FLOAT32, INT32, unpack
 from app.fastpage import PageSpans, TokenTexts, rounded_activations, token_texts
 from app.schema import ExampleRun, Job, Model, NeuronActivations, TextRun
+from app.unitarrays import unpack_examples
 
 METHOD = [
     "Windows: the corpus's documents are tokenized, joined with the end-of-text token between them and cut into "
@@ -93,19 +94,11 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
     server time under load for nothing."""
     if row is None:
         return {"examples": [], "interval_samples": [], "stats": None, "_context_spans": None}
-    top_windows = unpack(row.top_windows, INT32)
-    top_pos = unpack(row.top_pos, INT16)
-    top_acts = unpack(row.top_acts, FLOAT16, (len(top_windows), context))
-    top_max = unpack(row.top_max, FLOAT32)
-    int_windows = unpack(row.int_windows, INT32)
-    bins = len(unpack(row.int_counts, INT64))
-    per_bin = len(int_windows) // max(bins, 1)
-    int_windows = int_windows.reshape(bins, per_bin)
-    int_pos = unpack(row.int_pos, INT16, (bins, per_bin))
-    int_max = unpack(row.int_max, FLOAT32, (bins, per_bin))
-    int_acts = unpack(row.int_acts, FLOAT16, (bins, per_bin, context))
-    int_edges = unpack(row.int_edges, FLOAT32)
-    int_counts = unpack(row.int_counts, INT64)
+    a = unpack_examples(row, context)
+    top_windows, top_pos, top_acts, top_max = a["top_windows"], a["top_pos"], a["top_acts"], a["top_max"]
+    int_windows, int_pos, int_max, int_acts = a["int_windows"], a["int_pos"], a["int_max"], a["int_acts"]
+    int_edges, int_counts = a["int_edges"], a["int_counts"]
+    bins = len(int_counts)
 
     windows = queries.example_windows(session, model.id, [*top_windows.tolist(), *int_windows.ravel().tolist()])
     ids = {w: unpack(win.token_ids, INT32) for w, win in windows.items()}
@@ -146,9 +139,7 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
         "std": float(row.std),
         "min": float(row.min_act),
         "max": float(row.max_act),
-        "histogram": histogram(
-            unpack(row.hist_edges, FLOAT32), unpack(row.hist_counts, INT64), float(row.min_act), float(row.max_act)
-        ),
+        "histogram": histogram(a["hist_edges"], a["hist_counts"], float(row.min_act), float(row.max_act)),
     }
     # "_context_spans": the HTML of every context's tokens, for the page's template (not in the JSON)
     spans_html = PageSpans(text, colour_scale(stats["max"], stats["min"]), spans)

@@ -16,13 +16,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app import clamping, examples, queries, urls
-from app.arrays import FLOAT32, INT32, unpack
 from app.errors import NeedleError, NotFound
 from app.fastpage import token_texts
 from app.plots import STRIP_POINTS
 from app.schema import Job, Model
 from app.search import matching_tokens, number, ranked_neurons, tokenize_query
 from app.tokens import from_visible
+from app.unitarrays import unpack_decoding
 
 DIGITS = re.compile(r"[0-9]+")
 MAX_DIGITS = 18  # a longer number in a path is out of range, not read
@@ -349,8 +349,9 @@ def layer_page(
     pairs = queries.layer_neurons(session, model.id, layer, sort, (page_number - 1) * page_size, page_size)
     rows = [n for n, _ in pairs]
     stats = {n.neuron: a for n, a in pairs}
-    top_ids = {row.neuron: unpack(row.in_ids, INT32)[:LAYER_ROW_TOKENS] for row in rows}
-    top_scores = {row.neuron: unpack(row.in_scores, FLOAT32)[:LAYER_ROW_TOKENS] for row in rows}
+    decodings = {row.neuron: unpack_decoding(row) for row in rows}
+    top_ids = {n: d["in_ids"][:LAYER_ROW_TOKENS] for n, d in decodings.items()}
+    top_scores = {n: d["in_scores"][:LAYER_ROW_TOKENS] for n, d in decodings.items()}
     text = queries.tokens_by_ids(
         session, model.id, [t for ids in top_ids.values() for t in ids] + [r.top_token_id for r in rows]
     )
@@ -414,7 +415,7 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
             + (f": decode {decode['left']}." if decode else "."),
             hint="The model page shows the indexing jobs and their progress.",
         )
-    in_ids, out_pos_ids, out_neg_ids = (unpack(b, INT32) for b in (row.in_ids, row.out_pos_ids, row.out_neg_ids))
+    dec = unpack_decoding(row)
     text = token_texts(session, model)  # the vocabulary, held in memory (app/fastpage.py)
     run = examples.run_info(run_row)
     firing = examples.neuron_activations(session, model, activations if run_row else None,
@@ -442,14 +443,14 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
         "mean_top100": number(row.mean_top100),
         "input_tokens": [
             _token(t, text, prob=number(p), score=number(s))
-            for t, p, s in zip(in_ids, unpack(row.in_probs, FLOAT32), unpack(row.in_scores, FLOAT32))
+            for t, p, s in zip(dec["in_ids"], dec["in_probs"], dec["in_scores"])
         ],
         "output_tokens": {
             "promoted": [
-                _token(t, text, logit=number(v)) for t, v in zip(out_pos_ids, unpack(row.out_pos_logits, FLOAT32))
+                _token(t, text, logit=number(v)) for t, v in zip(dec["out_pos_ids"], dec["out_pos_logits"])
             ],
             "suppressed": [
-                _token(t, text, logit=number(v)) for t, v in zip(out_neg_ids, unpack(row.out_neg_logits, FLOAT32))
+                _token(t, text, logit=number(v)) for t, v in zip(dec["out_neg_ids"], dec["out_neg_logits"])
             ],
         },
         "previous": link(previous),

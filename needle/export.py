@@ -359,27 +359,27 @@ class Vocabulary:
 
 def _decoding_rows(session, model, layers: range, vocab: Vocabulary, batch: int | None) -> Iterator[list[dict]]:
     from app import queries
-    from app.arrays import FLOAT32, INT32, unpack
+    from app.unitarrays import unpack_decoding
 
     batch = batch or DECODINGS_PER_BATCH
     for layer in layers:
         for start in range(0, model.d_mlp, batch):
             rows = []
             for n in queries.neurons_in_range(session, model.id, layer, start, start + batch):
-                ids = {k: unpack(getattr(n, k), INT32) for k in ("in_ids", "out_pos_ids", "out_neg_ids")}
+                a = unpack_decoding(n)
                 rows.append({
                     "layer": n.layer, "neuron": n.neuron,
                     "top_token_id": n.top_token_id, "top_token": vocab.text(n.top_token_id),
                     "top_prob": _float(n.top_prob), "top_score": _float(n.top_score),
                     "mean_top100": _float(n.mean_top100),
-                    "input_token_ids": ids["in_ids"].tolist(), "input_tokens": vocab.texts(ids["in_ids"]),
-                    "input_probs": _floats(unpack(n.in_probs, FLOAT32)),
-                    "input_scores": _floats(unpack(n.in_scores, FLOAT32)),
-                    "promoted_token_ids": ids["out_pos_ids"].tolist(), "promoted_tokens": vocab.texts(ids["out_pos_ids"]),
-                    "promoted_logits": _floats(unpack(n.out_pos_logits, FLOAT32)),
-                    "suppressed_token_ids": ids["out_neg_ids"].tolist(),
-                    "suppressed_tokens": vocab.texts(ids["out_neg_ids"]),
-                    "suppressed_logits": _floats(unpack(n.out_neg_logits, FLOAT32)),
+                    "input_token_ids": a["in_ids"].tolist(), "input_tokens": vocab.texts(a["in_ids"]),
+                    "input_probs": _floats(a["in_probs"]),
+                    "input_scores": _floats(a["in_scores"]),
+                    "promoted_token_ids": a["out_pos_ids"].tolist(), "promoted_tokens": vocab.texts(a["out_pos_ids"]),
+                    "promoted_logits": _floats(a["out_pos_logits"]),
+                    "suppressed_token_ids": a["out_neg_ids"].tolist(),
+                    "suppressed_tokens": vocab.texts(a["out_neg_ids"]),
+                    "suppressed_logits": _floats(a["out_neg_logits"]),
                 })
             session.expunge_all()
             yield rows
@@ -390,26 +390,16 @@ class ExampleBatch:
     Arrow table built from the arrays directly (Parquet; the same values, far faster than from dicts)."""
 
     def __init__(self, stored: list, context: int, windows: dict, vocab: Vocabulary):
-        from app.arrays import FLOAT16, FLOAT32, INT16, INT32, INT64, unpack
+        from app.arrays import INT32, unpack
+        from app.unitarrays import unpack_examples
 
         self.stored, self.vocab = stored, vocab
         self.neurons = []
         for r in stored:
-            top_w, int_w = unpack(r.top_windows, INT32), unpack(r.int_windows, INT32)
-            int_counts = unpack(r.int_counts, INT64)
-            bins = len(int_counts)
-            per_bin = len(int_w) // max(bins, 1)
-            top_acts = unpack(r.top_acts, FLOAT16).astype(np.float32)
-            int_acts = unpack(r.int_acts, FLOAT16).astype(np.float32)
-            ctx = len(top_acts) // len(top_w) if len(top_w) else context
+            a = unpack_examples(r, context)
             self.neurons.append({
-                "top_w": top_w.tolist(), "top_max": unpack(r.top_max, FLOAT32), "top_pos": unpack(r.top_pos, INT16),
-                "top_acts": top_acts.reshape(len(top_w), ctx),
-                "int_w": int_w.reshape(bins, per_bin).tolist(), "int_max": unpack(r.int_max, FLOAT32).reshape(bins, per_bin),
-                "int_pos": unpack(r.int_pos, INT16).reshape(bins, per_bin),
-                "int_acts": int_acts.reshape(bins, per_bin, ctx),
-                "int_edges": unpack(r.int_edges, FLOAT32), "int_counts": int_counts,
-                "hist_edges": unpack(r.hist_edges, FLOAT32), "hist_counts": unpack(r.hist_counts, INT64),
+                **a, "top_windows": a["top_windows"].tolist(), "int_windows": a["int_windows"].tolist(),
+                "top_acts": a["top_acts"].astype(np.float32), "int_acts": a["int_acts"].astype(np.float32),
             })
         # window -> (token ids, source); a window some neuron names but that is not stored is left out, as on the page
         self.windows = {w: (unpack(blob, INT32), _text(source)) for w, (blob, source) in windows.items()}
@@ -448,11 +438,11 @@ class ExampleBatch:
                 "histogram_edges": _floats(a["hist_edges"]),
                 "histogram_counts": a["hist_counts"].tolist(),
                 "examples": [example(w, top_acts[k], top_max[k], top_pos[k])
-                             for k, w in enumerate(a["top_w"]) if w in shown],
+                             for k, w in enumerate(a["top_windows"]) if w in shown],
                 "interval_samples": [
                     {"bin": b, "low": _float(edges[b]), "high": _float(edges[b + 1]), "tokens": counts[b],
                      "examples": [example(w, int_acts[b][j], int_max[b][j], int_pos[b][j])
-                                  for j, w in enumerate(a["int_w"][b]) if w in shown]}
+                                  for j, w in enumerate(a["int_windows"][b]) if w in shown]}
                     for b in range(len(counts))
                 ],
             })
@@ -489,13 +479,13 @@ class ExampleBatch:
         top, top_per, bins, bins_per, bin_picks, bin_per = [], [], [], [], [], []
         for a in self.neurons:
             picked = [(w, a["top_acts"][k], a["top_max"][k], a["top_pos"][k])
-                      for k, w in enumerate(a["top_w"]) if w in self.windows]
+                      for k, w in enumerate(a["top_windows"]) if w in self.windows]
             top.extend(picked)
             top_per.append(picked)
             edges = a["int_edges"]
             for b in range(len(a["int_counts"])):
                 picked = [(w, a["int_acts"][b, j], a["int_max"][b, j], a["int_pos"][b, j])
-                          for j, w in enumerate(a["int_w"][b]) if w in self.windows]
+                          for j, w in enumerate(a["int_windows"][b]) if w in self.windows]
                 bin_picks.extend(picked)
                 bin_per.append(picked)
                 bins.append((b, edges[b], edges[b + 1], int(a["int_counts"][b])))
@@ -537,7 +527,8 @@ def examples_batch(slots: int, context: int) -> int:
 
 def _example_rows(session, model, layers: range, vocab: Vocabulary, batch: int | None) -> Iterator[ExampleBatch]:
     from app import queries
-    from app.arrays import INT32, unpack
+    from app.arrays import unpack
+    from app.unitarrays import EXAMPLES
 
     run = queries.example_run(session, model.id)
     assert run is not None, "export() exports examples only where a run is stored"
@@ -547,8 +538,8 @@ def _example_rows(session, model, layers: range, vocab: Vocabulary, batch: int |
     for layer in layers:
         for start in range(0, model.d_mlp, batch):
             stored = queries.activations_in_range(session, model.id, layer, start, start + batch)
-            wanted = {int(w) for r in stored for blob in (r.top_windows, r.int_windows)
-                      for w in unpack(blob, INT32).tolist() if w >= 0}
+            wanted = {int(w) for r in stored for c in ("top_windows", "int_windows")
+                      for w in unpack(getattr(r, c), EXAMPLES[c]).tolist() if w >= 0}
             out = ExampleBatch(stored, run.context, queries.window_tokens(session, model.id, wanted), vocab)
             session.expunge_all()
             yield out

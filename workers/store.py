@@ -10,22 +10,15 @@ import torch
 from sqlalchemy.orm import Session
 
 from app import queries
-from app.arrays import FLOAT16, FLOAT32, INT16, INT32, INT64, pack, pack_rows, unpack
+from app.arrays import FLOAT32, INT32, pack, pack_rows, unpack
+from app.unitarrays import DECODING, EXAMPLES, pack_units
 from workers.corpus import Corpus
 from workers.decode import LayerDecoding, merge_search_parts
 from workers.examples import LayerExamples
 
 
 def neuron_rows(dec: LayerDecoding) -> list[dict]:
-    blobs = {
-        "in_ids": pack_rows(dec.in_ids, INT32),
-        "in_probs": pack_rows(dec.in_probs, FLOAT32),
-        "in_scores": pack_rows(dec.in_scores, FLOAT32),
-        "out_pos_ids": pack_rows(dec.out_pos_ids, INT32),
-        "out_pos_logits": pack_rows(dec.out_pos_logits, FLOAT32),
-        "out_neg_ids": pack_rows(dec.out_neg_ids, INT32),
-        "out_neg_logits": pack_rows(dec.out_neg_logits, FLOAT32),
-    }
+    blobs = pack_units(DECODING, dec)
     top_ids, top_probs = dec.in_ids[:, 0].tolist(), dec.in_probs[:, 0].tolist()
     top_scores, means = dec.in_scores[:, 0].tolist(), dec.mean_top100.tolist()
     return [
@@ -97,20 +90,7 @@ def activation_rows(res: LayerExamples) -> list[dict]:
     """One neuron_activations row per neuron of a layer, arrays packed once per layer."""
     n = len(res.max)
     tokens = max(res.tokens, 1)
-    blobs = {
-        "top_windows": pack_rows(res.top_windows, INT32),
-        "top_max": pack_rows(res.top_max, FLOAT32),
-        "top_pos": pack_rows(res.top_pos, INT16),
-        "top_acts": pack_rows(res.top_acts.reshape(n, -1), FLOAT16),
-        "int_windows": pack_rows(res.int_windows.reshape(n, -1), INT32),
-        "int_max": pack_rows(res.int_max.reshape(n, -1), FLOAT32),
-        "int_pos": pack_rows(res.int_pos.reshape(n, -1), INT16),
-        "int_acts": pack_rows(res.int_acts.reshape(n, -1), FLOAT16),
-        "int_edges": pack_rows(res.int_edges, FLOAT32),
-        "int_counts": pack_rows(res.int_counts, INT64),
-        "hist_edges": pack_rows(res.hist_edges, FLOAT32),
-        "hist_counts": pack_rows(res.hist_counts, INT64),
-    }
+    blobs = pack_units(EXAMPLES, res)
     freq = (res.positive / tokens).tolist()
     above = (res.above / tokens).tolist()
     thr = [None if np.isnan(t) else t for t in res.threshold.tolist()]
