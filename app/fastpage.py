@@ -267,7 +267,7 @@ def context_items(examples: list[dict], spans: PageSpans, group: int) -> Markup:
 
 
 def _tok(t: dict) -> str:
-    """_macros.html's tok(t)."""
+    """A token's chip: its text made visible, its id on hover; #id when the vocabulary lacks it."""
     if t.get("token") is None:
         return (f'<code class="tok missing" title="token id {escape(t["token_id"])} (not in the stored vocabulary)">'
                 f'#{escape(t["token_id"])}</code>')
@@ -275,15 +275,28 @@ def _tok(t: dict) -> str:
 
 
 def _num(value, spec: str = "%.3f") -> str:
-    """_macros.html's num(value, spec)."""
+    """A number written with spec; – for none."""
     return "–" if value is None else str(escape(spec % value))
 
 
 def _bar(value, best, kind: str = "") -> str:
-    """_macros.html's bar(value, best, kind)."""
+    """A bar as long as value's share of best (0 to 100%); kind: its colour class."""
     share = (100 * value / best) if (value is not None and best) else 0
     cls = f"bar {escape(kind)}" if kind else "bar"
     return f'<span class="{cls}" aria-hidden="true"><span style="width: {"%.1f" % min(max(share, 0), 100)}%"></span></span>'
+
+
+# The templates' tok(t), num(value, spec) and bar(value, best, kind): the same markup as the rows below.
+def tok(t: dict) -> Markup:
+    return Markup(_tok(t))
+
+
+def num(value, spec: str = "%.3f") -> Markup:
+    return Markup(_num(value, spec))
+
+
+def bar(value, best, kind: str = "") -> Markup:
+    return Markup(_bar(value, best, kind))
 
 
 def _rows(rows: list[list[tuple[str, object]]]) -> Markup:

@@ -13,10 +13,13 @@ from markupsafe import Markup, escape
 from app import clamping, plots, urls
 from app.config import ROOT
 from app.fastpage import (
+    bar,
     context_items,
     context_tokens,
     logit_table_rows,
+    num,
     search_result_rows,
+    tok,
     token_table_rows,
 )
 from app.tokens import chip_html, in_context, quoted, visible
@@ -69,6 +72,7 @@ def environment() -> Environment:
     env.globals["clamp_curve_svg"] = plots.wide_and_narrow(plots.clamp_curve_svg)
     env.globals["score_strip_svg"] = plots.wide_and_narrow(plots.score_strip_svg)
     env.globals["clamp_method"] = clamping.METHOD
+    env.globals.update(tok=tok, num=num, bar=bar)  # token chips, numbers and bars: app/fastpage.py
     env.globals["context_tokens"] = context_tokens
     env.globals["context_items"] = context_items
     env.globals["search_result_rows"] = search_result_rows
