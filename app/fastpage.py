@@ -250,17 +250,25 @@ class PageSpans:
         return [Markup(one_break_per_run("".join(pieces[a:b].ravel().tolist()))) for a, b in bounds]
 
 
+def _context_box(ex: dict, tokens: str, mark_label: str = "max") -> str:
+    """One context: its max activation and where its window starts, then its tokens' spans."""
+    return ('<div class="context">\n  <div class="ctx-meta"><span class="ctx-max">'
+            f'{escape(mark_label)} {escape("%.4g" % ex["max_activation"])}</span>\n    <span class="ctx-source" '
+            f'title="where the window starts">{escape(ex["source"])}</span></div>\n'
+            f'  <div class="ctx-tokens">{tokens}</div>\n</div>')
+
+
+def context(ex: dict, scale: Scale, mark_label: str = "max") -> Markup:
+    """The templates' context(ex, scale): one context, its tokens by the per-example renderer
+    (the text panel, the embed card)."""
+    return Markup(_context_box(ex, context_tokens(ex, scale), mark_label))
+
+
 def context_items(examples: list[dict], spans: PageSpans, group: int) -> Markup:
     """The <li> items of one list of a neuron page's contexts (its top contexts: group 0; an
-    interval bin's: group 1, 2, ...), each byte for byte as _examples.html's context macro writes
-    it with the group's spans (a test checks): one call per list instead of a macro call, with its
-    own escapes, per context (45 a page)."""
-    return Markup("".join([
-        '<li><div class="context">\n  <div class="ctx-meta"><span class="ctx-max">max '
-        f'{escape("%.4g" % ex["max_activation"])}</span>\n    <span class="ctx-source" title="where the window '
-        f'starts">{escape(ex["source"])}</span></div>\n  <div class="ctx-tokens">{spans.html(group, j)}</div>\n</div></li>'
-        for j, ex in enumerate(examples)
-    ]))
+    interval bin's: group 1, 2, ...), their tokens from the page's spans: one call per list
+    (45 contexts a page)."""
+    return Markup("".join([f"<li>{_context_box(ex, spans.html(group, j))}</li>" for j, ex in enumerate(examples)]))
 
 
 # ---------------------------------------------------------------- the search page's result rows

@@ -14,8 +14,8 @@ from app import clamping, plots, urls
 from app.config import ROOT
 from app.fastpage import (
     bar,
+    context,
     context_items,
-    context_tokens,
     logit_table_rows,
     num,
     search_result_rows,
@@ -73,7 +73,7 @@ def environment() -> Environment:
     env.globals["score_strip_svg"] = plots.wide_and_narrow(plots.score_strip_svg)
     env.globals["clamp_method"] = clamping.METHOD
     env.globals.update(tok=tok, num=num, bar=bar)  # token chips, numbers and bars: app/fastpage.py
-    env.globals["context_tokens"] = context_tokens
+    env.globals["context"] = context
     env.globals["context_items"] = context_items
     env.globals["search_result_rows"] = search_result_rows
     env.globals["token_table_rows"] = token_table_rows

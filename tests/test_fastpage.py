@@ -85,24 +85,21 @@ def test_hostile_tokens_are_escaped():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_context_items_equal_the_context_macro(seed):
-    """A neuron page writes each list of contexts with context_items: byte for byte what the
-    template's context macro writes for each, given the same spans (hostile window sources, values
-    that round in '%.4g', negatives)."""
-    from app.fastpage import context_items
-    from app.rendering import environment
+def test_context_items_equal_one_context_per_example(seed):
+    """A neuron page writes each list of contexts with context_items, its tokens from the page's
+    spans; the text panel and the embed card write one context(ex, scale) at a time, its tokens by
+    the per-example renderer. Both write the same items (hostile window sources, values that round
+    in '%.4g', negatives)."""
+    from app.fastpage import context, context_items
 
     rng = np.random.default_rng(seed)
     text = _text()
     scale = {"positive": 2.0, "negative": 3.0}
-    groups = [_contexts(rng, 6), _contexts(rng, 0), _contexts(rng, 4)]
+    groups = [[c for c in _contexts(rng, n) if 0 <= c[2] < len(c[1])] for n in (6, 0, 4)]
     spans = PageSpans(text, scale, groups)
-    macro = environment().from_string(
-        '{% from "_examples.html" import context %}'
-        "{% for ex in exs %}<li>{{ context(ex, scale, spans=spans.html(group, loop.index0)) }}</li>{% endfor %}")
     for g, group in enumerate(groups):
-        examples = [{"max_activation": float(rng.choice([1.23456789, -0.000123456, 12345.678, 0.0, 7.0])),
-                     "source": [HOSTILE_TOKENS[j % len(HOSTILE_TOKENS)], f"file.py:{j}"][j % 2], "max_index": mark}
-                    for j, (_, _, mark) in enumerate(group)]
-        expected = macro.render(exs=examples, scale=scale, spans=spans, group=g)
+        examples = [_example(ids, acts, text, [HOSTILE_TOKENS[j % len(HOSTILE_TOKENS)], f"file.py:{j}"][j % 2], mark=mark)
+                    for j, (ids, acts, mark) in enumerate(group)]
+        expected = "".join(f"<li>{context(ex, scale)}</li>" for ex in examples)
         assert str(context_items(examples, spans, g)) == expected, g
+    assert groups[0] and groups[2], "each seed gives contexts to compare"
