@@ -527,7 +527,7 @@ def release_jobs(engine, worker) -> list[str]:
     from sqlalchemy.exc import DBAPIError
 
     from app import queries
-    from app.db import session_scope
+    from app.db import StorageError, session_scope
 
     worker.stopping.set()
     released = []
@@ -537,8 +537,9 @@ def release_jobs(engine, worker) -> list[str]:
                 if job.worker == worker.name:
                     queries.release_job(s, job.id, worker.name)
                     released.append(f"{model} {job.stage} {job.key}")
-    except DBAPIError:
-        print("could not give the jobs in hand back to the queue (database unreachable): they go back "
+    except (DBAPIError, StorageError) as exc:  # unreachable, full or read-only
+        why = exc.message if isinstance(exc, StorageError) else "database unreachable"
+        print(f"could not give the jobs in hand back to the queue ({why}): they go back "
               "once their heartbeats are stale", file=sys.stderr)
         return []
     return released
