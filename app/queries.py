@@ -1,5 +1,8 @@
 """Every read and write of the store, named. Routes, page builders and workers call these;
-nothing else holds SQL."""
+nothing else holds SQL.
+
+Per-unit reads and writes take `basis`: 0 (NEURONS) for the model's MLP neurons, an SAE's id for
+its latents (app/schema.py). It defaults to the neurons, so a neuron's callers name no basis."""
 
 from __future__ import annotations
 
@@ -43,9 +46,11 @@ from app.schema import (
     NeuronActivations,
     NeuronFeature,
     ProbeRun,
+    Sae,
     SearchPart,
     TextRun,
     TokenIndex,
+    UnitLinks,
     Vocab,
 )
 
@@ -53,6 +58,7 @@ TEXT_STAGE = "text"  # the job stage of a user's own text run
 CLAMP_STAGE = "clamp_run"  # ... of a clamp curve asked for on a neuron page
 GENERATE_STAGE = "generation"  # ... of a clamped generation asked for on a neuron page
 LIVE_STAGES = (TEXT_STAGE, CLAMP_STAGE, GENERATE_STAGE)  # users' live requests, shown on their own panels
+NEURONS = 0  # the basis of a model's MLP neurons
 
 
 def utcnow() -> datetime:
@@ -107,19 +113,20 @@ def save_model(session: Session, name: str, **fields) -> Model:
     return model
 
 
-def layer_counts(session: Session, model_id: int) -> dict[int, int]:
-    """Stored neurons per layer."""
+def layer_counts(session: Session, model_id: int, basis: int = NEURONS) -> dict[int, int]:
+    """Stored units per layer."""
     rows = session.execute(
-        select(Neuron.layer, func.count()).where(Neuron.model_id == model_id).group_by(Neuron.layer)
+        select(Neuron.layer, func.count()).where(Neuron.model_id == model_id, Neuron.basis == basis)
+        .group_by(Neuron.layer)
     )
     return {layer: n for layer, n in rows}
 
 
-def layer_summaries(session: Session, model_id: int) -> list[dict]:
-    """Per stored layer: neuron count, best and mean top score."""
+def layer_summaries(session: Session, model_id: int, basis: int = NEURONS) -> list[dict]:
+    """Per stored layer: unit count, best and mean top score."""
     rows = session.execute(
         select(Neuron.layer, func.count(), func.max(Neuron.top_score), func.avg(Neuron.top_score))
-        .where(Neuron.model_id == model_id)
+        .where(Neuron.model_id == model_id, Neuron.basis == basis)
         .group_by(Neuron.layer)
         .order_by(Neuron.layer)
     )
@@ -205,14 +212,16 @@ def tokens_by_text_or_key(session: Session, model_id: int, text: str, key: str) 
 # ---------------------------------------------------------------- neurons
 
 
-def replace_neurons(session: Session, model_id: int, layers: Sequence[int], rows: Sequence[dict]) -> None:
-    """Replace the stored decodings of these layers with rows, in the caller's transaction."""
-    session.execute(delete(Neuron).where(Neuron.model_id == model_id, Neuron.layer.in_(list(layers))))
-    _insert_rows(session, Neuron, model_id, rows)
+def replace_neurons(session: Session, model_id: int, layers: Sequence[int], rows: Sequence[dict],
+                    basis: int = NEURONS) -> None:
+    """Replace the stored decodings of these layers of a basis with rows, in the caller's transaction."""
+    session.execute(delete(Neuron).where(Neuron.model_id == model_id, Neuron.basis == basis,
+                                         Neuron.layer.in_(list(layers))))
+    _insert_rows(session, Neuron, model_id, [{"basis": basis, **r} for r in rows])
 
 
-def get_neuron(session: Session, model_id: int, layer: int, neuron: int) -> Neuron | None:
-    return session.get(Neuron, (model_id, layer, neuron))
+def get_neuron(session: Session, model_id: int, layer: int, neuron: int, basis: int = NEURONS) -> Neuron | None:
+    return session.get(Neuron, (model_id, basis, layer, neuron))
 
 
 LAYER_SORTS = {
@@ -227,20 +236,21 @@ LAYER_SORTS = {
 
 
 def layer_neurons(
-    session: Session, model_id: int, layer: int, sort: str, offset: int, limit: int
+    session: Session, model_id: int, layer: int, sort: str, offset: int, limit: int, basis: int = NEURONS
 ) -> list[tuple[Neuron, NeuronActivations | None]]:
-    """A page of a layer's neurons with their activation statistics (None where not computed)."""
+    """A page of a layer's units with their activation statistics (None where not computed)."""
     rows = session.execute(
         select(Neuron, NeuronActivations)
         .outerjoin(
             NeuronActivations,
             and_(
                 NeuronActivations.model_id == Neuron.model_id,
+                NeuronActivations.basis == Neuron.basis,
                 NeuronActivations.layer == Neuron.layer,
                 NeuronActivations.neuron == Neuron.neuron,
             ),
         )
-        .where(Neuron.model_id == model_id, Neuron.layer == layer)
+        .where(Neuron.model_id == model_id, Neuron.basis == basis, Neuron.layer == layer)
         .order_by(*LAYER_SORTS[sort])
         .offset(offset)
         .limit(limit)
@@ -248,8 +258,9 @@ def layer_neurons(
     return [(n, a) for n, a in rows]
 
 
-def random_neuron(session: Session, model_id: int, rng: random.Random | None = None) -> tuple[int, int] | None:
-    counts = layer_counts(session, model_id)
+def random_neuron(session: Session, model_id: int, rng: random.Random | None = None,
+                  basis: int = NEURONS) -> tuple[int, int] | None:
+    counts = layer_counts(session, model_id, basis)
     if not counts:
         return None
     rng = rng or random.Random()
@@ -259,7 +270,7 @@ def random_neuron(session: Session, model_id: int, rng: random.Random | None = N
         if pick < counts[layer]:
             row = session.execute(
                 select(Neuron.layer, Neuron.neuron)
-                .where(Neuron.model_id == model_id, Neuron.layer == layer)
+                .where(Neuron.model_id == model_id, Neuron.basis == basis, Neuron.layer == layer)
                 .order_by(Neuron.neuron)
                 .offset(pick)
                 .limit(1)
@@ -320,15 +331,24 @@ def delete_example_parts(session: Session, model_id: int) -> None:
     session.execute(delete(ExamplePart).where(ExamplePart.model_id == model_id))
 
 
-def replace_token_index(session: Session, model_id: int, rows: Sequence[dict]) -> None:
-    session.execute(delete(TokenIndex).where(TokenIndex.model_id == model_id))
-    _insert_rows(session, TokenIndex, model_id, rows)
+def replace_token_index(session: Session, model_id: int, rows: Sequence[dict], basis: int = NEURONS) -> None:
+    session.execute(delete(TokenIndex).where(TokenIndex.model_id == model_id, TokenIndex.basis == basis))
+    _insert_rows(session, TokenIndex, model_id, [{"basis": basis, **r} for r in rows])
 
 
-def token_index_rows(session: Session, model_id: int, token_ids: Iterable[int]) -> dict[int, TokenIndex]:
+def token_index_rows(session: Session, model_id: int, token_ids: Iterable[int],
+                     basis: int = NEURONS) -> dict[int, TokenIndex]:
     ids = sorted({int(t) for t in token_ids})
-    rows = session.scalars(select(TokenIndex).where(TokenIndex.model_id == model_id, TokenIndex.token_id.in_(ids)))
+    rows = session.scalars(select(TokenIndex).where(TokenIndex.model_id == model_id, TokenIndex.basis == basis,
+                                                    TokenIndex.token_id.in_(ids)))
     return {r.token_id: r for r in rows}
+
+
+def token_index_rows_of_bases(session: Session, model_id: int, token_ids: Iterable[int]) -> list[TokenIndex]:
+    """The token index rows of these tokens in every basis of the model (neurons and each SAE)."""
+    ids = sorted({int(t) for t in token_ids})
+    return list(session.scalars(select(TokenIndex).where(TokenIndex.model_id == model_id, TokenIndex.token_id.in_(ids))
+                                .order_by(TokenIndex.basis, TokenIndex.token_id)))
 
 
 # ---------------------------------------------------------------- jobs
@@ -528,7 +548,8 @@ def requeue_stale(session: Session, stale_seconds: float) -> int:
 
 def neuron_counts_by_model(session: Session) -> dict[int, int]:
     """Stored neurons per model, for the models list."""
-    rows = session.execute(select(Neuron.model_id, func.count()).group_by(Neuron.model_id))
+    rows = session.execute(select(Neuron.model_id, func.count()).where(Neuron.basis == NEURONS)
+                           .group_by(Neuron.model_id))
     return {model_id: n for model_id, n in rows}
 
 
@@ -545,19 +566,21 @@ def job_states_by_model(session: Session) -> dict[int, dict[str, int]]:
     return out
 
 
-def layer_summary(session: Session, model_id: int, layer: int) -> dict:
-    """One layer: stored neuron count and best top score (None when nothing is stored)."""
+def layer_summary(session: Session, model_id: int, layer: int, basis: int = NEURONS) -> dict:
+    """One layer: stored unit count and best top score (None when nothing is stored)."""
     n, best = session.execute(
-        select(func.count(), func.max(Neuron.top_score)).where(Neuron.model_id == model_id, Neuron.layer == layer)
+        select(func.count(), func.max(Neuron.top_score)).where(Neuron.model_id == model_id, Neuron.basis == basis,
+                                                               Neuron.layer == layer)
     ).one()
     return {"layer": layer, "neurons": n, "max_score": None if best is None else float(best)}
 
 
 @lru_cache(maxsize=1)
 def _neuron_page_statement():
-    """neuron_page_rows' statement, built once (bound parameters m, l, n): building it anew on
+    """neuron_page_rows' statement, built once (bound parameters m, b, l, n): building it anew on
     every page took longer than the query."""
     m: BindParameter[int] = bindparam("m")
+    b: BindParameter[int] = bindparam("b")
     lay: BindParameter[int] = bindparam("l")
     n: BindParameter[int] = bindparam("n")
     key, at = tuple_(Neuron.layer, Neuron.neuron), tuple_(lay, n)
@@ -566,7 +589,7 @@ def _neuron_page_statement():
         order = (Neuron.layer.desc(), Neuron.neuron.desc()) if before else (Neuron.layer, Neuron.neuron)
         return (
             select(column)
-            .where(Neuron.model_id == m, (key < at) if before else (key > at))
+            .where(Neuron.model_id == m, Neuron.basis == b, (key < at) if before else (key > at))
             .order_by(*order)
             .limit(1)
             .scalar_subquery()
@@ -580,19 +603,20 @@ def _neuron_page_statement():
         )
         .select_from(Neuron)
         .outerjoin(NeuronActivations, (NeuronActivations.model_id == Neuron.model_id)
+                   & (NeuronActivations.basis == Neuron.basis)
                    & (NeuronActivations.layer == Neuron.layer) & (NeuronActivations.neuron == Neuron.neuron))
         .outerjoin(ExampleRun, ExampleRun.model_id == Neuron.model_id)
-        .where(Neuron.model_id == m, Neuron.layer == lay, Neuron.neuron == n)
+        .where(Neuron.model_id == m, Neuron.basis == b, Neuron.layer == lay, Neuron.neuron == n)
     )
 
 
-def neuron_page_rows(session: Session, model_id: int, layer: int, neuron: int):
+def neuron_page_rows(session: Session, model_id: int, layer: int, neuron: int, basis: int = NEURONS):
     """What a neuron page reads about one neuron, in one round trip: (its decodings row, its
     activations row or None, the model's example run or None, the previous and the next stored
     neuron as (layer, neuron) or None, crossing layers). All None when the neuron is not stored.
     The neighbours are row-value comparisons, so the primary key's index starts at (layer, neuron)
     on both databases (an OR of the two cases made Postgres scan every neuron of the model before it)."""
-    row = session.execute(_neuron_page_statement(), {"m": model_id, "l": layer, "n": neuron}).first()
+    row = session.execute(_neuron_page_statement(), {"m": model_id, "b": basis, "l": layer, "n": neuron}).first()
     if row is None:
         return None, None, None, None, None
     n, activations, run, prev_layer, prev_neuron, next_layer, next_neuron = row
@@ -601,9 +625,10 @@ def neuron_page_rows(session: Session, model_id: int, layer: int, neuron: int):
     return n, activations, run, previous, following
 
 
-def has_token_index(session: Session, model_id: int) -> bool:
-    """Whether the search_index stage has written any token rows for the model yet."""
-    row = session.execute(select(TokenIndex.token_id).where(TokenIndex.model_id == model_id).limit(1)).first()
+def has_token_index(session: Session, model_id: int, basis: int = NEURONS) -> bool:
+    """Whether the search_index stage has written any token rows for the model's basis yet."""
+    row = session.execute(select(TokenIndex.token_id).where(TokenIndex.model_id == model_id,
+                                                            TokenIndex.basis == basis).limit(1)).first()
     return row is not None
 
 
@@ -614,7 +639,9 @@ def replace_examples(
     session: Session, model_id: int, run: dict, windows: Sequence[dict], rows: Sequence[dict]
 ) -> None:
     """Replace a model's examples (run, windows, every neuron's activations) in the caller's
-    transaction: a reader sees the old set or the new one, never a mix."""
+    transaction: a reader sees the old set or the new one, never a mix. Its SAEs' latents'
+    activations point into the same windows, so they go too (their examples stage reads the
+    new run's corpus)."""
     for table in (NeuronActivations, ExampleWindow, ExampleRun):
         session.execute(delete(table).where(table.model_id == model_id))
     session.add(ExampleRun(model_id=model_id, created_at=utcnow(), **run))
@@ -625,16 +652,37 @@ def replace_examples(
 
 def add_activations(session: Session, model_id: int, rows: Sequence[dict]) -> None:
     """Insert neuron_activations rows (replace_examples' own insert; bench/server.py adds a large
-    model's layers with it one transaction at a time)."""
+    model's layers with it one transaction at a time). A row without `basis` is a neuron's."""
     _insert_rows(session, NeuronActivations, model_id, rows, chunk=2000)
+
+
+def replace_unit_activations(session: Session, model_id: int, basis: int, rows: Sequence[dict]) -> None:
+    """Replace one basis's activation rows (an SAE's latents, over the model's example windows)."""
+    session.execute(delete(NeuronActivations).where(NeuronActivations.model_id == model_id,
+                                                    NeuronActivations.basis == basis))
+    _insert_rows(session, NeuronActivations, model_id, [{"basis": basis, **r} for r in rows], chunk=2000)
+
+
+def unit_frequencies(session: Session, model_id: int, basis: int) -> list[float]:
+    """Every unit's firing frequency on the examples corpus (its activations rows), of one basis."""
+    return [float(f) for f in session.scalars(select(NeuronActivations.frequency).where(
+        NeuronActivations.model_id == model_id, NeuronActivations.basis == basis))]
+
+
+def add_example_windows(session: Session, model_id: int, windows: Sequence[dict]) -> None:
+    """Store the windows of these ({window, source, token_ids}) that the model does not hold yet:
+    an SAE's latents show windows of the same run that no neuron showed."""
+    have = {int(w) for w in session.scalars(select(ExampleWindow.window).where(ExampleWindow.model_id == model_id))}
+    _insert_rows(session, ExampleWindow, model_id, [w for w in windows if int(w["window"]) not in have])
 
 
 def example_run(session: Session, model_id: int) -> ExampleRun | None:
     return session.get(ExampleRun, model_id)
 
 
-def neuron_activations(session: Session, model_id: int, layer: int, neuron: int) -> NeuronActivations | None:
-    return session.get(NeuronActivations, (model_id, layer, neuron))
+def neuron_activations(session: Session, model_id: int, layer: int, neuron: int,
+                       basis: int = NEURONS) -> NeuronActivations | None:
+    return session.get(NeuronActivations, (model_id, basis, layer, neuron))
 
 
 def example_windows(session: Session, model_id: int, window_ids: Iterable[int]) -> dict:
@@ -651,12 +699,12 @@ def _windows_statement():
             .where(ExampleWindow.model_id == bindparam("m"), ExampleWindow.window.in_(bindparam("ids", expanding=True))))
 
 
-def activation_layer_summaries(session: Session, model_id: int) -> dict[int, dict]:
-    """Per layer: neurons with statistics, dead ones (never fired on the corpus), mean frequency."""
+def activation_layer_summaries(session: Session, model_id: int, basis: int = NEURONS) -> dict[int, dict]:
+    """Per layer: units with statistics, dead ones (never fired on the corpus), mean frequency."""
     dead = func.sum(case((NeuronActivations.frequency <= 0, 1), else_=0))
     rows = session.execute(
         select(NeuronActivations.layer, func.count(), dead, func.avg(NeuronActivations.frequency))
-        .where(NeuronActivations.model_id == model_id)
+        .where(NeuronActivations.model_id == model_id, NeuronActivations.basis == basis)
         .group_by(NeuronActivations.layer)
     )
     return {
@@ -668,8 +716,9 @@ def activation_layer_summaries(session: Session, model_id: int) -> dict[int, dic
 # ---------------------------------------------------------------- text runs
 
 
-def create_text_run(session: Session, model_id: int, layer: int, neuron: int, text: str) -> TextRun:
-    run = TextRun(model_id=model_id, layer=layer, neuron=neuron, text=text, created_at=utcnow())
+def create_text_run(session: Session, model_id: int, layer: int, neuron: int, text: str,
+                    basis: int = NEURONS) -> TextRun:
+    run = TextRun(model_id=model_id, basis=basis, layer=layer, neuron=neuron, text=text, created_at=utcnow())
     session.add(run)
     session.flush()
     return run
@@ -706,9 +755,10 @@ CURVE_RESULT_FIELDS = ("token_id", "token", "note", "probs", "baseline", "top_to
 
 
 def add_clamp_curve(session: Session, model_id: int, layer: int, neuron: int, *, prompt: str, target: str,
-                    positions: str, values: Sequence[float], source: str, result: dict | None = None) -> ClampCurve:
+                    positions: str, values: Sequence[float], source: str, result: dict | None = None,
+                    basis: int = NEURONS) -> ClampCurve:
     """A clamp curve row: with `result` (the worker's dict) it is complete, else a worker fills it in."""
-    curve = ClampCurve(model_id=model_id, layer=layer, neuron=neuron, prompt=prompt, target=target,
+    curve = ClampCurve(model_id=model_id, basis=basis, layer=layer, neuron=neuron, prompt=prompt, target=target,
                        positions=positions, clamp_values=[float(v) for v in values], source=source,
                        created_at=utcnow())
     for name in CURVE_RESULT_FIELDS:
@@ -728,11 +778,12 @@ def get_clamp_curve(session: Session, curve_id: int) -> ClampCurve | None:
     return session.get(ClampCurve, curve_id)
 
 
-def clamp_curves_of_neuron(session: Session, model_id: int, layer: int, neuron: int, limit: int = 20) -> list[ClampCurve]:
+def clamp_curves_of_neuron(session: Session, model_id: int, layer: int, neuron: int, limit: int = 20,
+                           basis: int = NEURONS) -> list[ClampCurve]:
     """A neuron's finished curves: the one `needle index` stored first (the neuron's own top token,
     the curve its permalink stands for), then those of `needle clamp`, then those visitors asked
     for on its page, each kind newest first."""
-    curves = session.scalars(_curves_statement(), {"m": model_id, "l": layer, "n": neuron, "limit": limit})
+    curves = session.scalars(_curves_statement(), {"m": model_id, "b": basis, "l": layer, "n": neuron, "limit": limit})
     return [c for c in curves if c.probs is not None]  # a row written before probs was none_as_null holds JSON null
 
 
@@ -741,28 +792,31 @@ def _curves_statement():
     kind = case((ClampCurve.source == "index", 0), (ClampCurve.source == "cli", 1), else_=2)
     return (
         select(ClampCurve)
-        .where(ClampCurve.model_id == bindparam("m"), ClampCurve.layer == bindparam("l"),
+        .where(ClampCurve.model_id == bindparam("m"), ClampCurve.basis == bindparam("b"), ClampCurve.layer == bindparam("l"),
                ClampCurve.neuron == bindparam("n"), ClampCurve.probs.is_not(None))
         .order_by(kind, ClampCurve.id.desc())
         .limit(bindparam("limit"))
     )
 
 
-def replace_index_curves(session: Session, model_id: int, curves: Sequence[dict]) -> None:
-    """Replace the curves `needle index` precomputed (source "index") in the caller's transaction."""
-    session.execute(delete(ClampCurve).where(ClampCurve.model_id == model_id, ClampCurve.source == "index"))
+def replace_index_curves(session: Session, model_id: int, curves: Sequence[dict], basis: int = NEURONS) -> None:
+    """Replace a basis's precomputed curves (source "index") in the caller's transaction."""
+    session.execute(delete(ClampCurve).where(ClampCurve.model_id == model_id, ClampCurve.basis == basis,
+                                             ClampCurve.source == "index"))
     now = utcnow()
-    _insert_rows(session, ClampCurve, model_id, [{"source": "index", "created_at": now, **c} for c in curves], chunk=1000)
+    _insert_rows(session, ClampCurve, model_id,
+                 [{"source": "index", "created_at": now, "basis": basis, **c} for c in curves], chunk=1000)
 
 
 def clamp_candidates(session: Session, model_id: int, top: int = 10) -> list[tuple[int, int, int]]:
     """(layer, neuron, token id): every neuron that is among the top `top` search hits for its own
     top decoded token, in layer and neuron order."""
     own = {(n.layer, n.neuron): n.top_token_id for n in session.execute(
-        select(Neuron.layer, Neuron.neuron, Neuron.top_token_id).where(Neuron.model_id == model_id))}
+        select(Neuron.layer, Neuron.neuron, Neuron.top_token_id).where(Neuron.model_id == model_id,
+                                                                       Neuron.basis == NEURONS))}
     tokens = set(own.values())
     out = []
-    for row in session.scalars(select(TokenIndex).where(TokenIndex.model_id == model_id)):
+    for row in session.scalars(select(TokenIndex).where(TokenIndex.model_id == model_id, TokenIndex.basis == NEURONS)):
         if row.token_id not in tokens:
             continue
         layers, neurons = unpack(row.layers, INT32)[:top], unpack(row.neurons, INT32)[:top]
@@ -772,10 +826,11 @@ def clamp_candidates(session: Session, model_id: int, top: int = 10) -> list[tup
     return sorted(out)
 
 
-def neuron_max_abs(session: Session, model_id: int) -> dict[tuple[int, int], float]:
-    """Each neuron's observed max |activation| on the examples corpus (empty without one)."""
+def neuron_max_abs(session: Session, model_id: int, basis: int = NEURONS) -> dict[tuple[int, int], float]:
+    """Each unit's observed max |activation| on the examples corpus (empty without one)."""
     rows = session.execute(select(NeuronActivations.layer, NeuronActivations.neuron, NeuronActivations.max_act,
-                                  NeuronActivations.min_act).where(NeuronActivations.model_id == model_id))
+                                  NeuronActivations.min_act).where(NeuronActivations.model_id == model_id,
+                                                                   NeuronActivations.basis == basis))
     return {(r.layer, r.neuron): max(abs(r.max_act), abs(r.min_act)) for r in rows}
 
 
@@ -785,8 +840,9 @@ def first_example_window(session: Session, model_id: int) -> ExampleWindow | Non
 
 
 def add_generation(session: Session, model_id: int, layer: int, neuron: int, *, prompt: str, value: float,
-                   tokens: int, seed: int | None, source: str, result: dict | None = None) -> Generation:
-    gen = Generation(model_id=model_id, layer=layer, neuron=neuron, prompt=prompt, value=float(value),
+                   tokens: int, seed: int | None, source: str, result: dict | None = None,
+                   basis: int = NEURONS) -> Generation:
+    gen = Generation(model_id=model_id, basis=basis, layer=layer, neuron=neuron, prompt=prompt, value=float(value),
                      tokens=tokens, seed=seed, source=source, created_at=utcnow(),
                      clamped=(result or {}).get("clamped"), unclamped=(result or {}).get("unclamped"))
     session.add(gen)
@@ -835,29 +891,96 @@ def get_feature(session: Session, model_id: int, name: str) -> Feature | None:
     return session.get(Feature, (model_id, name))
 
 
-def feature_layers(session: Session, model_id: int, name: str) -> list[FeatureLayer]:
+def feature_layers(session: Session, model_id: int, name: str, basis: int = NEURONS) -> list[FeatureLayer]:
     return list(
         session.scalars(
             select(FeatureLayer)
-            .where(FeatureLayer.model_id == model_id, FeatureLayer.feature == name)
+            .where(FeatureLayer.model_id == model_id, FeatureLayer.basis == basis, FeatureLayer.feature == name)
             .order_by(FeatureLayer.layer)
         )
     )
 
 
-def features_of_neuron(session: Session, model_id: int, layer: int, neuron: int) -> list[NeuronFeature]:
-    """The features for which this neuron is among the top by mean difference, best F1 first."""
-    return list(session.scalars(_neuron_features_statement(), {"m": model_id, "l": layer, "n": neuron}))
+def features_of_neuron(session: Session, model_id: int, layer: int, neuron: int,
+                       basis: int = NEURONS) -> list[NeuronFeature]:
+    """The features for which this unit is among the top by mean difference, best F1 first."""
+    return list(session.scalars(_neuron_features_statement(), {"m": model_id, "b": basis, "l": layer, "n": neuron}))
 
 
 @lru_cache(maxsize=1)
 def _neuron_features_statement():
     return (
         select(NeuronFeature)
-        .where(NeuronFeature.model_id == bindparam("m"), NeuronFeature.layer == bindparam("l"),
+        .where(NeuronFeature.model_id == bindparam("m"), NeuronFeature.basis == bindparam("b"),
+               NeuronFeature.layer == bindparam("l"),
                NeuronFeature.neuron == bindparam("n"))
         .order_by(NeuronFeature.f1.desc(), NeuronFeature.feature)
     )
+
+
+# ---------------------------------------------------------------- sparse autoencoders
+
+
+def add_sae(session: Session, model_id: int, **fields) -> Sae:
+    """Register an SAE (its id is its basis); IntegrityError if the model has one of that name."""
+    now = utcnow()
+    sae = Sae(model_id=model_id, created_at=now, updated_at=now, **fields)
+    session.add(sae)
+    session.flush()
+    return sae
+
+
+def _sae_statement(weights: bool):
+    q = select(Sae)
+    return q if weights else q.options(defer(Sae.weights))
+
+
+def get_sae(session: Session, model_id: int, name: str, *, weights: bool = False) -> Sae | None:
+    return session.scalar(_sae_statement(weights).where(Sae.model_id == model_id, Sae.name == name))
+
+
+def get_sae_by_id(session: Session, sae_id: int, *, weights: bool = False) -> Sae | None:
+    return session.scalar(_sae_statement(weights).where(Sae.id == sae_id))
+
+
+def list_saes(session: Session, model_id: int) -> list[Sae]:
+    """A model's SAEs by layer, then site and name (weights left unread)."""
+    return list(session.scalars(_sae_statement(False).where(Sae.model_id == model_id)
+                                .order_by(Sae.layer, Sae.site, Sae.name)))
+
+
+def save_sae_weights(session: Session, sae_id: int, cfg: dict, weights: bytes, training: dict | None = None) -> None:
+    values: dict = {"cfg": cfg, "weights": weights, "updated_at": utcnow()}
+    if training is not None:
+        values["training"] = training
+    session.execute(update(Sae).where(Sae.id == sae_id).values(**values))
+
+
+def save_sae_quality(session: Session, sae_id: int, quality: dict) -> None:
+    session.execute(update(Sae).where(Sae.id == sae_id).values(quality=quality, updated_at=utcnow()))
+
+
+def delete_sae(session: Session, sae: Sae) -> None:
+    """An SAE and every row of its basis."""
+    for table in (Neuron, NeuronActivations, TokenIndex, FeatureLayer, NeuronFeature, ClampCurve, Generation, TextRun):
+        session.execute(delete(table).where(table.model_id == sae.model_id, table.basis == sae.id))
+    session.execute(delete(UnitLinks).where(UnitLinks.model_id == sae.model_id,
+                                            (UnitLinks.basis == sae.id) | (UnitLinks.other == sae.id)))
+    session.execute(delete(Sae).where(Sae.id == sae.id))
+
+
+def replace_unit_links(session: Session, model_id: int, sae_id: int, rows: Sequence[dict]) -> None:
+    """Replace the links between an SAE's latents and the neurons (rows of either direction)."""
+    session.execute(delete(UnitLinks).where(UnitLinks.model_id == model_id,
+                                            (UnitLinks.basis == sae_id) | (UnitLinks.other == sae_id)))
+    _insert_rows(session, UnitLinks, model_id, rows)
+
+
+def unit_links(session: Session, model_id: int, layer: int, neuron: int, basis: int = NEURONS) -> list[UnitLinks]:
+    """A unit's links to the units of other bases, by the other basis."""
+    return list(session.scalars(select(UnitLinks).where(
+        UnitLinks.model_id == model_id, UnitLinks.basis == basis, UnitLinks.layer == layer, UnitLinks.neuron == neuron)
+        .order_by(UnitLinks.other)))
 
 
 # ---------------------------------------------------------------- jobs list: the /-/jobs page and `needle jobs`
@@ -916,20 +1039,23 @@ def vocab_tokens(session: Session, model_id: int) -> list[tuple[int, str]]:
     return [(int(t), tok) for t, tok in rows]
 
 
-def neurons_in_range(session: Session, model_id: int, layer: int, start: int, stop: int) -> list[Neuron]:
-    """The stored decodings of neurons start..stop-1 of a layer, by neuron."""
+def neurons_in_range(session: Session, model_id: int, layer: int, start: int, stop: int,
+                     basis: int = NEURONS) -> list[Neuron]:
+    """The stored decodings of units start..stop-1 of a layer, by index."""
     return list(session.scalars(
         select(Neuron)
-        .where(Neuron.model_id == model_id, Neuron.layer == layer, Neuron.neuron >= start, Neuron.neuron < stop)
+        .where(Neuron.model_id == model_id, Neuron.basis == basis, Neuron.layer == layer, Neuron.neuron >= start, Neuron.neuron < stop)
         .order_by(Neuron.neuron)
     ))
 
 
-def activations_in_range(session: Session, model_id: int, layer: int, start: int, stop: int) -> list[NeuronActivations]:
-    """The stored activation examples and statistics of neurons start..stop-1 of a layer, by neuron."""
+def activations_in_range(session: Session, model_id: int, layer: int, start: int, stop: int,
+                         basis: int = NEURONS) -> list[NeuronActivations]:
+    """The stored activation examples and statistics of units start..stop-1 of a layer, by index."""
     return list(session.scalars(
         select(NeuronActivations)
-        .where(NeuronActivations.model_id == model_id, NeuronActivations.layer == layer,
+        .where(NeuronActivations.model_id == model_id, NeuronActivations.basis == basis,
+               NeuronActivations.layer == layer,
                NeuronActivations.neuron >= start, NeuronActivations.neuron < stop)
         .order_by(NeuronActivations.neuron)
     ))
@@ -949,19 +1075,21 @@ def window_tokens(session: Session, model_id: int, window_ids: Iterable[int]) ->
     return out
 
 
-def neuron_features_of_layer(session: Session, model_id: int, layer: int) -> list[NeuronFeature]:
-    """Every neuron's feature memberships in a layer: by neuron, then best F1 first (as features_of_neuron)."""
+def neuron_features_of_layer(session: Session, model_id: int, layer: int, basis: int = NEURONS) -> list[NeuronFeature]:
+    """Every unit's feature memberships in a layer: by index, then best F1 first (as features_of_neuron)."""
     return list(session.scalars(
         select(NeuronFeature)
-        .where(NeuronFeature.model_id == model_id, NeuronFeature.layer == layer)
+        .where(NeuronFeature.model_id == model_id, NeuronFeature.basis == basis, NeuronFeature.layer == layer)
         .order_by(NeuronFeature.neuron, NeuronFeature.f1.desc(), NeuronFeature.feature)
     ))
 
 
-def feature_layers_in_range(session: Session, model_id: int, start: int, stop: int) -> list[FeatureLayer]:
+def feature_layers_in_range(session: Session, model_id: int, start: int, stop: int,
+                            basis: int = NEURONS) -> list[FeatureLayer]:
     """Every feature's per-layer probes for layers start..stop-1, by feature then layer."""
     return list(session.scalars(
         select(FeatureLayer)
-        .where(FeatureLayer.model_id == model_id, FeatureLayer.layer >= start, FeatureLayer.layer < stop)
+        .where(FeatureLayer.model_id == model_id, FeatureLayer.basis == basis,
+               FeatureLayer.layer >= start, FeatureLayer.layer < stop)
         .order_by(FeatureLayer.feature, FeatureLayer.layer)
     ))

@@ -1,7 +1,10 @@
 """The one schema (SQLAlchemy 2). Migrations in migrations/ create exactly these tables.
 
-Per-neuron arrays are stored compactly as little-endian binary (see app/arrays.py), one
-row per neuron, never one row per token.
+A unit is (basis, layer, index): basis 0 is the model's MLP neurons, any other basis is one of
+its sparse autoencoders (`saes.id`), whose units (latents) live at the SAE's layer. Every
+per-unit table is keyed by basis first; its `neuron` column is the unit's index in its basis.
+Per-unit arrays are stored compactly as little-endian binary (see app/arrays.py and
+app/unitarrays.py), one row per unit, never one row per token.
 """
 
 from __future__ import annotations
@@ -53,6 +56,35 @@ class Model(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class Sae(Base):
+    """A sparse autoencoder on one site of one layer of a model: trained by Needle (source
+    "trained") or imported from a SAELens folder (source: its path). `weights` holds the
+    sae_weights.safetensors bytes and `cfg` the cfg.json of SAELens's format, so every worker
+    finds it in the database; NULL weights: training not finished. `training` holds how it was
+    trained and its figures, `quality` its figures on held-out text (L0, variance explained,
+    CE loss recovered, dead and dense shares, density histogram)."""
+
+    __tablename__ = "saes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    site: Mapped[str] = mapped_column(String(20))  # mlp | mlp_out | resid_pre | resid_post
+    layer: Mapped[int] = mapped_column(Integer)
+    architecture: Mapped[str] = mapped_column(String(20))
+    d_in: Mapped[int] = mapped_column(Integer)
+    d_sae: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(Text)
+    cfg: Mapped[dict] = mapped_column(JSON)
+    weights: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    training: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    quality: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+    __table_args__ = (UniqueConstraint("model_id", "name", name="uq_saes_model_name"),)
+
+
 class Vocab(Base):
     """A model's vocabulary: `token` is the decoded text, `piece` the tokenizer's own string,
     `key` the search key (one leading space/Ġ/▁ dropped, case-folded)."""
@@ -83,6 +115,7 @@ class Neuron(Base):
     __tablename__ = "neurons"
 
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    basis: Mapped[int] = mapped_column(Integer, primary_key=True, default=0, server_default="0")  # 0: MLP neurons; else saes.id
     layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
     top_token_id: Mapped[int] = mapped_column(Integer)
@@ -97,7 +130,7 @@ class Neuron(Base):
     out_neg_ids: Mapped[bytes] = mapped_column(LargeBinary)
     out_neg_logits: Mapped[bytes] = mapped_column(LargeBinary)
 
-    __table_args__ = (Index("ix_neurons_score", "model_id", "layer", "top_score"),)
+    __table_args__ = (Index("ix_neurons_score", "model_id", "basis", "layer", "top_score"),)
 
 
 class SearchPart(Base):
@@ -131,12 +164,30 @@ class ExamplePart(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class UnitLinks(Base):
+    """The units of basis `other` that weigh most on this unit, by |weight|, signed: for a latent of
+    an mlp-site SAE (other 0) the neurons its decoder direction weighs most on; for a neuron (basis
+    0, other an SAE's id) the latents of that SAE whose decoder directions weigh most on it.
+    ids (int32) and weights (float32), [k] each, largest |weight| first."""
+
+    __tablename__ = "unit_links"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    basis: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    other: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ids: Mapped[bytes] = mapped_column(LargeBinary)
+    weights: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class TokenIndex(Base):
     """For one vocabulary token, the model's top neurons by normalised score, best first."""
 
     __tablename__ = "token_index"
 
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    basis: Mapped[int] = mapped_column(Integer, primary_key=True, default=0, server_default="0")  # 0: MLP neurons; else saes.id
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     layers: Mapped[bytes] = mapped_column(LargeBinary)
     neurons: Mapped[bytes] = mapped_column(LargeBinary)
@@ -217,6 +268,7 @@ class NeuronActivations(Base):
     __tablename__ = "neuron_activations"
 
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    basis: Mapped[int] = mapped_column(Integer, primary_key=True, default=0, server_default="0")  # 0: MLP neurons; else saes.id
     layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
     tokens: Mapped[int] = mapped_column(BigInteger)
@@ -241,8 +293,8 @@ class NeuronActivations(Base):
     hist_counts: Mapped[bytes] = mapped_column(LargeBinary)
 
     __table_args__ = (
-        Index("ix_activations_frequency", "model_id", "layer", "frequency"),
-        Index("ix_activations_max", "model_id", "layer", "max_act"),
+        Index("ix_activations_frequency", "model_id", "basis", "layer", "frequency"),
+        Index("ix_activations_max", "model_id", "basis", "layer", "max_act"),
     )
 
 
@@ -254,6 +306,7 @@ class TextRun(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    basis: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # 0: MLP neurons; else saes.id
     layer: Mapped[int] = mapped_column(Integer)
     neuron: Mapped[int] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)
@@ -303,6 +356,7 @@ class FeatureLayer(Base):
     __tablename__ = "feature_layers"
 
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    basis: Mapped[int] = mapped_column(Integer, primary_key=True, default=0, server_default="0")  # 0: MLP neurons; else saes.id
     feature: Mapped[str] = mapped_column(String(100), primary_key=True)
     layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     best_neuron: Mapped[int] = mapped_column(Integer)
@@ -321,6 +375,7 @@ class NeuronFeature(Base):
     __tablename__ = "neuron_features"
 
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    basis: Mapped[int] = mapped_column(Integer, primary_key=True, default=0, server_default="0")  # 0: MLP neurons; else saes.id
     layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
     feature: Mapped[str] = mapped_column(String(100), primary_key=True)
@@ -340,6 +395,7 @@ class ClampCurve(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    basis: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # 0: MLP neurons; else saes.id
     layer: Mapped[int] = mapped_column(Integer)
     neuron: Mapped[int] = mapped_column(Integer)
     prompt: Mapped[str] = mapped_column(Text)
@@ -356,7 +412,7 @@ class ClampCurve(Base):
     source: Mapped[str] = mapped_column(String(10))
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
-    __table_args__ = (Index("ix_clamp_curves_neuron", "model_id", "layer", "neuron"),)
+    __table_args__ = (Index("ix_clamp_curves_neuron", "model_id", "basis", "layer", "neuron"),)
 
 
 class Generation(Base):
@@ -366,6 +422,7 @@ class Generation(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    basis: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # 0: MLP neurons; else saes.id
     layer: Mapped[int] = mapped_column(Integer)
     neuron: Mapped[int] = mapped_column(Integer)
     prompt: Mapped[str] = mapped_column(Text)
@@ -377,4 +434,4 @@ class Generation(Base):
     source: Mapped[str] = mapped_column(String(10))
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
-    __table_args__ = (Index("ix_generations_neuron", "model_id", "layer", "neuron"),)
+    __table_args__ = (Index("ix_generations_neuron", "model_id", "basis", "layer", "neuron"),)
