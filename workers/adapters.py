@@ -8,6 +8,18 @@ gated MLP, as in Davies et al.).
 
 One `Family` per supported `config.model_type` says where each family keeps these modules;
 `adapter_for(model)` binds one to a loaded model.
+
+Beyond the neurons, each layer L has four *sites* (SITES) that can be read and replaced, named as
+in sparse-autoencoder work (TransformerLens's hook names in brackets):
+
+- "mlp": the neuron activations above, [batch, seq, d_mlp] (blocks.L.mlp.hook_post);
+- "mlp_out": what the MLP adds to the residual stream, [batch, seq, d_model] (blocks.L.hook_mlp_out):
+  the out projection's output, or for a family that normalises the MLP output before the
+  residual add (Gemma-2/3's post_feedforward_layernorm) that norm's output, as TransformerLens
+  puts its ln2_post before hook_mlp_out;
+- "resid_pre": the residual stream entering block L, [batch, seq, d_model] (blocks.L.hook_resid_pre);
+- "resid_post": the residual stream leaving block L, before any final norm, [batch, seq, d_model]
+  (blocks.L.hook_resid_post).
 """
 
 from __future__ import annotations
@@ -21,13 +33,13 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import nn
 
+from app.bases import SITES
 from app.errors import NeedleError, NotFound
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 InputKind = Literal["conv1d", "linear", "gated", "fused_gate_up"]
-
 
 # The config fields that size a model. transformers fills one that config.json lacks from its
 # default model of the family (a Llama without them has 7 billion parameters).
@@ -40,7 +52,8 @@ class Family:
     """Where one architecture keeps its MLP, final norm and unembedding.
 
     Paths are dotted attribute paths: `layers` from the CausalLM to the list of blocks,
-    `mlp_in` / `mlp_gate` / `mlp_out` from a block, `final_norm` / `project_out` from the CausalLM.
+    `mlp_in` / `mlp_gate` / `mlp_out` / `mlp_post_norm` from a block, `final_norm` / `project_out`
+    from the CausalLM.
     """
 
     name: str
@@ -55,6 +68,7 @@ class Family:
     project_out: str | None = None  # OPT-350m: hidden -> word_embed_proj_dim before lm_head
     flattens_tokens: bool = False  # OPT runs its MLP on [batch * seq, d]
     sizes: tuple[str, ...] = SIZES  # the config fields a model of the family must give (missing_sizes)
+    mlp_post_norm: str | None = None  # Gemma-2/3 normalise the MLP output before the residual add
 
 
 def _gated(name: str, **extra: Any) -> Family:
@@ -88,8 +102,8 @@ def _families() -> dict[str, Family]:
         _gated("qwen2"),
         _gated("qwen3"),
         _gated("gemma", norm_plus_one=True),
-        _gated("gemma2", norm_plus_one=True, softcap=True),
-        _gated("gemma3_text", norm_plus_one=True, softcap=True),
+        _gated("gemma2", norm_plus_one=True, softcap=True, mlp_post_norm="post_feedforward_layernorm"),
+        _gated("gemma3_text", norm_plus_one=True, softcap=True, mlp_post_norm="post_feedforward_layernorm"),
         Family(
             "opt",
             "model.decoder.layers",
@@ -197,7 +211,7 @@ class Adapter:
         self._gate: list[nn.Module] = []
         self._out: list[nn.Module] = []
         for index, block in enumerate(self._blocks):
-            for path in (spec.mlp_in, spec.mlp_gate, spec.mlp_out):
+            for path in (spec.mlp_in, spec.mlp_gate, spec.mlp_out, spec.mlp_post_norm):
                 if path is not None and _lookup(block, path) is None:
                     raise NeedleError(
                         f"model has no MLP module {spec.layers}.{index}.{path}, which the {spec.name} family "
@@ -207,6 +221,11 @@ class Adapter:
             if spec.mlp_gate is not None and spec.mlp_gate != spec.mlp_in:
                 self._gate.append(_lookup(block, spec.mlp_gate))
             self._out.append(_lookup(block, spec.mlp_out))
+        # the module whose output is the "mlp_out" site
+        self._mlp_out: list[nn.Module] = [
+            _lookup(block, spec.mlp_post_norm) if spec.mlp_post_norm else out
+            for block, out in zip(self._blocks, self._out, strict=True)
+        ]
         self.n_layers: int = len(self._blocks)
         w_out = self.output_weights(0)
         self.d_mlp: int = int(w_out.shape[0])
@@ -300,14 +319,12 @@ class Adapter:
 
     # ---- hooks -----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _neuron_hook(
-        self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None], *, prepend: bool = False
-    ) -> Iterator[None]:
-        """Call fn(acts [batch, seq, d_mlp]) in a pre-hook on the out projection; a returned tensor replaces them."""
+    def _token_shape(self, layer: int, handles: list) -> Callable[[torch.Tensor], torch.Tensor]:
+        """For a family that runs its MLP on flattened tokens [batch * seq, d] (OPT): a pre-hook on the
+        block (added to handles) notes [batch, seq], and the function returned gives a tensor of the
+        block's MLP back that shape [batch, seq, d]; for the others it returns its input."""
         lead: dict[str, torch.Size] = {}
-        handles = []
-        if self.spec.flattens_tokens:  # note [batch, seq] at the block's input to undo the flattening
+        if self.spec.flattens_tokens:
 
             def note_shape(module, args, kwargs):
                 hidden = args[0] if args else kwargs.get("hidden_states")
@@ -316,13 +333,25 @@ class Adapter:
 
             handles.append(self._blocks[layer].register_forward_pre_hook(note_shape, with_kwargs=True))
 
+        def as_tokens(x: torch.Tensor) -> torch.Tensor:
+            shape = lead.get("shape")
+            if x.dim() == 2 and shape is not None and shape.numel() == x.shape[0]:
+                return x.reshape(*shape, x.shape[-1])
+            return x
+
+        return as_tokens
+
+    @contextlib.contextmanager
+    def _neuron_hook(
+        self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None], *, prepend: bool = False
+    ) -> Iterator[None]:
+        """Call fn(acts [batch, seq, d_mlp]) in a pre-hook on the out projection; a returned tensor replaces them."""
+        handles: list = []
+        as_tokens = self._token_shape(layer, handles)
+
         def pre_hook(module, args):
             acts = args[0]
-            shape = lead.get("shape")
-            tokens = acts
-            if acts.dim() == 2 and shape is not None and shape.numel() == acts.shape[0]:
-                tokens = acts.reshape(*shape, acts.shape[-1])
-            replaced = fn(tokens)
+            replaced = fn(as_tokens(acts))
             if replaced is None:
                 return None
             return (replaced.reshape(acts.shape), *args[1:])
@@ -456,3 +485,106 @@ class Adapter:
         finally:
             for handle in handles:
                 handle.remove()
+
+    # ---- sites -----------------------------------------------------------------------------
+
+    def _site(self, site: str) -> str:
+        if not isinstance(site, str) or site not in SITES:
+            raise NeedleError(f"unknown site {site!r}: a site is one of {', '.join(SITES)}")
+        return site
+
+    def _layer_sites(self, layer_sites: Iterable[tuple[int, str]]) -> list[tuple[int, str]]:
+        """The distinct (layer, site) pairs of `layer_sites`, checked, in order."""
+        pairs = []
+        for entry in layer_sites:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise NeedleError(f"{entry!r} is not a (layer, site) pair; pass pairs such as (0, 'resid_post')")
+            pairs.append((self._layer(entry[0]), self._site(entry[1])))
+        return list(dict.fromkeys(pairs))
+
+    def site_width(self, site: str) -> int:
+        """The width of a site's activations: d_mlp for "mlp", d_model for the others."""
+        return self.d_mlp if self._site(site) == "mlp" else self.d_model
+
+    @contextlib.contextmanager
+    def site_hook(
+        self, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tensor | None], *, prepend: bool = False
+    ) -> Iterator[None]:
+        """Call fn(acts [batch, seq, site_width(site)]) as the forward pass produces the site of `layer`;
+        a returned tensor (cast to the site's dtype) replaces it. Replacements go in with prepend=True,
+        so the readers of the same site see the replaced value."""
+        layer, site = self._layer(layer), self._site(site)
+
+        def call(acts: torch.Tensor) -> torch.Tensor | None:
+            replaced = fn(acts)
+            return None if replaced is None else replaced.to(device=acts.device, dtype=acts.dtype)
+
+        if site == "mlp":
+            with self._neuron_hook(layer, call, prepend=prepend):
+                yield
+            return
+        block = self._blocks[layer]
+        handles = []
+        if site == "resid_pre":
+
+            def pre_hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                replaced = call(hidden)
+                if replaced is None:
+                    return None
+                if args:
+                    return (replaced, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": replaced}
+
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend))
+        elif site == "resid_post":
+
+            def post_hook(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                replaced = call(hidden)
+                if replaced is None:
+                    return None
+                return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+
+            handles.append(block.register_forward_hook(post_hook, prepend=prepend))
+        else:  # mlp_out
+            as_tokens = self._token_shape(layer, handles)
+
+            def out_hook(module, args, output):
+                replaced = call(as_tokens(output))
+                return None if replaced is None else replaced.reshape(output.shape)
+
+            handles.append(self._mlp_out[layer].register_forward_hook(out_hook, prepend=prepend))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def read_sites(self, layer_sites: Iterable[tuple[int, str]]) -> Iterator[dict[tuple[int, str], torch.Tensor]]:
+        """Yield a dict (layer, site) -> activations [batch, seq, width] of the latest forward pass
+        (detached copies). Replacements made with site_hook(prepend=True) are seen by these reads."""
+        captured: dict[tuple[int, str], torch.Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            for key in self._layer_sites(layer_sites):
+
+                def capture(acts: torch.Tensor, key: tuple[int, str] = key) -> None:
+                    captured[key] = acts.detach().clone()
+
+                stack.enter_context(self.site_hook(*key, capture))
+            yield captured
+
+    @contextlib.contextmanager
+    def on_sites(
+        self, layer_sites: Iterable[tuple[int, str]], fn: Callable[[int, str, torch.Tensor], None]
+    ) -> Iterator[None]:
+        """Call fn(layer, site, acts [batch, seq, width]) as each site's activations are produced, with no copy."""
+        with contextlib.ExitStack() as stack:
+            for layer, site in self._layer_sites(layer_sites):
+
+                def call(acts: torch.Tensor, layer: int = layer, site: str = site) -> None:
+                    fn(layer, site, acts)
+
+                stack.enter_context(self.site_hook(layer, site, call))
+            yield
