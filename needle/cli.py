@@ -18,8 +18,12 @@ from app.tokens import is_text
 from needle.clamping import add_clamp_commands
 from needle.export import add_export_command
 from needle.jobs import add_jobs_command
+from needle.running import say, work_until_idle
+from needle.sae import add_sae_commands
 
 DEMO_MODEL = ROOT / "assets" / "demo-model"
+DEMO_SAE = ROOT / "assets" / "demo-sae"  # trained by workers/demo_sae.py, in SAELens's format
+DEMO_SAE_NAME = "l2-mlp-3072"
 DEMO_FEATURES = ("text", "python")  # the built-in feature datasets the demo probes
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
@@ -71,64 +75,6 @@ def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                                   hint=f"Give {name} as UTF-8 text (check the encoding of your terminal or script).")
 
 
-def say(line: str) -> None:
-    """A line for the user beside the progress bars (on stderr, so that stdout stays the command's output)."""
-    print(line, file=sys.stderr, flush=True)
-
-
-SCALED_TOTAL = 10_000  # a bar counting this many or more writes 12.3k, not 12345
-
-
-class TqdmProgress:
-    """A progress bar per job, on stderr, in the unit its stage counts; the counting itself (and
-    the fraction the /-/jobs page shows) is workers/worker.py Progress's. A stage in phases
-    (the probes: forward, then fit) gets a bar per phase."""
-
-    def __init__(self, desc: str, total: int, unit: str):
-        from workers.worker import Progress
-
-        self.count = Progress(desc, total, unit)
-        self.bar = self._bar(desc, total, unit)
-
-    @staticmethod
-    def _bar(desc: str, total: int, unit: str):
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit=unit, unit_scale=total >= SCALED_TOTAL, leave=True,
-                    dynamic_ncols=True)
-
-    def fraction(self) -> float | None:
-        return self.count.fraction()
-
-    def advance(self, n: int) -> None:
-        self.count.advance(n)
-        self.bar.update(n)
-
-    def set_total(self, total: int) -> None:
-        self.count.set_total(total)
-        self.bar.total = total
-        self.bar.unit_scale = total >= SCALED_TOTAL  # 262k tok, not 262144 tok
-        self.bar.refresh()
-
-    def phase(self, label: str, total: int, unit: str, share: float) -> None:
-        desc = f"{self.count.desc} ({label})"
-        if self.count.base == 0 and self.count.done == 0:  # the job's first count: this bar becomes it
-            self.count.phase(label, total, unit, share)
-            self.bar.set_description_str(desc, refresh=False)
-            self.bar.unit = unit
-            self.set_total(total)
-            return
-        self.close()
-        self.count.phase(label, total, unit, share)
-        self.bar = self._bar(desc, total, unit)
-
-    def close(self) -> None:
-        if self.count.done < self.count.total:
-            self.bar.update(self.count.total - self.count.done)
-            self.count.done = self.count.total
-        self.bar.close()
-
-
 # ---------------------------------------------------------------- index
 
 
@@ -164,7 +110,6 @@ def index_model(
     from workers.corpus import load_corpus
     from workers.loading import load_model, local_path, tokenizer_json, vocabulary
     from workers.stages import ModelSpec, check_context, examples_params_for, plan_index
-    from workers.worker import ModelCache, Progress, Worker
 
     check_name(name)
     engine = get_engine(settings)
@@ -247,18 +192,7 @@ def index_model(
         model_id, spec = model.id, ModelSpec.of(model)
     if queue_only:
         return model_id
-    cache = ModelCache()
-    cache.put(spec, loaded)
-    worker = Worker(
-        engine, settings, cache=cache, only_model_id=model_id,
-        progress_factory=Progress if quiet else TqdmProgress, on_wait=None if quiet else say,
-    )
-    worker.run(until_idle=True, poll_seconds=0.5)
-    with session_scope(engine) as s:
-        failed = queries.failed_jobs(s, model_id)
-        if failed:
-            errors = "; ".join(f"{j.stage} {j.key}: {j.error}" for j in failed)
-            raise NeedleError(f"Indexing {name!r} failed: {errors}", status=500)
+    work_until_idle(engine, settings, spec, loaded, model_id, what=f"Indexing {name!r}", quiet=quiet)
     return model_id
 
 
@@ -489,6 +423,7 @@ def cmd_demo(args, settings: Settings) -> None:
         if not indexed:
             print(f"Indexing the demo model {name!r} from {DEMO_MODEL} ...", flush=True)
             index(queue_only=False)
+        demo_sae(settings, name, queue_only=False, device=args.device)
         return
     host, port = args.host or settings.host, args.port or settings.port
     check_port_free(host, port)  # before anything is queued
@@ -497,6 +432,7 @@ def cmd_demo(args, settings: Settings) -> None:
               "examples, probes and clamp curves while the pages are served, and the model page shows "
               "what is done and what is left.", flush=True)
         index(queue_only=True)
+    demo_sae(settings, name, queue_only=True, device=args.device)
     print(f"Open http://{host}:{port}/{name}", flush=True)
 
     def terminate(signum, frame):
@@ -518,6 +454,20 @@ def cmd_demo(args, settings: Settings) -> None:
     # exception"): leave at once, what it computed being stored or given back above.
     sys.stdout.flush()
     os._exit(0)
+
+
+def demo_sae(settings: Settings, name: str, *, queue_only: bool, device: str | None = None) -> None:
+    """Import the shipped SAE of the demo model (once), its latents' jobs queued behind the model's."""
+    from app import queries
+    from app.db import get_engine, session_scope
+    from needle.sae import import_folder
+
+    with session_scope(get_engine(settings)) as s:
+        model = queries.get_model(s, name, tokenizer=False)
+        if model is None or queries.get_sae(s, model.id, DEMO_SAE_NAME) is not None or not DEMO_SAE.is_dir():
+            return
+    import_folder(settings, name, str(DEMO_SAE), sae_name=DEMO_SAE_NAME, queue_only=queue_only,
+                  device=None if device in (None, "auto") else device)
 
 
 def release_jobs(engine, worker) -> list[str]:
@@ -653,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "each model was indexed with")
     p.set_defaults(func=cmd_worker)
 
+    add_sae_commands(sub)
     add_jobs_command(sub)
     add_export_command(sub)
 

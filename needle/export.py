@@ -365,7 +365,7 @@ def _decoding_rows(session, model, layers: range, vocab: Vocabulary, batch: int 
     for layer in layers:
         for start in range(0, model.d_mlp, batch):
             rows = []
-            for n in queries.neurons_in_range(session, model.id, layer, start, start + batch):
+            for n in queries.neurons_in_range(session, model.id, layer, start, start + batch, model.basis):
                 a = unpack_decoding(n)
                 rows.append({
                     "layer": n.layer, "neuron": n.neuron,
@@ -537,7 +537,7 @@ def _example_rows(session, model, layers: range, vocab: Vocabulary, batch: int |
     batch = batch or examples_batch(slots, run.context)
     for layer in layers:
         for start in range(0, model.d_mlp, batch):
-            stored = queries.activations_in_range(session, model.id, layer, start, start + batch)
+            stored = queries.activations_in_range(session, model.id, layer, start, start + batch, model.basis)
             wanted = {int(w) for r in stored for c in ("top_windows", "int_windows")
                       for w in unpack(getattr(r, c), EXAMPLES[c]).tolist() if w >= 0}
             out = ExampleBatch(stored, run.context, queries.window_tokens(session, model.id, wanted), vocab)
@@ -554,7 +554,7 @@ def _probe_rows(session, model, layers: range, vocab: Vocabulary | None, batch: 
     batch = batch or DECODINGS_PER_BATCH
     for layer in layers:
         member: dict[int, list[dict]] = {}
-        for nf in queries.neuron_features_of_layer(session, model.id, layer):
+        for nf in queries.neuron_features_of_layer(session, model.id, layer, model.basis):
             member.setdefault(nf.neuron, []).append({
                 "feature": _text(nf.feature), "rank": nf.rank + 1, "mean_dif": _float(nf.mean_dif),
                 "f1": _float(nf.f1), "precision": _float(nf.precision), "recall": _float(nf.recall),
@@ -587,7 +587,7 @@ def _feature_layer_rows(session, model, layers: range, vocab: Vocabulary | None,
 
     columns = {name: t for name, t, _ in TABLES["feature_layers"].columns}
     rows = []
-    for fl in queries.feature_layers_in_range(session, model.id, layers.start, layers.stop):
+    for fl in queries.feature_layers_in_range(session, model.id, layers.start, layers.stop, model.basis):
         top = [{**t, "rank": i + 1} for i, t in enumerate(fl.top_neurons or [])]
         rows.append({
             "feature": _text(fl.feature), "layer": fl.layer, "best_neuron": fl.best_neuron,
@@ -637,7 +637,17 @@ class ParquetWriter:
 
 
 WRITERS: dict[str, type[ParquetWriter | JsonlWriter]] = {"parquet": ParquetWriter, "jsonl": JsonlWriter}
-# each table's batches: f(session, model, layers, vocabulary, neurons per batch or None for the default)
+@dataclass(frozen=True)
+class Units:
+    """What the row readers export of a model: `id` the model's, `d_mlp` the units per layer, `basis`
+    0 for the neurons or an SAE's id for its latents (a row's `neuron` is then the latent's index)."""
+
+    id: int
+    d_mlp: int
+    basis: int = 0
+
+
+# each table's batches: f(session, units, layers, vocabulary, units per batch or None for the default)
 ROWS: dict[str, Callable[..., Iterator]] = {"decodings": _decoding_rows, "examples": _example_rows, "probes": _probe_rows, "features": _feature_rows,
         "feature_layers": _feature_layer_rows}
 
@@ -679,10 +689,11 @@ def _progress(desc: str, total: int, show: bool):
 
 def export_model(
     settings: Settings, name: str, *, fmt: str, out: str | Path, what: str | None = None, layers: str | None = None,
-    force: bool = False, batch_neurons: int | None = None, progress: bool = True, warn=None,
+    force: bool = False, batch_neurons: int | None = None, progress: bool = True, warn=None, sae: str | None = None,
 ) -> dict:
-    """Export a model's tables into `out` and return the manifest. Every argument is checked
-    before anything is written; a NeedleError says what was wrong."""
+    """Export a model's tables into `out` and return the manifest; with `sae`, that SAE's latents
+    instead of the neurons (their decodings, examples and probes, at its layer). Every argument
+    is checked before anything is written; a NeedleError says what was wrong."""
     from app import examples, queries
     from app.db import get_engine, require_migrated
 
@@ -710,7 +721,23 @@ def export_model(
                 f"There is no model named {name!r} here.",
                 hint=f"Models here: {', '.join(names)}." if names else "Index one first: needle index MODEL --name NAME.",
             )
-        chosen = resolve_layers(layers, span, model.name, model.n_layers)
+        units, basis_meta = Units(model.id, model.d_mlp), None
+        if sae is not None:
+            if layers is not None:
+                raise NeedleError("--layers does not apply with --sae: an SAE has the one layer it reads.",
+                                  hint="Leave --layers out.")
+            row = queries.get_sae(s, model.id, sae)
+            if row is None:
+                names = [x.name for x in queries.list_saes(s, model.id)]
+                raise NeedleError(f"{model.name!r} has no SAE named {sae!r}.",
+                                  hint=f"Its SAEs: {', '.join(names)}." if names else "Train one: needle sae train.")
+            units = Units(model.id, row.d_sae, row.id)
+            chosen = range(row.layer, row.layer + 1)
+            basis_meta = {"unit": "latent", "sae": row.name, "layer": row.layer, "site": row.site,
+                          "architecture": row.architecture, "d_in": row.d_in, "d_sae": row.d_sae, "source": row.source,
+                          "note": "a row's `neuron` is the latent's index in the SAE"}
+        else:
+            chosen = resolve_layers(layers, span, model.name, model.n_layers)
         run, probes = queries.example_run(s, model.id), queries.probe_run(s, model.id)
         has = {"decodings": True, "examples": run is not None, "probes": probes is not None}
         if wanted is None:
@@ -723,8 +750,9 @@ def export_model(
                 f"{model.name!r} has no {' and no '.join(missing)} to export.",
                 hint="Compute them first (" + "; ".join(how[m] for m in missing) + "), or leave them out of --what.",
             )
-        tables = [t for t in TABLES.values() if t.what in wanted]
-        expected = len(chosen) * model.d_mlp
+        # the features table is of the features themselves (their best neuron), not of a basis
+        tables = [t for t in TABLES.values() if t.what in wanted and not (sae is not None and t.name == "features")]
+        expected = len(chosen) * units.d_mlp
         meta = _model_meta(model)
         vocab = Vocabulary(queries.vocab_tokens(s, model.id), model.vocab_size) if (
             "decodings" in wanted or "examples" in wanted) else None
@@ -742,7 +770,7 @@ def export_model(
                 bar = _progress(table.name, expected if per_neuron else 0, progress)
                 try:
                     counts[table.name] = 0
-                    for rows in ROWS[table.name](s, model, chosen, vocab, batch_neurons):
+                    for rows in ROWS[table.name](s, units, chosen, vocab, batch_neurons):
                         writer.write(rows)
                         counts[table.name] += len(rows)
                         bar.update(len(rows) if per_neuron else 0)
@@ -760,6 +788,7 @@ def export_model(
                 "needle_version": _needle_version(),
                 "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "model": meta,
+                "basis": basis_meta or {"unit": "neuron"},
                 "layers": {"start": chosen.start, "stop": chosen.stop},
                 "what": wanted,
                 "counts": {"neurons": expected, **counts},
@@ -805,7 +834,7 @@ def _needle_version() -> str:
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     manifest = export_model(settings, args.name, fmt=args.format, out=args.out, what=args.what, layers=args.layers,
-                            force=args.force)
+                            force=args.force, sae=args.sae)
     layers = manifest["layers"]
     files = ", ".join(f"{t['file']} ({t['rows']} rows)" for t in manifest["tables"].values())
     print(f"Exported {manifest['model']['name']} (layers {layers['start']} to {layers['stop'] - 1}) to {args.out}: "
@@ -827,4 +856,5 @@ def add_export_command(sub) -> None:
                    "default: all)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing an earlier "
                    "export's files")
+    p.add_argument("--sae", metavar="NAME", help="export this SAE's latents instead of the neurons")
     p.set_defaults(func=cmd_export)

@@ -19,7 +19,8 @@ from sqlalchemy import text
 
 from app.config import Settings
 from app.db import engine_for
-from needle.cli import TqdmProgress, index_model
+from needle.cli import index_model
+from needle.running import TqdmProgress
 from tests.hubserver import counting_hub, hub_env
 from tests.live_server import needle_serve
 from tests.tinymodels import build_tiny, build_unsupported

@@ -27,6 +27,10 @@ that reads activations (workers/adapters.py, `Adapter.clamp_rows`).
   (inverse-CDF sampling): where the clamp leaves the next-token distribution as it was, the
   two rows draw the same token, so a difference is the clamp's and not the dice's. A row
   stops at EOS.
+- **Latents.** The same sweeps and generations clamp an SAE's latent (`units`, workers/saestages.py
+  LatentUnits): at the SAE's site, x' = x + (v - f(x)) d, f(x) the latent's activation and d its
+  decoder direction, so the SAE's reconstruction error stays in (steering by a latent). Their
+  rows run the whole model each (no shared prefix).
 """
 
 from __future__ import annotations
@@ -64,6 +68,24 @@ __all__ = [
 TOP_TOKENS = 5
 PROMPT_TOKENS = 16  # the default prompt: the first 16 tokens of the model's corpus
 INDEX_TOP = 10  # `needle index` sweeps every neuron that is a top-10 search hit for its own top token
+
+
+class NeuronUnits:
+    """The units a sweep or generation clamps: a layer's MLP neurons, through the adapter's hooks."""
+
+    shares_prefix = True  # clamp_rows_shared and expand_batch apply
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def check(self, index: int) -> None:
+        self.adapter._neuron(index)
+
+    def read(self, layers):
+        return self.adapter.read_activations(layers)
+
+    def clamp_rows(self, layer: int, rows: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, positions):
+        return self.adapter.clamp_rows(layer, rows, indices, values, positions)
 
 
 @dataclass
@@ -163,7 +185,7 @@ def _top(probs: torch.Tensor, k: int) -> list[tuple[int, float]]:
 
 def sweep_many(loaded, prompt: str, items: Sequence[SweepItem], *, last_only: bool = False,
                max_rows: int = 512, progress: Callable[[int], None] = lambda n: None,
-               share_prefix: bool = True) -> list[dict]:
+               share_prefix: bool = True, units=None) -> list[dict]:
     """One curve per item, all with the same prompt. Rows are grouped by layer, and with
     share_prefix the blocks before the clamped layer, and its output projection, run once for
     all the rows of a batch (`Adapter.clamp_rows_shared`; `Adapter.expand_batch` for a family
@@ -173,12 +195,14 @@ def sweep_many(loaded, prompt: str, items: Sequence[SweepItem], *, last_only: bo
     (top tokens: [{token, token_id, prob}] at the sweep's first and last value, its ends)."""
     ids, bos = encode_prompt(loaded, prompt)
     adapter = loaded.adapter
+    units = units or NeuronUnits(adapter)
+    share_prefix = share_prefix and units.shares_prefix
     device = _device(loaded)
     seq = torch.tensor(([bos] if bos is not None else []) + ids, dtype=torch.long, device=device)
     first = 1 if bos is not None else 0  # the prompt's first position: BOS is never clamped
     positions = slice(seq.numel() - 1, None) if last_only else slice(first, None)
     for item in items:
-        adapter._neuron(item.neuron)
+        units.check(item.neuron)
         if not 0 <= item.token_id < adapter.vocab_size:
             raise NeedleError(f"There is no token id {item.token_id}.", hint="Give the target as text instead.")
         if not 1 <= len(item.values) <= MAX_VALUES:
@@ -190,7 +214,7 @@ def sweep_many(loaded, prompt: str, items: Sequence[SweepItem], *, last_only: bo
     layers = sorted({it.layer for it in items})
     with torch.inference_mode():
         # the baseline: one unclamped pass, reading every swept layer
-        with adapter.read_activations(layers) as acts:
+        with units.read(layers) as acts:
             base = _last_probs(loaded, seq[None])[0]
         base_act = {layer: acts[layer][0, -1].float().cpu() for layer in layers}
         probs: list[list[float]] = [[] for _ in items]
@@ -205,7 +229,7 @@ def sweep_many(loaded, prompt: str, items: Sequence[SweepItem], *, last_only: bo
                     with adapter.clamp_rows_shared(layer, neurons, values, positions):
                         p = _last_probs(loaded, seq[None])
                 else:
-                    each = adapter.clamp_rows(layer, torch.arange(len(chunk)), neurons, values, positions)
+                    each = units.clamp_rows(layer, torch.arange(len(chunk)), neurons, values, positions)
                     if share_prefix:  # OPT: one row up to the clamped block, copied at its input
                         with adapter.expand_batch(layer, len(chunk)), each:
                             p = _last_probs(loaded, seq[None])
@@ -243,14 +267,14 @@ def sweep_many(loaded, prompt: str, items: Sequence[SweepItem], *, last_only: bo
 
 
 def sweep(loaded, layer: int, neuron: int, prompt: str, token_id: int, values: Sequence[float], *,
-          last_only: bool = False, share_prefix: bool = True) -> dict:
-    """One neuron's curve: see sweep_many."""
+          last_only: bool = False, share_prefix: bool = True, units=None) -> dict:
+    """One unit's curve: see sweep_many."""
     return sweep_many(loaded, prompt, [SweepItem(layer, neuron, token_id, list(values))], last_only=last_only,
-                      share_prefix=share_prefix)[0]
+                      share_prefix=share_prefix, units=units)[0]
 
 
 def generate(loaded, layer: int, neuron: int, prompt: str, value: float, *, tokens: int = DEFAULT_GENERATE_TOKENS,
-             seed: int | None = None) -> dict:
+             seed: int | None = None, units=None) -> dict:
     """The prompt continued `tokens` tokens with the neuron clamped at `value`, beside the unclamped
     continuation, in one batch of two rows (see the module docstring). Returns {"clamped": {text,
     token_ids}, "unclamped": {text, token_ids}, "value", "tokens", "seed", "mode"}."""
@@ -260,8 +284,8 @@ def generate(loaded, layer: int, neuron: int, prompt: str, value: float, *, toke
     if not math.isfinite(value):
         raise NeedleError("The clamp value must be a finite number.", hint="e.g. --value 20.")
     within_bound(value)
-    adapter = loaded.adapter
-    adapter._neuron(neuron)
+    units = units or NeuronUnits(loaded.adapter)
+    units.check(neuron)
     ids, bos = encode_prompt(loaded, prompt, extra_positions=tokens)
     device = _device(loaded)
     seq = torch.tensor(([bos] if bos is not None else []) + ids, dtype=torch.long, device=device)
@@ -275,7 +299,7 @@ def generate(loaded, layer: int, neuron: int, prompt: str, value: float, *, toke
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     out_ids: list[list[int]] = [[], []]
     stopped = [False, False]
-    with torch.inference_mode(), adapter.clamp_rows(
+    with torch.inference_mode(), units.clamp_rows(
         layer, torch.tensor([0]), torch.tensor([neuron]), torch.tensor([float(value)], dtype=torch.float64), positions,
     ):
         past = None

@@ -28,6 +28,10 @@ Method (the neuron page quotes it):
   min and max.
 - When the tokenizer prefixes its own BOS token, each window is run with it in front and
   the BOS position is left out of everything.
+
+The same pass serves any basis of units (`Units`): the neurons read as above, or a sparse
+autoencoder's latents, its encoder applied to the activations read at its site of its layer
+(workers/sae.py); every figure above is then a latent's.
 """
 
 from __future__ import annotations
@@ -54,6 +58,22 @@ HASH_MOD = 2**31 - 1
 
 class StopForward(Exception):
     """Raised from the last hook read: the rest of the forward pass is not needed."""
+
+
+@dataclass(frozen=True)
+class Units:
+    """What a pass reads at each layer: the MLP neurons (site "mlp", no encoder), or an SAE's
+    latents: `encode` applied to the activations at `site` ([..., d_in] -> [..., width])."""
+
+    site: str = "mlp"
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    width: int | None = None  # None: the adapter's d_mlp
+
+    def size(self, adapter) -> int:
+        return adapter.d_mlp if self.width is None else self.width
+
+
+NEURON_UNITS = Units()
 
 
 @dataclass
@@ -313,20 +333,26 @@ class LayerAccumulator:
 
 
 def forward_windows(model, adapter, layers: list[int], windows: torch.Tensor, bos_id: int | None,
-                    fn: Callable[[int, torch.Tensor], None], device) -> None:
-    """One forward pass over windows [B, T]; fn(layer, acts [B, T, N]) per layer, BOS left out.
-    The pass stops after the last layer read."""
+                    fn: Callable[[int, torch.Tensor], None], device, units: Units = NEURON_UNITS) -> None:
+    """One forward pass over windows [B, T]; fn(layer, acts [B, T, N]) per layer, BOS left out
+    (N: the units' count, their activations as `units` reads them). The pass stops after the
+    last layer read."""
     ids = windows.to(device, non_blocking=True)
     if bos_id is not None:
         ids = torch.cat([torch.full((ids.shape[0], 1), bos_id, dtype=ids.dtype, device=device), ids], dim=1)
     last = max(layers)
 
     def read(layer: int, acts: torch.Tensor) -> None:
-        fn(layer, acts[:, 1:] if bos_id is not None else acts)
+        acts = acts[:, 1:] if bos_id is not None else acts
+        fn(layer, acts if units.encode is None else units.encode(acts))
         if layer == last:
             raise StopForward
 
-    with torch.inference_mode(), adapter.on_activations(layers, read):
+    if units.site == "mlp":
+        reading = adapter.on_activations(layers, read)
+    else:
+        reading = adapter.on_sites([(layer, units.site) for layer in layers], lambda layer, site, acts: read(layer, acts))
+    with torch.inference_mode(), reading:
         try:
             model(input_ids=ids, use_cache=False)
         except StopForward:
@@ -339,7 +365,8 @@ def batches(ids: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
 
 
 def estimate_range(model, adapter, layers, windows, bos_id, plan_: Plan, device,
-                   progress: Callable[[int], None] = lambda n: None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                   progress: Callable[[int], None] = lambda n: None,
+                   units: Units = NEURON_UNITS) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The first pass: each neuron's min and max over the estimate sample."""
     lo: dict[int, torch.Tensor] = {}
     hi: dict[int, torch.Tensor] = {}
@@ -350,7 +377,7 @@ def estimate_range(model, adapter, layers, windows, bos_id, plan_: Plan, device,
         hi[layer] = torch.maximum(hi[layer], a_max.float()) if layer in hi else a_max.float()
 
     for ids in batches(plan_.estimate_ids, plan_.batch_windows):
-        forward_windows(model, adapter, layers, windows[ids], bos_id, read, device)
+        forward_windows(model, adapter, layers, windows[ids], bos_id, read, device, units)
         progress(len(ids) * windows.shape[1])
     return {layer: (lo[layer], hi[layer]) for layer in layers}
 
@@ -369,14 +396,15 @@ def shard_bounds(n_windows: int, context: int, batch_tokens: int, shards: int) -
 def accumulate(model, adapter, layers: list[int], windows: torch.Tensor, bos_id: int | None,
                ranges: dict[int, tuple[torch.Tensor, torch.Tensor]], *, start: int = 0, stop: int | None = None,
                batch_tokens: int = 8192, device=None,
-               progress: Callable[[int], None] = lambda n: None) -> dict[int, LayerAccumulator]:
+               progress: Callable[[int], None] = lambda n: None,
+               units: Units = NEURON_UNITS) -> dict[int, LayerAccumulator]:
     """The streaming pass over windows[start:stop] (window ids stay global), in the batches
     of the whole corpus's pass."""
     device = device or next(model.parameters()).device
     n_windows, context = windows.shape
     stop = n_windows if stop is None else stop
     per_batch = plan(n_windows, context, batch_tokens).batch_windows
-    accs = {layer: LayerAccumulator(layer, adapter.d_mlp, context, device, *ranges[layer]) for layer in layers}
+    accs = {layer: LayerAccumulator(layer, units.size(adapter), context, device, *ranges[layer]) for layer in layers}
     all_ids = torch.arange(n_windows, device=device)
     for b0 in range(start, stop, per_batch):
         b1 = min(b0 + per_batch, stop)
@@ -384,20 +412,20 @@ def accumulate(model, adapter, layers: list[int], windows: torch.Tensor, bos_id:
         def add(layer: int, acts: torch.Tensor, ids: torch.Tensor = ids) -> None:
             accs[layer].update(acts, ids)
 
-        forward_windows(model, adapter, layers, windows[b0:b1], bos_id, add, device)
+        forward_windows(model, adapter, layers, windows[b0:b1], bos_id, add, device, units)
         progress((b1 - b0) * context)
     return accs
 
 
 def collect(model, adapter, layers: list[int], windows: torch.Tensor, bos_id: int | None, *,
             batch_tokens: int = 8192, device=None,
-            progress: Callable[[int], None] = lambda n: None) -> list[LayerExamples]:
+            progress: Callable[[int], None] = lambda n: None, units: Units = NEURON_UNITS) -> list[LayerExamples]:
     """The whole stage's compute on one machine: the estimate pass, then the streaming pass
     over every window."""
     device = device or next(model.parameters()).device
     n_windows, context = windows.shape
     plan_ = plan(n_windows, context, batch_tokens)
-    ranges = estimate_range(model, adapter, layers, windows, bos_id, plan_, device, progress)
+    ranges = estimate_range(model, adapter, layers, windows, bos_id, plan_, device, progress, units)
     accs = accumulate(model, adapter, layers, windows, bos_id, ranges, batch_tokens=batch_tokens, device=device,
-                      progress=progress)
+                      progress=progress, units=units)
     return [accs[layer].result() for layer in layers]

@@ -15,18 +15,20 @@ from dataclasses import dataclass, field
 import torch
 
 from workers import probes
-from workers.examples import forward_windows
+from workers.examples import NEURON_UNITS, Units, forward_windows
 from workers.features import Feature, ProbeDataset
 
 
 def collect_activations(
     model, adapter, layers: list[int], dataset: ProbeDataset, bos_id: int | None, *, batch_tokens: int = 8192,
-    progress: Callable[[int], None] = lambda n: None,
+    progress: Callable[[int], None] = lambda n: None, units: Units = NEURON_UNITS,
 ) -> dict[int, torch.Tensor]:
-    """Every layer's activations on every row of the dataset, float16 [rows, context, d_mlp], on the model's device."""
+    """Every layer's activations on every row of the dataset, float16 [rows, context, units], on the
+    model's device: the neurons', or an SAE's latents' (units)."""
     device = next(model.parameters()).device
     rows, context = dataset.windows.shape
-    out = {layer: torch.zeros((rows, context, adapter.d_mlp), dtype=torch.float16, device=device) for layer in layers}
+    width = units.size(adapter)
+    out = {layer: torch.zeros((rows, context, width), dtype=torch.float16, device=device) for layer in layers}
     step = max(1, batch_tokens // context)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
@@ -34,7 +36,7 @@ def collect_activations(
         def keep(layer: int, acts: torch.Tensor, start: int = start, stop: int = stop) -> None:
             out[layer][start:stop] = acts.to(torch.float16)
 
-        forward_windows(model, adapter, layers, dataset.windows[start:stop], bos_id, keep, device)
+        forward_windows(model, adapter, layers, dataset.windows[start:stop], bos_id, keep, device, units)
         progress(int(dataset.lengths[start:stop].sum()))
     return out
 
@@ -75,8 +77,9 @@ def probe_features(acts: dict[int, torch.Tensor], dataset: ProbeDataset, *, seed
     return results
 
 
-def result_rows(results: list[FeatureResult]) -> tuple[list[dict], list[dict], list[dict]]:
-    """Rows for features, feature_layers and neuron_features."""
+def result_rows(results: list[FeatureResult], basis: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """Rows for features, feature_layers and neuron_features; of an SAE's latents with its basis
+    (the features rows, of the neurons, are then not used)."""
     features, layers, neurons = [], [], []
     for r in results:
         f = r.feature
@@ -87,6 +90,7 @@ def result_rows(results: list[FeatureResult]) -> tuple[list[dict], list[dict], l
             ]
             layers.append(
                 {
+                    "basis": basis,
                     "feature": f.name,
                     "layer": layer,
                     "best_neuron": lp.best["neuron"],
@@ -99,7 +103,7 @@ def result_rows(results: list[FeatureResult]) -> tuple[list[dict], list[dict], l
                 }
             )
             for rank, s in enumerate(top):
-                neurons.append({"layer": layer, "neuron": s["neuron"], "feature": f.name, "rank": rank,
+                neurons.append({"basis": basis, "layer": layer, "neuron": s["neuron"], "feature": f.name, "rank": rank,
                                 "mean_dif": s["mean_dif"], "f1": s["f1"], "precision": s["precision"],
                                 "recall": s["recall"]})
             if best is None or lp.best["f1"] > best[2]:

@@ -22,7 +22,7 @@ from app import queries
 from app.arrays import FLOAT32, INT32, pack
 from app.errors import NeedleError
 from app.schema import Model
-from workers import examples, store
+from workers import examples, saestages, store
 from workers.corpus import bos_prefix_id, load_corpus
 from workers.decode import SEARCH_K, RunningTopK, decode_layers
 from workers.loading import LoadedModel, max_positions
@@ -340,10 +340,12 @@ def run_text(ctx: JobContext) -> Writer:
     def read(at: int, acts: torch.Tensor) -> None:
         got[at] = acts[0, :, neuron].float().cpu()
 
-    examples.forward_windows(
-        loaded.model, loaded.adapter, [layer], windows, bos, read,
-        next(loaded.model.parameters()).device,
-    )
+    device = next(loaded.model.parameters()).device
+    units = examples.NEURON_UNITS
+    if ctx.params.get("sae") is not None:  # a latent: its SAE's encoder at its site
+        sae = saestages.stored_sae(ctx, ctx.params["sae"], device)
+        units = examples.Units(site=sae.site, encode=sae.encode, width=sae.d_sae)
+    examples.forward_windows(loaded.model, loaded.adapter, [layer], windows, bos, read, device, units)
     token_blob, act_blob = pack(ids, INT32), pack(got[layer].numpy(), FLOAT32)
 
     def write(session: Session) -> None:
@@ -374,6 +376,21 @@ def run_probes(ctx: JobContext) -> Writer:
     results = probing.probe_features(acts, dataset, progress=ctx.advance)
     del acts
     features, layers, neurons = probing.result_rows(results)
+    # the same probes over each trained SAE's latents, at its layer: is a feature sparser in that basis?
+    device = next(loaded.model.parameters()).device
+    for sae_id in ctx.read(lambda s: [x.id for x in queries.list_saes(s, ctx.model.id)]):
+        try:
+            sae = saestages.stored_sae(ctx, sae_id, device)
+        except (RuntimeError, NeedleError):  # not trained yet, or deleted: its jobs probe it again later
+            continue
+        latents = probing.collect_activations(
+            loaded.model, loaded.adapter, [sae.layer], dataset, bos_prefix_id(loaded.tokenizer),
+            batch_tokens=ctx.examples_batch_tokens, units=examples.Units(sae.site, sae.encode, sae.d_sae),
+        )
+        _, sae_layers, sae_units = probing.result_rows(probing.probe_features(latents, dataset), basis=sae_id)
+        del latents
+        layers += sae_layers
+        neurons += sae_units
     run = {
         "specs": list(p["features"]),
         "description": dataset.description,
@@ -423,7 +440,7 @@ def run_clamp_live(ctx: JobContext) -> Writer:
     p = ctx.params
     token_id, _, note = clamp.resolve_target(loaded, p["target"], p.get("token_id"))
     result = clamp.sweep(loaded, p["layer"], p["neuron"], p["prompt"], token_id, p["values"],
-                         last_only=p.get("positions") == "last")
+                         last_only=p.get("positions") == "last", units=saestages.units_for(ctx, loaded))
     result["note"] = note
 
     def write(session: Session) -> None:
@@ -438,7 +455,8 @@ def run_generation_live(ctx: JobContext) -> Writer:
 
     loaded = ctx.load(ctx.model)
     p = ctx.params
-    result = clamp.generate(loaded, p["layer"], p["neuron"], p["prompt"], p["value"], tokens=p["tokens"], seed=p.get("seed"))
+    result = clamp.generate(loaded, p["layer"], p["neuron"], p["prompt"], p["value"], tokens=p["tokens"], seed=p.get("seed"),
+                            units=saestages.units_for(ctx, loaded))
 
     def write(session: Session) -> None:
         queries.save_generation_result(session, p["generation"], result)
@@ -459,6 +477,7 @@ STAGES: dict[str, Callable[[JobContext], Writer]] = {
     queries.TEXT_STAGE: run_text,
     queries.CLAMP_STAGE: run_clamp_live,
     queries.GENERATE_STAGE: run_generation_live,
+    **saestages.SAE_RUNNERS,
 }
 
 
@@ -474,6 +493,10 @@ def work_units(stage: str, params: dict, model: ModelSpec) -> tuple[int, str]:
         return params.get("tokens") or 0, TOKENS  # set exactly once the corpus is read
     if stage == "clamp":
         return 0, "value"  # set once the neurons to sweep are known
+    if stage in (saestages.SAE_EXAMPLES, saestages.SAE_EVAL, saestages.SAE_TRAIN):
+        return params.get("tokens") or 0, TOKENS  # set exactly once the corpus is read
+    if stage == saestages.SAE_DECODE:
+        return 0, "latent"
     return 1, "step"
 
 
@@ -520,8 +543,15 @@ def plan_index(
         job = queries.enqueue_job(session, model.id, stage, "all", params, requires_stage=needs,
                                   max_attempts=max_attempts, force=forced)
         if job.state == "done" and unsharded(job.params) != unsharded(params):
-            queries.enqueue_job(session, model.id, stage, "all", params, requires_stage=needs,
-                                max_attempts=max_attempts, force=True)
+            job = queries.enqueue_job(session, model.id, stage, "all", params, requires_stage=needs,
+                                      max_attempts=max_attempts, force=True)
+        if stage == "examples" and job.state == "queued":
+            # new windows replace the old, and the latents' rows with them: their SAEs' examples run again
+            for sae in queries.list_saes(session, model.id):
+                queries.enqueue_job(session, model.id, saestages.SAE_EXAMPLES, saestages.sae_key(sae.id),
+                                    {"sae": sae.id, **{k: params.get(k) for k in ("corpus", "tokens", "context")}},
+                                    requires_stage=f"examples,{saestages.SAE_TRAIN}", max_attempts=max_attempts,
+                                    force=True)
     return queries.jobs_for_model(session, model.id)
 
 

@@ -40,12 +40,18 @@ def write_decodings(session: Session, model_id: int, decodings: Sequence[LayerDe
     queries.replace_neurons(session, model_id, [d.layer for d in decodings], rows)
 
 
+def search_probs(scores: np.ndarray, ids: np.ndarray, mean_top100: np.ndarray) -> np.ndarray:
+    """A search part's probabilities: score x the unit's mean top-100 probability (0 in unfilled slots, id -1)."""
+    valid = ids >= 0
+    return np.where(valid, scores, 0.0) * mean_top100[np.where(valid, ids, 0)]
+
+
 def write_search_part(
     session: Session, model_id: int, part: str, scores: np.ndarray, ids: np.ndarray, mean_top100: np.ndarray, d_mlp: int
 ) -> None:
     """scores, ids: [vocab x k] for one shard; mean_top100 indexed by global neuron id."""
     valid = ids >= 0
-    probs = np.where(valid, scores * mean_top100[np.where(valid, ids, 0)], 0.0)
+    probs = search_probs(scores, ids, mean_top100)
     queries.put_search_part(
         session,
         model_id,
@@ -71,19 +77,26 @@ def build_token_index(session: Session, model_id: int, d_mlp: int, vocab: int, p
         layers, neurons = unpack(p.layers, INT32, shape), unpack(p.neurons, INT32, shape)
         ids = np.where(layers >= 0, layers.astype(np.int64) * d_mlp + neurons, -1)
         arrays.append((unpack(p.scores, FLOAT32, shape), ids, unpack(p.probs, FLOAT32, shape)))
+    write_token_index(session, model_id, arrays, d_mlp, vocab)
+    queries.delete_search_parts(session, model_id, keep=parts_expected)
+    return vocab
+
+
+def write_token_index(session: Session, model_id: int, arrays: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      width: int, vocab: int, basis: int = queries.NEURONS) -> None:
+    """A basis's token_index from its parts' [vocab x k] (scores, ids, probs), an id being
+    layer * width + index within the layer."""
     scores, ids, probs = merge_search_parts(arrays)
-    # padding (id -1, fewer neurons than k) sorts last, so each token keeps a prefix
+    # padding (id -1, fewer units than k) sorts last, so each token keeps a prefix
     kept = (ids >= 0).sum(axis=1)
     columns = {
-        "layers": pack_rows(ids // d_mlp, INT32, kept),
-        "neurons": pack_rows(ids % d_mlp, INT32, kept),
+        "layers": pack_rows(ids // width, INT32, kept),
+        "neurons": pack_rows(ids % width, INT32, kept),
         "scores": pack_rows(scores, FLOAT32, kept),
         "probs": pack_rows(probs, FLOAT32, kept),
     }
     rows = [{"token_id": t, **{name: blobs[t] for name, blobs in columns.items()}} for t in range(vocab)]
-    queries.replace_token_index(session, model_id, rows)
-    queries.delete_search_parts(session, model_id, keep=parts_expected)
-    return vocab
+    queries.replace_token_index(session, model_id, rows, basis)
 
 
 def activation_rows(res: LayerExamples) -> list[dict]:
@@ -113,14 +126,26 @@ def activation_rows(res: LayerExamples) -> list[dict]:
     ]
 
 
-def write_examples(session: Session, model_id: int, run: dict, corpus: Corpus, results: Sequence[LayerExamples]) -> None:
-    """Replace the model's examples: the run, the windows some neuron shows, every neuron's row."""
+def shown_windows(corpus: Corpus, results: Sequence[LayerExamples]) -> list[dict]:
+    """The example_windows rows of the windows some unit of these results shows."""
     shown = np.unique(np.concatenate([np.concatenate([r.top_windows.ravel(), r.int_windows.ravel()]) for r in results]))
     shown = shown[shown >= 0]
     windows = corpus.windows[torch.from_numpy(shown.astype(np.int64))].numpy() if len(shown) else np.zeros((0, 0))
-    window_rows = [
+    return [
         {"window": int(w), "source": corpus.sources[int(w)], "token_ids": blob}
         for w, blob in zip(shown.tolist(), pack_rows(windows, INT32) if len(shown) else [])
     ]
+
+
+def write_examples(session: Session, model_id: int, run: dict, corpus: Corpus, results: Sequence[LayerExamples]) -> None:
+    """Replace the model's examples: the run, the windows some neuron shows, every neuron's row."""
     rows = [row for res in results for row in activation_rows(res)]
-    queries.replace_examples(session, model_id, run, window_rows, rows)
+    queries.replace_examples(session, model_id, run, shown_windows(corpus, results), rows)
+
+
+def write_unit_examples(session: Session, model_id: int, basis: int, corpus: Corpus,
+                        results: Sequence[LayerExamples]) -> None:
+    """Replace one basis's examples (an SAE's latents) over the model's stored run: the windows
+    they show that no neuron showed are added."""
+    queries.add_example_windows(session, model_id, shown_windows(corpus, results))
+    queries.replace_unit_activations(session, model_id, basis, [row for res in results for row in activation_rows(res)])
