@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from sqlalchemy.orm import Session
 
 from app import queries, urls
+from app.bases import Basis
 from app.errors import NeedleError, NotFound
 from app.schema import ClampCurve, Generation, Job, Model
 from app.search import tokenize_query
@@ -216,7 +217,7 @@ def generation_problem(gen: Generation) -> str | None:
     return None
 
 
-def curve_data(model: Model, curve: ClampCurve, job: Job | None = None) -> dict:
+def curve_data(model: Model, curve: ClampCurve, job: Job | None = None, sae: str | None = None) -> dict:
     """A curve as the CLI's JSON shape plus where it came from; "state" while a worker computes it,
     "broken" (and its values left out) if the stored row cannot be shown."""
     problem = curve_problem(curve)
@@ -241,8 +242,8 @@ def curve_data(model: Model, curve: ClampCurve, job: Job | None = None) -> dict:
         "state": state,
         "error": job.error if job is not None and state == "failed" else None,
         "broken": f"This clamp curve cannot be shown: {problem}." if problem else None,
-        "url": urls.clamp_url(model.name, curve.layer, curve.neuron, curve.id),
-        "json_url": urls.clamp_url(model.name, curve.layer, curve.neuron, curve.id, fmt=urls.JSON),
+        "url": urls.clamp_url(model.name, curve.layer, curve.neuron, curve.id, sae=sae),
+        "json_url": urls.clamp_url(model.name, curve.layer, curve.neuron, curve.id, fmt=urls.JSON, sae=sae),
     }
 
 
@@ -254,7 +255,7 @@ def _parting(clamped: dict | None, unclamped: dict | None) -> int | None:
     return None if a == b else len(os.path.commonprefix([a, b]))
 
 
-def generation_data(model: Model, gen: Generation, job: Job | None = None) -> dict:
+def generation_data(model: Model, gen: Generation, job: Job | None = None, sae: str | None = None) -> dict:
     """A generation as the CLI's JSON shape plus where it came from; "state" while a worker computes
     it, "broken" (and its continuations left out) if the stored row cannot be shown."""
     problem = generation_problem(gen)
@@ -279,17 +280,17 @@ def generation_data(model: Model, gen: Generation, job: Job | None = None) -> di
         "state": state,
         "error": job.error if job is not None and state == "failed" else None,
         "broken": f"This generation cannot be shown: {problem}." if problem else None,
-        "url": urls.generation_url(model.name, gen.layer, gen.neuron, gen.id),
-        "json_url": urls.generation_url(model.name, gen.layer, gen.neuron, gen.id, fmt=urls.JSON),
+        "url": urls.generation_url(model.name, gen.layer, gen.neuron, gen.id, sae=sae),
+        "json_url": urls.generation_url(model.name, gen.layer, gen.neuron, gen.id, fmt=urls.JSON, sae=sae),
     }
 
 
-def form_base(model: Model, layer: int, neuron: int, *, live: bool) -> dict:
-    """What every clamp and generate form of a neuron needs besides its values: where it posts, the
+def form_base(model: Model, layer: int, neuron: int, *, live: bool, sae: str | None = None) -> dict:
+    """What every clamp and generate form of a unit needs besides its values: where it posts, the
     limits it states, and whether live requests are on (off: no form is shown)."""
     return {
-        "clamp_url": urls.clamp_form_url(model.name, layer, neuron),
-        "generate_url": urls.generate_form_url(model.name, layer, neuron),
+        "clamp_url": urls.clamp_form_url(model.name, layer, neuron, sae=sae),
+        "generate_url": urls.generate_form_url(model.name, layer, neuron, sae=sae),
         "max_values": MAX_VALUES,
         "max_tokens": MAX_GENERATE_TOKENS,
         "live": live,
@@ -297,12 +298,12 @@ def form_base(model: Model, layer: int, neuron: int, *, live: bool) -> dict:
 
 
 def again_form(model: Model, layer: int, neuron: int, *, live: bool, curve: dict | None = None,
-               generation: dict | None = None) -> dict:
+               generation: dict | None = None, sae: str | None = None) -> dict:
     """The form a curve's or a generation's own page shows to ask again (curve_data's or
     generation_data's dict), filled with what it asked for: the prompt, target, range and positions
     of a sweep; the prompt, value, length and seed of a generation. One field can be changed, the
     rest kept."""
-    form = form_base(model, layer, neuron, live=live)
+    form = form_base(model, layer, neuron, live=live, sae=sae)
     if curve is not None:
         values = curve["values"] or [0.0, 0.0]
         form.update(prompt=curve["prompt"], token=target_field(curve["target"] or curve["token"]), start=values[0],
@@ -315,13 +316,15 @@ def again_form(model: Model, layer: int, neuron: int, *, live: bool, curve: dict
 
 
 def neuron_section(session: Session, model: Model, layer: int, neuron: int, top_token: str | None,
-                   max_abs: float | None, *, live: bool, prompt_max_chars: int) -> dict:
-    """The neuron page's clamp section: its stored curves and the forms' defaults."""
+                   max_abs: float | None, *, live: bool, prompt_max_chars: int, basis: Basis | None = None) -> dict:
+    """A unit page's clamp section: its stored curves and the forms' defaults."""
     bound = default_bound(max_abs)
+    sae, basis_id = (basis.sae, basis.id) if basis is not None else (None, queries.NEURONS)
+    curves = queries.clamp_curves_of_neuron(session, model.id, layer, neuron, basis=basis_id)
     return {
-        "clamp_curves": [curve_data(model, c) for c in queries.clamp_curves_of_neuron(session, model.id, layer, neuron)],
+        "clamp_curves": [curve_data(model, c, sae=sae) for c in curves],
         "clamp_form": {
-            **form_base(model, layer, neuron, live=live),
+            **form_base(model, layer, neuron, live=live, sae=sae),
             "prompt": (model.info or {}).get("clamp_prompt") or "The",
             "token": target_field(top_token),
             "start": -bound,
@@ -344,8 +347,12 @@ def require_live(live: bool) -> None:
         )
 
 
+def _basis_params(basis: Basis | None) -> dict:
+    return {} if basis is None or basis.is_neurons else {"sae": basis.id, "sae_name": basis.sae}
+
+
 def start_clamp(session: Session, model: Model, layer: int, neuron: int, form: dict, *, live: bool,
-                prompt_max_chars: int) -> dict:
+                prompt_max_chars: int, basis: Basis | None = None) -> dict:
     """Queue a clamp curve asked for on a neuron page: the form's prompt, token, range and positions."""
     require_live(live)
     prompt = _prompt(form, prompt_max_chars)
@@ -360,13 +367,14 @@ def start_clamp(session: Session, model: Model, layer: int, neuron: int, form: d
     positions = "last" if str(form.get("positions", "all")) == "last" or form.get("last_only") in (True, "on", "1", "true") else "all"
     token_id, target = target_token(session, model, target)  # ␣dog is kept as " dog", as it is meant
     curve = queries.add_clamp_curve(session, model.id, layer, neuron, prompt=prompt, target=target,
-                                    positions=positions, values=values, source="page")
+                                    positions=positions, values=values, source="page",
+                                    basis=basis.id if basis is not None else queries.NEURONS)
     job = queries.enqueue_job(
         session, model.id, queries.CLAMP_STAGE, f"run:{curve.id}",
         {"curve": curve.id, "layer": layer, "neuron": neuron, "prompt": prompt, "target": target,
-         "token_id": token_id, "values": values, "positions": positions}, max_attempts=1,
+         "token_id": token_id, "values": values, "positions": positions, **_basis_params(basis)}, max_attempts=1,
     )
-    return curve_data(model, curve, job)
+    return curve_data(model, curve, job, sae=basis.sae if basis is not None else None)
 
 
 def target_field(token: str | None) -> str:
@@ -425,17 +433,23 @@ def row_id(text: str) -> int | None:
     return value if value < 2**31 else None
 
 
-def clamp_page(session: Session, model: Model, layer: int, neuron: int, curve_text: str) -> dict:
+def _unit_words(basis: Basis | None, layer: int, neuron: int) -> str:
+    return f"neuron {layer}/{neuron}" if basis is None or basis.is_neurons else f"latent {neuron} of SAE {basis.sae!r}"
+
+
+def clamp_page(session: Session, model: Model, layer: int, neuron: int, curve_text: str,
+               basis: Basis | None = None) -> dict:
     curve_id = row_id(curve_text)
     curve = queries.get_clamp_curve(session, curve_id) if curve_id is not None else None
-    if curve is None or curve.model_id != model.id or (curve.layer, curve.neuron) != (layer, neuron):
-        raise NotFound(f"There is no clamp curve {curve_text[:60]!r} for neuron {layer}/{neuron} of {model.name!r}.")
+    basis_id = basis.id if basis is not None else queries.NEURONS
+    if curve is None or curve.model_id != model.id or (curve.basis, curve.layer, curve.neuron) != (basis_id, layer, neuron):
+        raise NotFound(f"There is no clamp curve {curve_text[:60]!r} for {_unit_words(basis, layer, neuron)} of {model.name!r}.")
     job = queries.live_job(session, model.id, queries.CLAMP_STAGE, curve.id) if curve.probs is None else None
-    return curve_data(model, curve, job)
+    return curve_data(model, curve, job, sae=basis.sae if basis is not None else None)
 
 
 def start_generation(session: Session, model: Model, layer: int, neuron: int, form: dict, *, live: bool,
-                     prompt_max_chars: int) -> dict:
+                     prompt_max_chars: int, basis: Basis | None = None) -> dict:
     """Queue a clamped generation asked for on a neuron page."""
     require_live(live)
     prompt = _prompt(form, prompt_max_chars)
@@ -450,19 +464,21 @@ def start_generation(session: Session, model: Model, layer: int, neuron: int, fo
         if not 0 <= seed < 2**31:
             raise NeedleError(f"The seed {seed} is out of range.", hint="Use a seed from 0 to 2147483647, or none for greedy.")
     gen = queries.add_generation(session, model.id, layer, neuron, prompt=prompt, value=value, tokens=tokens,
-                                 seed=seed, source="page")
+                                 seed=seed, source="page", basis=basis.id if basis is not None else queries.NEURONS)
     job = queries.enqueue_job(
         session, model.id, queries.GENERATE_STAGE, f"run:{gen.id}",
         {"generation": gen.id, "layer": layer, "neuron": neuron, "prompt": prompt, "value": value,
-         "tokens": tokens, "seed": seed}, max_attempts=1,
+         "tokens": tokens, "seed": seed, **_basis_params(basis)}, max_attempts=1,
     )
-    return generation_data(model, gen, job)
+    return generation_data(model, gen, job, sae=basis.sae if basis is not None else None)
 
 
-def generation_page(session: Session, model: Model, layer: int, neuron: int, gen_text: str) -> dict:
+def generation_page(session: Session, model: Model, layer: int, neuron: int, gen_text: str,
+                    basis: Basis | None = None) -> dict:
     gen_id = row_id(gen_text)
     gen = queries.get_generation(session, gen_id) if gen_id is not None else None
-    if gen is None or gen.model_id != model.id or (gen.layer, gen.neuron) != (layer, neuron):
-        raise NotFound(f"There is no generation {gen_text[:60]!r} for neuron {layer}/{neuron} of {model.name!r}.")
+    basis_id = basis.id if basis is not None else queries.NEURONS
+    if gen is None or gen.model_id != model.id or (gen.basis, gen.layer, gen.neuron) != (basis_id, layer, neuron):
+        raise NotFound(f"There is no generation {gen_text[:60]!r} for {_unit_words(basis, layer, neuron)} of {model.name!r}.")
     job = queries.live_job(session, model.id, queries.GENERATE_STAGE, gen.id) if gen.clamped is None else None
-    return generation_data(model, gen, job)
+    return generation_data(model, gen, job, sae=basis.sae if basis is not None else None)

@@ -173,7 +173,8 @@ def colour_scale(largest: float, smallest: float) -> dict[str, float]:
 # ---------------------------------------------------------------- a user's own text
 
 
-def text_run(session: Session, model: Model, run: TextRun, job: Job | None, stats: NeuronActivations | None) -> dict:
+def text_run(session: Session, model: Model, run: TextRun, job: Job | None, stats: NeuronActivations | None,
+             sae: str | None = None) -> dict:
     """A text run's page data, shaped as a clamp curve's and a generation's are: where it belongs
     (model, layer, neuron) and the run itself under "run". Its colours use the neuron's corpus
     scale when there is one (so they compare with its examples), else the run's own largest magnitude."""
@@ -183,9 +184,9 @@ def text_run(session: Session, model: Model, run: TextRun, job: Job | None, stat
         "text": run.text,
         "state": "done" if run.activations is not None else state,
         "error": job.error if job is not None and state == "failed" else None,
-        "url": urls.text_run_url(model.name, run.layer, run.neuron, run.id),
-        "json_url": urls.text_run_url(model.name, run.layer, run.neuron, run.id, fmt=urls.JSON),
-        "form_url": urls.text_form_url(model.name, run.layer, run.neuron),
+        "url": urls.text_run_url(model.name, run.layer, run.neuron, run.id, sae=sae),
+        "json_url": urls.text_run_url(model.name, run.layer, run.neuron, run.id, fmt=urls.JSON, sae=sae),
+        "form_url": urls.text_form_url(model.name, run.layer, run.neuron, sae=sae),
         "scale": colour_scale(stats.max_act, stats.min_act) if stats is not None else None,
         "scale_from_examples": stats is not None,
         "result": None,
@@ -200,5 +201,8 @@ def text_run(session: Session, model: Model, run: TextRun, job: Job | None, stat
         data["tokens_left_out"] = max(0, (run.n_tokens or 0) - len(token_ids))
         if stats is None:
             data["scale"] = colour_scale(float(acts.max()), float(acts.min()))
-    return {"model": model.name, "layer": run.layer, "neuron": run.neuron,
-            "neuron_url": urls.neuron_url(model.name, run.layer, run.neuron), "run": data}
+    where = {"model": model.name, "unit": "neuron" if sae is None else "latent", "layer": run.layer,
+             "neuron": run.neuron, "neuron_url": urls.neuron_url(model.name, run.layer, run.neuron, sae=sae)}
+    if sae is not None:
+        where.update(sae=sae, latent=where.pop("neuron"))
+    return {**where, **urls.unit_labels(sae, run.layer, run.neuron), "run": data}

@@ -333,6 +333,13 @@ def logit_table_rows(tokens: list[dict], best, kind: str) -> Markup:
     ])
 
 
+def _unit_label(r: dict) -> str:
+    """A search result's unit as a link's text: "layer 3 · neuron 7", or "layer 3 · SAE s · latent 7"."""
+    if r.get("kind") == "latent":
+        return f'layer {escape(r["layer"])} · SAE {escape(r["sae"])} · latent {escape(r["latent"])}'
+    return f'layer {escape(r["layer"])} · neuron {escape(r["neuron"])}'
+
+
 def search_result_rows(results: list[dict], best, start: int = 1) -> Markup:
     """The <tr> rows of _search_results.html, ranked from `start` (a search for a common token
     lists hundreds of neurons; a template macro call costs more than a row). Scores to 3 decimals
@@ -340,7 +347,7 @@ def search_result_rows(results: list[dict], best, start: int = 1) -> Markup:
     return Markup("\n".join([
         "    <tr>\n"
         f'      <td class="num rank">{i}</td>\n'
-        f'      <td><a class="nowrap" href="{escape(r["url"])}">layer {escape(r["layer"])} · neuron {escape(r["neuron"])}</a></td>\n'
+        f'      <td><a class="nowrap" href="{escape(r["url"])}">{_unit_label(r)}</a></td>\n'
         f"      <td>{_tok(r)}</td>\n"
         f'      <td class="num">{_num(r["score"], "%.3f")}</td>\n'
         f'      <td class="num">{_num(r["prob"], "%#.3g")}</td>\n'

@@ -16,10 +16,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app import clamping, examples, queries, urls
+from app.arrays import FLOAT32, INT32, unpack
+from app.bases import SITE_TEXT, Basis, neuron_basis, sae_basis
 from app.errors import NeedleError, NotFound
 from app.fastpage import token_texts
 from app.plots import STRIP_POINTS
-from app.schema import Job, Model
+from app.schema import Job, Model, Sae
 from app.search import matching_tokens, number, ranked_neurons, tokenize_query
 from app.tokens import from_visible
 from app.unitarrays import unpack_decoding
@@ -216,13 +218,17 @@ EVIDENCE = (("examples", "examples", "Activation examples"), ("features", "probe
             ("clamp_curves", "clamp", "Precomputed clamp curves"))
 
 
-def _pending(stages: list[dict]) -> dict:
+# ... and an SAE's latent page
+SAE_EVIDENCE = (("examples", "sae_examples", "Activation examples"),)
+
+
+def _pending(stages: list[dict], evidence: tuple = EVIDENCE) -> dict:
     """Evidence not computed yet, by the field of the neuron page it fills ("examples",
     "features", "clamp_curves"): its stage's state and what is left of it, and a line that says so.
     Evidence whose stage is done, or was never queued (a model indexed without a corpus), is not here."""
     by_stage = {s["stage"]: s for s in stages}
     out = {}
-    for field, stage, label in EVIDENCE:
+    for field, stage, label in evidence:
         s = by_stage.get(stage)
         if s is None or s["state"] == "done":
             continue
@@ -277,7 +283,7 @@ def model_page(session: Session, name: str) -> dict:
     firing = queries.activation_layer_summaries(session, model.id)
     jobs = queries.jobs_for_model(session, model.id)
     stages = _stages(jobs)
-    layers = []
+    layers: list[dict[str, Any]] = []
     for layer in range(model.n_layers):
         summary = summaries.get(layer, {})
         fired = firing.get(layer)
@@ -324,29 +330,34 @@ def model_page(session: Session, name: str) -> dict:
         "pending": _pending(stages),
         "jobs": [_job(j) for j in jobs],
         "jobs_pending": any(j.state in ("queued", "running") for j in jobs),
+        "saes": [_sae_summary(model, x) for x in queries.list_saes(session, model.id)],
+        "saes_url": urls.saes_url(model.name),
     }
 
 
-def layer_page(
-    session: Session, name: str, layer_text: str, *, page: str | None, sort: str | None, page_size: int
-) -> dict:
-    model = _model(session, name)
-    layer = _index(layer_text, "layer", model, model.n_layers)
+def _page_number(page: str | None) -> int:
+    if page is None:
+        return 1
+    if DIGITS.fullmatch(page) and len(page) <= 9 and int(page) >= 1:  # a 5,000-digit page is no number
+        return int(page)
+    raise NeedleError(f"Page {page[:MAX_QUERY_CHARS]!r} is not a page number: pages are numbered from 1.")
+
+
+def _units_list(session: Session, model: Model, basis: Basis, layer: int, *, page: str | None, sort: str | None,
+                page_size: int, page_url) -> dict:
+    """A page of one layer's units of a basis (a layer's neurons, an SAE's latents), sorted:
+    what the layer page and the SAE page list. page_url(n, sort, fmt) is the list's own address."""
     sort = sort or urls.DEFAULT_LAYER_SORT
     if sort not in queries.LAYER_SORTS:
         raise NeedleError(f"Unknown sort {_cut(sort)!r}: use one of {', '.join(queries.LAYER_SORTS)}.")
-    if page is None:
-        page_number = 1
-    elif DIGITS.fullmatch(page) and len(page) <= 9 and int(page) >= 1:  # a 5,000-digit page is no number
-        page_number = int(page)
-    else:
-        raise NeedleError(f"Page {page[:MAX_QUERY_CHARS]!r} is not a page number: pages are numbered from 1.")
-    summary = queries.layer_summary(session, model.id, layer)
+    page_number = _page_number(page)
+    summary = queries.layer_summary(session, model.id, layer, basis.id)
     pages = max(1, math.ceil(summary["neurons"] / page_size))
     if page_number > pages:
-        raise NeedleError(f"Page {page_number} is out of range: layer {layer} has {pages} page(s) of neurons.")
+        where = f"layer {layer}" if basis.is_neurons else f"SAE {basis.sae!r}"
+        raise NeedleError(f"Page {page_number} is out of range: {where} has {pages} page(s) of {basis.unit}s.")
 
-    pairs = queries.layer_neurons(session, model.id, layer, sort, (page_number - 1) * page_size, page_size)
+    pairs = queries.layer_neurons(session, model.id, layer, sort, (page_number - 1) * page_size, page_size, basis.id)
     rows = [n for n, _ in pairs]
     stats = {n.neuron: a for n, a in pairs}
     decodings = {row.neuron: unpack_decoding(row) for row in rows}
@@ -355,35 +366,26 @@ def layer_page(
     text = queries.tokens_by_ids(
         session, model.id, [t for ids in top_ids.values() for t in ids] + [r.top_token_id for r in rows]
     )
-
-    def page_url(n: int | None, s: str = sort, fmt: str | None = None) -> str | None:
-        return None if n is None else urls.layer_url(model.name, layer, page=n, sort=s, fmt=fmt)
-
     return {
-        "model": model.name,
-        "layer": layer,
-        "n_layers": model.n_layers,
-        "d_mlp": model.d_mlp,
         "url": page_url(page_number),
         "json_url": page_url(page_number, fmt=urls.JSON),
         "sort": sort,
         "sorts": [
-            {"sort": s, "label": label, "url": page_url(1, s), "current": s == sort} for s, label in SORT_LABELS.items()
+            {"sort": s, "label": label.replace("neuron", basis.unit), "url": page_url(1, s), "current": s == sort}
+            for s, label in SORT_LABELS.items()
         ],
         "page": page_number,
         "pages": pages,
         "page_size": page_size,
-        "neurons_stored": summary["neurons"],
+        f"{basis.unit}s_stored": summary["neurons"],
         "has_activations": any(a is not None for a in stats.values()),
         "max_score": number(summary["max_score"]) if summary["max_score"] is not None else None,
         "prev_page_url": page_url(page_number - 1 if page_number > 1 else None),
         "next_page_url": page_url(page_number + 1 if page_number < pages else None),
-        "prev_layer_url": urls.layer_url(model.name, layer - 1) if layer > 0 else None,
-        "next_layer_url": urls.layer_url(model.name, layer + 1) if layer + 1 < model.n_layers else None,
-        "neurons": [
+        f"{basis.unit}s": [
             {
-                "neuron": row.neuron,
-                "url": urls.neuron_url(model.name, layer, row.neuron),
+                basis.unit: row.neuron,
+                "url": urls.neuron_url(model.name, layer, row.neuron, sae=basis.sae),
                 "top_token": _token(row.top_token_id, text),
                 "top_score": number(row.top_score),
                 "top_prob": number(row.top_prob),
@@ -398,6 +400,161 @@ def layer_page(
     }
 
 
+def layer_page(
+    session: Session, name: str, layer_text: str, *, page: str | None, sort: str | None, page_size: int
+) -> dict:
+    model = _model(session, name)
+    layer = _index(layer_text, "layer", model, model.n_layers)
+
+    def page_url(n: int | None, s: str | None = None, fmt: str | None = None) -> str | None:
+        return None if n is None else urls.layer_url(model.name, layer, page=n, sort=s or sort or urls.DEFAULT_LAYER_SORT,
+                                                     fmt=fmt)
+
+    return {
+        "model": model.name,
+        "layer": layer,
+        "n_layers": model.n_layers,
+        "d_mlp": model.d_mlp,
+        **_units_list(session, model, neuron_basis(model.d_mlp), layer, page=page, sort=sort, page_size=page_size,
+                      page_url=page_url),
+        "prev_layer_url": urls.layer_url(model.name, layer - 1) if layer > 0 else None,
+        "next_layer_url": urls.layer_url(model.name, layer + 1) if layer + 1 < model.n_layers else None,
+        "saes": [_sae_summary(model, x) for x in queries.list_saes(session, model.id) if x.layer == layer],
+    }
+
+
+# ---------------------------------------------------------------- sparse autoencoders
+
+DENSE_FREQUENCY = 0.1  # a latent that fires on more than 10% of tokens is dense
+DENSITY_BINS = (-8, 0, 0.5)  # log10 firing frequency from 1e-8 to 1, in half-decades; "dead" apart
+
+
+def _site_text(site: str, layer: int) -> str:
+    return SITE_TEXT.get(site, site).replace("blocks.L.", f"blocks.{layer}.")
+
+
+TRAINING_FIGURES = (  # what an SAE page says of its training, in this order (the JSON has all it stored)
+    ("corpus_description", "corpus"), ("corpus_tokens", "corpus tokens"), ("epochs", "epochs"),
+    ("steps", "steps"), ("batch_size", "batch size"), ("lr", "learning rate"), ("seed", "seed"),
+    ("k", "k"), ("dead_latents", "dead latents at the end"), ("explained_variance", "variance explained (last steps)"),
+    ("seconds", "seconds"), ("activations_per_second", "activations per second"), ("device", "device"),
+)
+
+
+def _training_facts(training) -> list[dict]:
+    if not isinstance(training, dict):
+        return []
+    out = []
+    for key, label in TRAINING_FIGURES:
+        value = training.get(key)
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        if value is not None:
+            out.append({"label": label, "value": str(value)})
+    return out
+
+
+def _sae(session: Session, model: Model, name: str) -> Sae:
+    row = queries.get_sae(session, model.id, name)
+    if row is None:
+        names = [x.name for x in queries.list_saes(session, model.id)]
+        raise NotFound(f"Model {model.name!r} has no SAE named {_cut(name)!r}.",
+                       hint=f"Its SAEs: {', '.join(names)}." if names else
+                       f"Train one: needle sae train {model.name} --layer L (or import one with needle sae import).")
+    return row
+
+
+def _sae_summary(model: Model, row: Sae) -> dict:
+    quality = _quality(row.quality) or {}
+    return {
+        "name": row.name, "url": urls.sae_url(model.name, row.name), "json_url": urls.sae_url(model.name, row.name, fmt=urls.JSON),
+        "layer": row.layer, "site": row.site, "architecture": row.architecture, "d_in": row.d_in, "d_sae": row.d_sae,
+        "source": row.source,
+        "l0": number(quality["l0"]) if quality.get("l0") is not None else None,
+        "variance_explained": number(quality["variance_explained"]) if quality.get("variance_explained") is not None else None,
+        "ce_recovered": number(quality["ce_recovered"]) if quality.get("ce_recovered") is not None else None,
+    }
+
+
+QUALITY_FIGURES = ("tokens", "l0", "variance_explained", "mse", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_recovered")
+
+
+def _quality(stored) -> dict | None:
+    """An SAE's stored quality figures, each a finite number or None (a stored row that is not
+    must not take its page down)."""
+    if not isinstance(stored, dict):
+        return None
+    return {k: number(v) if isinstance(v, (int, float)) and math.isfinite(v) else None for k in QUALITY_FIGURES
+            for v in [stored.get(k)]}
+
+
+def saes_page(session: Session, name: str) -> dict:
+    model = _model(session, name)
+    return {"model": model.name, "url": urls.saes_url(model.name), "json_url": urls.saes_url(model.name, fmt=urls.JSON),
+            "saes": [_sae_summary(model, x) for x in queries.list_saes(session, model.id)],
+            "pending": _pending(_stages(queries.jobs_for_model(session, model.id)))}
+
+
+def _density(frequencies: list[float]) -> dict:
+    """The latents' firing frequencies on the examples corpus: dead (never fired) and dense (over
+    DENSE_FREQUENCY) shares, and the histogram of log10 frequency of the rest."""
+    freq = [f for f in frequencies if f is not None and math.isfinite(f)]
+    dead = sum(1 for f in freq if f <= 0)
+    lo, hi, step = DENSITY_BINS
+    edges = [lo + i * step for i in range(int((hi - lo) / step) + 1)]
+    counts = [0] * (len(edges) - 1)
+    for f in freq:
+        if f > 0:
+            at = min(len(counts) - 1, max(0, int((math.log10(f) - lo) // step)))
+            counts[at] += 1
+    n = max(len(freq), 1)
+    fired = [i for i, c in enumerate(counts) if c]  # the bins from the first to the last that holds a latent
+    if fired:
+        edges, counts = edges[fired[0] : fired[-1] + 2], counts[fired[0] : fired[-1] + 1]
+    return {
+        "latents": len(freq),
+        "dead": dead, "dead_share": dead / n if freq else None,
+        "dense": sum(1 for f in freq if f > DENSE_FREQUENCY),
+        "dense_share": sum(1 for f in freq if f > DENSE_FREQUENCY) / n if freq else None,
+        "dense_above": DENSE_FREQUENCY,
+        "log10_edges": edges, "counts": counts,
+    }
+
+
+def sae_page(session: Session, name: str, sae_name: str, *, page: str | None, sort: str | None, page_size: int) -> dict:
+    model = _model(session, name)
+    row = _sae(session, model, sae_name)
+    basis = sae_basis(row)
+
+    def page_url(n: int | None, s: str | None = None, fmt: str | None = None) -> str | None:
+        return None if n is None else urls.sae_url(model.name, row.name, page=n, sort=s or sort or urls.DEFAULT_LAYER_SORT,
+                                                   fmt=fmt)
+
+    stages = _stages([j for j in queries.jobs_for_model(session, model.id) if j.key == f"sae:{row.id}"])
+    return {
+        "model": model.name,
+        "sae": row.name,
+        "layer": row.layer,
+        "site": row.site,
+        "site_text": _site_text(row.site, row.layer),
+        "architecture": row.architecture,
+        "d_in": row.d_in,
+        "d_sae": row.d_sae,
+        "source": row.source,
+        "k": (row.cfg or {}).get("k") if isinstance(row.cfg, dict) else None,
+        "cfg": row.cfg,
+        "training": row.training if isinstance(row.training, dict) else None,
+        "_training_facts": _training_facts(row.training),
+        "quality": _quality(row.quality),
+        "density": _density(queries.unit_frequencies(session, model.id, basis.id)),
+        "n_layers": model.n_layers,
+        "random_url": urls.random_latent_url(model.name, row.name),
+        "stages": stages,
+        "pending": _pending(stages),
+        **_units_list(session, model, basis, row.layer, page=page, sort=sort, page_size=page_size, page_url=page_url),
+    }
+
+
 def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, *, text_max_chars: int = 2000,
                 live: bool = True, clamp_prompt_max_chars: int = 2000, base_url: str = "", arrays: bool = True) -> dict:
     """base_url: the site's public address, for the absolute "permalink" (copy button, Open Graph).
@@ -406,13 +563,65 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
     model = _model(session, name)
     layer = _index(layer_text, "layer", model, model.n_layers)
     index = _index(neuron_text, "neuron", model, model.d_mlp)
-    row, activations, run_row, previous, following = queries.neuron_page_rows(session, model.id, layer, index)
-    stages = _stages(queries.jobs_for_model(session, model.id))
+    return _unit_page(session, model, neuron_basis(model.d_mlp), layer, index, text_max_chars=text_max_chars,
+                      live=live, clamp_prompt_max_chars=clamp_prompt_max_chars, base_url=base_url, arrays=arrays)
+
+
+def latent_page(session: Session, name: str, sae_name: str, latent_text: str, *, text_max_chars: int = 2000,
+                live: bool = True, clamp_prompt_max_chars: int = 2000, base_url: str = "", arrays: bool = True) -> dict:
+    """A latent of an SAE: the neuron page's evidence, where it applies, and the SAE it belongs to."""
+    model = _model(session, name)
+    row = _sae(session, model, sae_name)
+    index = _index(latent_text, "latent", model, row.d_sae)
+    data = _unit_page(session, model, sae_basis(row), row.layer, index, text_max_chars=text_max_chars, live=live,
+                      clamp_prompt_max_chars=clamp_prompt_max_chars, base_url=base_url, arrays=arrays)
+    data.update(sae=row.name, latent=index, site=row.site, site_text=_site_text(row.site, row.layer),
+                architecture=row.architecture, d_sae=row.d_sae, sae_url=urls.sae_url(model.name, row.name),
+                input_side="encoder" if row.site != "mlp" else "decoder")
+    return data
+
+
+def _links(session: Session, model: Model, basis: Basis, layer: int, index: int) -> list[dict]:
+    """Superposition made visible: for a latent of an mlp-site SAE, the neurons its decoder
+    direction weighs most on; for a neuron, per SAE on its layer's neurons, the latents whose
+    decoder directions weigh most on it. Signed weights, largest |weight| first."""
+    rows = queries.unit_links(session, model.id, layer, index, basis.id)
+    if not rows:
+        return []
+    names = {x.id: x.name for x in queries.list_saes(session, model.id)}
+    out = []
+    for row in rows:
+        sae = None if row.other == queries.NEURONS else names.get(row.other)
+        if row.other != queries.NEURONS and sae is None:
+            continue
+        kind = "neuron" if sae is None else "latent"
+        ids, weights = unpack(row.ids, INT32).tolist(), unpack(row.weights, FLOAT32).tolist()
+        out.append({"kind": kind, "sae": sae, "units": [
+            {kind: i, "layer": layer, "weight": number(w), "url": urls.neuron_url(model.name, layer, i, sae=sae)}
+            for i, w in zip(ids, weights)]})
+    return out
+
+
+def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: int, *, text_max_chars: int,
+               live: bool, clamp_prompt_max_chars: int, base_url: str, arrays: bool) -> dict:
+    """What a unit's page shows, for a neuron or a latent (basis)."""
+    row, activations, run_row, previous, following = queries.neuron_page_rows(session, model.id, layer, index, basis.id)
+    jobs = queries.jobs_for_model(session, model.id)
+    if basis.is_neurons:
+        stages = _stages(jobs)
+        pending = _pending(stages)
+        decode_stage = "decode"
+    else:
+        stages = _stages([j for j in jobs if j.key == f"sae:{basis.id}"])
+        pending = _pending(stages, SAE_EVIDENCE)
+        decode_stage = "sae_decode"
+    unit = basis.unit
     if row is None:
-        decode = next((s for s in stages if s["stage"] == "decode" and s["state"] != "done"), None)
+        decode = next((s for s in stages if s["stage"] == decode_stage and s["state"] != "done"), None)
+        what = f"Neuron {index} of layer {layer}" if basis.is_neurons else f"Latent {index} of SAE {basis.sae!r}"
         raise NotFound(
-            f"Neuron {index} of layer {layer} of {model.name!r} has not been decoded yet"
-            + (f": decode {decode['left']}." if decode else "."),
+            f"{what} of {model.name!r} has not been decoded yet"
+            + (f": {decode_stage} {decode['left']}." if decode else "."),
             hint="The model page shows the indexing jobs and their progress.",
         )
     dec = unpack_decoding(row)
@@ -424,15 +633,18 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
     def link(pos: tuple[int, int] | None) -> dict | None:
         if pos is None:
             return None
-        return {"layer": pos[0], "neuron": pos[1], "url": urls.neuron_url(model.name, *pos)}
+        return {"layer": pos[0], unit: pos[1], "url": urls.neuron_url(model.name, *pos, sae=basis.sae)}
 
     return {
         "model": model.name,
+        "unit": unit,
         "layer": layer,
-        "neuron": index,
-        "url": urls.neuron_url(model.name, layer, index),
-        "json_url": urls.neuron_url(model.name, layer, index, fmt=urls.JSON),
-        "permalink": urls.absolute_url(base_url, urls.neuron_url(model.name, layer, index)),
+        unit: index,
+        "url": urls.neuron_url(model.name, layer, index, sae=basis.sae),
+        "json_url": urls.neuron_url(model.name, layer, index, fmt=urls.JSON, sae=basis.sae),
+        "permalink": urls.absolute_url(base_url, urls.neuron_url(model.name, layer, index, sae=basis.sae)),
+        "embed_card_url": urls.embed_url(model.name, layer, index, sae=basis.sae),
+        "random_url": urls.random_neuron_url(model.name) if basis.sae is None else urls.random_latent_url(model.name, basis.sae),
         "n_layers": model.n_layers,
         "d_mlp": model.d_mlp,
         "decode_norm": model.decode_norm,
@@ -458,7 +670,7 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
         **firing,
         "examples_run": run,
         # the examples, features and clamp curves whose stage has not finished, each with a line that says so
-        "pending": _pending(stages),
+        "pending": pending,
         "colour_scale": examples.colour_scale(stats["max"], stats["min"]) if (stats := firing["stats"]) else None,
         "features": [
             {
@@ -470,14 +682,15 @@ def neuron_page(session: Session, name: str, layer_text: str, neuron_text: str, 
                 "precision": number(f.precision),
                 "recall": number(f.recall),
             }
-            for f in queries.features_of_neuron(session, model.id, layer, index)
+            for f in queries.features_of_neuron(session, model.id, layer, index, basis.id)
         ],
-        "text_form_url": urls.text_form_url(model.name, layer, index),
+        "links": _links(session, model, basis, layer, index),
+        "text_form_url": urls.text_form_url(model.name, layer, index, sae=basis.sae),
         "text_max_chars": text_max_chars,
         **clamping.neuron_section(
             session, model, layer, index, text.get(row.top_token_id),
             max(abs(activations.max_act), abs(activations.min_act)) if activations is not None else None,
-            live=live, prompt_max_chars=clamp_prompt_max_chars,
+            live=live, prompt_max_chars=clamp_prompt_max_chars, basis=basis,
         ),
     }
 
@@ -489,6 +702,17 @@ def random_neuron_target(session: Session, name: str, fmt: str | None = None, rn
     if pick is None:
         raise NotFound(f"Model {model.name!r} has no decoded neurons yet.", hint="Its model page shows the jobs.")
     return urls.neuron_url(model.name, *pick, fmt=fmt)
+
+
+def random_latent_target(session: Session, name: str, sae_name: str, fmt: str | None = None,
+                         rng: random.Random | None = None) -> str:
+    """Where /{model}/sae/{sae}/random sends the browser: a random decoded latent's permalink."""
+    model = _model(session, name)
+    row = _sae(session, model, sae_name)
+    pick = queries.random_neuron(session, model.id, rng, basis=row.id)
+    if pick is None:
+        raise NotFound(f"SAE {row.name!r} has no decoded latents yet.", hint="Its page shows its jobs.")
+    return urls.neuron_url(model.name, *pick, fmt=fmt, sae=row.name)
 
 
 def jump_target(session: Session, name: str, layer_text: str | None, neuron_text: str | None) -> str:
@@ -539,6 +763,16 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
 
     index_rows = queries.token_index_rows(session, model.id, ids) if ids else {}
     results = ranked_neurons(model.name, index_rows, text)
+    latents: list[dict] = []
+    saes = {x.id: x.name for x in queries.list_saes(session, model.id)}
+    if ids and saes:
+        by_basis: dict[int, dict[int, Any]] = {}
+        for row in queries.token_index_rows_of_bases(session, model.id, ids):
+            if row.basis in saes:
+                by_basis.setdefault(row.basis, {})[row.token_id] = row
+        for basis, rows in by_basis.items():
+            latents.extend(ranked_neurons(model.name, rows, text, sae=saes[basis]))
+        latents.sort(key=lambda r: (-(r["score"] or 0.0), r["sae"], r["latent"]))
     data: dict[str, Any] = {
         "model": model.name,
         "query": token,
@@ -548,6 +782,8 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
         "matches": [_token(t, text) for t in ids],
         "index_ready": bool(index_rows) or queries.has_token_index(session, model.id),
         "results": results,
+        # the latents of the model's SAEs, found the same way (an mlp-site SAE's by its decoder direction)
+        "latents": latents,
         # the score-by-layer strip (Davies 2025, Figure 2): the best results, x = layer, y = score
         "score_strip": {
             "n_layers": model.n_layers,
@@ -566,18 +802,30 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
 # ---------------------------------------------------------------- a user's own text
 
 
-def _text_target(session: Session, name: str, layer_text: str, neuron_text: str) -> tuple[Model, int, int]:
+def _text_target(session: Session, name: str, layer_text: str, neuron_text: str,
+                 sae: str | None = None) -> tuple[Model, Basis, int, int]:
+    """The unit a live request addresses: (model, basis, layer, index); with `sae`, a latent of
+    that SAE (layer_text is then unused: the SAE fixes the layer)."""
     model = _model(session, name)
-    return model, _index(layer_text, "layer", model, model.n_layers), _index(neuron_text, "neuron", model, model.d_mlp)
+    if sae is None:
+        return (model, neuron_basis(model.d_mlp), _index(layer_text, "layer", model, model.n_layers),
+                _index(neuron_text, "neuron", model, model.d_mlp))
+    row = _sae(session, model, sae)
+    return model, sae_basis(row), row.layer, _index(neuron_text, "latent", model, row.d_sae)
+
+
+def _unit_params(basis: Basis) -> dict:
+    """What a live request's job carries of its unit's basis (nothing for a neuron)."""
+    return {} if basis.is_neurons else {"sae": basis.id, "sae_name": basis.sae}
 
 
 def start_text_run(
     session: Session, name: str, layer_text: str, neuron_text: str, text: str | None, *, max_chars: int,
-    live: bool = True,
+    live: bool = True, sae: str | None = None,
 ) -> dict:
-    """Queue a user's text for a worker: this neuron's activation on each of its tokens."""
+    """Queue a user's text for a worker: this unit's activation on each of its tokens."""
     clamping.require_live(live)
-    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
+    model, basis, layer, neuron = _text_target(session, name, layer_text, neuron_text, sae)
     text = (text or "").replace("\r\n", "\n")
     if not text.strip():
         raise NeedleError("There is no text to run.", hint="Type some text into the box, then press Run.")
@@ -586,24 +834,26 @@ def start_text_run(
             f"The text is {len(text)} characters long; the limit is {max_chars}.",
             hint="Shorten it: the activations of a few sentences are easiest to read.",
         )
-    run = queries.create_text_run(session, model.id, layer, neuron, text)
+    run = queries.create_text_run(session, model.id, layer, neuron, text, basis=basis.id)
     job = queries.enqueue_job(
         session, model.id, queries.TEXT_STAGE, f"run:{run.id}",
-        {"run": run.id, "layer": layer, "neuron": neuron, "text": text}, max_attempts=1,
+        {"run": run.id, "layer": layer, "neuron": neuron, "text": text, **_unit_params(basis)}, max_attempts=1,
     )
-    return examples.text_run(session, model, run, job, queries.neuron_activations(session, model.id, layer, neuron))
+    return examples.text_run(session, model, run, job,
+                             queries.neuron_activations(session, model.id, layer, neuron, basis.id), sae=basis.sae)
 
 
 def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str, run_text: str, *,
-                  live: bool = True, max_chars: int = 2000) -> dict:
+                  live: bool = True, max_chars: int = 2000, sae: str | None = None) -> dict:
     """A text run's page; "_again": the text form filled with its text (HTML only)."""
-    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
+    model, basis, layer, neuron = _text_target(session, name, layer_text, neuron_text, sae)
     run_id = clamping.row_id(run_text)
     run = queries.get_text_run(session, run_id) if run_id is not None else None
-    if run is None or run.model_id != model.id or (run.layer, run.neuron) != (layer, neuron):
-        raise NotFound(f"There is no text run {_cut(run_text)!r} for neuron {layer}/{neuron} of {model.name!r}.")
+    if run is None or run.model_id != model.id or (run.basis, run.layer, run.neuron) != (basis.id, layer, neuron):
+        raise NotFound(f"There is no text run {_cut(run_text)!r} for {basis.unit} {layer}/{neuron} of {model.name!r}.")
     job = queries.text_job(session, model.id, run.id)
-    data = examples.text_run(session, model, run, job, queries.neuron_activations(session, model.id, layer, neuron))
+    data = examples.text_run(session, model, run, job,
+                             queries.neuron_activations(session, model.id, layer, neuron, basis.id), sae=basis.sae)
     data["_again"] = {"live": live, "text_url": data["run"]["form_url"], "text": run.text, "label_id": "again-title",
                       "text_max_chars": max_chars}
     return data
@@ -612,41 +862,47 @@ def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str
 # ---------------------------------------------------------------- clamp curves and generations
 
 
-def _clamp_context(model: Model, layer: int, neuron: int) -> dict:
-    return {"model": model.name, "layer": layer, "neuron": neuron, "neuron_url": urls.neuron_url(model.name, layer, neuron)}
+def _clamp_context(model: Model, basis: Basis, layer: int, neuron: int) -> dict:
+    context = {"model": model.name, "unit": basis.unit, "layer": layer, "neuron": neuron,
+               "neuron_url": urls.neuron_url(model.name, layer, neuron, sae=basis.sae)}
+    if not basis.is_neurons:
+        context.update(sae=basis.sae, latent=context.pop("neuron"))
+    return {**context, **urls.unit_labels(basis.sae, layer, neuron)}
 
 
 def start_clamp(session: Session, name: str, layer_text: str, neuron_text: str, form: dict, *, live: bool,
-                prompt_max_chars: int) -> dict:
-    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
-    curve = clamping.start_clamp(session, model, layer, neuron, form, live=live, prompt_max_chars=prompt_max_chars)
-    return {**_clamp_context(model, layer, neuron), "curve": curve}
+                prompt_max_chars: int, sae: str | None = None) -> dict:
+    model, basis, layer, neuron = _text_target(session, name, layer_text, neuron_text, sae)
+    curve = clamping.start_clamp(session, model, layer, neuron, form, live=live, prompt_max_chars=prompt_max_chars,
+                                 basis=basis)
+    return {**_clamp_context(model, basis, layer, neuron), "curve": curve}
 
 
 def clamp_page(session: Session, name: str, layer_text: str, neuron_text: str, curve_text: str, *,
-               live: bool = True) -> dict:
+               live: bool = True, sae: str | None = None) -> dict:
     """A clamp curve's page; "_again": the sweep form filled with this curve's settings (HTML only)."""
-    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
-    curve = clamping.clamp_page(session, model, layer, neuron, curve_text)
-    return {**_clamp_context(model, layer, neuron), "curve": curve,
-            "_again": clamping.again_form(model, layer, neuron, live=live, curve=curve)}
+    model, basis, layer, neuron = _text_target(session, name, layer_text, neuron_text, sae)
+    curve = clamping.clamp_page(session, model, layer, neuron, curve_text, basis=basis)
+    return {**_clamp_context(model, basis, layer, neuron), "curve": curve,
+            "_again": clamping.again_form(model, layer, neuron, live=live, curve=curve, sae=basis.sae)}
 
 
 def start_generation(session: Session, name: str, layer_text: str, neuron_text: str, form: dict, *, live: bool,
-                     prompt_max_chars: int) -> dict:
-    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
-    gen = clamping.start_generation(session, model, layer, neuron, form, live=live, prompt_max_chars=prompt_max_chars)
-    return {**_clamp_context(model, layer, neuron), "generation": gen}
+                     prompt_max_chars: int, sae: str | None = None) -> dict:
+    model, basis, layer, neuron = _text_target(session, name, layer_text, neuron_text, sae)
+    gen = clamping.start_generation(session, model, layer, neuron, form, live=live, prompt_max_chars=prompt_max_chars,
+                                    basis=basis)
+    return {**_clamp_context(model, basis, layer, neuron), "generation": gen}
 
 
 def generation_page(session: Session, name: str, layer_text: str, neuron_text: str, gen_text: str, *,
-                    live: bool = True) -> dict:
+                    live: bool = True, sae: str | None = None) -> dict:
     """A clamped generation's page; "_again": the generate form filled with its prompt, value,
     length and seed (HTML only)."""
-    model, layer, neuron = _text_target(session, name, layer_text, neuron_text)
-    generation = clamping.generation_page(session, model, layer, neuron, gen_text)
-    return {**_clamp_context(model, layer, neuron), "generation": generation,
-            "_again": clamping.again_form(model, layer, neuron, live=live, generation=generation)}
+    model, basis, layer, neuron = _text_target(session, name, layer_text, neuron_text, sae)
+    generation = clamping.generation_page(session, model, layer, neuron, gen_text, basis=basis)
+    return {**_clamp_context(model, basis, layer, neuron), "generation": generation,
+            "_again": clamping.again_form(model, layer, neuron, live=live, generation=generation, sae=basis.sae)}
 
 
 # ---------------------------------------------------------------- sparse probes
@@ -715,7 +971,7 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
             hint="The features list shows the features probed in this model.",
         )
     run = queries.probe_run(session, model.id)
-    layers = []
+    layers: list[dict[str, Any]] = []
     for fl in queries.feature_layers(session, model.id, feature):
         layers.append(
             {
@@ -734,9 +990,28 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
                 "pruned_curve": fl.pruned_curve,
             }
         )
+    best_neuron: dict[int, dict] = {la["layer"]: la["best"] for la in layers}
+    saes = []
+    for x in queries.list_saes(session, model.id):
+        for fl in queries.feature_layers(session, model.id, feature, basis=x.id):
+            saes.append({
+                "sae": x.name, "sae_url": urls.sae_url(model.name, x.name), "layer": fl.layer, "site": x.site,
+                "best": {"latent": fl.best_neuron, "f1": number(fl.best_f1), "precision": number(fl.best_precision),
+                         "recall": number(fl.best_recall),
+                         "url": urls.neuron_url(model.name, fl.layer, fl.best_neuron, sae=x.name)},
+                "top_latents": [{**{("latent" if k == "neuron" else k): v for k, v in t.items()},
+                                 "url": urls.neuron_url(model.name, fl.layer, t["neuron"], sae=x.name)}
+                                for t in fl.top_neurons],
+                "neuron_best": {k: best_neuron[fl.layer][k] for k in ("neuron", "f1", "url")}
+                if fl.layer in best_neuron else None,
+                "curve": fl.curve,
+                "pruned_curve": fl.pruned_curve,
+            })
     return {
         **_feature_summary(model, row),
         "model": model.name,
+        # each SAE's latents probed as the neurons are: the best single latent beside its layer's best neuron
+        "saes": saes,
         "url": urls.feature_url(model.name, feature),
         "json_url": urls.feature_url(model.name, feature, fmt=urls.JSON),
         "features_url": urls.features_url(model.name),
@@ -763,10 +1038,10 @@ def _request_url(model: str, job: Job) -> str | None:
     """The page of the live request a job computes (its key is "run:ID"), None if it cannot tell."""
     params = job.params or {}
     run = job.key.removeprefix("run:")
-    layer, neuron = params.get("layer"), params.get("neuron")
+    layer, neuron, sae = params.get("layer"), params.get("neuron"), params.get("sae_name")
     if not (run.isascii() and run.isdigit()) or not isinstance(layer, int) or not isinstance(neuron, int):
         return None
-    return LIVE_REQUESTS[job.stage][1](model, layer, neuron, int(run))
+    return LIVE_REQUESTS[job.stage][1](model, layer, neuron, int(run), sae=sae if isinstance(sae, str) else None)
 
 
 def _listed_job(job: Job, model: str, now: datetime, stale_seconds: float | None) -> dict:

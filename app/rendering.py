@@ -110,10 +110,15 @@ def render_html(request: Request, template_name: str, data: dict) -> str:
     return f"<title>{title} · Needle</title>\n" + render_block(template, "content", data)
 
 
+def json_response(data: dict, status: int = 200) -> JSONResponse:
+    """A page's data as JSON: keys starting with "_" are for the templates only."""
+    return JSONResponse({k: v for k, v in data.items() if not k.startswith("_")}, status_code=status)
+
+
 def respond(request: Request, template_name: str, data: dict, fmt: str | None = None, status: int = 200) -> Response:
     """The page as JSON (fmt="json"), as a fragment (htmx request) or as a whole page."""
-    if fmt == urls.JSON:  # keys starting with "_" are for the templates only
-        return JSONResponse({k: v for k, v in data.items() if not k.startswith("_")}, status_code=status)
+    if fmt == urls.JSON:
+        return json_response(data, status)
     return HTMLResponse(render_html(request, template_name, data), status_code=status, headers={"Vary": "HX-Request"})
 
 

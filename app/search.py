@@ -59,9 +59,12 @@ def tokenize_query(model: Model, query: str) -> list[int] | None:
     return list(tokenizer.encode(query, add_special_tokens=False).ids)
 
 
-def ranked_neurons(model_name: str, index_rows: dict[int, TokenIndex], token_text: dict[int, str]) -> list[dict]:
+def ranked_neurons(model_name: str, index_rows: dict[int, TokenIndex], token_text: dict[int, str],
+                   sae: str | None = None) -> list[dict]:
     """Merge the search-index rows of several tokens into one list, best score first, one
-    entry per (layer, neuron) carrying the token it scored best on."""
+    entry per unit carrying the token it scored best on: the neurons' rows, or with `sae` the
+    rows of that SAE's latents. Each entry says which kind of unit it is."""
+    kind = "neuron" if sae is None else "latent"
     best: dict[tuple[int, int], dict] = {}
     for token_id, row in index_rows.items():
         columns = (  # as Python numbers: element-wise numpy scalars cost more than the rest of the loop
@@ -75,17 +78,21 @@ def ranked_neurons(model_name: str, index_rows: dict[int, TokenIndex], token_tex
                 continue  # padding in a short index row
             seen = best.get((layer, neuron))
             if seen is None or score > seen["_score"]:
-                best[(layer, neuron)] = {
+                entry = {
+                    "kind": kind,
                     "layer": layer,
-                    "neuron": neuron,
+                    kind: neuron,
                     "token": token_text.get(token_id),
                     "token_id": token_id,
                     "score": number(score),
                     "prob": number(prob),
-                    "url": urls.neuron_url(model_name, layer, neuron),
+                    "url": urls.neuron_url(model_name, layer, neuron, sae=sae),
                     "_score": score,
                 }
-    ranked = sorted(best.values(), key=lambda r: (-r["_score"], r["layer"], r["neuron"]))
+                if sae is not None:
+                    entry["sae"] = sae
+                best[(layer, neuron)] = entry
+    ranked = sorted(best.values(), key=lambda r: (-r["_score"], r["layer"], r[kind]))
     for r in ranked:
         del r["_score"]
     return ranked

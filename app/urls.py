@@ -2,6 +2,10 @@
 
 Each page has a JSON twin: pass fmt="json". Query strings are only added for values that
 differ from the page's defaults, so each page has one canonical address.
+
+A unit's pages hang off its permalink: /{model}/{layer}/{neuron} for a neuron,
+/{model}/sae/{sae}/{latent} for a latent of an SAE (whose layer the SAE fixes). Every unit URL
+builder takes the unit as (model, layer, index) and `sae`, the SAE's name for a latent.
 """
 
 from __future__ import annotations
@@ -60,38 +64,71 @@ def layer_url(model: str, layer: int, *, page: int = 1, sort: str = DEFAULT_LAYE
     )
 
 
-def neuron_url(model: str, layer: int, neuron: int, *, fmt: str | None = None) -> str:
-    return _path(model, layer, neuron, fmt=fmt)
+def _unit(model: str, layer: int, neuron: int, sae: str | None) -> tuple:
+    return (model, layer, neuron) if sae is None else (model, "sae", sae, neuron)
 
 
-def text_form_url(model: str, layer: int, neuron: int) -> str:
-    """Where a neuron page's "test your own text" form posts."""
-    return _path(model, layer, neuron, "text")
+def unit_labels(sae: str | None, layer: int, index: int) -> dict:
+    """A unit's names for the templates (HTML only): "_unit_label" ("neuron 7", "SAE s latent 7"),
+    "_unit_title" ("Neuron 7", "SAE s · Latent 7") and "_unit_path" ("neuron 3/7", "latent s/7")."""
+    if sae is None:
+        return {"_unit_label": f"neuron {index}", "_unit_title": f"Neuron {index}", "_unit_path": f"neuron {layer}/{index}"}
+    return {"_unit_label": f"SAE {sae} latent {index}", "_unit_title": f"SAE {sae} · Latent {index}",
+            "_unit_path": f"latent {sae}/{index}"}
 
 
-def text_run_url(model: str, layer: int, neuron: int, run: int, *, fmt: str | None = None) -> str:
-    """A user's text run on a neuron: its result, or a panel that polls itself while it waits."""
-    return _path(model, layer, neuron, "text", run, fmt=fmt)
+def neuron_url(model: str, layer: int, neuron: int, *, fmt: str | None = None, sae: str | None = None) -> str:
+    """A unit's permalink: a neuron's, or with `sae` a latent's."""
+    return _path(*_unit(model, layer, neuron, sae), fmt=fmt)
 
 
-def clamp_form_url(model: str, layer: int, neuron: int) -> str:
-    """POST here to ask a worker for a clamp curve of the neuron."""
-    return _path(model, layer, neuron, "clamp")
+def text_form_url(model: str, layer: int, neuron: int, *, sae: str | None = None) -> str:
+    """Where a unit page's "test your own text" form posts."""
+    return _path(*_unit(model, layer, neuron, sae), "text")
 
 
-def clamp_url(model: str, layer: int, neuron: int, curve: int, *, fmt: str | None = None) -> str:
-    """A stored clamp curve of a neuron (or the panel that polls itself while a worker computes it)."""
-    return _path(model, layer, neuron, "clamp", curve, fmt=fmt)
+def text_run_url(model: str, layer: int, neuron: int, run: int, *, fmt: str | None = None, sae: str | None = None) -> str:
+    """A user's text run on a unit: its result, or a panel that polls itself while it waits."""
+    return _path(*_unit(model, layer, neuron, sae), "text", run, fmt=fmt)
 
 
-def generate_form_url(model: str, layer: int, neuron: int) -> str:
-    """POST here to ask a worker to continue a prompt with the neuron clamped."""
-    return _path(model, layer, neuron, "generate")
+def clamp_form_url(model: str, layer: int, neuron: int, *, sae: str | None = None) -> str:
+    """POST here to ask a worker for a clamp curve of the unit."""
+    return _path(*_unit(model, layer, neuron, sae), "clamp")
 
 
-def generation_url(model: str, layer: int, neuron: int, gen: int, *, fmt: str | None = None) -> str:
+def clamp_url(model: str, layer: int, neuron: int, curve: int, *, fmt: str | None = None, sae: str | None = None) -> str:
+    """A stored clamp curve of a unit (or the panel that polls itself while a worker computes it)."""
+    return _path(*_unit(model, layer, neuron, sae), "clamp", curve, fmt=fmt)
+
+
+def generate_form_url(model: str, layer: int, neuron: int, *, sae: str | None = None) -> str:
+    """POST here to ask a worker to continue a prompt with the unit clamped."""
+    return _path(*_unit(model, layer, neuron, sae), "generate")
+
+
+def generation_url(model: str, layer: int, neuron: int, gen: int, *, fmt: str | None = None,
+                   sae: str | None = None) -> str:
     """A clamped generation beside the unclamped one (or its polling panel)."""
-    return _path(model, layer, neuron, "generate", gen, fmt=fmt)
+    return _path(*_unit(model, layer, neuron, sae), "generate", gen, fmt=fmt)
+
+
+def saes_url(model: str, fmt: str | None = None) -> str:
+    """A model's SAEs."""
+    return _path(model, "sae", fmt=fmt)
+
+
+def sae_url(model: str, sae: str, *, page: int = 1, sort: str = DEFAULT_LAYER_SORT, fmt: str | None = None) -> str:
+    """An SAE: what it is, its quality, and its latents as a layer page lists neurons."""
+    return _with_query(
+        _path(model, "sae", sae, fmt=fmt),
+        sort=None if sort == DEFAULT_LAYER_SORT else sort,
+        page=None if page == 1 else page,
+    )
+
+
+def random_latent_url(model: str, sae: str, fmt: str | None = None) -> str:
+    return _path(model, "sae", sae, "random", fmt=fmt)
 
 
 def random_neuron_url(model: str, fmt: str | None = None) -> str:
@@ -103,9 +140,9 @@ def jump_url(model: str) -> str:
     return _path(model, "jump")
 
 
-def embed_url(model: str, layer: int, neuron: int) -> str:
-    """A neuron's compact card, for an iframe."""
-    return _with_query(neuron_url(model, layer, neuron), embed="true")
+def embed_url(model: str, layer: int, neuron: int, *, sae: str | None = None) -> str:
+    """A unit's compact card, for an iframe."""
+    return _with_query(neuron_url(model, layer, neuron, sae=sae), embed="true")
 
 
 def absolute_url(base: str, path: str) -> str:
@@ -158,6 +195,9 @@ def template_globals() -> dict:
         "clamp_url": clamp_url,
         "generate_form_url": generate_form_url,
         "generation_url": generation_url,
+        "saes_url": saes_url,
+        "sae_url": sae_url,
+        "random_latent_url": random_latent_url,
         "search_url": search_url,
         "feature_url": feature_url,
         "features_url": features_url,

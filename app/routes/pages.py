@@ -19,6 +19,7 @@ from app import openapi, pagedata, urls
 from app.deps import SessionDep, SettingsDep
 from app.errors import NeedleError
 from app.rendering import (
+    json_response,
     media_type,
     render_partial,
     respond,
@@ -151,6 +152,56 @@ def feature(request: Request, model: str, feature: str, session: SessionDep) -> 
     return respond(request, "feature.html", pagedata.feature_page(session, model, feature), fmt)
 
 
+@router.get("/{model}/sae")
+def saes(request: Request, model: str, session: SessionDep) -> Response:
+    return respond(request, "saes.html", pagedata.saes_page(session, model))
+
+
+@router.get("/{model}/sae.json")
+def saes_json(request: Request, model: str, session: SessionDep) -> Response:
+    return respond(request, "saes.html", pagedata.saes_page(session, model), urls.JSON)
+
+
+@router.get("/{model}/sae/{sae}")
+def sae(request: Request, model: str, sae: str, session: SessionDep, settings: SettingsDep, page: str | None = None,
+        sort: str | None = None) -> Response:
+    sae, fmt = split_format(sae)
+    data = pagedata.sae_page(session, model, sae, page=page, sort=sort, page_size=settings.page_size)
+    return respond(request, "sae.html", data, fmt)
+
+
+@router.get("/{model}/sae/{sae}/random")
+def random_latent(model: str, sae: str, session: SessionDep) -> Response:
+    return _no_store(RedirectResponse(pagedata.random_latent_target(session, model, sae), status_code=302))
+
+
+@router.get("/{model}/sae/{sae}/random.json")
+def random_latent_json(model: str, sae: str, session: SessionDep) -> Response:
+    return _no_store(RedirectResponse(pagedata.random_latent_target(session, model, sae, urls.JSON), status_code=302))
+
+
+@router.get("/{model}/sae/{sae}/{latent}")
+def latent(request: Request, model: str, sae: str, latent: str, session: SessionDep, settings: SettingsDep,
+           embed: str | None = None) -> Response:
+    """A latent's permalink; ?embed=true: its compact card, as for a neuron."""
+    latent, fmt = split_format(latent)
+    if (canonical := padded_numbers(latent)) is not None:
+        return moved_to(request, urls.neuron_url(model, 0, *canonical, fmt=fmt, sae=sae))
+    card = embed_card(embed)
+    data = pagedata.latent_page(session, model, sae, latent, text_max_chars=settings.text_max_chars,
+                                live=settings.live_requests, clamp_prompt_max_chars=settings.clamp_prompt_max_chars,
+                                base_url=settings.public_url or str(request.base_url), arrays=fmt == urls.JSON or card)
+    return _unit_response(request, data, card, fmt)
+
+
+def _unit_response(request: Request, data: dict, card: bool, fmt: str | None) -> Response:
+    if card and fmt is None:
+        response = respond(request, "neuron_card.html", data)
+        response.headers["X-Needle-Embed"] = "1"
+        return response
+    return respond(request, "neuron.html", data, fmt)
+
+
 @router.get("/{model}/{layer}")
 def layer(
     request: Request,
@@ -181,25 +232,33 @@ def neuron(request: Request, model: str, layer: str, neuron: str, session: Sessi
                                 live=settings.live_requests, clamp_prompt_max_chars=settings.clamp_prompt_max_chars,
                                 base_url=settings.public_url or str(request.base_url),
                                 arrays=fmt == urls.JSON or card)  # the page draws its tokens from the stored arrays
-    if card and fmt is None:
-        response = respond(request, "neuron_card.html", data)
-        response.headers["X-Needle-Embed"] = "1"
-        return response
-    return respond(request, "neuron.html", data, fmt)
+    return _unit_response(request, data, card, fmt)
 
 
 @router.post("/{model}/{layer}/{neuron}/text", dependencies=LIVE_GUARDS, openapi_extra=openapi.TEXT_REQUEST)
 async def start_text(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
     """Queue the posted text (a form field or JSON "text"); htmx gets the polling panel,
     a JSON client the run's data, a plain form post a redirect to the run's page."""
+    return await _start_text(request, model, layer, neuron, session, settings)
+
+
+@router.post("/{model}/sae/{sae}/{latent}/text", dependencies=LIVE_GUARDS, openapi_extra=openapi.TEXT_REQUEST)
+async def start_latent_text(request: Request, model: str, sae: str, latent: str, session: SessionDep,
+                            settings: SettingsDep) -> Response:
+    """As for a neuron: the latent's activation on each token of the posted text."""
+    return await _start_text(request, model, "", latent, session, settings, sae=sae)
+
+
+async def _start_text(request: Request, model: str, layer: str, neuron: str, session, settings,
+                      sae: str | None = None) -> Response:
     text = await posted_text(request)
     data = pagedata.start_text_run(session, model, layer, neuron, text, max_chars=settings.text_max_chars,
-                                   live=settings.live_requests)
+                                   live=settings.live_requests, sae=sae)
     session.commit()
     if wants_fragment(request):
         return render_partial("_text_panel.html", data)
     if sends_json(request):
-        return JSONResponse(data, status_code=202)
+        return json_response(data, 202)
     return RedirectResponse(data["run"]["url"], status_code=303)
 
 
@@ -209,8 +268,22 @@ def text_run(request: Request, model: str, layer: str, neuron: str, run: str, se
     run, fmt = split_format(run)
     if (canonical := padded_numbers(layer, neuron, run)) is not None:
         return moved_to(request, urls.text_run_url(model, *canonical, fmt=fmt))
+    return _text_run(request, model, layer, neuron, run, fmt, session, settings)
+
+
+@router.get("/{model}/sae/{sae}/{latent}/text/{run}")
+def latent_text_run(request: Request, model: str, sae: str, latent: str, run: str, session: SessionDep,
+                    settings: SettingsDep) -> Response:
+    run, fmt = split_format(run)
+    if (canonical := padded_numbers(latent, run)) is not None:
+        return moved_to(request, urls.text_run_url(model, 0, *canonical, fmt=fmt, sae=sae))
+    return _text_run(request, model, "", latent, run, fmt, session, settings, sae=sae)
+
+
+def _text_run(request: Request, model: str, layer: str, neuron: str, run: str, fmt: str | None, session, settings,
+              sae: str | None = None) -> Response:
     data = pagedata.text_run_page(session, model, layer, neuron, run, live=settings.live_requests,
-                                  max_chars=settings.text_max_chars)
+                                  max_chars=settings.text_max_chars, sae=sae)
     if wants_fragment(request) and fmt is None:
         return render_partial("_text_panel.html", data)
     return respond(request, "text_run.html", data, fmt)
@@ -221,16 +294,28 @@ def _accepted(request: Request, data: dict, partial: str, url: str) -> Response:
     if wants_fragment(request):
         return render_partial(partial, data)
     if sends_json(request):
-        return JSONResponse(data, status_code=202)
+        return json_response(data, 202)
     return RedirectResponse(url, status_code=303)
 
 
 @router.post("/{model}/{layer}/{neuron}/clamp", dependencies=LIVE_GUARDS, openapi_extra=openapi.CLAMP_REQUEST)
 async def start_clamp(request: Request, model: str, layer: str, neuron: str, session: SessionDep, settings: SettingsDep) -> Response:
     """Queue a clamp curve: form fields or JSON {prompt, token, start, stop, count, positions}."""
+    return await _start_clamp(request, model, layer, neuron, session, settings)
+
+
+@router.post("/{model}/sae/{sae}/{latent}/clamp", dependencies=LIVE_GUARDS, openapi_extra=openapi.CLAMP_REQUEST)
+async def start_latent_clamp(request: Request, model: str, sae: str, latent: str, session: SessionDep,
+                             settings: SettingsDep) -> Response:
+    """Queue a clamp curve of a latent (steering: x' = x + (v - f(x)) d at its SAE's site), as for a neuron."""
+    return await _start_clamp(request, model, "", latent, session, settings, sae=sae)
+
+
+async def _start_clamp(request: Request, model: str, layer: str, neuron: str, session, settings,
+                       sae: str | None = None) -> Response:
     form = await posted_form(request)
     data = pagedata.start_clamp(session, model, layer, neuron, form, live=settings.live_requests,
-                                prompt_max_chars=settings.clamp_prompt_max_chars)
+                                prompt_max_chars=settings.clamp_prompt_max_chars, sae=sae)
     session.commit()
     return _accepted(request, data, "_clamp_panel.html", data["curve"]["url"])
 
@@ -241,7 +326,21 @@ def clamp_curve(request: Request, model: str, layer: str, neuron: str, curve: st
     curve, fmt = split_format(curve)
     if (canonical := padded_numbers(layer, neuron, curve)) is not None:
         return moved_to(request, urls.clamp_url(model, *canonical, fmt=fmt))
-    data = pagedata.clamp_page(session, model, layer, neuron, curve, live=settings.live_requests)
+    return _clamp_curve(request, model, layer, neuron, curve, fmt, session, settings)
+
+
+@router.get("/{model}/sae/{sae}/{latent}/clamp/{curve}")
+def latent_clamp_curve(request: Request, model: str, sae: str, latent: str, curve: str, session: SessionDep,
+                       settings: SettingsDep) -> Response:
+    curve, fmt = split_format(curve)
+    if (canonical := padded_numbers(latent, curve)) is not None:
+        return moved_to(request, urls.clamp_url(model, 0, *canonical, fmt=fmt, sae=sae))
+    return _clamp_curve(request, model, "", latent, curve, fmt, session, settings, sae=sae)
+
+
+def _clamp_curve(request: Request, model: str, layer: str, neuron: str, curve: str, fmt: str | None, session,
+                 settings, sae: str | None = None) -> Response:
+    data = pagedata.clamp_page(session, model, layer, neuron, curve, live=settings.live_requests, sae=sae)
     if wants_fragment(request) and fmt is None:
         return render_partial("_clamp_panel.html", data)
     return respond(request, "clamp.html", data, fmt)
@@ -252,9 +351,22 @@ def clamp_curve(request: Request, model: str, layer: str, neuron: str, curve: st
 async def start_generation(request: Request, model: str, layer: str, neuron: str, session: SessionDep,
                            settings: SettingsDep) -> Response:
     """Queue a clamped generation: form fields or JSON {prompt, value, tokens, seed}."""
+    return await _start_generation(request, model, layer, neuron, session, settings)
+
+
+@router.post("/{model}/sae/{sae}/{latent}/generate", dependencies=LIVE_GUARDS,
+             openapi_extra=openapi.GENERATE_REQUEST)
+async def start_latent_generation(request: Request, model: str, sae: str, latent: str, session: SessionDep,
+                                  settings: SettingsDep) -> Response:
+    """Queue a generation with a latent clamped (steering), as for a neuron."""
+    return await _start_generation(request, model, "", latent, session, settings, sae=sae)
+
+
+async def _start_generation(request: Request, model: str, layer: str, neuron: str, session, settings,
+                            sae: str | None = None) -> Response:
     form = await posted_form(request)
     data = pagedata.start_generation(session, model, layer, neuron, form, live=settings.live_requests,
-                                     prompt_max_chars=settings.clamp_prompt_max_chars)
+                                     prompt_max_chars=settings.clamp_prompt_max_chars, sae=sae)
     session.commit()
     return _accepted(request, data, "_generation_panel.html", data["generation"]["url"])
 
@@ -265,7 +377,21 @@ def generation(request: Request, model: str, layer: str, neuron: str, gen: str, 
     gen, fmt = split_format(gen)
     if (canonical := padded_numbers(layer, neuron, gen)) is not None:
         return moved_to(request, urls.generation_url(model, *canonical, fmt=fmt))
-    data = pagedata.generation_page(session, model, layer, neuron, gen, live=settings.live_requests)
+    return _generation(request, model, layer, neuron, gen, fmt, session, settings)
+
+
+@router.get("/{model}/sae/{sae}/{latent}/generate/{gen}")
+def latent_generation(request: Request, model: str, sae: str, latent: str, gen: str, session: SessionDep,
+                      settings: SettingsDep) -> Response:
+    gen, fmt = split_format(gen)
+    if (canonical := padded_numbers(latent, gen)) is not None:
+        return moved_to(request, urls.generation_url(model, 0, *canonical, fmt=fmt, sae=sae))
+    return _generation(request, model, "", latent, gen, fmt, session, settings, sae=sae)
+
+
+def _generation(request: Request, model: str, layer: str, neuron: str, gen: str, fmt: str | None, session, settings,
+                sae: str | None = None) -> Response:
+    data = pagedata.generation_page(session, model, layer, neuron, gen, live=settings.live_requests, sae=sae)
     if wants_fragment(request) and fmt is None:
         return render_partial("_generation_panel.html", data)
     return respond(request, "generation.html", data, fmt)
