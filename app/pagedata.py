@@ -640,6 +640,10 @@ def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: 
         "unit": unit,
         "layer": layer,
         unit: index,
+        # for the templates only (json_response drops "_" keys): every block, rendered alone or not, sees them
+        "_latent_page": not basis.is_neurons,
+        "_index": index,
+        "_name": f"neuron {index}" if basis.is_neurons else f"SAE {basis.sae} latent {index}",
         "url": urls.neuron_url(model.name, layer, index, sae=basis.sae),
         "json_url": urls.neuron_url(model.name, layer, index, fmt=urls.JSON, sae=basis.sae),
         "permalink": urls.absolute_url(base_url, urls.neuron_url(model.name, layer, index, sae=basis.sae)),

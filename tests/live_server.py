@@ -119,3 +119,16 @@ def needle_in_process(*args: str, db_url: str, capsys, monkeypatch) -> subproces
         get_settings.cache_clear()
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def index_with_corpus(db_url: str, model_dir, name: str, corpus_text: str, context: int, corpus_path):
+    """Index a model folder on db_url as a user would, its examples over corpus_text (written to
+    corpus_path); the Settings returned have no live-request rate limit (tests that send many
+    live requests; tests/test_security.py tests the limit)."""
+    from app.config import Settings
+    from needle.cli import index_model
+
+    corpus_path.write_text(corpus_text, encoding="utf-8")
+    settings = Settings(database_url=db_url, heartbeat_seconds=0.5, page_size=500, live_rate_per_minute=0)
+    index_model(settings, str(model_dir), name, device="cpu", corpus=str(corpus_path), context=context, quiet=True)
+    return settings

@@ -37,8 +37,7 @@ from app.db import engine_for, session_scope
 from app.main import create_app
 from app.schema import ClampCurve, Generation, Job, Model, TextRun, TokenIndex
 from app.tokens import visible
-from needle.cli import index_model
-from tests.live_server import cli_runner, running_server
+from tests.live_server import cli_runner, index_with_corpus, running_server
 from tests.tinymodels import TRAINING_TEXT, build_clamp_model
 from workers import clamp
 from workers.loading import load_model
@@ -94,11 +93,8 @@ class Site:
 
 @pytest.fixture
 def site(db_url, model_dir, tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(CORPUS, encoding="utf-8")
-    # no live-request rate limit: these tests send a hundred live requests (tests/test_security.py tests the limit)
-    settings = Settings(database_url=db_url, heartbeat_seconds=0.5, page_size=500, live_rate_per_minute=0)
-    index_model(settings, str(model_dir), NAME, device="cpu", corpus=str(corpus), context=CONTEXT, quiet=True)
+    # no live-request rate limit: these tests send a hundred live requests
+    settings = index_with_corpus(db_url, model_dir, NAME, CORPUS, CONTEXT, tmp_path / "corpus.txt")
     with running_server(create_app(settings)) as base, httpx.Client(base_url=base, timeout=30) as http:
         yield Site(http, engine_for(db_url), settings, model_dir, db_url)
 

@@ -23,7 +23,9 @@ from app.db import engine_for
 
 MODEL = "stdlib-demo"
 NEURON = f"/{MODEL}/3/102"  # comparison operators (README, "The demo model")
-STAGES = {"decode", "search_index", "examples", "probes", "clamp"}
+# the model's stages, then those of the shipped SAE (assets/demo-sae) it imports
+STAGES = {"decode", "search_index", "examples", "probes", "clamp", "sae_decode", "sae_eval", "sae_examples"}
+SAE = "l2-mlp-3072"
 # examples over some seconds (time enough to read a neuron page before they are done), little to probe
 SMALL = {"NEEDLE_DEMO_TOKENS": "32768", "NEEDLE_DEMO_PROBE_TOKENS": "2048"}
 FILL_IN_TIMEOUT = 1200  # seconds for every stage on a busy 2-core machine; the test ends as soon as they are done
@@ -170,6 +172,14 @@ def test_demo_serves_at_once_and_fills_its_pages_in(tmp_path):
                 page = d.json(f"/{MODEL}/{hit['layer']}/{hit['neuron']}.json")
                 curves += any(c["source"] == "index" for c in page["clamp_curves"])
         assert curves, "the precomputed clamp curves are on their neurons' pages"
+        # the shipped SAE: its latents decoded, their examples over the same windows, its quality measured
+        sae = d.json(f"/{MODEL}/sae/{SAE}.json")
+        assert sae["latents_stored"] == sae["d_sae"] == 3072 and sae["site"] == "mlp" and sae["layer"] == 2
+        assert 20 < sae["quality"]["l0"] < 50 and 0 < sae["quality"]["ce_recovered"] <= 1, sae["quality"]
+        assert sae["density"]["latents"] == 3072
+        latent = d.json(f"/{MODEL}/sae/{SAE}/2926.json")
+        assert latent["unit"] == "latent" and latent["stats"]["tokens"] == int(SMALL["NEEDLE_DEMO_TOKENS"])
+        assert latent["links"] and latent["links"][0]["kind"] == "neuron"
         assert d.stop() == 0
     done = jobs(url)
     assert {state for _, state, *_ in done.values()} == {"done"}

@@ -99,7 +99,11 @@ def test_model_page_shows_layers_and_how_it_was_computed(site):
     panel = soup.select_one("#jobs-panel")
     assert not panel.has_attr("hx-trigger"), "no polling once every job is done"
     # every job done: the layers lead the page, the jobs close it
-    assert [h.get_text() for h in soup.select("main section.panel > h2")] == ["Layers", "What was computed, and how", "Jobs"]
+    assert [h.get_text() for h in soup.select("main section.panel > h2")] == [
+        "Layers", "Sparse autoencoders", "What was computed, and how", "Jobs"]
+    # no SAE on this model: the panel says how to train or import one
+    saes = soup.select_one("#saes").get_text(" ")
+    assert "No SAE yet" in saes and f"needle sae train {MODEL} --layer L" in " ".join(saes.split())
     assert "decode" in panel.get_text() and "search_index" in panel.get_text()
 
     data = site.json(f"/{MODEL}.json")

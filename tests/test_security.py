@@ -26,7 +26,12 @@ from tests.hostile import FEATURE, MODEL, PLAIN, TEXTAREA, fill_hostile
 from tests.live_server import running_server
 from tests.synthetic import HOSTILE, HOSTILE_TOKENS, fill_synthetic
 
-LIVE_PATHS = {"/{model}/{layer}/{neuron}/text", "/{model}/{layer}/{neuron}/clamp", "/{model}/{layer}/{neuron}/generate"}
+# a neuron's and a latent's live requests: test your own text, a clamp sweep, a clamped generation
+LIVE_PATHS = {
+    f"{unit}/{kind}"
+    for unit in ("/{model}/{layer}/{neuron}", "/{model}/sae/{sae}/{latent}")
+    for kind in ("text", "clamp", "generate")
+}
 HTML_SPECIAL = set("<>&\"'")
 
 
