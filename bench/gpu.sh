@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, one command: install what the benchmarks need into a virtualenv, run the GPU
-# case of bench/decode.py, bench/examples.py, bench/probes.py and bench/clamp.py one after the
+# case of bench/decode.py, bench/examples.py, bench/probes.py, bench/clamp.py and bench/sae.py one after the
 # other, and print one table of their figures and ratios (docs/benchmarks.md, "bench/gpu.sh").
 #
 #   bench/gpu.sh                                       # one CUDA GPU: under 8 minutes of benchmarks
@@ -111,13 +111,14 @@ print(f"machine: {where}; torch {torch.__version__}; Python {platform.python_ver
 EOF
 
 # ---- the benchmarks --------------------------------------------------------------------------
-# name, time limit in seconds, arguments. The full run's limits add up to 7.5 minutes.
+# name, time limit in seconds, arguments. The full run's limits add up to 9 minutes.
 if [ "$small" = 1 ]; then
   runs=(
     "decode 180 --shape tiny --device $device --batch 128"
     "examples 180 --shape tiny --device $device --tokens 4096 --repeats 1 --memory-batches 1"
     "probes 180 --synthetic 2 2 2000 64 --prune-pairs 1 --device $device"
     "clamp 180 --device $device --repeats 2 --count 11"
+    "sae 180 --small --device $device --repeats 1"
   )
 else
   runs=(
@@ -129,6 +130,8 @@ else
     "probes 120 --device $device --prune-pairs 0"
     # the demo model's default 41-value sweep
     "clamp 45 --device $device"
+    # the demo's shipped SAE: training steps, the latents' examples pass, its quality
+    "sae 90 --device $device"
   )
 fi
 
@@ -203,6 +206,17 @@ def clamp(r: dict) -> list[str]:
     return [f"demo layer {r['layer']}, {r['values']} values, {r['dtype']}", f"{num(ms['ours'])} ms",
             f"sequential {num(ms['sequential'])} ms", f"sequential / ours {r['ratio_sequential_over_ours']:.1f}x",
             f">= {r['goal']:g}x: {met(r['goal_met'])}"]
+
+
+def sae(r: dict) -> list[str]:
+    t, e, q = r["train"], r["examples"], r["quality"]
+    return [f"{q['latents']:,} latents ({r['steps']} training steps of {r['batch']}, examples on "
+            f"{q['examples_tokens']:,} tokens): L0 {q['l0']:.1f}, variance explained {q['variance_explained']:.3f}, "
+            f"CE recovered {q['ce_recovered']:.3f}",
+            f"train {num(t['needle_acts_per_s'])} act/s; examples {num(e['stage_tok_per_s'])} tokens/s",
+            f"SAELens step {num(t['bare_acts_per_s'])} act/s; forward + encode {num(e['bare_tok_per_s'])} tokens/s",
+            f"train / SAELens {t['ratio']:.0%}, examples / bare {e['ratio']:.0%}",
+            f"train >= 80%: {met(t['ratio'] >= 0.8)}; examples >= 70%: {met(e['ratio'] >= 0.7)}"]
 
 
 header = ["benchmark", "case", "ours", "baseline", "ratio", "goal", "run"]
