@@ -214,8 +214,9 @@ def sae(r: dict) -> list[str]:
             f"{q['examples_tokens']:,} tokens): L0 {q['l0']:.1f}, variance explained {q['variance_explained']:.3f}, "
             f"CE recovered {q['ce_recovered']:.3f}",
             f"train {num(t['needle_acts_per_s'])} act/s; examples {num(e['stage_tok_per_s'])} tokens/s",
-            f"SAELens step {num(t['bare_acts_per_s'])} act/s; forward + encode {num(e['bare_tok_per_s'])} tokens/s",
-            f"train / SAELens {t['ratio']:.0%}, examples / bare {e['ratio']:.0%}",
+            f"SAELens step {num(t['bare_acts_per_s'])} act/s (SAETrainer {num(t['trainer_acts_per_s'])}); "
+            f"forward + encode {num(e['bare_tok_per_s'])} tokens/s",
+            f"train / SAELens step {t['ratio']:.0%} (/ SAETrainer {t['trainer_ratio']:.0%}), examples / bare {e['ratio']:.0%}",
             f"train >= 80%: {met(t['ratio'] >= 0.8)}; examples >= 70%: {met(e['ratio'] >= 0.7)}"]
 
 

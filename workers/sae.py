@@ -501,7 +501,9 @@ def save_sae(sae: Sae, path: str | Path, *, extra: dict[str, Any] | None = None)
 # ---- training ---------------------------------------------------------------------------------
 
 
-def _dead_window(steps: int) -> int:
+def dead_window(steps: int) -> int:
+    """How many steps a latent may go without firing before it counts as dead (the mask that
+    switches on the auxiliary loss): a tenth of the training, from 10 to 1,000 steps."""
     return min(1000, max(10, steps // 10))
 
 
@@ -611,7 +613,7 @@ def train_sae(batches: Iterator[torch.Tensor], *, d_in: int, d_sae: int, archite
             spec = TrainCoefficientConfig(value=spec, warm_up_steps=0)
         coefficients[name] = CoefficientScheduler(warm_up_steps=spec.warm_up_steps, final_value=spec.value)
 
-    window = _dead_window(steps)
+    window = dead_window(steps)
     since_fired = torch.zeros(d_sae, device=dev)
     every = progress_every if progress_every and progress_every > 0 else max(1, steps // 100)
     sums: dict[str, torch.Tensor] = {}
