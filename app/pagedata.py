@@ -530,13 +530,14 @@ def sae_page(session: Session, name: str, sae_name: str, *, page: str | None, so
         return None if n is None else urls.sae_url(model.name, row.name, page=n, sort=s or sort or urls.DEFAULT_LAYER_SORT,
                                                    fmt=fmt)
 
-    stages = _stages([j for j in queries.jobs_for_model(session, model.id) if j.key == f"sae:{row.id}"])
+    stages = _stages(_sae_jobs(queries.jobs_for_model(session, model.id), row.id))
     return {
         "model": model.name,
         "sae": row.name,
         "layer": row.layer,
         "site": row.site,
         "site_text": _site_text(row.site, row.layer),
+        "input_side": _input_side(row.site),
         "architecture": row.architecture,
         "d_in": row.d_in,
         "d_sae": row.d_sae,
@@ -550,7 +551,7 @@ def sae_page(session: Session, name: str, sae_name: str, *, page: str | None, so
         "n_layers": model.n_layers,
         "random_url": urls.random_latent_url(model.name, row.name),
         "stages": stages,
-        "pending": _pending(stages),
+        "pending": _pending(stages, SAE_EVIDENCE),
         **_units_list(session, model, basis, row.layer, page=page, sort=sort, page_size=page_size, page_url=page_url),
     }
 
@@ -577,8 +578,20 @@ def latent_page(session: Session, name: str, sae_name: str, latent_text: str, *,
                       clamp_prompt_max_chars=clamp_prompt_max_chars, base_url=base_url, arrays=arrays)
     data.update(sae=row.name, latent=index, site=row.site, site_text=_site_text(row.site, row.layer),
                 architecture=row.architecture, d_sae=row.d_sae, sae_url=urls.sae_url(model.name, row.name),
-                input_side="encoder" if row.site != "mlp" else "decoder")
+                input_side=_input_side(row.site))
     return data
+
+
+def _sae_jobs(jobs: list, sae_id: int) -> list:
+    """An SAE's jobs among a model's: keyed "sae:ID", its sharded examples' "sae:ID/..."."""
+    key = f"sae:{sae_id}"
+    return [j for j in jobs if j.key == key or j.key.startswith(key + "/")]
+
+
+def _input_side(site: str) -> str:
+    """Which of a latent's directions its input-side decoding reads through W_U: the encoder's
+    where that lives in the residual stream; an mlp-site SAE's decoder, mapped there by W_out."""
+    return "decoder" if site == "mlp" else "encoder"
 
 
 def _links(session: Session, model: Model, basis: Basis, layer: int, index: int) -> list[dict]:
@@ -612,7 +625,7 @@ def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: 
         pending = _pending(stages)
         decode_stage = "decode"
     else:
-        stages = _stages([j for j in jobs if j.key == f"sae:{basis.id}"])
+        stages = _stages(_sae_jobs(jobs, basis.id))
         pending = _pending(stages, SAE_EVIDENCE)
         decode_stage = "sae_decode"
     unit = basis.unit

@@ -327,8 +327,16 @@ def example_part_names(session: Session, model_id: int, kind: str) -> list[tuple
     return [(p, la) for p, la in rows]
 
 
-def delete_example_parts(session: Session, model_id: int) -> None:
-    session.execute(delete(ExamplePart).where(ExamplePart.model_id == model_id))
+def delete_example_parts(session: Session, model_id: int, parts: Iterable[str] | None = None,
+                         prefix: str | None = None) -> None:
+    """A model's stored example parts: all of them, those named (parts), or those whose names
+    start with prefix (an SAE's: "sae:ID/")."""
+    q = delete(ExamplePart).where(ExamplePart.model_id == model_id)
+    if parts is not None:
+        q = q.where(ExamplePart.part.in_(list(parts)))
+    if prefix is not None:
+        q = q.where(ExamplePart.part.startswith(prefix, autoescape=True))
+    session.execute(q)
 
 
 def replace_token_index(session: Session, model_id: int, rows: Sequence[dict], basis: int = NEURONS) -> None:

@@ -51,13 +51,11 @@ def _check_layer_site(layer: int, site: str, n_layers: int) -> None:
 
 
 def _examples_params(s, model_id: int) -> dict | None:
-    """The model's examples run's corpus settings (the latents' examples use its windows), or None."""
+    """The model's examples run's job params (the latents' examples use its windows), or None."""
     from app import queries
 
     job = next((j for j in queries.jobs_for_model(s, model_id) if j.stage == "examples" and j.key == "all"), None)
-    if job is None:
-        return None
-    return {k: job.params.get(k) for k in ("corpus", "tokens", "context")}
+    return None if job is None else dict(job.params)  # how it is split too: the latents' run is split alike
 
 
 def register_sae(settings: Settings, model_name: str, *, sae_name: str, layer: int, site: str, architecture: str,
@@ -69,8 +67,7 @@ def register_sae(settings: Settings, model_name: str, *, sae_name: str, layer: i
     from app.db import get_engine, require_migrated, session_scope
     from needle.running import work_until_idle
     from workers.loading import load_model
-    from workers.saestages import plan_sae
-    from workers.stages import ModelSpec
+    from workers.stages import ModelSpec, plan_sae
 
     check_sae_name(sae_name)
     engine = get_engine(settings)
@@ -102,7 +99,7 @@ def register_sae(settings: Settings, model_name: str, *, sae_name: str, layer: i
         model = _model_row(s, model_name)
         sae = queries.add_sae(s, model.id, name=sae_name, site=site, layer=layer, architecture=architecture,
                               d_in=d_in, d_sae=d_sae, source=source, cfg=cfg, weights=weights)
-        plan_sae(s, model.id, sae.id, train_params=train_params, eval_params=eval_params,
+        plan_sae(s, model.id, sae.id, layer, train_params=train_params, eval_params=eval_params,
                  examples_params=examples_params, max_attempts=settings.max_attempts)
         sae_id, spec = sae.id, ModelSpec.of(model)
     if loaded is not None:

@@ -38,6 +38,7 @@ ARTIFACTS = Path(os.environ.get("NEEDLE_ARTIFACTS") or ROOT / "test-artifacts" /
 DEMO_TOKENS = 4096
 # The neuron the live requests run on: comparison operators (README, "The demo model").
 LIVE_NEURON = (3, 102)
+DEMO_SAE = "l2-mlp-3072"  # the shipped SAE (assets/demo-sae), as `needle demo` names it
 # A feature whose probe results the demo fixture stores, for the feature page and its F1 plots.
 FEATURE = "is_keyword"
 FEATURE_KS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 32, 64, 128, 256)  # the probes stage's k, for d_mlp 256 and up
@@ -108,7 +109,8 @@ def demo(chromium, tmp_path_factory):
     from app.config import Settings
     from app.db import get_engine, upgrade
     from app.main import create_app
-    from needle.cli import DEMO_MODEL, index_model, start_background_worker
+    from needle.cli import DEMO_MODEL, DEMO_SAE, DEMO_SAE_NAME, index_model, start_background_worker
+    from needle.sae import import_folder
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     url = f"sqlite:///{tmp_path_factory.mktemp('browser') / 'demo.sqlite'}"
@@ -118,6 +120,8 @@ def demo(chromium, tmp_path_factory):
     upgrade(engine)
     index_model(settings, str(DEMO_MODEL), settings.demo_name, corpus=settings.demo_corpus,
                 tokens=settings.demo_tokens, clamp=False, quiet=True)
+    # the demo's shipped SAE, its latents' stages run here (seconds on DEMO_TOKENS), as `needle demo` imports it
+    import_folder(settings, settings.demo_name, str(DEMO_SAE), sae_name=DEMO_SAE_NAME, quiet=True)
     store_feature(engine, settings.demo_name)
     store_curve(engine, settings.demo_name, *CURVE_NEURON)
     worker = start_background_worker(engine, settings)
@@ -709,6 +713,43 @@ def test_feature_plots_are_readable_on_a_desktop_and_a_phone(walk, demo):
     walk.assert_clean()
 
 
+def test_an_sae_s_latents_beside_the_neurons(walk, demo):
+    """The demo's SAE as a person reads it: from the model page to the SAE's quality and
+    densities, its latents sorted by how high they fire, a latent's contexts and the neurons its
+    decoder is made of, and from such a neuron back to the latents that use it."""
+    page = walk.page
+    sae = f"/{demo.model}/sae/{DEMO_SAE}"
+    walk.goto(f"/{demo.model}")
+    page.locator(f'#saes a[href="{sae}"]').click()
+    expect(page).to_have_url(demo.base + sae)
+    expect(page.locator("h1")).to_contain_text(f"SAE {DEMO_SAE}")
+    quality = page.locator("main section.panel", has=page.locator("h2", has_text="Quality on held-out text"))
+    for figure in ("L0", "Variance explained", "CE loss recovered"):
+        expect(quality).to_contain_text(figure)
+    expect(page.locator("#density table.density tbody tr").first).to_be_visible()
+    walk.shot("sae")
+    page.locator("main a", has_text="highest max activation first").click()
+    expect(page).to_have_url(re.compile(r"sort=max"))
+    first = page.locator(f'main table a[href^="{sae}/"]').first
+    latent = int(first.get_attribute("href").rsplit("/", 1)[1])
+    first.click()
+    expect(page).to_have_url(f"{demo.base}{sae}/{latent}")
+    expect(page.locator("h1")).to_have_text(f"Layer 2 · SAE {DEMO_SAE} · Latent {latent}")
+    # the latent that fires highest has contexts with highlighted tokens, like a neuron
+    expect(page.locator("#firing svg").first).to_be_visible()
+    assert page.locator("#firing ol.contexts .ctx-tokens span.t").count() > 0
+    expect(page.locator("#superposition h2")).to_have_text("The neurons it is made of")
+    walk.shot("latent", page.locator("#superposition"))
+    link = page.locator(f'#superposition table.links a[href^="/{demo.model}/2/"]').first
+    neuron = int(link.get_attribute("href").rsplit("/", 1)[1])
+    link.click()
+    assert_on_neuron(walk, 2, neuron)
+    expect(page.locator("#superposition h2")).to_have_text("Latents that use this neuron")
+    assert page.locator(f'#superposition table.links a[href^="{sae}/"]').count() > 0
+    walk.shot("neuron-with-its-latents", page.locator("#superposition"))
+    walk.assert_clean()
+
+
 def test_no_page_is_wider_than_a_phone(walk, demo):
     """At 390 px (a phone), nothing makes the page scroll sideways: wide tables scroll inside their
     panels and plots inside their figures. Before, every page but the embed card was 464 to 1,065
@@ -716,7 +757,7 @@ def test_no_page_is_wider_than_a_phone(walk, demo):
     page = walk.page
     paths = ["/", f"/{demo.model}", f"/{demo.model}/2", neuron_path(demo, *LIVE_NEURON),
              f"/{demo.model}/search?token=def", f"/{demo.model}/features", f"/{demo.model}/features/{FEATURE}",
-             "/-/jobs"]
+             "/-/jobs", f"/{demo.model}/sae/{DEMO_SAE}", f"/{demo.model}/sae/{DEMO_SAE}/0"]
     overflowing = """() => { const out = []; for (const box of document.querySelectorAll('.ctx-tokens')) {
         const edge = box.getBoundingClientRect().right;
         for (const t of box.querySelectorAll('.t')) for (const r of t.getClientRects()) if (r.right > edge + 1) out.push(t.textContent);

@@ -709,7 +709,11 @@ def test_sae_pages_search_and_live_latent_clamp(llama_site_db, llama, tmp_path):
         assert page["quality"]["l0"] == pytest.approx(row["quality"]["l0"], rel=1e-5) and page["quality"]["l0"] > 0
         assert page["density"]["latents"] == 96
         assert len(page["latents"]) == 96 and all(x["url"].startswith(f"{base_url}/") for x in page["latents"])
-        assert soup(http.get(base_url)).find("a", href=page["latents"][0]["url"]) is not None
+        sae_html = soup(http.get(base_url))
+        assert sae_html.find("a", href=page["latents"][0]["url"]) is not None
+        # an mlp-site SAE's latents are decoded by their decoder directions (mapped by W_out), and say so
+        assert page["input_side"] == "decoder"
+        assert "Top decoder-direction tokens" in sae_html.select_one("table.neurons thead").get_text()
 
         stats = {i: stored_examples(engine, LLAMA, row["id"], 1, i)["max"] for i in range(96)}
         latent = max(stats, key=stats.get)

@@ -83,3 +83,61 @@ def test_sharded_examples_equal_the_one_job_run(detector, indexed, db_url, layer
     if (shards, n_ranges) != (1, 1):
         assert run["settings"]["shards"] == shards
         assert len(run["settings"]["layer_ranges"]) == n_ranges
+
+
+def latent_rows(url: str, name: str) -> list[tuple]:
+    """A model's SAE latents' neuron_activations rows (basis > 0), without the model id."""
+    with engine_for(url).connect() as c:
+        model_id = c.execute(text("select id from models where name = :n"), {"n": name}).scalar_one()
+        rows = c.execute(text("select * from neuron_activations where model_id = :m and basis > 0 "
+                              "order by basis, layer, neuron"), {"m": model_id}).mappings().all()
+    return [dict((k, v) for k, v in r.items() if k != "model_id") for r in rows]
+
+
+def test_an_sae_s_examples_are_split_as_the_model_s_run_and_equal_one_pass(detector, db_url, tmp_path,  # noqa: F811
+                                                                           _sqlite_template):
+    """An SAE imported into a model whose examples run is split into corpus shards has its
+    latents' examples split alike (an estimate job, a streaming job per shard, the merge), on
+    the workers like the neurons', and they equal those of one pass over the same windows."""
+    import json
+    import shutil
+
+    from needle.sae import import_folder
+    from tests.test_sae_pipeline import sae_lens_folder
+    from workers.saestages import SAE_EXAMPLES, SAE_EXAMPLES_PART, SAE_EXAMPLES_RANGE
+
+    config = json.loads((detector["path"] / "config.json").read_text())
+    d_mlp, layer = config["intermediate_size"], config["num_hidden_layers"] - 1
+    folder, _ = sae_lens_folder(tmp_path / "sae", "standard", d_in=d_mlp, d_sae=2 * d_mlp,
+                                hook=f"blocks.{layer}.mlp.hook_post", seed=3)
+    shutil.copy(_sqlite_template, tmp_path / "one.sqlite")
+    one = f"sqlite:///{tmp_path / 'one.sqlite'}"
+    for url, shards in ((one, 1), (db_url, 3)):
+        settings = Settings(database_url=url, examples_batch_tokens=BATCH)
+        index_model(settings, str(detector["path"]), "det", corpus=str(detector["corpus"]), context=CONTEXT,
+                    layers_per_job=1, corpus_shards=shards, quiet=True)
+        import_folder(settings, "det", str(folder), sae_name="s", quiet=True)
+    for url, split in ((one, False), (db_url, True)):
+        with session_scope(engine_for(url)) as s:
+            model = queries.get_model(s, "det")
+            jobs = queries.jobs_for_model(s, model.id)
+            assert all(j.state == "done" for j in jobs), [(j.stage, j.key, j.state, j.error) for j in jobs]
+            stages = [j.stage for j in jobs]
+            assert stages.count(SAE_EXAMPLES) == 1
+            assert (stages.count(SAE_EXAMPLES_RANGE), stages.count(SAE_EXAMPLES_PART)) == ((1, 3) if split else (0, 0))
+            sae = queries.get_sae(s, model.id, "s")
+            merge = next(j for j in jobs if j.stage == SAE_EXAMPLES)
+            assert merge.key == f"sae:{sae.id}" and ("layer_ranges" in merge.params) is split
+            assert all(j.key.startswith(f"sae:{sae.id}/") for j in jobs if j.stage in (SAE_EXAMPLES_RANGE, SAE_EXAMPLES_PART))
+            # the parts are merged, then gone
+            assert queries.example_part_names(s, model.id, "range") == []
+            assert queries.example_part_names(s, model.id, "shard") == []
+    got, want = latent_rows(db_url, "det"), latent_rows(one, "det")
+    assert len(got) == len(want) == 2 * d_mlp and any(r["max_act"] > 0 for r in want)
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for name in g:
+            if name in ("mean", "std"):  # float64 sums added in another grouping
+                assert g[name] == pytest.approx(w[name], rel=1e-12, abs=1e-15), name
+            else:
+                assert g[name] == w[name], (name, g["neuron"])

@@ -35,14 +35,22 @@ from workers.sae import Sae, sae_from_bytes, sae_to_bytes, train_sae
 SAE_TRAIN = "sae_train"
 SAE_EVAL = "sae_eval"
 SAE_DECODE = "sae_decode"
-SAE_EXAMPLES = "sae_examples"
-SAE_STAGES = (SAE_TRAIN, SAE_EVAL, SAE_DECODE, SAE_EXAMPLES)
+SAE_EXAMPLES = "sae_examples"  # one pass; or, for a model whose examples run is sharded, the merge of:
+SAE_EXAMPLES_RANGE = "sae_examples_range"  # the estimate pass of the SAE's latents
+SAE_EXAMPLES_PART = "sae_examples_part"  # the streaming pass over one corpus shard
+SAE_STAGES = (SAE_TRAIN, SAE_EVAL, SAE_DECODE, SAE_EXAMPLES, SAE_EXAMPLES_RANGE, SAE_EXAMPLES_PART)
 
 RESIDUAL_SITES = ("mlp_out", "resid_pre", "resid_post")  # where an SAE reads the residual stream's space
 
 
 def sae_key(sae_id: int) -> str:
+    """The key of an SAE's jobs; its sharded examples' range and part jobs add "/..." to it."""
     return f"sae:{sae_id}"
+
+
+def latent_units(sae: Sae) -> examples.Units:
+    """An SAE's latents as the examples pass reads them: its encoder applied to its site."""
+    return examples.Units(site=sae.site, encode=sae.encode, width=sae.d_sae)
 
 
 # ---- the SAE a job works on ---------------------------------------------------------------------
@@ -403,15 +411,24 @@ def run_sae_examples(ctx) -> Any:
     batch_tokens = ctx.examples_batch_tokens
     n_windows = corpus.windows.shape[0]
     ctx.set_total((len(examples.plan(n_windows, p["context"], batch_tokens).estimate_ids) + n_windows) * p["context"])
-    units = examples.Units(site=sae.site, encode=sae.encode, width=sae.d_sae)
+    units = latent_units(sae)
     results = examples.collect(loaded.model, loaded.adapter, [sae.layer], corpus.windows, bos,
                                batch_tokens=batch_tokens, progress=ctx.advance, units=units)
+    return latent_examples_writer(ctx, corpus, results)
+
+
+def latent_examples_writer(ctx, corpus, results: list, parts: list[str] | None = None) -> Any:
+    """Store an SAE's latents' examples (one pass's, or its sharded run's merged, whose stored
+    parts then go), if the model's examples run is still the one they were read over."""
+    n_windows = corpus.windows.shape[0]
 
     def write(session: Session) -> None:
         run = queries.example_run(session, ctx.model.id)
         if run is None or run.n_windows != n_windows or run.corpus != corpus.spec:
             raise RuntimeError("the model's examples run changed while its SAE's examples were computed; run again")
-        store.write_unit_examples(session, ctx.model.id, p["sae"], corpus, results)
+        store.write_unit_examples(session, ctx.model.id, ctx.params["sae"], corpus, results)
+        if parts:
+            queries.delete_example_parts(session, ctx.model.id, parts)
 
     return write
 
@@ -423,28 +440,3 @@ SAE_RUNNERS = {
     SAE_EXAMPLES: run_sae_examples,
 }
 
-
-# ---- the plan ------------------------------------------------------------------------------------
-
-
-def plan_sae(session: Session, model_id: int, sae_id: int, *, train_params: dict | None, eval_params: dict,
-             examples_params: dict | None, max_attempts: int) -> None:
-    """Enqueue an SAE's jobs: training (when Needle trains it), then its evaluation, decodings
-    and (when the model has an examples run) examples."""
-    key = sae_key(sae_id)
-    after_train = SAE_TRAIN if train_params is not None else None
-    if train_params is not None:
-        queries.enqueue_job(session, model_id, SAE_TRAIN, key, {"sae": sae_id, **train_params},
-                            max_attempts=max_attempts, force=True)
-    queries.enqueue_job(session, model_id, SAE_DECODE, key, {"sae": sae_id}, requires_stage=after_train,
-                        max_attempts=max_attempts, force=True)
-    queries.enqueue_job(session, model_id, SAE_EVAL, key, {"sae": sae_id, **eval_params}, requires_stage=after_train,
-                        max_attempts=max_attempts, force=True)
-    probes = next((j for j in queries.jobs_for_model(session, model_id) if j.stage == "probes" and j.key == "all"), None)
-    if probes is not None:  # the model's features are probed again, over this SAE's latents too
-        queries.enqueue_job(session, model_id, "probes", "all", probes.params, requires_stage=SAE_TRAIN,
-                            max_attempts=max_attempts, force=True)
-    if examples_params is not None:
-        needs = f"examples,{SAE_TRAIN}"  # another SAE's training too: one stage name holds every SAE's jobs
-        queries.enqueue_job(session, model_id, SAE_EXAMPLES, key, {"sae": sae_id, **examples_params},
-                            requires_stage=needs, max_attempts=max_attempts, force=True)

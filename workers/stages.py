@@ -155,8 +155,11 @@ EXAMPLES_PART_STAGE = "examples_part"
 SHARDING_KEYS = ("shards", "layer_ranges", "batch_tokens")  # how a run is split, not what it computes
 
 
+NEURON_PARTS = "layers:"  # how the neurons' range and part keys start (an SAE's: "sae:ID/layers:")
+
+
 def layers_key(start: int, stop: int) -> str:
-    return f"layers:{start}-{stop}"
+    return f"{NEURON_PARTS}{start}-{stop}"
 
 
 def shard_key(start: int, stop: int, shard: int, shards: int) -> str:
@@ -189,17 +192,29 @@ def _examples_corpus(ctx: JobContext, loaded):
     return _corpus_cache[key]
 
 
+def _reader(ctx: JobContext, loaded) -> tuple[examples.Units, str]:
+    """The units a sharded-examples job reads, and the prefix of its jobs' and parts' keys: the
+    neurons (""), or, with params "sae", that SAE's latents at its site ("sae:ID/"). The range,
+    part and merge code below is the same for both."""
+    sae_id = ctx.params.get("sae")
+    if sae_id is None:
+        return examples.NEURON_UNITS, ""
+    sae = saestages.stored_sae(ctx, sae_id, next(loaded.model.parameters()).device)
+    return saestages.latent_units(sae), saestages.sae_key(sae_id) + "/"
+
+
 def run_examples_range(ctx: JobContext) -> Writer:
-    """The estimate pass of one layer range: each neuron's min and max over the estimate sample."""
+    """The estimate pass of one layer range: each unit's min and max over the estimate sample."""
     loaded = ctx.load(ctx.model)
     p = ctx.params
+    units, _ = _reader(ctx, loaded)
     corpus = _examples_corpus(ctx, loaded)
     start, stop = p["layers"]
     plan_ = examples.plan(corpus.windows.shape[0], p["context"], p["batch_tokens"])
     ctx.set_total(len(plan_.estimate_ids) * p["context"])
     ranges = examples.estimate_range(
         loaded.model, loaded.adapter, list(range(start, stop)), corpus.windows, bos_prefix_id(loaded.tokenizer),
-        plan_, next(loaded.model.parameters()).device, ctx.advance,
+        plan_, next(loaded.model.parameters()).device, ctx.advance, units,
     )
     rows = [{"layer": layer, "meta": {"windows": len(plan_.estimate_ids)},
              "data": _npz({"min": lo.cpu().numpy(), "max": hi.cpu().numpy()})} for layer, (lo, hi) in ranges.items()]
@@ -210,8 +225,8 @@ def run_examples_range(ctx: JobContext) -> Writer:
     return write
 
 
-def _stored_ranges(ctx: JobContext, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    range_key = layers_key(layers[0], layers[-1] + 1)
+def _stored_ranges(ctx: JobContext, layers: list[int], prefix: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    range_key = prefix + layers_key(layers[0], layers[-1] + 1)
     got = ctx.read(lambda s: [(r.layer, _unnpz(r.data)) for r in queries.example_parts(s, ctx.model.id, "range", [range_key])])
     ranges = {layer: (torch.from_numpy(a["min"]), torch.from_numpy(a["max"])) for layer, a in got}
     missing = sorted(set(layers) - set(ranges))
@@ -224,16 +239,17 @@ def run_examples_part(ctx: JobContext) -> Writer:
     """One corpus shard's streaming pass over one layer range, its accumulators stored."""
     loaded = ctx.load(ctx.model)
     p = ctx.params
+    units, prefix = _reader(ctx, loaded)
     corpus = _examples_corpus(ctx, loaded)
     start, stop = p["layers"]
     layers = list(range(start, stop))
-    ranges = _stored_ranges(ctx, layers)
+    ranges = _stored_ranges(ctx, layers, prefix)
     w0, w1 = examples.shard_bounds(corpus.windows.shape[0], p["context"], p["batch_tokens"], p["shards"])[p["shard"]]
     ctx.set_total(max(1, (w1 - w0) * p["context"]))
     started = time.perf_counter()
     accs = examples.accumulate(
         loaded.model, loaded.adapter, layers, corpus.windows, bos_prefix_id(loaded.tokenizer), ranges,
-        start=w0, stop=w1, batch_tokens=p["batch_tokens"], progress=ctx.advance,
+        start=w0, stop=w1, batch_tokens=p["batch_tokens"], progress=ctx.advance, units=units,
     )
     meta = {"shard": p["shard"], "windows": [w0, w1], "seconds": round(time.perf_counter() - started, 3),
             "device": str(loaded.device)}
@@ -247,18 +263,20 @@ def run_examples_part(ctx: JobContext) -> Writer:
 
 def merge_examples(ctx: JobContext) -> Writer:
     """The examples stage of a sharded run: every layer's shards merged into the rows one
-    pass would have written."""
+    pass would have written (the neurons', or an SAE's latents' for its sae_examples)."""
     loaded = ctx.load(ctx.model)
     p = ctx.params
+    units, prefix = _reader(ctx, loaded)
     corpus = _examples_corpus(ctx, loaded)
     shards = p["shards"]
     device = next(loaded.model.parameters()).device
-    ctx.set_total(ctx.model.n_layers)
-    results, seconds, devices = [], {}, set()
+    ctx.set_total(sum(stop - start for start, stop in p["layer_ranges"]))
+    results, seconds, devices, parts = [], {}, set(), []
     for start, stop in p["layer_ranges"]:
         layers = list(range(start, stop))
-        ranges = _stored_ranges(ctx, layers)
-        keys = [shard_key(start, stop, i, shards) for i in range(shards)]
+        ranges = _stored_ranges(ctx, layers, prefix)
+        keys = [prefix + shard_key(start, stop, i, shards) for i in range(shards)]
+        parts += [prefix + layers_key(start, stop), *keys]
         for layer in layers:
             def stored_shards(s: Session, layer: int = layer, keys: list[str] = keys) -> list:
                 return [(r.meta, _unnpz(r.data)) for r in queries.example_parts(s, ctx.model.id, "shard", keys, layer)]
@@ -272,20 +290,27 @@ def merge_examples(ctx: JobContext) -> Writer:
             for meta, _ in rows:
                 seconds[(start, meta["shard"])] = meta["seconds"]
                 devices.add(meta["device"])
-            acc = examples.LayerAccumulator(layer, loaded.adapter.d_mlp, p["context"], device, *ranges[layer])
+            acc = examples.LayerAccumulator(layer, units.size(loaded.adapter), p["context"], device, *ranges[layer])
             acc.merge([state for _, state in rows])
             results.append(acc.result())
             del rows, acc
             ctx.advance(1)
+    if prefix:  # an SAE's latents, over the model's run's windows
+        return saestages.latent_examples_writer(ctx, corpus, results, parts)
     run = examples_run(corpus, p["context"], bos_prefix_id(loaded.tokenizer) is not None, p["batch_tokens"],
                        sum(seconds.values()), ", ".join(sorted(devices)),
                        shards=shards, layer_ranges=p["layer_ranges"])
 
     def write(session: Session) -> None:
         store.write_examples(session, ctx.model.id, run, corpus, results)
-        queries.delete_example_parts(session, ctx.model.id)
+        queries.delete_example_parts(session, ctx.model.id, parts)
 
     return write
+
+
+def run_sae_examples(ctx: JobContext) -> Writer:
+    """An SAE's latents' examples: one pass, or the merge of its sharded run's parts."""
+    return merge_examples(ctx) if "layer_ranges" in ctx.params else saestages.run_sae_examples(ctx)
 
 
 def examples_run(corpus, context: int, bos_prefix: bool, batch_tokens: int, seconds: float, device: str,
@@ -344,7 +369,7 @@ def run_text(ctx: JobContext) -> Writer:
     units = examples.NEURON_UNITS
     if ctx.params.get("sae") is not None:  # a latent: its SAE's encoder at its site
         sae = saestages.stored_sae(ctx, ctx.params["sae"], device)
-        units = examples.Units(site=sae.site, encode=sae.encode, width=sae.d_sae)
+        units = saestages.latent_units(sae)
     examples.forward_windows(loaded.model, loaded.adapter, [layer], windows, bos, read, device, units)
     token_blob, act_blob = pack(ids, INT32), pack(got[layer].numpy(), FLOAT32)
 
@@ -385,7 +410,7 @@ def run_probes(ctx: JobContext) -> Writer:
             continue
         latents = probing.collect_activations(
             loaded.model, loaded.adapter, [sae.layer], dataset, bos_prefix_id(loaded.tokenizer),
-            batch_tokens=ctx.examples_batch_tokens, units=examples.Units(sae.site, sae.encode, sae.d_sae),
+            batch_tokens=ctx.examples_batch_tokens, units=saestages.latent_units(sae),
         )
         _, sae_layers, sae_units = probing.result_rows(probing.probe_features(latents, dataset), basis=sae_id)
         del latents
@@ -478,6 +503,9 @@ STAGES: dict[str, Callable[[JobContext], Writer]] = {
     queries.CLAMP_STAGE: run_clamp_live,
     queries.GENERATE_STAGE: run_generation_live,
     **saestages.SAE_RUNNERS,
+    saestages.SAE_EXAMPLES: run_sae_examples,
+    saestages.SAE_EXAMPLES_RANGE: run_examples_range,
+    saestages.SAE_EXAMPLES_PART: run_examples_part,
 }
 
 
@@ -487,9 +515,10 @@ def work_units(stage: str, params: dict, model: ModelSpec) -> tuple[int, str]:
     if stage == "decode":
         start, stop = params["layers"]
         return (stop - start) * model.d_mlp, "neuron"
-    if stage == "examples" and "layer_ranges" in params:  # a sharded run's merge, a layer at a time
-        return model.n_layers, "layer"
-    if stage in ("examples", EXAMPLES_RANGE_STAGE, EXAMPLES_PART_STAGE, "probes"):
+    if stage in ("examples", saestages.SAE_EXAMPLES) and "layer_ranges" in params:  # a merge, a layer at a time
+        return sum(stop - start for start, stop in params["layer_ranges"]), "layer"
+    if stage in ("examples", EXAMPLES_RANGE_STAGE, EXAMPLES_PART_STAGE, saestages.SAE_EXAMPLES_RANGE,
+                 saestages.SAE_EXAMPLES_PART, "probes"):
         return params.get("tokens") or 0, TOKENS  # set exactly once the corpus is read
     if stage == "clamp":
         return 0, "value"  # set once the neurons to sweep are known
@@ -548,10 +577,7 @@ def plan_index(
         if stage == "examples" and job.state == "queued":
             # new windows replace the old, and the latents' rows with them: their SAEs' examples run again
             for sae in queries.list_saes(session, model.id):
-                queries.enqueue_job(session, model.id, saestages.SAE_EXAMPLES, saestages.sae_key(sae.id),
-                                    {"sae": sae.id, **{k: params.get(k) for k in ("corpus", "tokens", "context")}},
-                                    requires_stage=f"examples,{saestages.SAE_TRAIN}", max_attempts=max_attempts,
-                                    force=True)
+                plan_sae_examples(session, model.id, sae.id, sae.layer, params, max_attempts=max_attempts)
     return queries.jobs_for_model(session, model.id)
 
 
@@ -594,6 +620,63 @@ def plan_examples_parts(session: Session, model: Model, params: dict | None, *, 
              if j.stage in (EXAMPLES_RANGE_STAGE, EXAMPLES_PART_STAGE) and (j.stage, j.key) not in keep]
     for job in stale:
         session.delete(job)
-    if stale or force:
-        queries.delete_example_parts(session, model.id)
+    if stale or force:  # the neurons' parts (an SAE's, "sae:ID/...", go with its own plan)
+        queries.delete_example_parts(session, model.id, prefix=NEURON_PARTS)
+    session.flush()
+
+
+def plan_sae(session: Session, model_id: int, sae_id: int, layer: int, *, train_params: dict | None,
+             eval_params: dict, examples_params: dict | None, max_attempts: int) -> None:
+    """Enqueue an SAE's jobs: training (when Needle trains it), then its evaluation, decodings
+    and (when the model has an examples run: examples_params, that run's job params) examples."""
+    key = saestages.sae_key(sae_id)
+    train = saestages.SAE_TRAIN
+    after_train = train if train_params is not None else None
+    if train_params is not None:
+        queries.enqueue_job(session, model_id, train, key, {"sae": sae_id, **train_params},
+                            max_attempts=max_attempts, force=True)
+    queries.enqueue_job(session, model_id, saestages.SAE_DECODE, key, {"sae": sae_id}, requires_stage=after_train,
+                        max_attempts=max_attempts, force=True)
+    queries.enqueue_job(session, model_id, saestages.SAE_EVAL, key, {"sae": sae_id, **eval_params},
+                        requires_stage=after_train, max_attempts=max_attempts, force=True)
+    probes = next((j for j in queries.jobs_for_model(session, model_id) if j.stage == "probes" and j.key == "all"), None)
+    if probes is not None:  # the model's features are probed again, over this SAE's latents too
+        queries.enqueue_job(session, model_id, "probes", "all", probes.params, requires_stage=train,
+                            max_attempts=max_attempts, force=True)
+    if examples_params is not None:
+        plan_sae_examples(session, model_id, sae_id, layer, examples_params, max_attempts=max_attempts)
+
+
+def plan_sae_examples(session: Session, model_id: int, sae_id: int, layer: int, examples_params: dict, *,
+                      max_attempts: int) -> None:
+    """Enqueue an SAE's examples over the windows of the model's examples run (examples_params:
+    that run's job params): one job; or, where that run is split into corpus shards, split the
+    same way: the estimate pass (sae_examples_range), a streaming pass per shard
+    (sae_examples_part), then sae_examples merges them, as the neurons' run does."""
+    key = saestages.sae_key(sae_id)
+    base = {"sae": sae_id, **{k: examples_params.get(k) for k in ("corpus", "tokens", "context")}}
+    # another SAE's training too: one stage name holds every SAE's jobs
+    needs = f"examples,{saestages.SAE_TRAIN}"
+    split = (saestages.SAE_EXAMPLES_RANGE, saestages.SAE_EXAMPLES_PART)
+    for job in queries.jobs_for_model(session, model_id):  # an earlier split of this SAE's examples
+        if job.stage in split and job.key.startswith(key + "/"):
+            session.delete(job)
+    queries.delete_example_parts(session, model_id, prefix=key + "/")
+    shards = examples_params.get("shards") or 1
+    if shards == 1:
+        queries.enqueue_job(session, model_id, saestages.SAE_EXAMPLES, key, base, requires_stage=needs,
+                            max_attempts=max_attempts, force=True)
+        return
+    sharded = {**base, "batch_tokens": examples_params["batch_tokens"]}
+    start, stop = layer, layer + 1
+    queries.enqueue_job(session, model_id, saestages.SAE_EXAMPLES_RANGE, key + "/" + layers_key(start, stop),
+                        {**sharded, "layers": [start, stop]}, requires_stage=needs, max_attempts=max_attempts,
+                        force=True)
+    for i in range(shards):
+        queries.enqueue_job(session, model_id, saestages.SAE_EXAMPLES_PART, key + "/" + shard_key(start, stop, i, shards),
+                            {**sharded, "layers": [start, stop], "shard": i, "shards": shards},
+                            requires_stage=saestages.SAE_EXAMPLES_RANGE, max_attempts=max_attempts, force=True)
+    queries.enqueue_job(session, model_id, saestages.SAE_EXAMPLES, key,
+                        {**sharded, "shards": shards, "layer_ranges": [[start, stop]]},
+                        requires_stage=f"{needs},{saestages.SAE_EXAMPLES_PART}", max_attempts=max_attempts, force=True)
     session.flush()
