@@ -502,6 +502,18 @@ def finish_job(session: Session, job_id: int, worker: str) -> bool:
     return cast(CursorResult, res).rowcount == 1
 
 
+def finish_queued_job(session: Session, job_id: int) -> bool:
+    """Mark a queued job done, its work done by another job (an SAE's latents' examples, read in
+    the model's examples pass); False if it is not queued any more (a worker took it)."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == "queued")
+        .values(state="done", progress=1.0, started_at=now, finished_at=now, error=None)
+    )
+    return cast(CursorResult, res).rowcount == 1
+
+
 def job_done_by(session: Session, job_id: int, worker: str) -> bool:
     job = session.get(Job, job_id, populate_existing=True)
     return job is not None and job.state == "done" and job.worker == worker

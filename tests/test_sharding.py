@@ -99,24 +99,15 @@ def test_an_sae_s_examples_are_split_as_the_model_s_run_and_equal_one_pass(detec
     """An SAE imported into a model whose examples run is split into corpus shards has its
     latents' examples split alike (an estimate job, a streaming job per shard, the merge), on
     the workers like the neurons', and they equal those of one pass over the same windows."""
-    import json
-    import shutil
-
     from needle.sae import import_folder
-    from tests.test_sae_pipeline import sae_lens_folder
     from workers.saestages import SAE_EXAMPLES, SAE_EXAMPLES_PART, SAE_EXAMPLES_RANGE
 
-    config = json.loads((detector["path"] / "config.json").read_text())
-    d_mlp, layer = config["intermediate_size"], config["num_hidden_layers"] - 1
-    folder, _ = sae_lens_folder(tmp_path / "sae", "standard", d_in=d_mlp, d_sae=2 * d_mlp,
-                                hook=f"blocks.{layer}.mlp.hook_post", seed=3)
-    shutil.copy(_sqlite_template, tmp_path / "one.sqlite")
-    one = f"sqlite:///{tmp_path / 'one.sqlite'}"
-    for url, shards in ((one, 1), (db_url, 3)):
-        settings = Settings(database_url=url, examples_batch_tokens=BATCH)
-        index_model(settings, str(detector["path"]), "det", corpus=str(detector["corpus"]), context=CONTEXT,
-                    layers_per_job=1, corpus_shards=shards, quiet=True)
-        import_folder(settings, "det", str(folder), sae_name="s", quiet=True)
+    folder, d_mlp = detector_sae(detector, tmp_path)
+    one = separate_pass(detector, folder, tmp_path, _sqlite_template)
+    settings = Settings(database_url=db_url, examples_batch_tokens=BATCH)
+    index_model(settings, str(detector["path"]), "det", corpus=str(detector["corpus"]), context=CONTEXT,
+                layers_per_job=1, corpus_shards=3, quiet=True)
+    import_folder(settings, "det", str(folder), sae_name="s", quiet=True)
     for url, split in ((one, False), (db_url, True)):
         with session_scope(engine_for(url)) as s:
             model = queries.get_model(s, "det")
@@ -132,8 +123,39 @@ def test_an_sae_s_examples_are_split_as_the_model_s_run_and_equal_one_pass(detec
             # the parts are merged, then gone
             assert queries.example_part_names(s, model.id, "range") == []
             assert queries.example_part_names(s, model.id, "shard") == []
-    got, want = latent_rows(db_url, "det"), latent_rows(one, "det")
-    assert len(got) == len(want) == 2 * d_mlp and any(r["max_act"] > 0 for r in want)
+    assert_same_latent_rows(latent_rows(db_url, "det"), latent_rows(one, "det"), 2 * d_mlp)
+
+
+def detector_sae(detector, tmp_path):  # noqa: F811
+    """An SAE saved by sae_lens (standard, twice the neurons) on the detector's last MLP: (folder, d_mlp)."""
+    import json
+
+    from tests.test_sae_pipeline import sae_lens_folder
+
+    config = json.loads((detector["path"] / "config.json").read_text())
+    d_mlp, layer = config["intermediate_size"], config["num_hidden_layers"] - 1
+    folder, _ = sae_lens_folder(tmp_path / "sae", "standard", d_in=d_mlp, d_sae=2 * d_mlp,
+                                hook=f"blocks.{layer}.mlp.hook_post", seed=3)
+    return folder, d_mlp
+
+
+def separate_pass(detector, folder, tmp_path, template) -> str:  # noqa: F811
+    """A SQLite database where the detector is indexed in one job per stage, then the SAE
+    imported: its latents' examples in their own pass. Its URL."""
+    import shutil
+
+    from needle.sae import import_folder
+
+    shutil.copy(template, tmp_path / "one.sqlite")
+    url = f"sqlite:///{tmp_path / 'one.sqlite'}"
+    settings = Settings(database_url=url, examples_batch_tokens=BATCH)
+    index_model(settings, str(detector["path"]), "det", corpus=str(detector["corpus"]), context=CONTEXT, quiet=True)
+    import_folder(settings, "det", str(folder), sae_name="s", quiet=True)
+    return url
+
+
+def assert_same_latent_rows(got: list[dict], want: list[dict], n: int) -> None:
+    assert len(got) == len(want) == n and any(r["max_act"] > 0 for r in want)
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys()
         for name in g:
@@ -141,3 +163,33 @@ def test_an_sae_s_examples_are_split_as_the_model_s_run_and_equal_one_pass(detec
                 assert g[name] == pytest.approx(w[name], rel=1e-12, abs=1e-15), name
             else:
                 assert g[name] == w[name], (name, g["neuron"])
+
+
+def test_latents_queued_with_the_neurons_are_read_in_the_same_forward_pass(detector, db_url, tmp_path,  # noqa: F811
+                                                                           _sqlite_template):
+    """Neurons and an SAE's latents asked for together (the model and the SAE queued, then a
+    worker): the examples job reads both in its forward passes and finishes the SAE's examples
+    job, which never runs on its own; the rows equal those of the SAE's own pass."""
+    import threading
+
+    from needle.sae import import_folder
+    from workers.saestages import SAE_EXAMPLES
+    from workers.worker import Worker
+
+    folder, d_mlp = detector_sae(detector, tmp_path)
+    one = separate_pass(detector, folder, tmp_path, _sqlite_template)
+    settings = Settings(database_url=db_url, examples_batch_tokens=BATCH)
+    index_model(settings, str(detector["path"]), "det", corpus=str(detector["corpus"]), context=CONTEXT,
+                queue_only=True, quiet=True)
+    import_folder(settings, "det", str(folder), sae_name="s", queue_only=True, quiet=True)
+    worker = Worker(engine_for(db_url), settings)
+    thread = threading.Thread(target=worker.run, kwargs={"until_idle": True, "poll_seconds": 0.1}, daemon=True)
+    thread.start()
+    thread.join(300)
+    assert not thread.is_alive(), "the worker did not go idle"
+    with session_scope(engine_for(db_url)) as s:
+        jobs = queries.jobs_for_model(s, queries.get_model(s, "det").id)
+        assert all(j.state == "done" for j in jobs), [(j.stage, j.key, j.state, j.error) for j in jobs]
+        latents = next(j for j in jobs if j.stage == SAE_EXAMPLES)
+        assert latents.attempts == 0 and latents.worker is None, "done by the examples job, never claimed"
+    assert_same_latent_rows(latent_rows(db_url, "det"), latent_rows(one, "det"), 2 * d_mlp)

@@ -337,21 +337,39 @@ def forward_windows(model, adapter, layers: list[int], windows: torch.Tensor, bo
     """One forward pass over windows [B, T]; fn(layer, acts [B, T, N]) per layer, BOS left out
     (N: the units' count, their activations as `units` reads them). The pass stops after the
     last layer read."""
+    forward_readers(model, adapter, [(layers, units)], windows, bos_id, lambda r, layer, acts: fn(layer, acts), device)
+
+
+Reader = tuple[list[int], Units]  # the layers a pass reads, and the units it reads at each
+
+
+def forward_readers(model, adapter, readers: list[Reader], windows: torch.Tensor, bos_id: int | None,
+                    fn: Callable[[int, int, torch.Tensor], None], device) -> None:
+    """One forward pass over windows [B, T] for several readers (the neurons of some layers, an
+    SAE's latents at its site...): fn(r, layer, acts [B, T, N_r]) for reader r at each of its
+    layers, BOS left out. The pass stops once every site read has been read."""
     ids = windows.to(device, non_blocking=True)
     if bos_id is not None:
         ids = torch.cat([torch.full((ids.shape[0], 1), bos_id, dtype=ids.dtype, device=device), ids], dim=1)
-    last = max(layers)
+    at: dict[tuple[int, str], list[int]] = {}
+    for r, (layers, units) in enumerate(readers):
+        for layer in layers:
+            at.setdefault((layer, units.site), []).append(r)
+    left = [len(at)]
 
-    def read(layer: int, acts: torch.Tensor) -> None:
+    def read(layer: int, site: str, acts: torch.Tensor) -> None:
         acts = acts[:, 1:] if bos_id is not None else acts
-        fn(layer, acts if units.encode is None else units.encode(acts))
-        if layer == last:
+        for r in at[(layer, site)]:
+            encode = readers[r][1].encode
+            fn(r, layer, acts if encode is None else encode(acts))
+        left[0] -= 1
+        if left[0] == 0:
             raise StopForward
 
-    if units.site == "mlp":
-        reading = adapter.on_activations(layers, read)
+    if all(site == "mlp" for _, site in at):
+        reading = adapter.on_activations([layer for layer, _ in at], lambda layer, acts: read(layer, "mlp", acts))
     else:
-        reading = adapter.on_sites([(layer, units.site) for layer in layers], lambda layer, site, acts: read(layer, acts))
+        reading = adapter.on_sites(list(at), read)
     with torch.inference_mode(), reading:
         try:
             model(input_ids=ids, use_cache=False)
@@ -367,20 +385,26 @@ def batches(ids: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
 def estimate_range(model, adapter, layers, windows, bos_id, plan_: Plan, device,
                    progress: Callable[[int], None] = lambda n: None,
                    units: Units = NEURON_UNITS) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """The first pass: each neuron's min and max over the estimate sample."""
-    lo: dict[int, torch.Tensor] = {}
-    hi: dict[int, torch.Tensor] = {}
+    """The first pass: each unit's min and max over the estimate sample."""
+    return estimate_ranges(model, adapter, [(layers, units)], windows, bos_id, plan_, device, progress)[0]
 
-    def read(layer: int, acts: torch.Tensor) -> None:
+
+def estimate_ranges(model, adapter, readers: list[Reader], windows, bos_id, plan_: Plan, device,
+                    progress: Callable[[int], None] = lambda n: None) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """estimate_range for several readers in the same forward passes: one result per reader."""
+    lo: list[dict[int, torch.Tensor]] = [{} for _ in readers]
+    hi: list[dict[int, torch.Tensor]] = [{} for _ in readers]
+
+    def read(r: int, layer: int, acts: torch.Tensor) -> None:
         flat = acts.reshape(-1, acts.shape[-1])
         a_min, a_max = flat.amin(dim=0), flat.amax(dim=0)  # on the CPU, 10x faster than aminmax(dim=0)
-        lo[layer] = torch.minimum(lo[layer], a_min.float()) if layer in lo else a_min.float()
-        hi[layer] = torch.maximum(hi[layer], a_max.float()) if layer in hi else a_max.float()
+        lo[r][layer] = torch.minimum(lo[r][layer], a_min.float()) if layer in lo[r] else a_min.float()
+        hi[r][layer] = torch.maximum(hi[r][layer], a_max.float()) if layer in hi[r] else a_max.float()
 
     for ids in batches(plan_.estimate_ids, plan_.batch_windows):
-        forward_windows(model, adapter, layers, windows[ids], bos_id, read, device, units)
+        forward_readers(model, adapter, readers, windows[ids], bos_id, read, device)
         progress(len(ids) * windows.shape[1])
-    return {layer: (lo[layer], hi[layer]) for layer in layers}
+    return [{layer: (lo[r][layer], hi[r][layer]) for layer in layers} for r, (layers, _) in enumerate(readers)]
 
 
 def shard_bounds(n_windows: int, context: int, batch_tokens: int, shards: int) -> list[tuple[int, int]]:
@@ -401,19 +425,30 @@ def accumulate(model, adapter, layers: list[int], windows: torch.Tensor, bos_id:
                units: Units = NEURON_UNITS) -> dict[int, LayerAccumulator]:
     """The streaming pass over windows[start:stop] (window ids stay global), in the batches
     of the whole corpus's pass."""
+    return accumulate_readers(model, adapter, [(layers, units)], windows, bos_id, [ranges], start=start, stop=stop,
+                              batch_tokens=batch_tokens, device=device, progress=progress)[0]
+
+
+def accumulate_readers(model, adapter, readers: list[Reader], windows: torch.Tensor, bos_id: int | None,
+                       ranges: list[dict[int, tuple[torch.Tensor, torch.Tensor]]], *, start: int = 0,
+                       stop: int | None = None, batch_tokens: int = 8192, device=None,
+                       progress: Callable[[int], None] = lambda n: None) -> list[dict[int, LayerAccumulator]]:
+    """accumulate for several readers in the same forward passes: one result per reader."""
     device = device or next(model.parameters()).device
     n_windows, context = windows.shape
     stop = n_windows if stop is None else stop
     per_batch = plan(n_windows, context, batch_tokens).batch_windows
-    accs = {layer: LayerAccumulator(layer, units.size(adapter), context, device, *ranges[layer]) for layer in layers}
+    accs = [{layer: LayerAccumulator(layer, units.size(adapter), context, device, *ranges[r][layer]) for layer in layers}
+            for r, (layers, units) in enumerate(readers)]
     all_ids = torch.arange(n_windows, device=device)
     for b0 in range(start, stop, per_batch):
         b1 = min(b0 + per_batch, stop)
         ids = all_ids[b0:b1]
-        def add(layer: int, acts: torch.Tensor, ids: torch.Tensor = ids) -> None:
-            accs[layer].update(acts, ids)
 
-        forward_windows(model, adapter, layers, windows[b0:b1], bos_id, add, device, units)
+        def add(r: int, layer: int, acts: torch.Tensor, ids: torch.Tensor = ids) -> None:
+            accs[r][layer].update(acts, ids)
+
+        forward_readers(model, adapter, readers, windows[b0:b1], bos_id, add, device)
         progress((b1 - b0) * context)
     return accs
 
@@ -423,10 +458,19 @@ def collect(model, adapter, layers: list[int], windows: torch.Tensor, bos_id: in
             progress: Callable[[int], None] = lambda n: None, units: Units = NEURON_UNITS) -> list[LayerExamples]:
     """The whole stage's compute on one machine: the estimate pass, then the streaming pass
     over every window."""
+    return collect_readers(model, adapter, [(layers, units)], windows, bos_id, batch_tokens=batch_tokens,
+                           device=device, progress=progress)[0]
+
+
+def collect_readers(model, adapter, readers: list[Reader], windows: torch.Tensor, bos_id: int | None, *,
+                    batch_tokens: int = 8192, device=None,
+                    progress: Callable[[int], None] = lambda n: None) -> list[list[LayerExamples]]:
+    """collect for several readers (the neurons, and SAEs' latents) in the same forward passes:
+    per reader, what collect gives it alone."""
     device = device or next(model.parameters()).device
     n_windows, context = windows.shape
     plan_ = plan(n_windows, context, batch_tokens)
-    ranges = estimate_range(model, adapter, layers, windows, bos_id, plan_, device, progress, units)
-    accs = accumulate(model, adapter, layers, windows, bos_id, ranges, batch_tokens=batch_tokens, device=device,
-                      progress=progress, units=units)
-    return [accs[layer].result() for layer in layers]
+    ranges = estimate_ranges(model, adapter, readers, windows, bos_id, plan_, device, progress)
+    accs = accumulate_readers(model, adapter, readers, windows, bos_id, ranges, batch_tokens=batch_tokens,
+                              device=device, progress=progress)
+    return [[accs[r][layer].result() for layer in layers] for r, (layers, _) in enumerate(readers)]

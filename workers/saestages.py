@@ -77,6 +77,28 @@ def stored_sae(ctx, sae_id: int, device) -> Sae:
     return _sae_cache[key]
 
 
+def riding_latents(ctx, device) -> list[tuple[int, int, Sae]]:
+    """The SAEs whose examples are queued over the very windows this examples job reads (the
+    same corpus, tokens and context, in one pass) and whose weights are ready: (their job's id,
+    the SAE's id, the SAE). The examples job reads their latents in its own forward passes and
+    finishes those jobs when it stores its rows; an SAE still training is left to its own job."""
+    p = ctx.params
+
+    def read(session: Session) -> list[tuple[int, int]]:
+        return [(j.id, j.params["sae"]) for j in queries.jobs_for_model(session, ctx.model.id)
+                if j.stage == SAE_EXAMPLES and j.state == "queued" and "layer_ranges" not in j.params
+                and all(j.params.get(k) == p.get(k) for k in ("corpus", "tokens", "context"))]
+
+    out = []
+    for job_id, sae_id in ctx.read(read) or []:
+        try:
+            sae = stored_sae(ctx, sae_id, device)
+        except (RuntimeError, NeedleError):  # not trained yet, or deleted: its own job sees to it
+            continue
+        out.append((job_id, sae_id, sae))
+    return out
+
+
 class LatentWeights:
     """An SAE's latents seen as decode_layers sees neurons: their output weights are the decoder
     directions in the residual stream (an mlp-site SAE's decoder mapped through the MLP's out

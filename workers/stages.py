@@ -126,16 +126,21 @@ def run_examples(ctx: JobContext) -> Writer:
     batch_tokens = p.get("batch_tokens") or ctx.examples_batch_tokens
     estimate = examples.plan(n_windows, p["context"], batch_tokens).estimate_ids
     ctx.set_total((len(estimate) + n_windows) * p["context"])
+    # the SAEs whose latents' examples wait for these windows are read in the same forward passes
+    riders = saestages.riding_latents(ctx, next(loaded.model.parameters()).device)
+    readers: list[examples.Reader] = [(list(range(ctx.model.n_layers)), examples.NEURON_UNITS)]
+    readers += [([sae.layer], saestages.latent_units(sae)) for _, _, sae in riders]
     started = time.perf_counter()
-    results = examples.collect(
-        loaded.model, loaded.adapter, list(range(ctx.model.n_layers)), corpus.windows, bos,
-        batch_tokens=batch_tokens, progress=ctx.advance,
-    )
+    results, *latents = examples.collect_readers(loaded.model, loaded.adapter, readers, corpus.windows, bos,
+                                                 batch_tokens=batch_tokens, progress=ctx.advance)
     seconds = time.perf_counter() - started
     run = examples_run(corpus, p["context"], bos is not None, batch_tokens, seconds, str(loaded.device))
 
     def write(session: Session) -> None:
         store.write_examples(session, ctx.model.id, run, corpus, results)
+        for (job_id, sae_id, _), rows in zip(riders, latents, strict=True):
+            if queries.finish_queued_job(session, job_id):  # not taken by a worker meanwhile
+                store.write_unit_examples(session, ctx.model.id, sae_id, corpus, rows)
 
     return write
 
