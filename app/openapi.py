@@ -39,7 +39,8 @@ def _queued(key: str) -> dict:
                            "neuron_url": {"type": "string"}, key: request}}
 
 
-def _live_request(description: str, fields: dict, required: list[str], key: str) -> dict:
+def _live_request(description: str, fields: dict, required: list[str], key: str, queued: dict | None = None) -> dict:
+    """A live request's body and answers; queued: the 202 body's schema, if not _queued(key)'s."""
     schema = {"type": "object", "properties": fields, "required": required}
     return {
         "requestBody": {
@@ -50,7 +51,7 @@ def _live_request(description: str, fields: dict, required: list[str], key: str)
         "responses": {
             "202": {"description": f"Queued for a worker (a JSON body): where it belongs, and the request under {key!r} "
                                    "with its permalink",
-                    "content": {"application/json": {"schema": _queued(key)}}},
+                    "content": {"application/json": {"schema": queued or _queued(key)}}},
             "303": {"description": "Queued (a form): redirect to the request's page"},
             "400": _error("The fields are not valid, or are over the size limits"),
             "403": _error("Live requests are switched off on this server (NEEDLE_LIVE_REQUESTS=false), or this one "
@@ -63,6 +64,22 @@ def _live_request(description: str, fields: dict, required: list[str], key: str)
     }
 
 
+_SCAN_UNIT = {"type": "object", "required": ["kind", "layer", "index", "sae", "activation", "relative", "url"],
+              "properties": {"kind": {"enum": ["neuron", "latent"]}, "layer": {"type": "integer"},
+                             "index": {"type": "integer"}, "sae": {"type": ["string", "null"]},
+                             "activation": {"type": ["number", "null"]}, "relative": {"type": ["number", "null"]},
+                             "url": {"type": "string"}}}
+SCAN_REQUEST = _live_request(
+    "Your text, run through the model for every unit at once: what fires on each token", {"text": {"type": "string"}},
+    ["text"], "scan",
+    {"type": "object", "required": ["model", "id", "text", "state", "url", "json_url", "tokens", "top_units"],
+     "properties": {"model": {"type": "string"}, "id": {"type": "integer"}, "text": {"type": "string"},
+                    "state": {"enum": ["queued", "running", "done", "failed", "broken"]}, "url": {"type": "string"},
+                    "json_url": {"type": "string"},
+                    "tokens": {"type": "array", "items": {"type": "object", "properties": {
+                        "units": {"type": "array", "items": _SCAN_UNIT}}}},
+                    "top_units": {"type": "array", "items": _SCAN_UNIT}}},
+)
 TEXT_REQUEST = _live_request("Your text, run through the model on this neuron", {"text": {"type": "string"}}, ["text"],
                              "run")
 CLAMP_REQUEST = _live_request(

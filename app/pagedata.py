@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import clamping, examples, queries, urls
+from app import clamping, examples, queries, scans, urls
 from app.arrays import FLOAT32, INT32, unpack
 from app.bases import SITE_TEXT, Basis, neuron_basis, sae_basis
 from app.errors import NeedleError, NotFound
@@ -332,6 +332,7 @@ def model_page(session: Session, name: str) -> dict:
         "jobs_pending": any(j.state in ("queued", "running") for j in jobs),
         "saes": [_sae_summary(model, x) for x in queries.list_saes(session, model.id)],
         "saes_url": urls.saes_url(model.name),
+        "scan_url": urls.scan_form_url(model.name),
     }
 
 
@@ -843,6 +844,18 @@ def start_text_run(
     """Queue a user's text for a worker: this unit's activation on each of its tokens."""
     clamping.require_live(live)
     model, basis, layer, neuron = _text_target(session, name, layer_text, neuron_text, sae)
+    text = _user_text(text, max_chars)
+    run = queries.create_text_run(session, model.id, layer, neuron, text, basis=basis.id)
+    job = queries.enqueue_job(
+        session, model.id, queries.TEXT_STAGE, f"run:{run.id}",
+        {"run": run.id, "layer": layer, "neuron": neuron, "text": text, **_unit_params(basis)}, max_attempts=1,
+    )
+    return examples.text_run(session, model, run, job,
+                             queries.neuron_activations(session, model.id, layer, neuron, basis.id), sae=basis.sae)
+
+
+def _user_text(text: str | None, max_chars: int) -> str:
+    """A user's posted text, its line ends made "\n": an error if empty or over max_chars."""
     text = (text or "").replace("\r\n", "\n")
     if not text.strip():
         raise NeedleError("There is no text to run.", hint="Type some text into the box, then press Run.")
@@ -851,13 +864,43 @@ def start_text_run(
             f"The text is {len(text)} characters long; the limit is {max_chars}.",
             hint="Shorten it: the activations of a few sentences are easiest to read.",
         )
-    run = queries.create_text_run(session, model.id, layer, neuron, text, basis=basis.id)
-    job = queries.enqueue_job(
-        session, model.id, queries.TEXT_STAGE, f"run:{run.id}",
-        {"run": run.id, "layer": layer, "neuron": neuron, "text": text, **_unit_params(basis)}, max_attempts=1,
-    )
-    return examples.text_run(session, model, run, job,
-                             queries.neuron_activations(session, model.id, layer, neuron, basis.id), sae=basis.sae)
+    return text
+
+
+# ---------------------------------------------------------------- what fires on your text (every unit)
+
+
+def scan_form_page(session: Session, name: str, *, live: bool = True, max_chars: int = 2000) -> dict:
+    """The form of "what fires on your text", with what the results mean."""
+    model = _model(session, name)
+    form_url = urls.scan_form_url(model.name)
+    return {"model": model.name, "form_url": form_url, "live": live, "text_max_chars": max_chars,
+            "relative": scans.RELATIVE, "saes": [x.name for x in queries.list_saes(session, model.id)],
+            "_form": {"live": live, "form_url": form_url, "text": "", "text_max_chars": max_chars}}
+
+
+def start_scan(session: Session, name: str, text: str | None, *, max_chars: int, live: bool = True) -> dict:
+    """Queue a user's text for a worker: every unit's activation on each of its tokens."""
+    clamping.require_live(live)
+    model = _model(session, name)
+    text = _user_text(text, max_chars)
+    scan = queries.create_text_scan(session, model.id, text)
+    job = queries.enqueue_job(session, model.id, queries.SCAN_STAGE, f"run:{scan.id}", {"scan": scan.id, "text": text},
+                              max_attempts=1)
+    return scans.scan_data(session, model, scan, job)
+
+
+def scan_page(session: Session, name: str, scan_text: str, *, live: bool = True, max_chars: int = 2000) -> dict:
+    """A scan's page: its result (or its state) and the form again, filled with its text."""
+    model = _model(session, name)
+    scan_id = clamping.row_id(scan_text)
+    scan = queries.get_text_scan(session, scan_id) if scan_id is not None else None
+    if scan is None or scan.model_id != model.id:
+        raise NotFound(f"There is no text run {_cut(scan_text)!r} of {model.name!r}.",
+                       hint=f"Run a text at {urls.scan_form_url(model.name)}.")
+    data = scans.scan_data(session, model, scan, queries.scan_job(session, model.id, scan.id))
+    data["_form"] = {"live": live, "form_url": data["form_url"], "text": scan.text, "text_max_chars": max_chars}
+    return data
 
 
 def text_run_page(session: Session, name: str, layer_text: str, neuron_text: str, run_text: str, *,

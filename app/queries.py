@@ -49,6 +49,7 @@ from app.schema import (
     Sae,
     SearchPart,
     TextRun,
+    TextScan,
     TokenIndex,
     UnitLinks,
     Vocab,
@@ -57,7 +58,8 @@ from app.schema import (
 TEXT_STAGE = "text"  # the job stage of a user's own text run
 CLAMP_STAGE = "clamp_run"  # ... of a clamp curve asked for on a neuron page
 GENERATE_STAGE = "generation"  # ... of a clamped generation asked for on a neuron page
-LIVE_STAGES = (TEXT_STAGE, CLAMP_STAGE, GENERATE_STAGE)  # users' live requests, shown on their own panels
+SCAN_STAGE = "scan"  # ... of "what fires on this text", every unit of a model at once
+LIVE_STAGES = (TEXT_STAGE, CLAMP_STAGE, GENERATE_STAGE, SCAN_STAGE)  # users' live requests, shown on their own panels
 NEURONS = 0  # the basis of a model's MLP neurons
 
 
@@ -766,6 +768,33 @@ def pending_live_jobs(session: Session) -> int:
 def save_text_result(session: Session, run_id: int, token_ids: bytes, activations: bytes, n_tokens: int) -> None:
     session.execute(update(TextRun).where(TextRun.id == run_id)
                     .values(token_ids=token_ids, activations=activations, n_tokens=n_tokens))
+
+
+def create_text_scan(session: Session, model_id: int, text: str) -> TextScan:
+    scan = TextScan(model_id=model_id, text=text, created_at=utcnow())
+    session.add(scan)
+    session.flush()
+    return scan
+
+
+def get_text_scan(session: Session, scan_id: int) -> TextScan | None:
+    return session.get(TextScan, scan_id)
+
+
+def scan_job(session: Session, model_id: int, scan_id: int) -> Job | None:
+    return live_job(session, model_id, SCAN_STAGE, scan_id)
+
+
+def save_scan_result(session: Session, scan_id: int, token_ids: bytes, result: dict, n_tokens: int) -> None:
+    session.execute(update(TextScan).where(TextScan.id == scan_id)
+                    .values(token_ids=token_ids, result=result, n_tokens=n_tokens))
+
+
+def unit_maxima(session: Session, model_id: int) -> list[tuple[int, int, int, float]]:
+    """(basis, layer, unit, max activation on the examples corpus) of every unit with examples."""
+    rows = session.execute(select(NeuronActivations.basis, NeuronActivations.layer, NeuronActivations.neuron,
+                                  NeuronActivations.max_act).where(NeuronActivations.model_id == model_id))
+    return [(int(b), int(layer), int(n), float(m)) for b, layer, n, m in rows]
 
 
 # ---------------------------------------------------------------- clamp curves and generations

@@ -317,6 +317,23 @@ class TextRun(Base):
     n_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
+class TextScan(Base):
+    """A user's own text run through the model for every unit at once (job stage "scan"): what
+    fires on it. result (JSON, written by workers/scan.py, read by app/scans.py): "units", the
+    units that appear, as [basis, layer, index]; "tokens", per token its top units as [unit,
+    activation, relative]; "top", the text's top units as [unit, activation, relative, token]."""
+
+    __tablename__ = "text_scans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    text: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    n_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the whole text's, as for text_runs
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class ProbeRun(Base):
     """How a model's features were probed: the feature specs, the data and the method's settings."""
 

@@ -150,6 +150,16 @@ def absolute_url(base: str, path: str) -> str:
     return base.rstrip("/") + path
 
 
+def scan_form_url(model: str, *, fmt: str | None = None) -> str:
+    """What fires on your text: the form (GET) and where it posts (POST)."""
+    return _path(model, "text", fmt=fmt)
+
+
+def scan_url(model: str, scan: int, *, fmt: str | None = None) -> str:
+    """A text run for every unit of a model: its result, or a panel that polls itself while it waits."""
+    return _path(model, "text", scan, fmt=fmt)
+
+
 def search_url(model: str, token: str | None = None, fmt: str | None = None) -> str:
     return _with_query(_path(model, "search", fmt=fmt), token=token)
 

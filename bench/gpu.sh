@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, one command: install what the benchmarks need into a virtualenv, run the GPU
-# case of bench/decode.py, bench/examples.py, bench/probes.py, bench/clamp.py and bench/sae.py one after the
+# case of bench/decode.py, bench/examples.py, bench/probes.py, bench/clamp.py, bench/sae.py and bench/text.py one after the
 # other, and print one table of their figures and ratios (docs/benchmarks.md, "bench/gpu.sh").
 #
 #   bench/gpu.sh                                       # one CUDA GPU: under 8 minutes of benchmarks
@@ -111,7 +111,7 @@ print(f"machine: {where}; torch {torch.__version__}; Python {platform.python_ver
 EOF
 
 # ---- the benchmarks --------------------------------------------------------------------------
-# name, time limit in seconds, arguments. The full run's limits add up to 9 minutes.
+# name, time limit in seconds, arguments. The full run's limits add up to 9.75 minutes.
 if [ "$small" = 1 ]; then
   runs=(
     "decode 180 --shape tiny --device $device --batch 128"
@@ -119,6 +119,7 @@ if [ "$small" = 1 ]; then
     "probes 180 --synthetic 2 2 2000 64 --prune-pairs 1 --device $device"
     "clamp 180 --device $device --repeats 2 --count 11"
     "sae 180 --small --device $device --repeats 1"
+    "text 180 --device $device --repeats 2 --tokens 4096 --no-sae"
   )
 else
   runs=(
@@ -132,6 +133,8 @@ else
     "clamp 45 --device $device"
     # the demo's shipped SAE: training steps, the latents' examples pass, its quality
     "sae 90 --device $device"
+    # what fires on a 2,000-character text: every neuron and the demo SAE's latents, against one forward pass
+    "text 45 --device $device"
   )
 fi
 
@@ -218,6 +221,12 @@ def sae(r: dict) -> list[str]:
             f"forward + encode {num(e['bare_tok_per_s'])} tokens/s",
             f"train / SAELens step {t['ratio']:.0%} (/ SAETrainer {t['trainer_ratio']:.0%}), examples / bare {e['ratio']:.0%}",
             f"train >= 80%: {met(t['ratio'] >= 0.8)}; examples >= 70%: {met(e['ratio'] >= 0.7)}"]
+
+
+def text(r: dict) -> list[str]:
+    return [f"{r['chars']:,} characters ({r['tokens']} tokens), {r['units']:,} units", f"{num(r['scan_ms'])} ms",
+            f"forward {num(r['forward_ms'])} ms", f"scan / forward {r['ratio']:.2f}x",
+            f"<= {r['goal']:g}x: {met(r['goal_met'])}"]
 
 
 header = ["benchmark", "case", "ours", "baseline", "ratio", "goal", "run"]

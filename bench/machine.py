@@ -51,3 +51,12 @@ def sync(device: str) -> None:
         import torch  # here, so that a benchmark without torch (bench/server.py) can use the rest
 
         torch.cuda.synchronize()
+
+
+def report(result: dict, json_out) -> None:
+    """Print a benchmark's figures as JSON and, with --json-out FILE, write them there too (bench/gpu.sh reads it)."""
+    import json
+
+    print(json.dumps(result))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result))

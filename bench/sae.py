@@ -29,7 +29,6 @@ Each timing is the median over --repeats, the two sides of a ratio alternating.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from machine import cpu_name, sync  # noqa: E402  (bench/machine.py)
+from machine import cpu_name, report, sync  # noqa: E402  (bench/machine.py)
 
 from workers import examples
 from workers.corpus import bos_prefix_id, load_corpus
@@ -253,9 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"quality  {sae.d_sae} latents: L0 {quality['l0']:.1f}, variance explained {quality['variance_explained']:.3f}, "
           f"CE loss recovered {quality['ce_recovered']:.3f}, dead {100 * quality['dead_share']:.1f}%, "
           f"dense {100 * quality['dense_share']:.1f}%")
-    print(json.dumps(out))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out))
+    report(out, args.json_out)
     return out
 
 

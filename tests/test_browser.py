@@ -750,6 +750,36 @@ def test_an_sae_s_latents_beside_the_neurons(walk, demo):
     walk.assert_clean()
 
 
+def test_what_fires_on_a_typed_text(walk, demo):
+    """From the model page to "what fires on your text": type a text, wait for the worker, pick
+    a token to see its top units (the other tokens' lists stay hidden), open one of them."""
+    page = walk.page
+    walk.goto(f"/{demo.model}")
+    page.locator("main a", has_text="What fires on your text").click()
+    expect(page).to_have_url(demo.url("/text"))
+    page.locator("#scan-form textarea").fill("def main():\n    return self.value == 42\n")
+    walk.shot("form")
+    page.locator("#scan-form button").click()
+    expect(page).to_have_url(re.compile(rf"/{re.escape(demo.model)}/text/\d+$"))
+    tokens = page.locator("#scan-result .scan-tokens a.scan-tok")
+    expect(tokens.first).to_be_visible(timeout=60_000)
+    assert tokens.count() > 5
+    expect(page.locator("#tok-3")).to_be_hidden()
+    tokens.nth(3).click()
+    section = page.locator("#tok-3")
+    expect(section).to_be_visible()
+    expect(page.locator("#tok-2")).to_be_hidden()
+    rows = section.locator("table.scan-units tbody tr")
+    expect(rows.first).to_be_visible()
+    assert rows.count() == 10
+    walk.shot("a-token-s-units", section)
+    link = rows.first.locator("a").first
+    href = link.get_attribute("href")
+    link.click()
+    expect(page).to_have_url(demo.base + href)
+    walk.assert_clean()
+
+
 def test_no_page_is_wider_than_a_phone(walk, demo):
     """At 390 px (a phone), nothing makes the page scroll sideways: wide tables scroll inside their
     panels and plots inside their figures. Before, every page but the embed card was 464 to 1,065

@@ -26,12 +26,12 @@ from tests.hostile import FEATURE, MODEL, PLAIN, TEXTAREA, fill_hostile
 from tests.live_server import running_server
 from tests.synthetic import HOSTILE, HOSTILE_TOKENS, fill_synthetic
 
-# a neuron's and a latent's live requests: test your own text, a clamp sweep, a clamped generation
+# a neuron's and a latent's live requests (test your own text, a clamp sweep, a clamped generation), and the model's
 LIVE_PATHS = {
     f"{unit}/{kind}"
     for unit in ("/{model}/{layer}/{neuron}", "/{model}/sae/{sae}/{latent}")
     for kind in ("text", "clamp", "generate")
-}
+} | {"/{model}/text"}  # what fires on your text: every unit of the model
 HTML_SPECIAL = set("<>&\"'")
 
 

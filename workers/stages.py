@@ -22,7 +22,7 @@ from app import queries
 from app.arrays import FLOAT32, INT32, pack
 from app.errors import NeedleError
 from app.schema import Model
-from workers import examples, saestages, store
+from workers import examples, saestages, scan, store
 from workers.corpus import bos_prefix_id, load_corpus
 from workers.decode import SEARCH_K, RunningTopK, decode_layers
 from workers.loading import LoadedModel, max_positions
@@ -358,12 +358,7 @@ def run_text(ctx: JobContext) -> Writer:
     """A user's own text: one neuron's activation on each of its tokens."""
     loaded = ctx.load(ctx.model)
     run_id, layer, neuron, text = ctx.params["run"], ctx.params["layer"], ctx.params["neuron"], ctx.params["text"]
-    bos = bos_prefix_id(loaded.tokenizer)
-    limit = min(MAX_TEXT_TOKENS, (max_positions(loaded.config) or MAX_TEXT_TOKENS) - (bos is not None))
-    all_ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = all_ids[:limit]  # the model reads no more; the page says what was left out
-    if not ids:
-        raise NeedleError("The text has no tokens.", hint="Type some text to run.")
+    ids, n_tokens, bos = scan.user_text_ids(loaded, text)  # the model reads no more; the page says what was left out
     windows = torch.tensor([ids], dtype=torch.int64)
     got: dict[int, torch.Tensor] = {}
 
@@ -379,7 +374,7 @@ def run_text(ctx: JobContext) -> Writer:
     token_blob, act_blob = pack(ids, INT32), pack(got[layer].numpy(), FLOAT32)
 
     def write(session: Session) -> None:
-        queries.save_text_result(session, run_id, token_blob, act_blob, len(all_ids))
+        queries.save_text_result(session, run_id, token_blob, act_blob, n_tokens)
 
     return write
 
@@ -494,7 +489,6 @@ def run_generation_live(ctx: JobContext) -> Writer:
     return write
 
 
-MAX_TEXT_TOKENS = 512
 
 STAGES: dict[str, Callable[[JobContext], Writer]] = {
     "decode": run_decode,
@@ -507,6 +501,7 @@ STAGES: dict[str, Callable[[JobContext], Writer]] = {
     queries.TEXT_STAGE: run_text,
     queries.CLAMP_STAGE: run_clamp_live,
     queries.GENERATE_STAGE: run_generation_live,
+    queries.SCAN_STAGE: scan.run_scan,
     **saestages.SAE_RUNNERS,
     saestages.SAE_EXAMPLES: run_sae_examples,
     saestages.SAE_EXAMPLES_RANGE: run_examples_range,

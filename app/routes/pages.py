@@ -170,6 +170,40 @@ def sae(request: Request, model: str, sae: str, session: SessionDep, settings: S
     return respond(request, "sae.html", data, fmt)
 
 
+@router.get("/{model}/text")
+def scan_form(request: Request, model: str, session: SessionDep, settings: SettingsDep) -> Response:
+    """What fires on your text: the form."""
+    data = pagedata.scan_form_page(session, model, live=settings.live_requests, max_chars=settings.text_max_chars)
+    return respond(request, "scan.html", data)
+
+
+@router.get("/{model}/text.json")
+def scan_form_json(request: Request, model: str, session: SessionDep, settings: SettingsDep) -> Response:
+    data = pagedata.scan_form_page(session, model, live=settings.live_requests, max_chars=settings.text_max_chars)
+    return respond(request, "scan.html", data, urls.JSON)
+
+
+@router.post("/{model}/text", dependencies=LIVE_GUARDS, openapi_extra=openapi.SCAN_REQUEST)
+async def start_scan(request: Request, model: str, session: SessionDep, settings: SettingsDep) -> Response:
+    """Queue the posted text (a form field or JSON "text") for every unit of the model."""
+    text = await posted_text(request)
+    data = pagedata.start_scan(session, model, text, max_chars=settings.text_max_chars, live=settings.live_requests)
+    session.commit()
+    return _accepted(request, data, "_scan_panel.html", data["url"])
+
+
+@router.get("/{model}/text/{scan}")
+def scan(request: Request, model: str, scan: str, session: SessionDep, settings: SettingsDep) -> Response:
+    """A text run for every unit: its result, or (htmx) the panel that polls itself while it waits."""
+    scan, fmt = split_format(scan)
+    if (canonical := padded_numbers(scan)) is not None:
+        return moved_to(request, urls.scan_url(model, *canonical, fmt=fmt))
+    data = pagedata.scan_page(session, model, scan, live=settings.live_requests, max_chars=settings.text_max_chars)
+    if wants_fragment(request) and fmt is None:
+        return render_partial("_scan_panel.html", data)
+    return respond(request, "scan.html", data, fmt)
+
+
 @router.get("/{model}/sae/{sae}/random")
 def random_latent(model: str, sae: str, session: SessionDep) -> Response:
     return _no_store(RedirectResponse(pagedata.random_latent_target(session, model, sae), status_code=302))
