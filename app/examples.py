@@ -93,7 +93,7 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
     the stored arrays instead (PageSpans, "_context_spans"), so building them was 11% of its
     server time under load for nothing."""
     if row is None:
-        return {"examples": [], "interval_samples": [], "stats": None, "_context_spans": None}
+        return {"examples": [], "interval_samples": [], "stats": None, "peak_tokens": [], "_context_spans": None}
     a = unpack_examples(row, context)
     top_windows, top_pos, top_acts, top_max = a["top_windows"], a["top_pos"], a["top_acts"], a["top_max"]
     int_windows, int_pos, int_max, int_acts = a["int_windows"], a["int_pos"], a["int_max"], a["int_acts"]
@@ -116,6 +116,15 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
 
     top = [k for k, w in enumerate(top_windows.tolist()) if w >= 0 and w in windows]
     examples = [example(int(top_windows[k]), top_acts[k], int(top_pos[k]), top_max[k]) for k in top]
+    # the tokens its top contexts peak on (the token at each one's max, where it fires), most contexts first
+    peaks: dict[int, int] = {}
+    for k in top:
+        window_ids = ids[int(top_windows[k])]
+        if top_max[k] > 0 and 0 <= int(top_pos[k]) < len(window_ids):  # where it fires
+            token_id = int(window_ids[int(top_pos[k])])
+            peaks[token_id] = peaks.get(token_id, 0) + 1
+    peak_tokens = [{"token": text.get(t), "token_id": t, "contexts": n}
+                   for t, n in sorted(peaks.items(), key=lambda x: (-x[1], x[0]))]
     spans = [[(ids[int(top_windows[k])], top_acts[k], int(top_pos[k])) for k in top]]
     firing = int(int_counts.sum())
     intervals = []
@@ -143,7 +152,8 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
     }
     # "_context_spans": the HTML of every context's tokens, for the page's template (not in the JSON)
     spans_html = PageSpans(text, colour_scale(stats["max"], stats["min"]), spans)
-    return {"examples": examples, "interval_samples": intervals, "stats": stats, "_context_spans": spans_html}
+    return {"examples": examples, "interval_samples": intervals, "stats": stats, "peak_tokens": peak_tokens,
+            "_context_spans": spans_html}
 
 
 def histogram(edges: np.ndarray, counts: np.ndarray, lo: float, hi: float) -> dict:

@@ -22,7 +22,7 @@ from app.errors import NeedleError, NotFound
 from app.fastpage import token_texts
 from app.plots import STRIP_POINTS
 from app.schema import Job, Model, Sae
-from app.search import matching_tokens, number, ranked_neurons, tokenize_query
+from app.search import firing_units, matching_tokens, number, ranked_neurons, tokenize_query
 from app.tokens import from_visible
 from app.unitarrays import unpack_decoding
 
@@ -791,6 +791,7 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
         for basis, rows in by_basis.items():
             latents.extend(ranked_neurons(model.name, rows, text, sae=saes[basis]))
         latents.sort(key=lambda r: (-(r["score"] or 0.0), r["sae"], r["latent"]))
+    run = queries.example_run(session, model.id)
     data: dict[str, Any] = {
         "model": model.name,
         "query": token,
@@ -802,6 +803,10 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
         "results": results,
         # the latents of the model's SAEs, found the same way (an mlp-site SAE's by its decoder direction)
         "latents": latents,
+        # search by what fires: the units whose top contexts peak on the token (app/search.firing_units)
+        "firing": firing_units(model.name, queries.firing_index_rows(session, model.id, ids), text, saes) if ids else [],
+        "firing_ready": run is not None,
+        "top_k": (run.settings or {}).get("top_k") if run is not None else None,
         # the score-by-layer strip (Davies 2025, Figure 2): the best results, x = layer, y = score
         "score_strip": {
             "n_layers": model.n_layers,

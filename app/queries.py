@@ -39,6 +39,7 @@ from app.schema import (
     ExampleWindow,
     Feature,
     FeatureLayer,
+    FiringIndex,
     Generation,
     Job,
     Model,
@@ -361,6 +362,20 @@ def token_index_rows_of_bases(session: Session, model_id: int, token_ids: Iterab
                                 .order_by(TokenIndex.basis, TokenIndex.token_id)))
 
 
+def replace_firing_index(session: Session, model_id: int, basis: int, rows: Sequence[dict]) -> None:
+    """Replace one basis's firing index (token_id, layers, units, counts, acts per row)."""
+    session.execute(delete(FiringIndex).where(FiringIndex.model_id == model_id, FiringIndex.basis == basis))
+    _insert_rows(session, FiringIndex, model_id, [{"basis": basis, **r} for r in rows])
+
+
+def firing_index_rows(session: Session, model_id: int, token_ids: Iterable[int]) -> list[FiringIndex]:
+    """The firing index rows of these tokens in every basis of the model."""
+    ids = sorted({int(t) for t in token_ids})
+    return list(session.scalars(select(FiringIndex).where(FiringIndex.model_id == model_id,
+                                                          FiringIndex.token_id.in_(ids))
+                                .order_by(FiringIndex.basis, FiringIndex.token_id)))
+
+
 # ---------------------------------------------------------------- jobs
 
 
@@ -664,7 +679,7 @@ def replace_examples(
     transaction: a reader sees the old set or the new one, never a mix. Its SAEs' latents'
     activations point into the same windows, so they go too (their examples stage reads the
     new run's corpus)."""
-    for table in (NeuronActivations, ExampleWindow, ExampleRun):
+    for table in (NeuronActivations, FiringIndex, ExampleWindow, ExampleRun):
         session.execute(delete(table).where(table.model_id == model_id))
     session.add(ExampleRun(model_id=model_id, created_at=utcnow(), **run))
     session.flush()

@@ -195,6 +195,22 @@ class TokenIndex(Base):
     probs: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class FiringIndex(Base):
+    """For one vocabulary token, the units of a basis whose top contexts peak on it (their max
+    token is it): how many of their top windows, and their highest activation there; most
+    windows first, then by activation (workers/store.firing_rows, written with the examples)."""
+
+    __tablename__ = "firing_index"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    basis: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0: MLP neurons; else saes.id
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layers: Mapped[bytes] = mapped_column(LargeBinary)  # int32
+    units: Mapped[bytes] = mapped_column(LargeBinary)  # int32
+    counts: Mapped[bytes] = mapped_column(LargeBinary)  # int32
+    acts: Mapped[bytes] = mapped_column(LargeBinary)  # float32
+
+
 class Job(Base):
     """A unit of compute: a stage over part of a model. Claimed by one worker at a time."""
 

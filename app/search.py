@@ -96,3 +96,40 @@ def ranked_neurons(model_name: str, index_rows: dict[int, TokenIndex], token_tex
     for r in ranked:
         del r["_score"]
     return ranked
+
+
+FIRING_SHOWN = 30  # units a search lists by what fires
+
+
+def firing_units(model_name: str, rows: list, token_text: dict[int, str], sae_names: dict[int, str]) -> list[dict]:
+    """Search by what fires: the units whose top contexts peak on the query's tokens (firing
+    index rows of every basis), most top windows first, then by activation; one entry per unit,
+    on the token it peaks on most. A row of an SAE not in sae_names (deleted) is left out, and a
+    row whose arrays do not match is skipped."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        sae = None if row.basis == 0 else sae_names.get(row.basis)
+        if row.basis != 0 and sae is None:
+            continue
+        try:
+            columns = [unpack(row.layers, INT32).tolist(), unpack(row.units, INT32).tolist(),
+                       unpack(row.counts, INT32).tolist(), unpack(row.acts, FLOAT32).tolist()]
+        except ValueError:
+            continue
+        if len({len(c) for c in columns}) != 1:
+            continue
+        kind = "neuron" if sae is None else "latent"
+        for layer, unit, count, act in zip(*columns):
+            key = (row.basis, layer, unit)
+            seen = best.get(key)
+            if seen is None or (count, act) > (seen["windows"], seen["_act"]):
+                entry = {"kind": kind, "layer": layer, kind: unit, "windows": count, "activation": number(act),
+                         "token": token_text.get(row.token_id), "token_id": row.token_id,
+                         "url": urls.neuron_url(model_name, layer, unit, sae=sae), "_act": act}
+                if sae is not None:
+                    entry["sae"] = sae
+                best[key] = entry
+    ranked = sorted(best.values(), key=lambda r: (-r["windows"], -r["_act"], r["kind"], r["layer"]))
+    for r in ranked:
+        del r["_act"]
+    return ranked[:FIRING_SHOWN]

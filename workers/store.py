@@ -137,10 +137,51 @@ def shown_windows(corpus: Corpus, results: Sequence[LayerExamples]) -> list[dict
     ]
 
 
+FIRING_TOP = 50  # units kept per token in the firing index
+
+
+def firing_rows(corpus: Corpus, results: Sequence[LayerExamples]) -> list[dict]:
+    """The firing index of one basis: per vocabulary token, the units whose top contexts peak
+    on it (the token at their max, where they fire: max > 0), ranked by how many of their top
+    windows do, then by their highest activation there; FIRING_TOP per token."""
+    token_ids, layers, units, acts = [], [], [], []
+    windows = corpus.windows.numpy()
+    for res in results:
+        shown = (res.top_windows >= 0) & (res.top_max > 0)  # a window where the unit did not fire peaks nowhere
+        unit, _ = np.nonzero(shown)
+        token_ids.append(windows[res.top_windows[shown], res.top_pos[shown].astype(np.int64)])
+        layers.append(np.full(len(unit), res.layer, dtype=np.int64))
+        units.append(unit.astype(np.int64))
+        acts.append(res.top_max[shown].astype(np.float32))
+    if not units or not sum(len(u) for u in units):
+        return []
+    token, layer, unit, act = (np.concatenate(x) for x in (token_ids, layers, units, acts))
+    # one entry per (token, layer, unit): its count of top windows and its highest activation
+    order = np.lexsort((-act, unit, layer, token))
+    token, layer, unit, act = token[order], layer[order], unit[order], act[order]
+    first = np.ones(len(token), dtype=bool)
+    first[1:] = (token[1:] != token[:-1]) | (layer[1:] != layer[:-1]) | (unit[1:] != unit[:-1])
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, len(token)))
+    token, layer, unit, act = token[starts], layer[starts], unit[starts], act[starts]  # act: the group's highest
+    # per token: most windows first, then the highest activation, then layer and unit
+    order = np.lexsort((unit, layer, -act, -counts, token))
+    token, layer, unit, act, counts = token[order], layer[order], unit[order], act[order], counts[order]
+    bounds = np.flatnonzero(np.diff(token)) + 1
+    rows = []
+    for lo, hi in zip(np.append(0, bounds), np.append(bounds, len(token))):
+        hi = min(hi, lo + FIRING_TOP)
+        rows.append({"token_id": int(token[lo]), "layers": pack(layer[lo:hi], INT32), "units": pack(unit[lo:hi], INT32),
+                     "counts": pack(counts[lo:hi], INT32), "acts": pack(act[lo:hi], FLOAT32)})
+    return rows
+
+
 def write_examples(session: Session, model_id: int, run: dict, corpus: Corpus, results: Sequence[LayerExamples]) -> None:
-    """Replace the model's examples: the run, the windows some neuron shows, every neuron's row."""
+    """Replace the model's examples: the run, the windows some neuron shows, every neuron's row
+    (the firing index of the neurons with them; the SAEs' latents' go)."""
     rows = [row for res in results for row in activation_rows(res)]
     queries.replace_examples(session, model_id, run, shown_windows(corpus, results), rows)
+    queries.replace_firing_index(session, model_id, queries.NEURONS, firing_rows(corpus, results))
 
 
 def write_unit_examples(session: Session, model_id: int, basis: int, corpus: Corpus,
@@ -149,3 +190,4 @@ def write_unit_examples(session: Session, model_id: int, basis: int, corpus: Cor
     they show that no neuron showed are added."""
     queries.add_example_windows(session, model_id, shown_windows(corpus, results))
     queries.replace_unit_activations(session, model_id, basis, [row for res in results for row in activation_rows(res)])
+    queries.replace_firing_index(session, model_id, basis, firing_rows(corpus, results))
