@@ -1090,10 +1090,11 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
 
 
 JOBS_PAGE_SIZE = 200
-LIVE_REQUESTS = {  # a live request's stage: what it is, and the page that shows it
+LIVE_REQUESTS: dict[str, tuple[str, Any]] = {  # a live request's stage: what it is, and the page that shows it
     queries.TEXT_STAGE: ("your text", urls.text_run_url),
     queries.CLAMP_STAGE: ("clamp sweep", urls.clamp_url),
     queries.GENERATE_STAGE: ("clamped generation", urls.generation_url),
+    queries.SCAN_STAGE: ("what fires on your text", None),  # the model's, not a unit's: urls.scan_url
 }
 JOBS_ORDER = ("Running jobs first, then queued ones, both in the order workers claim them (oldest first); "
               "then failed jobs, then done ones, both newest first.")
@@ -1103,10 +1104,15 @@ def _request_url(model: str, job: Job) -> str | None:
     """The page of the live request a job computes (its key is "run:ID"), None if it cannot tell."""
     params = job.params or {}
     run = job.key.removeprefix("run:")
-    layer, neuron, sae = params.get("layer"), params.get("neuron"), params.get("sae_name")
-    if not (run.isascii() and run.isdigit()) or not isinstance(layer, int) or not isinstance(neuron, int):
+    if not (run.isascii() and run.isdigit()):
         return None
-    return LIVE_REQUESTS[job.stage][1](model, layer, neuron, int(run), sae=sae if isinstance(sae, str) else None)
+    unit_url = LIVE_REQUESTS[job.stage][1]
+    if unit_url is None:
+        return urls.scan_url(model, int(run))
+    layer, neuron, sae = params.get("layer"), params.get("neuron"), params.get("sae_name")
+    if not isinstance(layer, int) or not isinstance(neuron, int):
+        return None
+    return unit_url(model, layer, neuron, int(run), sae=sae if isinstance(sae, str) else None)
 
 
 def _listed_job(job: Job, model: str, now: datetime, stale_seconds: float | None) -> dict:

@@ -103,6 +103,9 @@ def test_what_fires_on_a_typed_text_every_unit_against_a_direct_pass(site, detec
     queued = r.json()
     assert queued["state"] == "queued" and queued["url"] == f"/det/text/{queued['id']}"
     assert "hx-trigger" in http.get(queued["url"], headers={"HX-Request": "true"}).text, "the panel polls while queued"
+    listed = [j for j in http.get("/-/jobs.json").json()["jobs"] if j["stage"] == "scan"]
+    assert [(j["kind"], j["request"], j["request_url"]) for j in listed] == [
+        ("live", "what fires on your text", queued["url"])], "the jobs list links the request"
     work(engine, settings)
     data = http.get(queued["json_url"]).json()
     assert data["state"] == "done" and data["model"] == "det" and data["text"] == TEXT, data.get("error")
