@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import clamping, examples, queries, scans, urls
+from app import baselines, clamping, examples, queries, scans, urls
 from app.arrays import FLOAT32, INT32, unpack
 from app.bases import SITE_TEXT, Basis, neuron_basis, sae_basis
 from app.errors import NeedleError, NotFound
@@ -640,6 +640,8 @@ def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: 
         )
     dec = unpack_decoding(row)
     text = token_texts(session, model)  # the vocabulary, held in memory (app/fastpage.py)
+    unit_features = queries.features_of_neuron(session, model.id, layer, index, basis.id)
+    feature_counts = {f.name: f.counts for f in queries.list_features(session, model.id)} if unit_features else {}
     run = examples.run_info(run_row)
     firing = examples.neuron_activations(session, model, activations if run_row else None,
                                          run_row.context if run_row else 0, arrays=arrays)
@@ -699,8 +701,10 @@ def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: 
                 "f1": number(f.f1),
                 "precision": number(f.precision),
                 "recall": number(f.recall),
+                "chance_f1": _chance_f1(feature_counts.get(f.feature)),
+                "f1_interval": _f1_interval(feature_counts.get(f.feature), f.precision, f.recall),
             }
-            for f in queries.features_of_neuron(session, model.id, layer, index, basis.id)
+            for f in unit_features
         ],
         "links": _links(session, model, basis, layer, index),
         "text_form_url": urls.text_form_url(model.name, layer, index, sae=basis.sae),
@@ -986,6 +990,19 @@ PROBE_METHOD = [
 ]
 
 
+def _chance_f1(counts) -> float | None:
+    counts = counts if isinstance(counts, dict) else {}
+    value = baselines.chance_f1(counts.get("test_pos"), counts.get("test_neg"))
+    return None if value is None else number(value)
+
+
+def _f1_interval(counts, precision, recall) -> list[float | None] | None:
+    """A probe's bootstrap 95% interval of its test F1 on a small test set (app/baselines.py)."""
+    counts = counts if isinstance(counts, dict) else {}
+    interval = baselines.f1_interval(precision, recall, counts.get("test_pos"), counts.get("test_neg"))
+    return None if interval is None else [number(x) for x in interval]
+
+
 def _feature_summary(model: Model, f) -> dict:
     return {
         "feature": f.name,
@@ -996,6 +1013,8 @@ def _feature_summary(model: Model, f) -> dict:
         "source": f.source,
         "description": f.description,
         "counts": f.counts or {},
+        # the F1 of predicting every test example positive: what a probe's F1 reads against
+        "chance_f1": _chance_f1(f.counts),
         "status": f.status,
         "reason": f.reason,
         "best": None
@@ -1044,6 +1063,7 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
                 "best": {
                     "neuron": fl.best_neuron,
                     "f1": number(fl.best_f1),
+                    "f1_interval": _f1_interval(row.counts, fl.best_precision, fl.best_recall),
                     "precision": number(fl.best_precision),
                     "recall": number(fl.best_recall),
                     "url": urls.neuron_url(model.name, fl.layer, fl.best_neuron),
@@ -1063,6 +1083,7 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
                 "sae": x.name, "sae_url": urls.sae_url(model.name, x.name), "layer": fl.layer, "site": x.site,
                 "best": {"latent": fl.best_neuron, "f1": number(fl.best_f1), "precision": number(fl.best_precision),
                          "recall": number(fl.best_recall),
+                         "f1_interval": _f1_interval(row.counts, fl.best_precision, fl.best_recall),
                          "url": urls.neuron_url(model.name, fl.layer, fl.best_neuron, sae=x.name)},
                 "top_latents": [{**{("latent" if k == "neuron" else k): v for k, v in t.items()},
                                  "url": urls.neuron_url(model.name, fl.layer, t["neuron"], sae=x.name)}

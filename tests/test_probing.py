@@ -11,6 +11,7 @@ import sys
 import httpx
 import pytest
 from bs4 import BeautifulSoup
+from sklearn.metrics import f1_score
 
 from app import queries
 from app.config import Settings
@@ -86,10 +87,23 @@ def test_digit_neuron_is_the_k1_probe_and_first_by_mean_difference(probed):
         assert all(len(svg.select("polyline")) == 2 for svg in (fast, fast_narrow, pruned, pruned_narrow))
         assert "Train" in page.select_one("dl.counts").get_text()
 
+        # evidence with its baselines: chance F1 (predicting every test example positive, as scikit-learn
+        # scores it) and, on this small test set, a bootstrap interval around each F1
+        pos, neg = data["counts"]["test_pos"], data["counts"]["test_neg"]
+        chance = f1_score([1] * pos + [0] * neg, [1] * (pos + neg))
+        assert data["chance_f1"] == pytest.approx(chance, rel=1e-5) and data["chance_f1"] < 0.9
+        for entry in data["layers"]:
+            low, high = entry["best"]["f1_interval"]
+            assert low <= entry["best"]["f1"] <= high and high - low < 0.5, entry["best"]
+        assert "Chance F1" in page.select_one("dl.counts").get_text()
+        assert f"[{layer['best']['f1_interval'][0]:.3f}, " in rows[DIGIT_NEURON[0]].get_text()
+
         # the neuron page lists the feature with its single-neuron metrics
         neuron = http.get(f"/{NAME}/{DIGIT_NEURON[0]}/{DIGIT_NEURON[1]}.json").json()
         listed = {f["feature"]: f for f in neuron["features"]}
         assert listed["contains_digit"]["rank"] == 1 and listed["contains_digit"]["f1"] >= 0.95
+        assert listed["contains_digit"]["chance_f1"] == data["chance_f1"]
+        assert listed["contains_digit"]["f1_interval"] is not None
         html = BeautifulSoup(http.get(f"/{NAME}/{DIGIT_NEURON[0]}/{DIGIT_NEURON[1]}").text, "html.parser")
         assert "contains_digit" in html.select_one("#features").get_text()
 
