@@ -673,6 +673,9 @@ def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: 
         "top_prob": number(row.top_prob),
         "top_score": number(row.top_score),
         "mean_top100": number(row.mean_top100),
+        # the baseline a decoding's probabilities read against: a flat decoding gives every token 1/V
+        "uniform_prob": number(1 / model.vocab_size) if model.vocab_size else None,
+        "top_prob_over_uniform": number(row.top_prob * model.vocab_size) if model.vocab_size else None,
         "input_tokens": [
             _token(t, text, prob=number(p), score=number(s))
             for t, p, s in zip(dec["in_ids"], dec["in_probs"], dec["in_scores"])

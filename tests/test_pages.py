@@ -211,6 +211,13 @@ def test_neuron_page_shows_tables_method_and_citation(site):
     assert decoding[0].select_one("code.tok").get_text() == "␣dog"
     assert len(soup.select("table.logits.promoted tbody tr")) == 10
     assert len(soup.select("table.logits.suppressed tbody tr")) == 10
+    # the decoding reads against its baseline: 1/V for a flat decoding
+    data = site.json(f"/{MODEL}/1/3.json")
+    vocab = site.json(f"/{MODEL}.json")["vocab_size"]
+    assert data["uniform_prob"] == pytest.approx(1 / vocab, rel=1e-5)
+    assert data["top_prob_over_uniform"] == pytest.approx(data["top_prob"] * vocab, rel=1e-4)
+    summary = " ".join(soup.select_one("p.summary").get_text(" ").split())
+    assert f"1/V = {1 / vocab:.3g}" in summary and f"{data['top_prob'] * vocab:.3g}×" in summary
     method = soup.select_one("section.method").get_text(" ")
     assert "Flash Interpretability" in method and "Davies" in method
     assert "none" in method, "says which decode norm was used"
