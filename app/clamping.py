@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app import queries, urls
 from app.bases import Basis
 from app.errors import NeedleError, NotFound
-from app.schema import ClampCurve, Generation, Job, Model
+from app.schema import ClampCurve, Generation, Job, Model, NeuronActivations
 from app.search import tokenize_query
 from app.tokens import from_visible, visible
 
@@ -315,17 +315,32 @@ def again_form(model: Model, layer: int, neuron: int, *, live: bool, curve: dict
     return form
 
 
+def observed_range(stats: NeuronActivations | None) -> list[float] | None:
+    """The unit's [min, max] activation on the examples corpus, marked on its clamp curves."""
+    if stats is None or not (_finite(stats.min_act) and _finite(stats.max_act)):
+        return None
+    return [float(stats.min_act), float(stats.max_act)]
+
+
 def neuron_section(session: Session, model: Model, layer: int, neuron: int, top_token: str | None,
-                   max_abs: float | None, *, live: bool, prompt_max_chars: int, basis: Basis | None = None) -> dict:
-    """A unit page's clamp section: its stored curves and the forms' defaults."""
+                   stats: NeuronActivations | None, *, live: bool, prompt_max_chars: int,
+                   basis: Basis | None = None, top_prompt: str | None = None) -> dict:
+    """A unit page's clamp section: its stored curves (each with the unit's observed range) and
+    the forms' defaults: the prompt is its top context up to its max token (top_prompt), else
+    the model's default prompt; the range is ±10x its largest |activation| on the corpus."""
+    seen = observed_range(stats)
+    max_abs = max(abs(seen[0]), abs(seen[1])) if seen else None
     bound = default_bound(max_abs)
     sae, basis_id = (basis.sae, basis.id) if basis is not None else (None, queries.NEURONS)
     curves = queries.clamp_curves_of_neuron(session, model.id, layer, neuron, basis=basis_id)
+    prompt = top_prompt[-prompt_max_chars:] if top_prompt and top_prompt.strip() else None
     return {
-        "clamp_curves": [curve_data(model, c, sae=sae) for c in curves],
+        "clamp_curves": [{**curve_data(model, c, sae=sae), "observed_range": seen} for c in curves],
         "clamp_form": {
             **form_base(model, layer, neuron, live=live, sae=sae),
-            "prompt": (model.info or {}).get("clamp_prompt") or "The",
+            "prompt": prompt or (model.info or {}).get("clamp_prompt") or "The",
+            "prompt_from": "its top context on the examples corpus, up to its max token" if prompt
+            else "the model's default prompt (the start of its examples corpus)",
             "token": target_field(top_token),
             "start": -bound,
             "stop": bound,
@@ -445,7 +460,9 @@ def clamp_page(session: Session, model: Model, layer: int, neuron: int, curve_te
     if curve is None or curve.model_id != model.id or (curve.basis, curve.layer, curve.neuron) != (basis_id, layer, neuron):
         raise NotFound(f"There is no clamp curve {curve_text[:60]!r} for {_unit_words(basis, layer, neuron)} of {model.name!r}.")
     job = queries.live_job(session, model.id, queries.CLAMP_STAGE, curve.id) if curve.probs is None else None
-    return curve_data(model, curve, job, sae=basis.sae if basis is not None else None)
+    stats = queries.neuron_activations(session, model.id, layer, neuron, basis_id)
+    return {**curve_data(model, curve, job, sae=basis.sae if basis is not None else None),
+            "observed_range": observed_range(stats)}
 
 
 def start_generation(session: Session, model: Model, layer: int, neuron: int, form: dict, *, live: bool,

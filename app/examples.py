@@ -85,6 +85,27 @@ def _example(token_ids: np.ndarray, acts: np.ndarray, text: dict[int, str], sour
     }
 
 
+def _prompt_upto(window_ids, pos: int, text) -> str | None:
+    """A clamp prompt a person can read: a context's text up to (and with) its max token."""
+    return "".join(text.get(int(t)) or "" for t in window_ids[: pos + 1]) or None
+
+
+def top_context_prompt(session: Session, model: Model, row: NeuronActivations | None, context: int) -> str | None:
+    """A unit's default clamp prompt: its top context on the examples corpus up to its max token,
+    None where it has none (or never fired)."""
+    if row is None:
+        return None
+    a = unpack_examples(row, context)
+    windows, pos, top_max = a["top_windows"], a["top_pos"], a["top_max"]
+    if not len(windows) or windows[0] < 0 or not top_max[0] > 0:
+        return None
+    stored = queries.example_windows(session, model.id, [int(windows[0])])
+    win = stored.get(int(windows[0]))
+    if win is None:
+        return None
+    return _prompt_upto(unpack(win.token_ids, INT32), int(pos[0]), token_texts(session, model))
+
+
 def neuron_activations(session: Session, model: Model, row: NeuronActivations | None, context: int, *,
                        arrays: bool = True) -> dict:
     """The "examples", "interval_samples" and "stats" of a neuron page (empty when not computed).
@@ -93,7 +114,8 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
     the stored arrays instead (PageSpans, "_context_spans"), so building them was 11% of its
     server time under load for nothing."""
     if row is None:
-        return {"examples": [], "interval_samples": [], "stats": None, "peak_tokens": [], "_context_spans": None}
+        return {"examples": [], "interval_samples": [], "stats": None, "peak_tokens": [], "_context_spans": None,
+                "_top_prompt": None}
     a = unpack_examples(row, context)
     top_windows, top_pos, top_acts, top_max = a["top_windows"], a["top_pos"], a["top_acts"], a["top_max"]
     int_windows, int_pos, int_max, int_acts = a["int_windows"], a["int_pos"], a["int_max"], a["int_acts"]
@@ -125,6 +147,8 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
             peaks[token_id] = peaks.get(token_id, 0) + 1
     peak_tokens = [{"token": text.get(t), "token_id": t, "contexts": n}
                    for t, n in sorted(peaks.items(), key=lambda x: (-x[1], x[0]))]
+    top_prompt = _prompt_upto(ids[int(top_windows[top[0]])], int(top_pos[top[0]]), text) \
+        if top and top_max[top[0]] > 0 else None
     spans = [[(ids[int(top_windows[k])], top_acts[k], int(top_pos[k])) for k in top]]
     firing = int(int_counts.sum())
     intervals = []
@@ -153,7 +177,7 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
     # "_context_spans": the HTML of every context's tokens, for the page's template (not in the JSON)
     spans_html = PageSpans(text, colour_scale(stats["max"], stats["min"]), spans)
     return {"examples": examples, "interval_samples": intervals, "stats": stats, "peak_tokens": peak_tokens,
-            "_context_spans": spans_html}
+            "_context_spans": spans_html, "_top_prompt": top_prompt}
 
 
 def histogram(edges: np.ndarray, counts: np.ndarray, lo: float, hi: float) -> dict:

@@ -713,9 +713,8 @@ def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: 
         "text_form_url": urls.text_form_url(model.name, layer, index, sae=basis.sae),
         "text_max_chars": text_max_chars,
         **clamping.neuron_section(
-            session, model, layer, index, text.get(row.top_token_id),
-            max(abs(activations.max_act), abs(activations.min_act)) if activations is not None else None,
-            live=live, prompt_max_chars=clamp_prompt_max_chars, basis=basis,
+            session, model, layer, index, text.get(row.top_token_id), activations,
+            live=live, prompt_max_chars=clamp_prompt_max_chars, basis=basis, top_prompt=firing["_top_prompt"],
         ),
     }
 

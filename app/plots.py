@@ -249,7 +249,8 @@ def _nice_top(value: float) -> float:
 def clamp_curve_svg(curve: dict, ident: str | None = None, narrow: bool = False) -> Markup:
     """p(target) against the clamp value: a line with a point per value (its tooltip gives both
     numbers) and the unclamped model marked (a dashed line at its activation, a ring at its
-    probability). The y axis runs from 0 to a round number above the largest probability, which
+    probability); with curve["observed_range"], a band over the activations the unit takes on the
+    examples corpus. The y axis runs from 0 to a round number above the largest probability, which
     is written on it, so small probabilities stay readable."""
     xs, ys = curve["values"], curve["probs"]
     if not xs or not ys:
@@ -282,6 +283,11 @@ def clamp_curve_svg(curve: dict, ident: str | None = None, narrow: bool = False)
         f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/>',
         f'<line class="grid" x1="{LEFT}" y1="{y(y_top / 2):.1f}" x2="{LEFT + plot_w}" y2="{y(y_top / 2):.1f}"/>',
     ]
+    seen = curve.get("observed_range")
+    if seen and seen[0] is not None and seen[1] is not None and seen[0] <= hi and seen[1] >= lo:
+        a, b = x(max(seen[0], lo)), x(min(seen[1], hi))
+        parts.append(f'<rect class="observed" x="{a:.1f}" y="{TOP}" width="{max(b - a, 1.0):.1f}" height="{plot_h}">'
+                     f"<title>the activations it takes on the examples corpus: {_fmt(seen[0])} to {_fmt(seen[1])}</title></rect>")
     if lo < 0 < hi:
         parts.append(f'<line class="marker zero" x1="{x(0):.1f}" y1="{TOP}" x2="{x(0):.1f}" y2="{TOP + plot_h}"/>')
     points = " ".join(f"{x(v):.1f},{y(p):.1f}" for v, p in zip(xs, ys))

@@ -50,8 +50,8 @@ def _unit(args) -> tuple[int, int | None, str | None]:
 
 
 def _target(settings: Settings, name: str, first: int, second: int | None, sae_name: str | None = None):
-    """(engine, model row detached, the model's default prompt, the unit, its top token id, its max |activation|)."""
-    from app import queries
+    """(engine, model row detached, the unit's default prompt, the unit, its top token id, its max |activation|)."""
+    from app import examples, queries
     from app.db import get_engine, require_migrated, session_scope
 
     engine = get_engine(settings)
@@ -82,10 +82,13 @@ def _target(settings: Settings, name: str, first: int, second: int | None, sae_n
             unit = Unit(row.layer, first, row.id, row.name, sae_from_bytes(row.cfg, row.weights))
         decoded = queries.get_neuron(s, model.id, unit.layer, unit.index, unit.basis)
         stats = queries.neuron_activations(s, model.id, unit.layer, unit.index, unit.basis)
+        run = queries.example_run(s, model.id)
+        # the unit's own top context up to its max token, as its page's forms default to; else the model's prompt
+        prompt = examples.top_context_prompt(s, model, stats, run.context) if run is not None else None
         s.expunge(model)
         top = decoded.top_token_id if decoded is not None else None
         max_abs = max(abs(stats.max_act), abs(stats.min_act)) if stats is not None else None
-        return engine, model, (model.info or {}).get("clamp_prompt") or "The", unit, top, max_abs
+        return engine, model, prompt or (model.info or {}).get("clamp_prompt") or "The", unit, top, max_abs
 
 
 def _token_id(engine, model_id: int, text: str) -> int | None:
@@ -203,7 +206,8 @@ def add_clamp_commands(sub) -> None:
     p.add_argument("unit", type=_int, nargs="+", metavar="LAYER NEURON | LATENT",
                    help="a neuron's layer and index, or with --sae a latent's index")
     p.add_argument("--sae", metavar="NAME", help="clamp a latent of this SAE (steering at its site)")
-    p.add_argument("--prompt", help="default: the model's clamp prompt (see `needle index --clamp-prompt`)")
+    p.add_argument("--prompt", help="default: the unit's top context up to its max token (its page's default), "
+                   "else the model's clamp prompt (see `needle index --clamp-prompt`)")
     p.add_argument("--token", help="the target token (default: the neuron's top decoded token); text of several "
                    "tokens is refused, naming them")
     p.add_argument("--values", metavar="START:STOP:COUNT",
@@ -218,7 +222,7 @@ def add_clamp_commands(sub) -> None:
     p.add_argument("unit", type=_int, nargs="+", metavar="LAYER NEURON | LATENT",
                    help="a neuron's layer and index, or with --sae a latent's index")
     p.add_argument("--sae", metavar="NAME", help="clamp a latent of this SAE (steering at its site)")
-    p.add_argument("--prompt", help="default: the model's clamp prompt")
+    p.add_argument("--prompt", help="default: the unit's top context up to its max token, else the model's clamp prompt")
     p.add_argument("--value", type=_float, required=True, help="the clamp value")
     p.add_argument("--tokens", type=_int, default=32, help="tokens to generate (1 to 256, default 32)")
     p.add_argument("--seed", type=_seed, help=f"sample with this seed, 0 to {MAX_SEED} (default: greedy)")

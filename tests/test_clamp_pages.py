@@ -235,8 +235,13 @@ def test_index_stores_a_curve_for_each_neuron_that_is_a_top_hit_for_its_own_top_
 
     for layer, neuron in sorted(expected):
         data = http.get(f"/{NAME}/{layer}/{neuron}.json").json()
-        assert data["clamp_form"]["prompt"] == prompt
+        # the form's default prompt is the neuron's own top context, up to (and with) its max token
+        top = data["examples"][0]
+        assert data["clamp_form"]["prompt"] == "".join(top["tokens"][: top["max_index"] + 1])
+        assert "top context" in data["clamp_form"]["prompt_from"]
         (curve,) = data["clamp_curves"]
+        # the range its activation takes on the corpus, marked on the curve
+        assert curve["observed_range"] == pytest.approx([data["stats"]["min"], data["stats"]["max"]])
         check_curve_shape(curve, 21)
         assert curve["source"] == "index" and curve["positions"] == "all" and curve["prompt"] == prompt
         assert curve["state"] == "done"
@@ -256,6 +261,7 @@ def test_index_stores_a_curve_for_each_neuron_that_is_a_top_hit_for_its_own_top_
         boxes = section.select(".clamp-curve-box")
         assert len(boxes) == len(data["clamp_curves"]) == len(section.select("svg.clamp-curve.wide")) == 1
         check_curve_plot(boxes[0], data["clamp_curves"][0])
+        assert boxes[0].select_one("svg.clamp-curve.wide rect.observed") is not None, "the observed range's band"
         assert "needle index" in boxes[0].get_text()
         assert len(boxes[0].select("table.tokens")) == 2
     # a neuron without a curve says so
@@ -716,11 +722,13 @@ def assert_clear_error(code: int, err: str, phrase: str) -> None:
 
 def test_cli_clamp_prints_the_curve_and_stores_it(site, cli, loaded):
     http = site.http
-    code, out, err = cli("clamp", NAME, "0", "3", "--token", DOG, "--values", "-5:5:11", "--json")
+    # without --prompt: the neuron's top context up to its max token (its page's default), where it
+    # fires at its max: the range holds that activation
+    code, out, err = cli("clamp", NAME, "0", "3", "--token", DOG, "--values", "-10:10:11", "--json")
     assert code == 0, err
     curve = json.loads(out)
     check_curve_shape(curve, 11)
-    np.testing.assert_allclose(curve["values"], np.linspace(-5, 5, 11), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(curve["values"], np.linspace(-10, 10, 11), rtol=1e-12, atol=1e-12)
     prompt = http.get(f"{ALIGNED_URL}.json").json()["clamp_form"]["prompt"]
     assert curve["prompt"] == prompt and curve["positions"] == "all" and curve["note"] is None
     direct = clamp.sweep(loaded, *ALIGNED, prompt, token_id(loaded, DOG), curve["values"])

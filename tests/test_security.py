@@ -180,10 +180,14 @@ def test_neuron_pages_show_hostile_tokens_as_text(hostile):
         # the sweep form: the top token in an attribute, the prompt in a <textarea> that stays one
         form = soup.select("form.clamp-form")[0]
         assert form.select_one("input[name=token]")["value"] == visible(token)  # as its chip shows it
-        # (after the newline the page writes at a <textarea>'s start, which a browser drops)
-        assert form.select_one("textarea[name=prompt]").get_text() == "\n" + TEXTAREA
-        assert len(soup.select("textarea")) == 3, "no textarea closed early or opened by a token"
+        # (after the newline the page writes at a <textarea>'s start, which a browser drops): the
+        # neuron's top context up to its max token, hostile tokens and all, else the model's prompt
         data = hostile.http.get(urls.neuron_url(MODEL, 0, i, fmt="json")).json()
+        prompt = data["clamp_form"]["prompt"]
+        top = data["examples"][0] if data["examples"] else None
+        assert prompt == ("".join(top["tokens"][: top["max_index"] + 1]) if top else TEXTAREA)
+        assert form.select_one("textarea[name=prompt]").get_text() == "\n" + prompt
+        assert len(soup.select("textarea")) == 3, "no textarea closed early or opened by a token"
         assert data["input_tokens"][0]["token"] == token
         # the htmx fragment of the same page
         inert(hostile.http.get(urls.neuron_url(MODEL, 0, i), headers={"HX-Request": "true"}))
