@@ -254,3 +254,33 @@ def test_constant_neurons_are_not_probed_into_noise():
     const = next(s for s in res.single if s["neuron"] == 5)
     assert const["mean_dif"] == 0.0 and const["f1"] == 0.0 and res.ranking[-1]["neuron"] == 5
     assert [c["k"] for c in res.curve] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_features_with_identical_labels_are_probed_once_and_reported_as_one():
+    """Two features with the same samples and labels are one feature: the second is reported
+    under the first (not probed again); one whose labels differ is probed on its own."""
+    from workers.features import Feature, ProbeDataset
+    from workers.probing import probe_features
+
+    gen = torch.Generator().manual_seed(0)
+    n_windows, context, width = 40, 8, 16
+    acts = torch.randn(n_windows, context, width, generator=gen)
+    window = torch.arange(n_windows).repeat_interleave(context)
+    position = torch.arange(context).repeat(n_windows)
+    label = acts[window, position, 3] > 0.5
+    acts[window[label], position[label], 3] += 2.0  # unit 3 carries the feature
+
+    def feature(name: str, labels: torch.Tensor) -> Feature:
+        return Feature(name, "token", "token", "test", name, window, position, labels)
+
+    other = label.clone()
+    other[:40] = ~other[:40]
+    dataset = ProbeDataset(torch.zeros(n_windows, context, dtype=torch.int64), torch.full((n_windows,), context),
+                           [feature("first", label), feature("again", label.clone()), feature("other", other)],
+                           "test")
+    results = {r.feature.name: r for r in probe_features({0: acts}, dataset)}
+    assert results["first"].skipped is None and results["first"].layers[0].best["neuron"] == 3
+    assert results["again"].skipped is not None and not results["again"].layers
+    assert "identical to those of 'first'" in results["again"].skipped
+    assert results["again"].counts == results["first"].counts
+    assert results["other"].skipped is None and results["other"].layers

@@ -9,6 +9,7 @@ of each row when the tokenizer adds one, and left out, as in workers/examples.py
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,8 +64,17 @@ class FeatureResult:
 
 def probe_features(acts: dict[int, torch.Tensor], dataset: ProbeDataset, *, seed: int = 0,
                    progress: Callable[[int], None] = lambda n: None) -> list[FeatureResult]:
-    results = []
+    results: list[FeatureResult] = []
+    first_of: dict[bytes, FeatureResult] = {}  # features with the same samples and labels: one probe
     for feature in dataset.features:
+        key = _labels_key(feature)
+        same = first_of.get(key)
+        if same is not None and same.skipped is None:  # (one not probed, say for too few positives, says why itself)
+            results.append(FeatureResult(feature, counts=same.counts, skipped=(
+                f"its labels are identical to those of {same.feature.name!r} on the same samples: one feature "
+                f"here, reported as {same.feature.name!r}")))
+            progress(1)
+            continue
         xs = {layer: samples(a, feature, dataset.lengths) for layer, a in acts.items()}
         try:
             fitted = probes.probe_layers(xs, feature.label, seed=seed)
@@ -73,8 +83,16 @@ def probe_features(acts: dict[int, torch.Tensor], dataset: ProbeDataset, *, seed
         else:
             first = next(iter(fitted.values()))
             results.append(FeatureResult(feature, layers=fitted, counts=first.counts))
+        first_of[key] = results[-1]
         progress(1)
     return results
+
+
+def _labels_key(feature: Feature) -> bytes:
+    """What a probe of a feature depends on: its samples (kind, aggregation, windows, positions) and labels."""
+    parts = [feature.kind.encode(), feature.aggregation.encode()]
+    parts += [t.detach().cpu().numpy().tobytes() for t in (feature.window, feature.position, feature.label)]
+    return hashlib.sha256(b"\0".join(parts)).digest()
 
 
 def result_rows(results: list[FeatureResult], basis: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
