@@ -172,18 +172,19 @@ def _state(job: Job | None, done: bool) -> str:
 CURVE_SOURCES = ("index", "cli", "page")
 
 
-def _finite(x) -> bool:
+def finite(x) -> bool:
+    """A real number (not a bool), not NaN nor infinite: what a stored figure must be to be shown."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _finite_list(x, length: int | None = None) -> bool:
-    return isinstance(x, list) and bool(x) and length in (None, len(x)) and all(_finite(v) for v in x)
+    return isinstance(x, list) and bool(x) and length in (None, len(x)) and all(finite(v) for v in x)
 
 
 def _top_tokens(x) -> bool:
     return isinstance(x, list) and all(
         isinstance(t, dict) and isinstance(t.get("token"), (str, type(None))) and isinstance(t.get("token_id"), int)
-        and _finite(t.get("prob")) for t in x)
+        and finite(t.get("prob")) for t in x)
 
 
 def curve_problem(curve: ClampCurve) -> str | None:
@@ -197,7 +198,7 @@ def curve_problem(curve: ClampCurve) -> str | None:
     if not _finite_list(curve.probs, len(curve.clamp_values)):
         return "its probabilities are not one finite number per clamp value"
     base = curve.baseline
-    if not (isinstance(base, dict) and _finite(base.get("activation")) and _finite(base.get("prob"))):
+    if not (isinstance(base, dict) and finite(base.get("activation")) and finite(base.get("prob"))):
         return "its unclamped point is not two finite numbers"
     tops = curve.top_tokens
     if not (isinstance(tops, dict) and _top_tokens(tops.get("low")) and _top_tokens(tops.get("high"))):
@@ -207,7 +208,7 @@ def curve_problem(curve: ClampCurve) -> str | None:
 
 def generation_problem(gen: Generation) -> str | None:
     """What in a stored clamped generation cannot be shown, or None."""
-    if not _finite(gen.value):
+    if not finite(gen.value):
         return "its clamp value is not a finite number"
     sides = (gen.clamped, gen.unclamped)
     if (sides[0] is None) != (sides[1] is None) or not all(
@@ -267,7 +268,7 @@ def generation_data(model: Model, gen: Generation, job: Job | None = None, sae: 
         "layer": gen.layer,
         "neuron": gen.neuron,
         "prompt": gen.prompt,
-        "value": gen.value if _finite(gen.value) else None,
+        "value": gen.value if finite(gen.value) else None,
         "tokens": gen.tokens,
         "seed": gen.seed,
         "mode": "greedy" if gen.seed is None else "sampled",
@@ -317,7 +318,7 @@ def again_form(model: Model, layer: int, neuron: int, *, live: bool, curve: dict
 
 def observed_range(stats: NeuronActivations | None) -> list[float] | None:
     """The unit's [min, max] activation on the examples corpus, marked on its clamp curves."""
-    if stats is None or not (_finite(stats.min_act) and _finite(stats.max_act)):
+    if stats is None or not (finite(stats.min_act) and finite(stats.max_act)):
         return None
     return [float(stats.min_act), float(stats.max_act)]
 

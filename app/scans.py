@@ -5,12 +5,11 @@ makes the scan "broken", never the page."""
 
 from __future__ import annotations
 
-import math
-
 from sqlalchemy.orm import Session
 
 from app import queries, urls
 from app.arrays import INT32, unpack
+from app.clamping import finite
 from app.schema import Job, Model, TextScan
 from app.search import number
 
@@ -18,15 +17,11 @@ RELATIVE = ("activation / the unit's max activation on the examples corpus: 1 is
             "ever fires there, so units of every layer and basis compare")
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _entries_ok(rows, n_units: int, with_pos: int | None) -> bool:
     width = 3 if with_pos is None else 4
     return isinstance(rows, list) and all(
         isinstance(r, list) and len(r) == width and isinstance(r[0], int) and 0 <= r[0] < n_units
-        and _finite(r[1]) and _finite(r[2]) and (with_pos is None or (isinstance(r[3], int) and 0 <= r[3] < with_pos))
+        and finite(r[1]) and finite(r[2]) and (with_pos is None or (isinstance(r[3], int) and 0 <= r[3] < with_pos))
         for r in rows)
 
 

@@ -108,8 +108,8 @@ def firing_units(model_name: str, rows: list, token_text: dict[int, str], sae_na
     row whose arrays do not match is skipped."""
     best: dict[tuple, dict] = {}
     for row in rows:
-        sae = None if row.basis == 0 else sae_names.get(row.basis)
-        if row.basis != 0 and sae is None:
+        sae = None if row.basis == queries.NEURONS else sae_names.get(row.basis)
+        if row.basis != queries.NEURONS and sae is None:
             continue
         try:
             columns = [unpack(row.layers, INT32).tolist(), unpack(row.units, INT32).tolist(),

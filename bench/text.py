@@ -4,8 +4,8 @@
     python bench/text.py --device cuda    # the same on a GPU
     python bench/text.py --no-sae         # the neurons only
 
-The text is 2,000 characters of Python (from the middle of Needle's own workers/ code), as a user
-would paste it; it runs as the job runs it (workers.scan: up to MAX_SCAN_TOKENS tokens, in
+The text is 2,000 characters of Python (the standard library's textwrap.py from its 2,000th
+character on: the same text on every run of one Python), as a user would paste it; it runs as the job runs it (workers.scan: up to MAX_SCAN_TOKENS tokens, in
 windows of the model's positions). Each unit's max on the corpus (the relative activation's
 scale) comes from the examples stage run here beforehand over --tokens of the stdlib corpus,
 neurons and the SAE's latents, as the stored maxima would.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from workers.corpus import bos_prefix_id, load_corpus
 from workers.loading import load_model
 from workers.sae import load_sae
 from workers.saestages import latent_units
-from workers.scan import MAX_SCAN_TOKENS, maxima_by_layer, scan, user_text_ids, window_tokens
+from workers.scan import MAX_SCAN_TOKENS, maxima_by_layer, scan, text_windows, user_text_ids, window_tokens
 
 DEMO_MODEL = ROOT / "assets" / "demo-model"
 DEMO_SAE = ROOT / "assets" / "demo-sae"
@@ -80,15 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
     sae = None if args.no_sae else load_sae(DEMO_SAE).to(device)
     rows = maxima_of(loaded, sae, args.tokens, device)
     maxima = maxima_by_layer(rows)
-    text = "".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "workers").glob("*.py")))
-    text = text[len(text) // 2:][: args.chars]  # from the middle of Needle's own code: Python as a user pastes it
+    # Python as a user pastes it, the same on every run: the standard library's textwrap.py, past its header
+    text = Path(textwrap.__file__).read_text(encoding="utf-8")[2000:][: args.chars]
     ids, n_tokens, bos = user_text_ids(loaded, text, MAX_SCAN_TOKENS)
     saes = {} if sae is None else {SAE_BASIS: sae}
-    # the same windows the scan reads: the whole ones in one batch, the rest in a second pass
-    width = window_tokens(loaded)
-    full = len(ids) // width * width
-    batches = [torch.tensor(ids[a:b], device=device).view(-1, min(width, b - a)) for a, b in ((0, full), (full, len(ids)))
-               if b > a]
+    # the same windows the scan reads
+    batches = [x.to(device) for _, x in text_windows(ids, window_tokens(loaded))]
     if bos is not None:
         batches = [torch.cat([torch.full((x.shape[0], 1), bos, device=device), x], 1) for x in batches]
 

@@ -44,8 +44,13 @@ RESIDUAL_SITES = ("mlp_out", "resid_pre", "resid_post")  # where an SAE reads th
 
 
 def sae_key(sae_id: int) -> str:
-    """The key of an SAE's jobs; its sharded examples' range and part jobs add "/..." to it."""
+    """The key of an SAE's jobs (its sharded examples' range and part jobs: parts_prefix)."""
     return f"sae:{sae_id}"
+
+
+def parts_prefix(sae_id: int) -> str:
+    """How the keys of an SAE's sharded examples' range and part jobs, and of their stored parts, start."""
+    return sae_key(sae_id) + "/"
 
 
 def latent_units(sae: Sae) -> examples.Units:

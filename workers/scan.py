@@ -51,6 +51,14 @@ def user_text_ids(loaded, text: str, limit: int | None = None) -> tuple[list[int
     return ids, len(all_ids), bos
 
 
+def text_windows(ids: list[int], width: int) -> list[tuple[int, torch.Tensor]]:
+    """A text's token ids as the model reads them, windows of `width` each read on its own: the
+    whole windows in one batch, the rest in a second; (the first token's index, the batch [B, T])."""
+    full = len(ids) // width * width
+    return [(start, torch.tensor(ids[start:stop], dtype=torch.int64).view(-1, min(width, stop - start)))
+            for start, stop in ((0, full), (full, len(ids))) if stop > start]
+
+
 class _Best:
     """The running top-k of (relative, activation, unit) per row, merged over layers and bases."""
 
@@ -127,19 +135,11 @@ def scan(loaded, ids: list[int], bos: int | None, maxima: dict[tuple[int, int], 
         offset, (basis, layer) = starts[bisect.bisect_right(starts, (number, (math.inf, math.inf))) - 1]
         return [basis, layer, number - offset]
 
-    n = len(ids)
     of_text = _Best(1, TOP_OF_TEXT)
     passes: list[_Best] = []
-    # the text in windows of the model's positions, each read on its own: the whole windows in
-    # one batch, the rest in a second pass
-    width = window_tokens(loaded)
-    full = n // width * width
     device = next(loaded.model.parameters()).device
-    for start, stop in ((0, full), (full, n)):
-        if stop <= start:
-            continue
-        windows = torch.tensor(ids[start:stop], dtype=torch.int64).view(-1, min(width, stop - start))
-        per_token = _Best(stop - start, TOP_PER_TOKEN)
+    for start, windows in text_windows(ids, window_tokens(loaded)):
+        per_token = _Best(windows.numel(), TOP_PER_TOKEN)
 
         def read(r: int, layer: int, acts: torch.Tensor, per_token: _Best = per_token, start: int = start) -> None:
             key = (bases[r], layer)

@@ -205,7 +205,7 @@ def _reader(ctx: JobContext, loaded) -> tuple[examples.Units, str]:
     if sae_id is None:
         return examples.NEURON_UNITS, ""
     sae = saestages.stored_sae(ctx, sae_id, next(loaded.model.parameters()).device)
-    return saestages.latent_units(sae), saestages.sae_key(sae_id) + "/"
+    return saestages.latent_units(sae), saestages.parts_prefix(sae_id)
 
 
 def run_examples_range(ctx: JobContext) -> Writer:
@@ -489,7 +489,6 @@ def run_generation_live(ctx: JobContext) -> Writer:
     return write
 
 
-
 STAGES: dict[str, Callable[[JobContext], Writer]] = {
     "decode": run_decode,
     "search_index": run_search_index,
@@ -653,15 +652,15 @@ def plan_sae_examples(session: Session, model_id: int, sae_id: int, layer: int, 
     that run's job params): one job; or, where that run is split into corpus shards, split the
     same way: the estimate pass (sae_examples_range), a streaming pass per shard
     (sae_examples_part), then sae_examples merges them, as the neurons' run does."""
-    key = saestages.sae_key(sae_id)
+    key, prefix = saestages.sae_key(sae_id), saestages.parts_prefix(sae_id)
     base = {"sae": sae_id, **{k: examples_params.get(k) for k in ("corpus", "tokens", "context")}}
     # another SAE's training too: one stage name holds every SAE's jobs
     needs = f"examples,{saestages.SAE_TRAIN}"
     split = (saestages.SAE_EXAMPLES_RANGE, saestages.SAE_EXAMPLES_PART)
     for job in queries.jobs_for_model(session, model_id):  # an earlier split of this SAE's examples
-        if job.stage in split and job.key.startswith(key + "/"):
+        if job.stage in split and job.key.startswith(prefix):
             session.delete(job)
-    queries.delete_example_parts(session, model_id, prefix=key + "/")
+    queries.delete_example_parts(session, model_id, prefix=prefix)
     shards = examples_params.get("shards") or 1
     if shards == 1:
         queries.enqueue_job(session, model_id, saestages.SAE_EXAMPLES, key, base, requires_stage=needs,
@@ -669,11 +668,11 @@ def plan_sae_examples(session: Session, model_id: int, sae_id: int, layer: int, 
         return
     sharded = {**base, "batch_tokens": examples_params["batch_tokens"]}
     start, stop = layer, layer + 1
-    queries.enqueue_job(session, model_id, saestages.SAE_EXAMPLES_RANGE, key + "/" + layers_key(start, stop),
+    queries.enqueue_job(session, model_id, saestages.SAE_EXAMPLES_RANGE, prefix + layers_key(start, stop),
                         {**sharded, "layers": [start, stop]}, requires_stage=needs, max_attempts=max_attempts,
                         force=True)
     for i in range(shards):
-        queries.enqueue_job(session, model_id, saestages.SAE_EXAMPLES_PART, key + "/" + shard_key(start, stop, i, shards),
+        queries.enqueue_job(session, model_id, saestages.SAE_EXAMPLES_PART, prefix + shard_key(start, stop, i, shards),
                             {**sharded, "layers": [start, stop], "shard": i, "shards": shards},
                             requires_stage=saestages.SAE_EXAMPLES_RANGE, max_attempts=max_attempts, force=True)
     queries.enqueue_job(session, model_id, saestages.SAE_EXAMPLES, key,
