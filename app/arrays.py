@@ -6,6 +6,7 @@ import numpy as np
 
 INT32 = np.dtype("<i4")
 INT16 = np.dtype("<i2")
+UINT8 = np.dtype("u1")
 INT64 = np.dtype("<i8")
 FLOAT32 = np.dtype("<f4")
 FLOAT16 = np.dtype("<f2")

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import baselines, clamping, examples, queries, scans, urls
+from app import baselines, clamping, compare, examples, queries, scans, urls
 from app.arrays import FLOAT32, INT32, unpack
 from app.bases import SITE_TEXT, Basis, neuron_basis, sae_basis
 from app.errors import NeedleError, NotFound
@@ -333,6 +333,8 @@ def model_page(session: Session, name: str) -> dict:
         "saes": [_sae_summary(model, x) for x in queries.list_saes(session, model.id)],
         "saes_url": urls.saes_url(model.name),
         "scan_url": urls.scan_form_url(model.name),
+        "compare_with": [{"model": other, "url": urls.compare_url(model.name, other)}
+                         for other in queries.model_names(session) if other != model.name],
     }
 
 
@@ -1107,6 +1109,28 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
         "method": PROBE_METHOD,
         "layers": layers,
     }
+
+
+# ---------------------------------------------------------------- two models compared (/-/compare/{a}/{b})
+
+
+def compare_page(session: Session, a: str, b: str) -> dict:
+    return compare.comparison_data(session, _model(session, a), _model(session, b))
+
+
+def compare_unit_page(session: Session, a: str, b: str, layer_text: str, neuron_text: str) -> dict:
+    ma, mb = _model(session, a), _model(session, b)
+    differences = compare.shape_differences(ma, mb)
+    if differences:
+        raise NotFound(f"{ma.name!r} and {mb.name!r} have no neurons in common: " + "; ".join(differences) + ".",
+                       hint=f"Their features compare at {urls.compare_url(ma.name, mb.name)}.")
+    layer = _index(layer_text, "layer", ma, ma.n_layers)
+    neuron = _index(neuron_text, "neuron", ma, ma.d_mlp)
+    data = compare.unit_data(session, ma, mb, layer, neuron)
+    # the HTML shows each side as its embed card
+    data["_cards"] = [neuron_page(session, m.name, str(layer), str(neuron)) if side["decoded"] else None
+                      for side, m in zip(data["sides"], (ma, mb), strict=True)]
+    return data
 
 
 # ---------------------------------------------------------------- the jobs list (/-/jobs and `needle jobs`)

@@ -34,6 +34,7 @@ from sqlalchemy.sql import Select
 from app.arrays import INT32, unpack
 from app.schema import (
     ClampCurve,
+    Comparison,
     ExamplePart,
     ExampleRun,
     ExampleWindow,
@@ -59,6 +60,7 @@ from app.schema import (
 TEXT_STAGE = "text"  # the job stage of a user's own text run
 CLAMP_STAGE = "clamp_run"  # ... of a clamp curve asked for on a neuron page
 GENERATE_STAGE = "generation"  # ... of a clamped generation asked for on a neuron page
+COMPARE_STAGE = "compare"  # two models of one shape compared neuron by neuron (a job of the first)
 SCAN_STAGE = "scan"  # ... of "what fires on this text", every unit of a model at once
 LIVE_STAGES = (TEXT_STAGE, CLAMP_STAGE, GENERATE_STAGE, SCAN_STAGE)  # users' live requests, shown on their own panels
 NEURONS = 0  # the basis of a model's MLP neurons
@@ -79,6 +81,11 @@ def utc_text(value: datetime | None) -> str | None:
 
 def list_models(session: Session) -> list[Model]:
     return list(session.scalars(select(Model).order_by(Model.name)))
+
+
+def model_names(session: Session) -> list[str]:
+    """Every model's name, by name (no row's tokenizer read)."""
+    return list(session.scalars(select(Model.name).order_by(Model.name)))
 
 
 @lru_cache(maxsize=2)
@@ -921,6 +928,56 @@ def save_generation_result(session: Session, gen_id: int, result: dict) -> None:
 
 def get_generation(session: Session, gen_id: int) -> Generation | None:
     return session.get(Generation, gen_id)
+
+
+# ---------------------------------------------------------------- comparing two models
+
+
+def layer_top_tokens(session: Session, model_id: int, layer: int) -> list[tuple[int, int, bytes]]:
+    """One layer's neurons as (neuron, top input-weight token id, in_ids), by neuron."""
+    return [(int(n), int(t), ids) for n, t, ids in session.execute(
+        select(Neuron.neuron, Neuron.top_token_id, Neuron.in_ids)
+        .where(Neuron.model_id == model_id, Neuron.basis == NEURONS, Neuron.layer == layer)
+        .order_by(Neuron.neuron))]
+
+
+def neurons_in_ids(session: Session, model_id: int, units: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+    """The in_ids of these (layer, neuron)s of a model's neurons (those stored)."""
+    units = list(units)
+    if not units:
+        return {}
+    rows = session.execute(
+        select(Neuron.layer, Neuron.neuron, Neuron.in_ids)
+        .where(Neuron.model_id == model_id, Neuron.basis == NEURONS, tuple_(Neuron.layer, Neuron.neuron).in_(units)))
+    return {(int(layer), int(n)): ids for layer, n, ids in rows}
+
+
+def vocab_pieces(session: Session, model_id: int) -> list[str]:
+    """A model's vocabulary as the tokenizer's strings, by token id."""
+    return list(session.scalars(select(Vocab.piece).where(Vocab.model_id == model_id).order_by(Vocab.token_id)))
+
+
+def put_comparison(session: Session, model_a: int, model_b: int, **fields) -> None:
+    session.execute(delete(Comparison).where(Comparison.model_a == model_a, Comparison.model_b == model_b))
+    session.add(Comparison(model_a=model_a, model_b=model_b, created_at=utcnow(), **fields))
+    session.flush()
+
+
+def get_comparison(session: Session, model_a: int, model_b: int) -> Comparison | None:
+    return session.get(Comparison, (model_a, model_b))
+
+
+def compare_job(session: Session, model_a: int, model_b: int) -> Job | None:
+    """The job that compares model_a with model_b (a job of model_a keyed by model_b's id)."""
+    return session.scalars(select(Job).where(Job.model_id == model_a, Job.stage == COMPARE_STAGE,
+                                             Job.key == str(model_b))).first()
+
+
+def feature_layers_of_model(session: Session, model_id: int, basis: int = NEURONS) -> list[FeatureLayer]:
+    """Every probed feature's per-layer results in a basis, by feature then layer."""
+    return list(session.scalars(
+        select(FeatureLayer).where(FeatureLayer.model_id == model_id, FeatureLayer.basis == basis)
+        .order_by(FeatureLayer.feature, FeatureLayer.layer)))
 
 
 # ---------------------------------------------------------------- sparse probes

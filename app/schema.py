@@ -211,6 +211,25 @@ class FiringIndex(Base):
     acts: Mapped[bytes] = mapped_column(LargeBinary)  # float32
 
 
+class Comparison(Base):
+    """Two models of one shape compared neuron by neuron (Davies 2025, section 3.3), computed by a
+    worker (workers/compare.py) from the weights and the stored decodings. Arrays [n_layers x d_mlp],
+    flat, layer-major: `same` (uint8) 1 where the top input-weight token is the same, `overlap`
+    (uint8) how many of the top tokens the two decodings share, `cosine` (float32) the cosine of
+    the neuron's input weights in the two models. `info`: top (tokens compared), the two models'
+    updated_at when computed, and the per-layer figures."""
+
+    __tablename__ = "comparisons"
+
+    model_a: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    model_b: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    info: Mapped[dict] = mapped_column(JSON, default=dict)
+    same: Mapped[bytes] = mapped_column(LargeBinary)
+    overlap: Mapped[bytes] = mapped_column(LargeBinary)
+    cosine: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Job(Base):
     """A unit of compute: a stage over part of a model. Claimed by one worker at a time."""
 

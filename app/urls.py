@@ -185,6 +185,16 @@ def jobs_list_url(model: str | None = None, state: str | None = None, page: int 
                        fragment="list")
 
 
+def compare_url(a: str, b: str, fmt: str | None = None) -> str:
+    """Two models compared: /-/compare/{a}/{b}."""
+    return _path("-", "compare", a, b, fmt=fmt)
+
+
+def compare_unit_url(a: str, b: str, layer: int, neuron: int, fmt: str | None = None) -> str:
+    """One neuron in two models, side by side."""
+    return _path("-", "compare", a, b, layer, neuron, fmt=fmt)
+
+
 def static_url(name: str) -> str:
     return "/-/static/" + quote(name)
 
@@ -214,4 +224,6 @@ def template_globals() -> dict:
         "static_url": static_url,
         "jobs_url": jobs_url,
         "jobs_list_url": jobs_list_url,
+        "compare_url": compare_url,
+        "compare_unit_url": compare_unit_url,
     }

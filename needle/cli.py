@@ -1,4 +1,4 @@
-"""The `needle` command: demo, index, serve, worker, db."""
+"""The `needle` command: demo, index, probe, clamp, generate, sae, compare, jobs, export, serve, worker, db."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from app.config import ROOT, Settings, get_settings
 from app.errors import NeedleError
 from app.tokens import is_text
 from needle.clamping import add_clamp_commands
+from needle.compare import add_compare_command
 from needle.export import add_export_command
 from needle.jobs import add_jobs_command
 from needle.running import say, work_until_idle
@@ -604,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     add_sae_commands(sub)
+    add_compare_command(sub)
     add_jobs_command(sub)
     add_export_command(sub)
 

@@ -1,19 +1,20 @@
 """A synthetic model full of hostile strings, written with the project's own writers: its
 vocabulary (tests/synthetic.HOSTILE_TOKENS, each the top input-weight token of neuron 0/i), its
 activation examples and statistics, probes, a text run (done, and one failed), a clamp curve and
-a clamped generation. For the escaping tests (tests/test_security.py) and the fuzzing
-(tests/test_fuzz.py)."""
+a clamped generation; and its twin of one shape (MODEL_B), compared with it. For the escaping
+tests (tests/test_security.py) and the fuzzing (tests/test_fuzz.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from app import queries
-from app.arrays import FLOAT16, FLOAT32, INT16, INT32, INT64, pack
+from app.arrays import FLOAT16, FLOAT32, INT16, INT32, INT64, UINT8, pack
 from app.db import session_scope
 from tests.synthetic import HOSTILE, HOSTILE_TOKENS, add_jobs, fill_synthetic
 
 MODEL = "hostile-1.0"
+MODEL_B = "hostile-2.0"  # its twin, compared with it
 PLAIN = [f"w{i}" for i in range(20)]
 VOCAB = ["<unk>", *PLAIN, *HOSTILE_TOKENS]
 HOSTILE_IDS = {t: VOCAB.index(t) for t in HOSTILE_TOKENS}
@@ -41,6 +42,25 @@ def _activations_row(layer: int, neuron: int, windows: list[int], rng) -> dict:
     }
 
 
+def _probes(s, model_id: int) -> None:
+    queries.replace_probes(
+        s, model_id,
+        {"specs": [HOSTILE], "description": HOSTILE_TOKENS[2], "settings": {}},
+        [{"name": FEATURE, "kind": "token", "aggregation": "none", "source": HOSTILE_TOKENS[3],
+          "description": HOSTILE_TOKENS[1], "counts": {"train_pos": 30, "train_neg": 70}, "status": "probed",
+          "reason": None, "best_layer": 0, "best_neuron": 0, "best_f1": 0.9},
+         {"name": "skipped_feature", "kind": "token", "aggregation": "none", "source": HOSTILE,
+          "description": HOSTILE, "counts": {}, "status": "skipped", "reason": HOSTILE_TOKENS[2],
+          "best_layer": None, "best_neuron": None, "best_f1": None}],
+        [{"feature": FEATURE, "layer": 0, "best_neuron": 0, "best_f1": 0.9, "best_precision": 0.8,
+          "best_recall": 0.95, "top_neurons": [{"neuron": n, "mean_dif": 1.0 - n / 10, "f1": 0.9, "precision": 0.8,
+                                                "recall": 0.95} for n in range(3)],
+          "curve": [{"k": 1, "f1": 0.9}, {"k": 2, "f1": 0.92}], "pruned_curve": [{"k": 1, "f1": 0.9}]}],
+        [{"layer": 0, "neuron": 0, "feature": FEATURE, "rank": 0, "mean_dif": 1.0, "f1": 0.9, "precision": 0.8,
+          "recall": 0.95}],
+    )
+
+
 def fill_hostile(engine) -> dict:
     """The model, its examples, probes, a text run, a clamp curve and a generation, all full of
     hostile strings, written with the project's writers."""
@@ -64,22 +84,7 @@ def fill_hostile(engine) -> dict:
             [_activations_row(layer, neuron, list(range(len(windows))), rng)
              for layer in range(N_LAYERS) for neuron in range(D_MLP)],
         )
-        queries.replace_probes(
-            s, syn.model_id,
-            {"specs": [HOSTILE], "description": HOSTILE_TOKENS[2], "settings": {}},
-            [{"name": FEATURE, "kind": "token", "aggregation": "none", "source": HOSTILE_TOKENS[3],
-              "description": HOSTILE_TOKENS[1], "counts": {"train_pos": 30, "train_neg": 70}, "status": "probed",
-              "reason": None, "best_layer": 0, "best_neuron": 0, "best_f1": 0.9},
-             {"name": "skipped_feature", "kind": "token", "aggregation": "none", "source": HOSTILE,
-              "description": HOSTILE, "counts": {}, "status": "skipped", "reason": HOSTILE_TOKENS[2],
-              "best_layer": None, "best_neuron": None, "best_f1": None}],
-            [{"feature": FEATURE, "layer": 0, "best_neuron": 0, "best_f1": 0.9, "best_precision": 0.8,
-              "best_recall": 0.95, "top_neurons": [{"neuron": n, "mean_dif": 1.0 - n / 10, "f1": 0.9, "precision": 0.8,
-                                                    "recall": 0.95} for n in range(3)],
-              "curve": [{"k": 1, "f1": 0.9}, {"k": 2, "f1": 0.92}], "pruned_curve": [{"k": 1, "f1": 0.9}]}],
-            [{"layer": 0, "neuron": 0, "feature": FEATURE, "rank": 0, "mean_dif": 1.0, "f1": 0.9, "precision": 0.8,
-              "recall": 0.95}],
-        )
+        _probes(s, syn.model_id)
         run = queries.create_text_run(s, syn.model_id, 0, 0, " ".join(HOSTILE_TOKENS))
         queries.save_text_result(s, run.id, pack(hostile_ids, INT32), pack(rng.uniform(-1, 3, len(hostile_ids)), FLOAT32),
                                  len(hostile_ids))
@@ -103,4 +108,14 @@ def fill_hostile(engine) -> dict:
         claimed = queries.claim_job(s, "w", model_id=syn.model_id)
         assert claimed.id == ids["job"]
         queries.fail_job(s, claimed.id, "w", f"tokenizer said {HOSTILE_TOKENS[1]}", retry=False)
+    # a second model of the same shape, probed on the same feature, and the two compared
+    other = fill_synthetic(engine, MODEL_B, N_LAYERS, D_MLP, VOCAB, plant=PLANTED, tokenizer=True)
+    n = N_LAYERS * D_MLP
+    cosine = rng.uniform(-1, 1, n)
+    cosine[0] = np.nan  # a neuron whose input weights are all zeros
+    with session_scope(engine) as s:
+        _probes(s, other.model_id)
+        queries.put_comparison(s, syn.model_id, other.model_id, info={"top": 10, "a_updated": HOSTILE},
+                               same=pack(rng.integers(0, 2, n), UINT8), overlap=pack(rng.integers(0, 11, n), UINT8),
+                               cosine=pack(cosine, FLOAT32))
     return ids

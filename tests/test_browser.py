@@ -94,6 +94,7 @@ class Demo:
     model: str
     n_layers: int
     d_mlp: int
+    settings: object = None  # the server's app.config.Settings
 
     def url(self, path: str = "") -> str:
         return f"{self.base}/{self.model}{path}"
@@ -130,7 +131,7 @@ def demo(chromium, tmp_path_factory):
             import httpx
 
             info = httpx.get(f"{base}/{settings.demo_name}.json", timeout=10).json()
-            yield Demo(base, settings.demo_name, int(info["n_layers"]), int(info["d_mlp"]))
+            yield Demo(base, settings.demo_name, int(info["n_layers"]), int(info["d_mlp"]), settings)
     finally:
         worker.stopping.set()
 
@@ -777,6 +778,50 @@ def test_what_fires_on_a_typed_text(walk, demo):
     href = link.get_attribute("href")
     link.click()
     expect(page).to_have_url(demo.base + href)
+    walk.assert_clean()
+
+
+def test_compare_two_models_and_one_neuron_side_by_side(walk, demo, tmp_path):
+    """A second copy of the demo model, one neuron's input weights replaced, compared with the demo:
+    from the model page to the comparison, whose changed list leads with that neuron; its two
+    cards side by side on a desktop, one above the other on a phone."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from needle.cli import DEMO_MODEL, index_model
+    from needle.compare import compare_models
+
+    edited = tmp_path / "edited"
+    shutil.copytree(DEMO_MODEL, edited)
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32)
+    with torch.no_grad():
+        row = model.model.layers[1].mlp.up_proj.weight[5]  # the demo is a Llama: a neuron's input weights
+        row.copy_(torch.randn(row.shape, generator=torch.Generator().manual_seed(0)) * row.std())
+    model.save_pretrained(edited)
+    index_model(demo.settings, str(edited), "demo-edited", clamp=False, quiet=True)
+    compare_models(demo.settings, demo.model, "demo-edited", quiet=True)
+    page = walk.page
+    walk.goto(f"/{demo.model}")
+    page.locator("main .compare-with a", has_text="demo-edited").click()
+    expect(page).to_have_url(f"{demo.base}/-/compare/{demo.model}/demo-edited")
+    expect(page.locator(".agreement")).to_have_text(re.compile(r"^\d+\.\d%$"))
+    walk.shot("comparison")
+    first = page.locator("#changed tbody tr a").first
+    expect(first).to_have_text("1/5")
+    first.click()
+    expect(page).to_have_url(f"{demo.base}/-/compare/{demo.model}/demo-edited/1/5")
+    cards = page.locator(".side-by-side article.neuron-card")
+    expect(cards).to_have_count(2)
+    left, right = cards.nth(0).bounding_box(), cards.nth(1).bounding_box()
+    assert right["x"] >= left["x"] + left["width"] and abs(right["y"] - left["y"]) < 2, (left, right)
+    walk.shot("side-by-side")
+    page.set_viewport_size({"width": 390, "height": 844})
+    left, right = cards.nth(0).bounding_box(), cards.nth(1).bounding_box()
+    assert right["y"] >= left["y"] + left["height"], (left, right)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    walk.shot("on-a-phone")
     walk.assert_clean()
 
 

@@ -21,7 +21,7 @@ from schemathesis.checks import not_a_server_error
 from app.config import Settings
 from app.db import engine_for
 from app.main import create_app
-from tests.hostile import FEATURE, MODEL, N_LAYERS, fill_hostile
+from tests.hostile import FEATURE, MODEL, MODEL_B, N_LAYERS, fill_hostile
 from tests.live_server import running_server
 
 MAX_EXAMPLES = 20
@@ -30,6 +30,8 @@ MAX_EXAMPLES = 20
 def existing_values(ids: dict) -> dict[str, list[str]]:
     return {
         "model": [MODEL],
+        "a": [MODEL, MODEL_B],
+        "b": [MODEL_B, MODEL],
         "layer": [str(layer) for layer in range(N_LAYERS)],
         "neuron": ["0", "1"],
         "run": [str(ids["run"]), str(ids["failed_run"])],

@@ -22,7 +22,7 @@ from app.db import engine_for, session_scope
 from app.main import create_app
 from app.schema import ClampCurve, Generation, Job, TextRun
 from app.tokens import in_context, visible
-from tests.hostile import FEATURE, MODEL, PLAIN, TEXTAREA, fill_hostile
+from tests.hostile import FEATURE, MODEL, MODEL_B, PLAIN, TEXTAREA, fill_hostile
 from tests.live_server import running_server
 from tests.synthetic import HOSTILE, HOSTILE_TOKENS, fill_synthetic
 
@@ -528,3 +528,19 @@ def test_stylesheet_isolates_untrusted_text_and_holds_htmx_indicator_rules(hosti
     css = hostile.http.get("/-/static/style.css").text
     assert "unicode-bidi: isolate" in css and "code.tok" in css.split("unicode-bidi: isolate")[0].rsplit("}", 1)[-1]
     assert ".htmx-indicator { opacity: 0" in css
+
+
+def test_compare_pages(hostile):
+    """Two models compared: hostile tokens in the changed lists and the side-by-side cards, and a
+    stored comparison with a NaN cosine."""
+    http = hostile.http
+    soup = inert(http.get(urls.compare_url(MODEL, MODEL_B)))
+    data = http.get(urls.compare_url(MODEL, MODEL_B, fmt="json")).json()
+    assert data["state"] == "done" and data["changed"][0]["cosine"] is None, "the NaN cosine leads, shown as none"
+    shown = {t.get_text() for t in soup.select("#changed code.tok")}
+    assert shown & {visible(t) for t in HOSTILE_TOKENS}
+    assert [r.select_one("td").get_text() for r in soup.select("table.compare-features tbody tr")] == [FEATURE]
+    for i in range(3):
+        soup = inert(http.get(urls.compare_unit_url(MODEL, MODEL_B, 0, i)))
+        cards = soup.select("article.neuron-card")
+        assert [c.select_one(".card-tokens code.tok").get_text() for c in cards] == [visible(HOSTILE_TOKENS[i])] * 2

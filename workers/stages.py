@@ -22,7 +22,7 @@ from app import queries
 from app.arrays import FLOAT32, INT32, pack
 from app.errors import NeedleError
 from app.schema import Model
-from workers import examples, saestages, scan, store
+from workers import compare, examples, saestages, scan, store
 from workers.corpus import bos_prefix_id, load_corpus
 from workers.decode import SEARCH_K, RunningTopK, decode_layers
 from workers.loading import LoadedModel, max_positions
@@ -501,6 +501,7 @@ STAGES: dict[str, Callable[[JobContext], Writer]] = {
     queries.CLAMP_STAGE: run_clamp_live,
     queries.GENERATE_STAGE: run_generation_live,
     queries.SCAN_STAGE: scan.run_scan,
+    queries.COMPARE_STAGE: compare.run_compare,
     **saestages.SAE_RUNNERS,
     saestages.SAE_EXAMPLES: run_sae_examples,
     saestages.SAE_EXAMPLES_RANGE: run_examples_range,
@@ -525,6 +526,8 @@ def work_units(stage: str, params: dict, model: ModelSpec) -> tuple[int, str]:
         return params.get("tokens") or 0, TOKENS  # set exactly once the corpus is read
     if stage == saestages.SAE_DECODE:
         return 0, "latent"
+    if stage == queries.COMPARE_STAGE:
+        return model.n_layers, "layer"
     return 1, "step"
 
 

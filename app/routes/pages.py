@@ -94,6 +94,18 @@ def jobs_json(request: Request, session: SessionDep, settings: SettingsDep, mode
     return respond(request, "jobs.html", data, urls.JSON)
 
 
+@router.get("/-/compare/{a}/{b}")
+def compare(request: Request, a: str, b: str, session: SessionDep) -> Response:
+    b, fmt = split_format(b)
+    return respond(request, "compare.html", pagedata.compare_page(session, a, b), fmt)
+
+
+@router.get("/-/compare/{a}/{b}/{layer}/{neuron}")
+def compare_unit(request: Request, a: str, b: str, layer: str, neuron: str, session: SessionDep) -> Response:
+    neuron, fmt = split_format(neuron)
+    return respond(request, "compare_unit.html", pagedata.compare_unit_page(session, a, b, layer, neuron), fmt)
+
+
 @router.get("/-/health")
 def health() -> Response:
     """A liveness check: no database, a tiny JSON (bench/server.py's baseline endpoint)."""
