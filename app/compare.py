@@ -115,7 +115,7 @@ def _arrays(row: Comparison, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _token_lists(session: Session, model: Model, units: list[tuple[int, int]]) -> dict[tuple[int, int], list[dict]]:
-    blobs = queries.neurons_in_ids(session, model.id, units)
+    blobs = queries.units_in_ids(session, model.id, units)
     ids = {u: unpack(blob, INT32)[:SHOWN_TOKENS].tolist() for u, blob in blobs.items()}
     texts = queries.tokens_by_ids(session, model.id, {t for v in ids.values() for t in v})
     return {u: [{"token": texts.get(t), "token_id": t} for t in v] for u, v in ids.items()}

@@ -340,6 +340,12 @@ def _unit_label(r: dict) -> str:
     return f'layer {escape(r["layer"])} · neuron {escape(r["neuron"])}'
 
 
+def _rank(r: dict) -> str:
+    """A search result's token's rank in the unit's own decoding: "3", or "> 20" below its stored top tokens."""
+    rank = r.get("decoding_rank")
+    return str(rank) if rank is not None else f"&gt; {int(r.get('decoding_kept') or 0)}"
+
+
 def search_result_rows(results: list[dict], best, start: int = 1) -> Markup:
     """The <tr> rows of _search_results.html, ranked from `start` (a search for a common token
     lists hundreds of neurons; a template macro call costs more than a row). Scores to 3 decimals
@@ -351,6 +357,7 @@ def search_result_rows(results: list[dict], best, start: int = 1) -> Markup:
         f"      <td>{_tok(r)}</td>\n"
         f'      <td class="num">{_num(r["score"], "%.3f")}</td>\n'
         f'      <td class="num">{_num(r["prob"], "%#.3g")}</td>\n'
+        f'      <td class="num decoding-rank">{_rank(r)}</td>\n'
         f'      <td class="barcell">{_bar(r["score"], best)}</td>\n'
         "    </tr>"
         for i, r in enumerate(results, start)

@@ -22,7 +22,7 @@ from app.errors import NeedleError, NotFound
 from app.fastpage import token_texts
 from app.plots import STRIP_POINTS
 from app.schema import Job, Model, Sae
-from app.search import firing_units, matching_tokens, number, ranked_neurons, tokenize_query
+from app.search import add_decoding_ranks, firing_units, matching_tokens, number, ranked_neurons, tokenize_query
 from app.tokens import from_visible
 from app.unitarrays import unpack_decoding
 
@@ -678,6 +678,9 @@ def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: 
         # the baseline a decoding's probabilities read against: a flat decoding gives every token 1/V
         "uniform_prob": number(1 / model.vocab_size) if model.vocab_size else None,
         "top_prob_over_uniform": number(row.top_prob * model.vocab_size) if model.vocab_size else None,
+        # how peaked the whole decoding is: its entropy in bits against a flat one's, log2 V
+        "entropy_bits": number(row.entropy / math.log(2)) if row.entropy is not None and math.isfinite(row.entropy) else None,
+        "max_entropy_bits": number(math.log2(model.vocab_size)) if model.vocab_size else None,
         "input_tokens": [
             _token(t, text, prob=number(p), score=number(s))
             for t, p, s in zip(dec["in_ids"], dec["in_probs"], dec["in_scores"])
@@ -789,6 +792,8 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
 
     index_rows = queries.token_index_rows(session, model.id, ids) if ids else {}
     results = ranked_neurons(model.name, index_rows, text)
+    neuron_ids = queries.units_in_ids(session, model.id, [(r["layer"], r["neuron"]) for r in results])
+    add_decoding_ranks(results, neuron_ids)
     latents: list[dict] = []
     saes = {x.id: x.name for x in queries.list_saes(session, model.id)}
     if ids and saes:
@@ -797,7 +802,10 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
             if row.basis in saes:
                 by_basis.setdefault(row.basis, {})[row.token_id] = row
         for basis, rows in by_basis.items():
-            latents.extend(ranked_neurons(model.name, rows, text, sae=saes[basis]))
+            found = ranked_neurons(model.name, rows, text, sae=saes[basis])
+            add_decoding_ranks(found, queries.units_in_ids(session, model.id, [(r["layer"], r["latent"]) for r in found],
+                                                           basis=basis))
+            latents.extend(found)
         latents.sort(key=lambda r: (-(r["score"] or 0.0), r["sae"], r["latent"]))
     run = queries.example_run(session, model.id)
     data: dict[str, Any] = {
@@ -826,7 +834,9 @@ def search_page(session: Session, name: str, token: str | None) -> dict:
         data["groups"] = []
         for t in ids:
             own_rows = {t: index_rows[t]} if t in index_rows else {}
-            data["groups"].append({**_token(t, text), "results": ranked_neurons(model.name, own_rows, text)})
+            group = ranked_neurons(model.name, own_rows, text)
+            add_decoding_ranks(group, neuron_ids)  # a group's units are among the results
+            data["groups"].append({**_token(t, text), "results": group})
     return data
 
 
@@ -986,12 +996,28 @@ PROBE_METHOD = [
     "is defined (the input of the MLP's output projection). Token-level features probe single tokens; "
     "sequence-level features aggregate each sequence's activations (mean for context features, max for span "
     "features).",
-    "Samples are split 70/30 into train and test with a fixed seed; each neuron is divided by its train standard "
-    "deviation. Neurons are ranked by mean difference |mean(positive) − mean(negative)| on train.",
+    "{split} Neurons are ranked by mean difference |mean(positive) − mean(negative)| on train.",
     "k = 1: a class-balanced logistic regression on the top-ranked neuron alone; the 30 top-ranked neurons each get "
     "such a single-neuron probe. Fast sweep: for each k, an L2 logistic probe on the top-k neurons. Precision, "
     "recall and F1 are on the held-out 30%.",
 ]
+
+
+PROBE_SPLITS = {  # what the split and scaling were, by the probes' method (workers/probes.py METHODS)
+    "needle": "Needle's method: samples are split 70/30 into train and test, stratified (each class keeps its share), "
+              "with seed 0; each neuron is divided by its train standard deviation (std 1, so C = 1 means what it "
+              "means in scikit-learn).",
+    "paper": "The paper's code's settings (`needle probe --method paper`), for comparison with its published figures: "
+             "scikit-learn's `train_test_split(test_size=0.3, random_state=1)`, shuffled and not stratified, and each "
+             "neuron divided by 10 × max(train std, 0.001), i.e. scaled to std 0.1 (the L2 penalty weighs 100 times more).",
+}
+
+
+def probe_method(settings: dict | None) -> tuple[str, list[str]]:
+    """The probes' method (needle or paper; probes stored before it was recorded are Needle's) and its description."""
+    method = (settings or {}).get("method") or "needle"
+    split = PROBE_SPLITS.get(method, f"Method {method!r}.")
+    return method, [line.replace("{split}", split) for line in PROBE_METHOD]
 
 
 def _chance_f1(counts) -> float | None:
@@ -1106,7 +1132,8 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
         "json_url": urls.feature_url(model.name, feature, fmt=urls.JSON),
         "features_url": urls.features_url(model.name),
         "settings": run.settings if run else {},
-        "method": PROBE_METHOD,
+        "probe_method": probe_method(run.settings if run else None)[0],
+        "method": probe_method(run.settings if run else None)[1],
         "layers": layers,
     }
 

@@ -941,14 +941,15 @@ def layer_top_tokens(session: Session, model_id: int, layer: int) -> list[tuple[
         .order_by(Neuron.neuron))]
 
 
-def neurons_in_ids(session: Session, model_id: int, units: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-    """The in_ids of these (layer, neuron)s of a model's neurons (those stored)."""
+def units_in_ids(session: Session, model_id: int, units: Iterable[tuple[int, int]],
+                 basis: int = NEURONS) -> dict[tuple[int, int], bytes]:
+    """The in_ids (top input-weight tokens, best first) of these (layer, index)s of a basis (those stored)."""
     units = list(units)
     if not units:
         return {}
     rows = session.execute(
         select(Neuron.layer, Neuron.neuron, Neuron.in_ids)
-        .where(Neuron.model_id == model_id, Neuron.basis == NEURONS, tuple_(Neuron.layer, Neuron.neuron).in_(units)))
+        .where(Neuron.model_id == model_id, Neuron.basis == basis, tuple_(Neuron.layer, Neuron.neuron).in_(units)))
     return {(int(layer), int(n)): ids for layer, n, ids in rows}
 
 

@@ -109,7 +109,8 @@ class Neuron(Base):
 
     in_*: the top input-weight tokens (Davies), best first: ids (int32), p (float32) and
     normalised score s = p / mean(top-100 p) (float32). out_pos_* / out_neg_*: the direct
-    logit effect W_U . w_out, top promoted and top suppressed tokens with raw logits.
+    logit effect W_U . w_out, top promoted and top suppressed tokens with raw logits. entropy:
+    of the whole input-side distribution p, in nats.
     """
 
     __tablename__ = "neurons"
@@ -122,6 +123,8 @@ class Neuron(Base):
     top_prob: Mapped[float] = mapped_column(Float)
     top_score: Mapped[float] = mapped_column(Float)
     mean_top100: Mapped[float] = mapped_column(Float)
+    # the input-side decoding's entropy in nats (NULL: decoded before it was stored)
+    entropy: Mapped[float | None] = mapped_column(Float, nullable=True)
     in_ids: Mapped[bytes] = mapped_column(LargeBinary)
     in_probs: Mapped[bytes] = mapped_column(LargeBinary)
     in_scores: Mapped[bytes] = mapped_column(LargeBinary)

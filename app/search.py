@@ -98,6 +98,17 @@ def ranked_neurons(model_name: str, index_rows: dict[int, TokenIndex], token_tex
     return ranked
 
 
+def add_decoding_ranks(results: list[dict], in_ids: dict[tuple[int, int], bytes]) -> None:
+    """Each result's `decoding_rank`: where its token stands in the unit's own decoding (1: the
+    unit's top token), read from the unit's stored top tokens; None when it is below them (the
+    page says "> {decoding_kept}") or the unit's row is not stored."""
+    for r in results:
+        blob = in_ids.get((r["layer"], r[r["kind"]]))
+        ids = unpack(blob, INT32).tolist() if blob is not None and len(blob) % 4 == 0 else []
+        r["decoding_rank"] = ids.index(r["token_id"]) + 1 if r["token_id"] in ids else None
+        r["decoding_kept"] = len(ids)
+
+
 FIRING_SHOWN = 30  # units a search lists by what fires
 
 

@@ -96,6 +96,7 @@ def index_model(
     features: list[str] | None = None,
     probe_corpus: str = "stdlib",
     probe_tokens: int = 32_768,
+    probe_method: str = "needle",
     force_probes: bool = False,
     clamp: bool = True,
     clamp_prompt: str | None = None,
@@ -141,6 +142,8 @@ def index_model(
         # a bad spec or a bad line of a JSONL file is an error before any write (read a batch of lines at a time)
         check_features(features, loaded.tokenizer, context=context, max_tokens=probe_tokens, corpus=probe_corpus)
         probe_params = {"features": list(features), "corpus": probe_corpus, "tokens": probe_tokens, "context": context}
+        if probe_method != "needle":  # (the default is left out: probes stored before --method compare equal)
+            probe_params["method"] = probe_method
     if clamp_prompt is not None:
         encode_prompt(loaded, clamp_prompt)  # an empty or too long prompt is an error before any write
     fields = {
@@ -262,6 +265,7 @@ def cmd_index(args, settings: Settings) -> None:
         force=args.force, layers_per_job=args.layers_per_job, corpus_shards=args.corpus_shards, queue_only=args.queue,
         corpus=args.corpus, tokens=args.tokens, context=args.context,
         features=args.features, probe_corpus=args.probe_corpus, probe_tokens=args.probe_tokens,
+        probe_method=args.probe_method,
         clamp_prompt=args.clamp_prompt,
     )
     if args.queue:
@@ -277,6 +281,9 @@ def add_probe_options(p: argparse.ArgumentParser, *, required: bool) -> None:
                    "or a .jsonl file of your own")
     p.add_argument("--probe-corpus", default="stdlib", metavar="SPEC", help="the corpus the text features label (default stdlib)")
     p.add_argument("--probe-tokens", type=positive_int, default=32_768, help="tokens per feature dataset (default 32768)")
+    p.add_argument("--method", dest="probe_method", default="needle", choices=["needle", "paper"],
+                   help="needle (default: a stratified split, neurons scaled to std 1) or paper (the paper's code's "
+                   "settings: its split and seed 1, neurons scaled to std 0.1), to compare with published figures")
 
 
 def cmd_probe(args, settings: Settings) -> None:
@@ -299,6 +306,7 @@ def cmd_probe(args, settings: Settings) -> None:
         settings, source, args.name, device=args.device or device, dtype=dtype, decode_norm=decode_norm,
         force_probes=args.force, queue_only=args.queue, context=args.context, clamp=False,
         features=args.features, probe_corpus=args.probe_corpus, probe_tokens=args.probe_tokens,
+        probe_method=args.probe_method,
     )
     if args.queue:
         print(f"Queued probes of {args.name}: run `needle worker` to compute them.")

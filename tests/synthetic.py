@@ -43,6 +43,7 @@ class Synthetic:
     vocab: list[str]
     top_token_ids: np.ndarray  # [layer, neuron]
     top_scores: np.ndarray  # [layer, neuron]
+    probs: np.ndarray | None = None  # [layer, neuron, vocab]: each neuron's whole decoding
 
     def token_id(self, token: str) -> int:
         return self.vocab.index(token)
@@ -112,6 +113,7 @@ def fill_synthetic(
                     "top_prob": float(p[best[0]]),
                     "top_score": float(s[best[0]]),
                     "mean_top100": float(mean_top[layer, neuron]),
+                    "entropy": float(-(p * np.log(p)).sum()),
                     "in_ids": pack(best, INT32),
                     "in_probs": pack(p[best], FLOAT32),
                     "in_scores": pack(s[best], FLOAT32),
@@ -161,7 +163,7 @@ def fill_synthetic(
         model_id = model.id
 
     top = probs.argmax(axis=-1)
-    return Synthetic(name, model_id, list(vocab), top, np.take_along_axis(scores, top[..., None], -1)[..., 0])
+    return Synthetic(name, model_id, list(vocab), top, np.take_along_axis(scores, top[..., None], -1)[..., 0], probs)
 
 
 def add_jobs(engine, name: str, *, finished: bool) -> None:

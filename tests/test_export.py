@@ -311,6 +311,7 @@ def test_decodings_equal_the_pages_and_the_stored_arrays(indexed, exported, page
             assert {"token": row["top_token"], "token_id": row["top_token_id"]} == page["top_token"]
             assert [number(row[k]) for k in ("top_prob", "top_score", "mean_top100")] == [
                 page["top_prob"], page["top_score"], page["mean_top100"]]
+            assert number(row["entropy"] / np.log(2)) == page["entropy_bits"]
             assert [{"token": t, "token_id": i, "prob": number(p), "score": number(sc)} for t, i, p, sc in zip(
                 row["input_tokens"], row["input_token_ids"], row["input_probs"], row["input_scores"])
             ] == page["input_tokens"]

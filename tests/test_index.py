@@ -98,6 +98,8 @@ def test_index_matches_direct_computation(family, db_url, tmp_path):
         # the stored tokens are the top 20 (ties aside: compare the probabilities)
         np.testing.assert_allclose(unpack(row.in_probs, FLOAT32), top.values[:20].numpy(), rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(row.mean_top100, mean100, rtol=1e-4)
+        entropy = float(torch.special.entr(probs).sum())  # -sum p ln p, in float64
+        assert row.entropy == pytest.approx(entropy, abs=1e-3), (row.layer, row.neuron)
         pos_ids, neg_ids = unpack(row.out_pos_ids, INT32), unpack(row.out_neg_ids, INT32)
         np.testing.assert_allclose(unpack(row.out_pos_logits, FLOAT32), out[pos_ids].numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(unpack(row.out_pos_logits, FLOAT32), torch.topk(out, 10).values.numpy(), rtol=1e-4, atol=1e-5)

@@ -10,11 +10,13 @@ import httpx
 import numpy as np
 import pytest
 from bs4 import BeautifulSoup
+from sqlalchemy import update
 
 from app import pagedata, urls
 from app.config import Settings
 from app.db import engine_for
 from app.main import create_app
+from app.schema import Neuron
 from tests.live_server import get_json, get_soup, running_server
 from tests.synthetic import HOSTILE, Synthetic, add_jobs, fill_synthetic, finish_jobs
 
@@ -218,6 +220,17 @@ def test_neuron_page_shows_tables_method_and_citation(site):
     assert data["top_prob_over_uniform"] == pytest.approx(data["top_prob"] * vocab, rel=1e-4)
     summary = " ".join(soup.select_one("p.summary").get_text(" ").split())
     assert f"1/V = {1 / vocab:.3g}" in summary and f"{data['top_prob'] * vocab:.3g}×" in summary
+    # and against a flat decoding's entropy, log2 V bits: the planted neuron's is far below it
+    stored = float(site.syn.probs[1, 3] @ -np.log2(site.syn.probs[1, 3]))
+    assert data["entropy_bits"] == pytest.approx(stored, rel=1e-5) and data["max_entropy_bits"] == pytest.approx(np.log2(vocab))
+    assert f"{stored:.3g} bits" in summary and f"V = {np.log2(vocab):.3g}" in summary and "close to flat" not in summary
+    with site.engine.begin() as c:  # a decoding within 2% of flat says its top tokens say little
+        c.execute(update(Neuron).where(Neuron.layer == 1, Neuron.neuron == 3).values(entropy=0.99 * np.log(vocab)))
+    assert "close to flat" in site.soup(f"/{MODEL}/1/3").select_one("p.summary").get_text()
+    with site.engine.begin() as c:  # a unit decoded before the entropy was stored
+        c.execute(update(Neuron).where(Neuron.layer == 1, Neuron.neuron == 3).values(entropy=None))
+    assert site.json(f"/{MODEL}/1/3.json")["entropy_bits"] is None
+    assert "index the model again" in site.soup(f"/{MODEL}/1/3").select_one("p.summary").get_text()
     method = soup.select_one("section.method").get_text(" ")
     assert "Flash Interpretability" in method and "Davies" in method
     assert "none" in method, "says which decode norm was used"
@@ -334,6 +347,31 @@ def test_search_shows_50_results_then_the_others_folded(site):
         assert row.select_one("a")["href"] == r["url"]
         score, prob = [td.get_text() for td in row.select("td.num")][1:3]
         assert score == f"{r['score']:.3f}" and float(prob) == pytest.approx(r["prob"], rel=6e-3)
+
+
+def test_search_results_say_where_the_token_stands_in_each_unit_s_decoding(site):
+    """Each result's rank of its token in the unit's own decoding, checked against the unit's page:
+    the token's place in its input_tokens, or "> 20" when it is not among them."""
+    seen = set()
+    for query in ("dog", "cat", "w3"):
+        data = site.json(urls.search_url(MODEL, query, fmt="json"))
+        soup = site.soup(urls.search_url(MODEL, query))
+        rows = soup.select("table.results tbody tr")
+        assert len(rows) == len(data["results"])
+        for row, r in zip(rows, data["results"], strict=True):
+            page = site.json(urls.neuron_url(MODEL, r["layer"], r["neuron"], fmt="json"))
+            ids = [t["token_id"] for t in page["input_tokens"]]
+            assert len(ids) == r["decoding_kept"] == 20
+            expected = ids.index(r["token_id"]) + 1 if r["token_id"] in ids else None
+            assert r["decoding_rank"] == expected, (query, r)
+            shown = row.select_one("td.decoding-rank").get_text()
+            assert shown == (str(expected) if expected is not None else "> 20")
+            seen.add(expected is None)
+            seen.add("top" if expected == 1 else "other")
+    assert {True, False, "top", "other"} <= seen, "the test needs results of every kind"
+    planted = next(r for r in site.json(urls.search_url(MODEL, " dog", fmt="json"))["results"]
+                   if (r["layer"], r["neuron"]) == (1, 3))
+    assert planted["decoding_rank"] == 1, "a planted neuron's token is its top token"
 
 
 def test_a_chip_copied_from_a_page_finds_its_token(site):

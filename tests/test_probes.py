@@ -284,3 +284,34 @@ def test_features_with_identical_labels_are_probed_once_and_reported_as_one():
     assert "identical to those of 'first'" in results["again"].skipped
     assert results["again"].counts == results["first"].counts
     assert results["other"].skipped is None and results["other"].layers
+
+
+def test_paper_method_takes_the_paper_code_s_split_scaling_and_seed():
+    """--method paper: scikit-learn's train_test_split(test_size=0.3, random_state=1) and neurons divided by
+    10 * max(train std, 1e-3), as the paper's code (experiments/inner_loops.split_and_preprocess) does; each
+    probe checked against scikit-learn's on that data."""
+    from sklearn.model_selection import train_test_split
+
+    x, y = imbalanced_gelu(n=2000, d=120, seed=5)
+    x[:, 3] *= 1e-5  # a neuron of std below 1e-3: the floor applies
+    res = probes.probe_layer(torch.from_numpy(x), torch.from_numpy(y), method="paper")
+    idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.3, random_state=1)
+    split = probes.paper_split(torch.from_numpy(y))
+    assert split.train.tolist() == sorted(idx_tr) and split.test.tolist() == sorted(idx_te)
+    assert res.counts == split.counts and res.params["method"] == "paper" and res.params["seed"] == 1
+    scale = 10 * np.maximum(x[idx_tr].astype(np.float64).std(axis=0), 1e-3)
+    data = (x[idx_tr] / scale, y[idx_tr], x[idx_te] / scale, y[idx_te])
+    xtr, ytr = data[0], data[1]
+    dif = np.abs(xtr[ytr].mean(0) - xtr[~ytr].mean(0))
+    assert [r["neuron"] for r in res.ranking] == list(np.argsort(-dif, kind="stable")[:30])
+    for r in res.ranking:
+        assert r["mean_dif"] == pytest.approx(dif[r["neuron"]], rel=1e-4)
+    for c in res.curve:
+        assert abs(sklearn_f1(data, c["neurons"]) - c["f1"]) <= 0.02, c["k"]
+    for s in res.single:
+        assert abs(sklearn_f1(data, [s["neuron"]]) - s["f1"]) <= 0.02, s["neuron"]
+    # the other method differs in its split and its scale, so its probes do too
+    ours = probes.probe_layer(torch.from_numpy(x), torch.from_numpy(y))
+    assert ours.counts != res.counts or [c["f1"] for c in ours.curve] != [c["f1"] for c in res.curve]
+    with pytest.raises(ValueError, match="unknown probe method"):
+        probes.probe_layer(torch.from_numpy(x), torch.from_numpy(y), method="sklearn")

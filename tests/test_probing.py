@@ -164,3 +164,28 @@ def dump(url: str) -> dict:
             name: sorted(repr(tuple(r)) for r in conn.execute(select(table)))
             for name, table in meta.tables.items()
         }
+
+
+def test_probe_method_paper_end_to_end(probed):
+    """`needle probe --method paper` on the indexed digit model: refused without --force (the stored probes
+    are Needle's), then run; the feature page says which method made it, and the digit neuron is still
+    its k = 1 probe (workers/probes.py's paper method is checked against scikit-learn in test_probes.py)."""
+    settings, _, corpus = probed
+    env = {**os.environ, "NEEDLE_DATABASE_URL": settings.resolved_database_url()}
+    args = [sys.executable, "-m", "needle.cli", "probe", NAME, "--features", "text", "--probe-corpus", str(corpus),
+            "--probe-tokens", "8192", "--context", "32", "--method", "paper"]
+    app = create_app(settings)
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=30) as http:
+        before = http.get(f"/{NAME}/features/contains_digit.json").json()
+        assert before["probe_method"] == "needle" and "stratified" in " ".join(before["method"])
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 1 and "--force" in proc.stderr and "paper" in proc.stderr
+        proc = subprocess.run(args + ["--force"], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        after = http.get(f"/{NAME}/features/contains_digit.json").json()
+        assert after["probe_method"] == "paper" and after["settings"]["method"] == "paper"
+        assert "random_state=1" in " ".join(after["method"])
+        page = BeautifulSoup(http.get(f"/{NAME}/features/contains_digit").text, "html.parser")
+        assert "--method paper" in page.select_one(".probe-method").get_text()
+        layer = next(la for la in after["layers"] if la["layer"] == DIGIT_NEURON[0])
+        assert layer["best"]["neuron"] == DIGIT_NEURON[1] and layer["best"]["f1"] >= 0.95

@@ -740,7 +740,11 @@ def test_sae_pages_search_and_live_latent_clamp(llama_site_db, llama, tmp_path):
             assert hit["kind"] == "latent" and hit["sae"] == "std" and 0 <= hit["latent"] < 96
             assert hit["url"] == f"{base_url}/{hit['latent']}"
             assert http.get(hit["url"]).status_code == 200
-            assert ok_json(http, hit["url"] + ".json")["latent"] == hit["latent"]
+            own = ok_json(http, hit["url"] + ".json")
+            assert own["latent"] == hit["latent"]
+            ids = [t["token_id"] for t in own["input_tokens"]]  # the token's place in the latent's own decoding
+            assert hit["decoding_rank"] == (ids.index(hit["token_id"]) + 1 if hit["token_id"] in ids else None)
+            assert hit["decoding_kept"] == len(ids)
         assert all(r.get("kind") == "neuron" for r in found["results"])
 
         # a live clamp of the latent, run by a real worker

@@ -4,6 +4,8 @@ For each neuron, with W_U the unembedding [vocab x d_model]:
 - input side: p = softmax(W_U . w_in) (w_in: the neuron's input weights, the up_proj row for
   gated MLPs; times the final norm's weight with decode_norm="final"). Kept: the top tokens
   with p and the normalised score s = p / mean(top-100 p).
+  Also the decoding's entropy H = -sum p log p (in nats; pages show bits against log2 V), from
+  the logits at hand: H = log Z - E_p[logit], log Z = logit_top - log p_top.
 - output side: the direct logit effect W_U . w_out (raw logits, no bias, no norm): the most
   promoted and most suppressed tokens.
 - search index: for every vocabulary token, the top-k neurons by s, merged batch by batch
@@ -39,6 +41,7 @@ class LayerDecoding:
     out_pos_logits: np.ndarray
     out_neg_ids: np.ndarray  # [n, TOP_OUT], most suppressed first
     out_neg_logits: np.ndarray
+    entropy: np.ndarray | None = None  # [n] nats, of the whole input-side decoding
 
 
 class RunningTopK:
@@ -221,9 +224,15 @@ def decode_layers(
                 if softcap:
                     logits.div_(softcap).tanh_().mul_(softcap)
                 probs = _softmax(logits, buffers[1][:n] if buffers else None)
-                del logits
                 top_p, top_ids = rowwise_topk(probs, k_norm)
                 mean100 = top_p.mean(dim=-1)
+                # H = log Z - E_p[logit]; log Z from the top token (p_top > 0: its log is finite). The
+                # logits are not needed after this: p * logit is written over them (in their CPU buffer,
+                # a third of the time of a batched dot product) and summed
+                log_z = logits.gather(1, top_ids[:, :1]).squeeze(1) - top_p[:, 0].log()
+                expected = logits.mul_(probs).sum(dim=1)
+                parts["entropy"].append((log_z - expected).clamp_min(0.0))
+                del logits
                 parts["in_ids"].append(top_ids[:, :k_in])
                 parts["in_probs"].append(top_p[:, :k_in])
                 parts["in_scores"].append(top_p[:, :k_in] / mean100[:, None])

@@ -60,6 +60,14 @@ Needle departs from it, are marked "choice".
   figures (what the paper plotted) are there too, as enet_f1, enet_precision, enet_recall.
   `neurons` lists the kept neurons by their final pruning order (most important first);
   the sets are nested.
+
+method="paper" takes the paper's code's own settings instead, so that its published figures
+can be compared: its split, scikit-learn's train_test_split(test_size=0.3, random_state=seed)
+(shuffled, not stratified: numpy's RandomState(seed).permutation(n), the first ceil(0.3 n) to
+the test set) with its default seed 1 (utils.default_argument_parser), and its normalisation,
+each neuron divided by 10 * max(train std, 1e-3) (neurons at std 0.1: the L2 penalty weighs
+100 times more against the data). The rest is as above: the same objective (balanced L2
+logistic regression, C = 1) solved to convergence, where the paper ran saga for 200-250 epochs.
 """
 
 from __future__ import annotations
@@ -75,6 +83,9 @@ MIN_TRAIN_POSITIVES = 20
 TOP_NEURONS = 30
 TEST_FRACTION = 0.3
 C = 1.0
+METHODS = ("needle", "paper")
+PAPER_SEED = 1  # the paper's code's default --seed
+PAPER_STD_SCALE, PAPER_STD_FLOOR = 10.0, 1e-3  # it divides each neuron by 10 * max(std, 1e-3)
 SMALL_K = 16  # ks up to this are fitted together as one padded, masked batch
 
 _NEWTON_MAX_ITER = 50
@@ -138,15 +149,26 @@ def split_indices(y: torch.Tensor, seed: int = 0) -> Split:
         n_test = math.floor(TEST_FRACTION * idx.numel() + 0.5)
         test_parts.append(perm[:n_test])
         train_parts.append(perm[n_test:])
-    train = torch.sort(torch.cat(train_parts)).values
-    test = torch.sort(torch.cat(test_parts)).values
+    return _split(y, torch.cat(train_parts), torch.cat(test_parts))
+
+
+def paper_split(y: torch.Tensor, seed: int = PAPER_SEED) -> Split:
+    """The paper's split: scikit-learn's train_test_split(test_size=0.3, random_state=seed),
+    written out (numpy's RandomState permutation, the first ceil(0.3 n) to the test set)."""
+    import numpy as np
+
+    y = torch.as_tensor(y).detach().to("cpu").bool().reshape(-1)
+    n = y.numel()
+    perm = torch.from_numpy(np.random.RandomState(int(seed)).permutation(n))
+    n_test = math.ceil(TEST_FRACTION * n)
+    return _split(y, perm[n_test:], perm[:n_test])
+
+
+def _split(y: torch.Tensor, train: torch.Tensor, test: torch.Tensor) -> Split:
+    train, test = torch.sort(train).values, torch.sort(test).values
     y_train, y_test = y[train], y[test]
-    counts = {
-        "train_pos": int(y_train.sum()),
-        "train_neg": int((~y_train).sum()),
-        "test_pos": int(y_test.sum()),
-        "test_neg": int((~y_test).sum()),
-    }
+    counts = {"train_pos": int(y_train.sum()), "train_neg": int((~y_train).sum()),
+              "test_pos": int(y_test.sum()), "test_neg": int((~y_test).sum())}
     return Split(train, test, y_train, y_test, counts)
 
 
@@ -166,27 +188,33 @@ def pruning_penalty(k: int) -> tuple[float, float]:
 # ---- entry points ---------------------------------------------------------------------------
 
 
-def probe_layer(X: torch.Tensor, y: torch.Tensor, *, seed: int = 0, ks: Sequence[int] = KS, device=None,
-                prune: bool = True) -> LayerProbe:
+def probe_layer(X: torch.Tensor, y: torch.Tensor, *, seed: int | None = None, ks: Sequence[int] = KS, device=None,
+                prune: bool = True, method: str = "needle") -> LayerProbe:
     """Probe one layer: X [n, d] activations, y [n] bool labels. See the module docstring."""
-    return probe_layers({0: X}, y, seed=seed, ks=ks, device=device, prune=prune)[0]
+    return probe_layers({0: X}, y, seed=seed, ks=ks, device=device, prune=prune, method=method)[0]
 
 
-def probe_layers(Xs: Mapping[int, torch.Tensor], y: torch.Tensor, *, seed: int = 0, ks: Sequence[int] = KS,
-                 device=None, prune: bool = True) -> dict[int, LayerProbe]:
+def probe_layers(Xs: Mapping[int, torch.Tensor], y: torch.Tensor, *, seed: int | None = None, ks: Sequence[int] = KS,
+                 device=None, prune: bool = True, method: str = "needle") -> dict[int, LayerProbe]:
     """Probe several layers of the same n samples with one shared split: {layer: X [n, d]}.
     Layers of the same width are batched together. `prune=False` skips the pruning sweep
-    (its `pruned_curve` is then empty)."""
+    (its `pruned_curve` is then empty). method "needle" or "paper" (the module docstring);
+    seed None: 0 for Needle's, the paper's 1 for the paper's."""
     if not Xs:
         return {}
     if not ks:
         raise ValueError("no k to probe: ks is empty")
+    if method not in METHODS:
+        raise ValueError(f"unknown probe method {method!r}: one of {', '.join(METHODS)}")
+    paper = method == "paper"
+    if seed is None:
+        seed = PAPER_SEED if paper else 0
     y = torch.as_tensor(y).reshape(-1)
     n = y.numel()
     for layer, X in Xs.items():
         if X.dim() != 2 or X.shape[0] != n:
             raise ValueError(f"layer {layer}: activations of shape {tuple(X.shape)} for {n} labels (want [n, d])")
-    split = split_indices(y, seed)
+    split = paper_split(y, seed) if paper else split_indices(y, seed)
     c = split.counts
     if c["train_pos"] < MIN_TRAIN_POSITIVES or c["train_neg"] < MIN_TRAIN_POSITIVES:
         raise TooFewPositives(dict(c))
@@ -200,16 +228,17 @@ def probe_layers(Xs: Mapping[int, torch.Tensor], y: torch.Tensor, *, seed: int =
         for start in range(0, len(layers), per):
             chunk = layers[start : start + per]
             dev = torch.device(device) if device is not None else Xs[chunk[0]].device
-            out.update(zip(chunk, _probe_batch([Xs[la] for la in chunk], split, ks_d, dev, prune)))
+            out.update(zip(chunk, _probe_batch([Xs[la] for la in chunk], split, ks_d, dev, prune, paper, seed)))
     return {layer: out[layer] for layer in Xs}
 
 
 # ---- the batch of layers --------------------------------------------------------------------
 
 
-def _column_stats(X: torch.Tensor, train: torch.Tensor, pos: torch.Tensor, rows: int = 1024):
+def _column_stats(X: torch.Tensor, train: torch.Tensor, pos: torch.Tensor, rows: int = 1024, paper: bool = False):
     """Per neuron over the train rows: (mean, std with 0 -> 1, mean difference of the
-    normalised neuron, whether it is constant), float32.
+    normalised neuron, whether it is constant), float32. With `paper`, the std returned (what
+    each neuron is divided by) is the paper's 10 * max(std, 1e-3).
 
     The sums are matmuls with weight vectors that are zero on test rows, over blocks of rows
     (cache-sized; a float16 X is converted block by block), of each neuron minus a shift (its
@@ -239,6 +268,8 @@ def _column_stats(X: torch.Tensor, train: torch.Tensor, pos: torch.Tensor, rows:
     sd = var.clamp(min=0).sqrt()
     # constant on the train rows (to float32 resolution): scaled by 1, mean difference 0
     const = sd <= 1e-6 * mu.abs()
+    if paper:
+        sd = PAPER_STD_SCALE * sd.clamp(min=PAPER_STD_FLOOR)
     sd = torch.where(const, torch.ones_like(sd), sd)
     dif = torch.where(const, torch.zeros_like(sd), (mom[1] - mom[2]).abs() / sd)
     return mu, sd, dif, const
@@ -258,7 +289,7 @@ def _design(X: torch.Tensor, cols: torch.Tensor, rows: tuple[torch.Tensor, ...],
 
 
 def _probe_batch(Xs: list[torch.Tensor], split: Split, ks: list[int], device: torch.device,
-                 prune: bool) -> list[LayerProbe]:
+                 prune: bool, paper: bool = False, seed: int = 0) -> list[LayerProbe]:
     L = len(Xs)
     d = Xs[0].shape[1]
     K = max(ks)
@@ -277,7 +308,7 @@ def _probe_batch(Xs: list[torch.Tensor], split: Split, ks: list[int], device: to
     orders, difs = [], []
     for li, X in enumerate(Xs):
         X = X.to(device)
-        mu, sd, dif, const = _column_stats(X, tr, y_tr_b)
+        mu, sd, dif, const = _column_stats(X, tr, y_tr_b, paper=paper)
         order = torch.sort(dif, descending=True, stable=True).indices
         top = order[:Kd]
         orders.append(top)
@@ -336,7 +367,10 @@ def _probe_batch(Xs: list[torch.Tensor], split: Split, ks: list[int], device: to
         results.append(LayerProbe(
             ranking=ranking, single=single, best=best, curve=curve, pruned_curve=pruned,
             counts=dict(split.counts), d=d,
-            params={"selection": "mean_dif", "C": C, "test_fraction": TEST_FRACTION, "stratified": True,
+            params={"method": "paper" if paper else "needle", "seed": seed,
+                    "normalisation": "x / (10 * max(train std, 1e-3))" if paper else "x / train std",
+                    "split": "train_test_split(test_size=0.3, random_state=seed)" if paper else "stratified 70/30",
+                    "selection": "mean_dif", "C": C, "test_fraction": TEST_FRACTION, "stratified": not paper,
                     "class_weight": "balanced", "ks": list(ks), "top_neurons": T,
                     "pruning": "elastic net, C = k/20, l1_ratio = clip(exp(-k/20), 0.1, 0.9); "
                                "metrics of an L2 (C = 1) refit on the kept neurons"},

@@ -62,8 +62,10 @@ class FeatureResult:
     counts: dict = field(default_factory=dict)
 
 
-def probe_features(acts: dict[int, torch.Tensor], dataset: ProbeDataset, *, seed: int = 0,
-                   progress: Callable[[int], None] = lambda n: None) -> list[FeatureResult]:
+def probe_features(acts: dict[int, torch.Tensor], dataset: ProbeDataset, *, seed: int | None = None,
+                   progress: Callable[[int], None] = lambda n: None, method: str = "needle") -> list[FeatureResult]:
+    """Every feature probed in every layer (probes.probe_layers; method "needle" or "paper", seed
+    None: the method's own)."""
     results: list[FeatureResult] = []
     first_of: dict[bytes, FeatureResult] = {}  # features with the same samples and labels: one probe
     for feature in dataset.features:
@@ -77,7 +79,7 @@ def probe_features(acts: dict[int, torch.Tensor], dataset: ProbeDataset, *, seed
             continue
         xs = {layer: samples(a, feature, dataset.lengths) for layer, a in acts.items()}
         try:
-            fitted = probes.probe_layers(xs, feature.label, seed=seed)
+            fitted = probes.probe_layers(xs, feature.label, seed=seed, method=method)
         except probes.TooFewPositives as exc:
             results.append(FeatureResult(feature, skipped=str(exc), counts=getattr(exc, "counts", {})))
         else:

@@ -398,7 +398,8 @@ def run_probes(ctx: JobContext) -> Writer:
         batch_tokens=ctx.examples_batch_tokens, progress=ctx.advance,
     )
     ctx.phase("fit", len(dataset.features), "feature", 0.5)
-    results = probing.probe_features(acts, dataset, progress=ctx.advance)
+    method = p.get("method", "needle")  # workers/probes.py METHODS
+    results = probing.probe_features(acts, dataset, progress=ctx.advance, method=method)
     del acts
     features, layers, neurons = probing.result_rows(results)
     # the same probes over each trained SAE's latents, at its layer: is a feature sparser in that basis?
@@ -412,7 +413,8 @@ def run_probes(ctx: JobContext) -> Writer:
             loaded.model, loaded.adapter, [sae.layer], dataset, bos_prefix_id(loaded.tokenizer),
             batch_tokens=ctx.examples_batch_tokens, units=saestages.latent_units(sae),
         )
-        _, sae_layers, sae_units = probing.result_rows(probing.probe_features(latents, dataset), basis=sae_id)
+        _, sae_layers, sae_units = probing.result_rows(probing.probe_features(latents, dataset, method=method),
+                                                       basis=sae_id)
         del latents
         layers += sae_layers
         neurons += sae_units
@@ -422,6 +424,7 @@ def run_probes(ctx: JobContext) -> Writer:
         "settings": {
             "context": p["context"], "tokens": p["tokens"], "corpus": p["corpus"], "rows": int(dataset.windows.shape[0]),
             "seconds": round(time.perf_counter() - started, 2), "device": str(loaded.device),
+            "method": method,
         },
     }
 

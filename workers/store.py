@@ -21,6 +21,7 @@ def neuron_rows(dec: LayerDecoding) -> list[dict]:
     blobs = pack_units(DECODING, dec)
     top_ids, top_probs = dec.in_ids[:, 0].tolist(), dec.in_probs[:, 0].tolist()
     top_scores, means = dec.in_scores[:, 0].tolist(), dec.mean_top100.tolist()
+    entropy = dec.entropy.tolist() if dec.entropy is not None else [None] * len(means)
     return [
         {
             "layer": dec.layer,
@@ -29,6 +30,7 @@ def neuron_rows(dec: LayerDecoding) -> list[dict]:
             "top_prob": top_probs[i],
             "top_score": top_scores[i],
             "mean_top100": means[i],
+            "entropy": entropy[i],
             **{field: rows[i] for field, rows in blobs.items()},
         }
         for i in range(len(means))
