@@ -9,6 +9,7 @@ Every example has the JSON shape the neuron page's .json twin documents:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from app import queries, urls
 from app.arrays import FLOAT32, INT32, unpack
 from app.fastpage import PageSpans, TokenTexts, rounded_activations, token_texts
 from app.schema import ExampleRun, Job, Model, NeuronActivations, TextRun
-from app.unitarrays import unpack_examples
+from app.unitarrays import unpack_examples, unpack_negatives
 
 METHOD = [
     "Windows: the corpus's documents are tokenized, joined with the end-of-text token between them and cut into "
@@ -38,6 +39,47 @@ METHOD = [
     "also hold anything beyond); empty bins at the ends are not drawn, and the outer edges are the true min and "
     "max, so the first and last bars can be narrower.",
 ]
+
+
+SILENT_SHARE = 0.01  # a unit whose largest |activation| is under this share of its layer's median is silent
+ZERO_WHEN_OFF = ("relu", "relu2", "relu6")  # activation functions whose units are exactly 0 when off
+
+
+@dataclass(frozen=True)
+class FiringRule:
+    """When a unit fires and when it is dead, by what its activation function makes meaningful.
+    relative: fires above 1/5 of its own max (the stored frequency_above), dead when silent;
+    else fires above 0 (the stored frequency), dead when it never does."""
+
+    relative: bool
+    text: str
+    dead_text: str
+
+    def frequency(self, stats) -> float | None:
+        """A stored activations row's (or stats dict's) firing frequency by this rule."""
+        if stats is None:
+            return None
+        get = stats.get if isinstance(stats, dict) else lambda k: getattr(stats, k)
+        return get("frequency_above") if self.relative else get("frequency")
+
+
+def firing_rule(model: Model, latents: bool = False) -> FiringRule:
+    """SAE latents and ReLU neurons are exactly 0 when off: they fire above 0, and a dead one never
+    does. A SiLU or GELU neuron is almost never exactly 0 (a gated one, act(gate) x up, is above 0 on
+    about half the tokens), so it fires above 1/5 of its own max on the corpus, and is dead when
+    silent: its largest |activation| under 1% of its layer's median."""
+    act = str((model.info or {}).get("hidden_act") or "").lower()
+    if latents or act in ZERO_WHEN_OFF:
+        what = "an SAE latent" if latents else f"a {act} neuron"
+        return FiringRule(False, f"a unit fires on a token when its activation is above 0 ({what} is exactly 0 when off)",
+                          "a dead unit never fires on the corpus")
+    return FiringRule(
+        True,
+        f"a unit fires on a token when its activation is above 1/5 of its largest on the corpus (the first interval "
+        f"edge, from the estimate pass): a {act or 'non-ReLU'} neuron is almost never exactly 0, so 'above 0' would read "
+        "about half the tokens for most of them",
+        f"a dead unit is silent: its largest |activation| on the corpus is under {SILENT_SHARE:.0%} of its layer's median",
+    )
 
 
 def _float(value) -> float | None:
@@ -107,22 +149,24 @@ def top_context_prompt(session: Session, model: Model, row: NeuronActivations | 
 
 
 def neuron_activations(session: Session, model: Model, row: NeuronActivations | None, context: int, *,
-                       arrays: bool = True) -> dict:
+                       arrays: bool = True, latents: bool = False) -> dict:
     """The "examples", "interval_samples" and "stats" of a neuron page (empty when not computed).
     arrays=False leaves out each example's per-token lists (tokens, token_ids, activations: about
     2,900 of each), which the JSON twin and the embed card show; the page draws its tokens from
     the stored arrays instead (PageSpans, "_context_spans"), so building them was 11% of its
     server time under load for nothing."""
     if row is None:
-        return {"examples": [], "interval_samples": [], "stats": None, "peak_tokens": [], "_context_spans": None,
-                "_top_prompt": None}
+        return {"examples": [], "interval_samples": [], "negative_examples": None, "stats": None, "peak_tokens": [],
+                "_context_spans": None, "_top_prompt": None, "_negative_group": None}
     a = unpack_examples(row, context)
+    neg = unpack_negatives(row, context)
     top_windows, top_pos, top_acts, top_max = a["top_windows"], a["top_pos"], a["top_acts"], a["top_max"]
     int_windows, int_pos, int_max, int_acts = a["int_windows"], a["int_pos"], a["int_max"], a["int_acts"]
     int_edges, int_counts = a["int_edges"], a["int_counts"]
     bins = len(int_counts)
 
-    windows = queries.example_windows(session, model.id, [*top_windows.tolist(), *int_windows.ravel().tolist()])
+    windows = queries.example_windows(session, model.id, [*top_windows.tolist(), *int_windows.ravel().tolist(),
+                                                          *(neg["neg_windows"].tolist() if neg is not None else [])])
     ids = {w: unpack(win.token_ids, INT32) for w, win in windows.items()}
     text = token_texts(session, model)
 
@@ -163,6 +207,18 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
             }
         )
         spans.append([(ids[int(int_windows[b, j])], int_acts[b, j], int(int_pos[b, j])) for j in kept])
+    # a gated MLP's neuron: its top negative contexts (windows whose min is below 0), most negative first
+    negative_examples = None
+    if neg is not None:
+        kept = [k for k, w in enumerate(neg["neg_windows"].tolist()) if w >= 0 and w in windows and neg["neg_min"][k] < 0]
+        negative_examples = []
+        for k in kept:
+            ex = example(int(neg["neg_windows"][k]), neg["neg_acts"][k], int(neg["neg_pos"][k]), neg["neg_min"][k])
+            ex["min_activation"] = ex.pop("max_activation")
+            if "max_index" in ex:
+                ex["min_index"] = ex.pop("max_index")
+            negative_examples.append(ex)
+        spans.append([(ids[int(neg["neg_windows"][k])], neg["neg_acts"][k], int(neg["neg_pos"][k])) for k in kept])
     stats: dict[str, Any] = {
         "tokens": int(row.tokens),
         "frequency": float(row.frequency),
@@ -174,10 +230,15 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
         "max": float(row.max_act),
         "histogram": histogram(a["hist_edges"], a["hist_counts"], float(row.min_act), float(row.max_act)),
     }
+    # how often it fires and whether it is dead, as its activation function makes meaningful
+    rule = firing_rule(model, latents)
+    stats.update(firing_frequency=rule.frequency(stats), firing_rule=rule.text, firing_relative=rule.relative,
+                 silent=row.silent)
     # "_context_spans": the HTML of every context's tokens, for the page's template (not in the JSON)
     spans_html = PageSpans(text, colour_scale(stats["max"], stats["min"]), spans)
-    return {"examples": examples, "interval_samples": intervals, "stats": stats, "peak_tokens": peak_tokens,
-            "_context_spans": spans_html, "_top_prompt": top_prompt}
+    return {"examples": examples, "interval_samples": intervals, "negative_examples": negative_examples, "stats": stats,
+            "peak_tokens": peak_tokens, "_context_spans": spans_html, "_top_prompt": top_prompt,
+            "_negative_group": bins + 1 if negative_examples is not None else None}
 
 
 def histogram(edges: np.ndarray, counts: np.ndarray, lo: float, hi: float) -> dict:

@@ -251,9 +251,11 @@ class PageSpans:
 
 
 def _context_box(ex: dict, tokens: str, mark_label: str = "max") -> str:
-    """One context: its max activation and where its window starts, then its tokens' spans."""
+    """One context: its max activation (a negative context's: its min) and where its window
+    starts, then its tokens' spans."""
+    value = ex["min_activation"] if mark_label == "min" else ex["max_activation"]
     return ('<div class="context">\n  <div class="ctx-meta"><span class="ctx-max">'
-            f'{escape(mark_label)} {escape("%.4g" % ex["max_activation"])}</span>\n    <span class="ctx-source" '
+            f'{escape(mark_label)} {escape("%.4g" % value)}</span>\n    <span class="ctx-source" '
             f'title="where the window starts">{escape(ex["source"])}</span></div>\n'
             f'  <div class="ctx-tokens">{tokens}</div>\n</div>')
 
@@ -264,11 +266,12 @@ def context(ex: dict, scale: Scale, mark_label: str = "max") -> Markup:
     return Markup(_context_box(ex, context_tokens(ex, scale), mark_label))
 
 
-def context_items(examples: list[dict], spans: PageSpans, group: int) -> Markup:
+def context_items(examples: list[dict], spans: PageSpans, group: int, mark_label: str = "max") -> Markup:
     """The <li> items of one list of a neuron page's contexts (its top contexts: group 0; an
-    interval bin's: group 1, 2, ...), their tokens from the page's spans: one call per list
-    (45 contexts a page)."""
-    return Markup("".join([f"<li>{_context_box(ex, spans.html(group, j))}</li>" for j, ex in enumerate(examples)]))
+    interval bin's: group 1, 2, ...; its top negative contexts, marked "min": the last group),
+    their tokens from the page's spans: one call per list (45 contexts a page)."""
+    return Markup("".join([f"<li>{_context_box(ex, spans.html(group, j), mark_label)}</li>"
+                           for j, ex in enumerate(examples)]))
 
 
 # ---------------------------------------------------------------- the search page's result rows

@@ -280,7 +280,8 @@ def models_page(session: Session) -> dict:
 def model_page(session: Session, name: str) -> dict:
     model = _model(session, name)
     summaries = {s["layer"]: s for s in queries.layer_summaries(session, model.id)}
-    firing = queries.activation_layer_summaries(session, model.id)
+    rule = examples.firing_rule(model)
+    firing = queries.activation_layer_summaries(session, model.id, relative=rule.relative)
     jobs = queries.jobs_for_model(session, model.id)
     stages = _stages(jobs)
     layers: list[dict[str, Any]] = []
@@ -323,6 +324,9 @@ def model_page(session: Session, name: str) -> dict:
         "layers": layers,
         # layers with no activation rows yet have no dead count
         "dead_neurons": sum(layer["dead"] or 0 for layer in layers) if firing else None,
+        # what "fires" and "dead" mean for this model's activation function (app/examples.firing_rule)
+        "firing_rule": rule.text,
+        "dead_rule": rule.dead_text,
         "examples_run": examples.run_info(queries.example_run(session, model.id)),
         "stages": stages,
         "stages_done": [s["stage"] for s in stages if s["state"] == "done"],
@@ -351,8 +355,11 @@ def _units_list(session: Session, model: Model, basis: Basis, layer: int, *, pag
     """A page of one layer's units of a basis (a layer's neurons, an SAE's latents), sorted:
     what the layer page and the SAE page list. page_url(n, sort, fmt) is the list's own address."""
     sort = sort or urls.DEFAULT_LAYER_SORT
-    if sort not in queries.LAYER_SORTS:
-        raise NeedleError(f"Unknown sort {_cut(sort)!r}: use one of {', '.join(queries.LAYER_SORTS)}.")
+    if sort not in SORT_LABELS:
+        raise NeedleError(f"Unknown sort {_cut(sort)!r}: use one of {', '.join(SORT_LABELS)}.")
+    rule = examples.firing_rule(model, latents=not basis.is_neurons)
+    # by frequency as the rule counts it: a SiLU or GELU model's neurons by the share above 1/5 of their max
+    stored_sort = sort.replace("frequency", "frequency_above") if rule.relative and "frequency" in sort else sort
     page_number = _page_number(page)
     summary = queries.layer_summary(session, model.id, layer, basis.id)
     pages = max(1, math.ceil(summary["neurons"] / page_size))
@@ -360,7 +367,8 @@ def _units_list(session: Session, model: Model, basis: Basis, layer: int, *, pag
         where = f"layer {layer}" if basis.is_neurons else f"SAE {basis.sae!r}"
         raise NeedleError(f"Page {page_number} is out of range: {where} has {pages} page(s) of {basis.unit}s.")
 
-    pairs = queries.layer_neurons(session, model.id, layer, sort, (page_number - 1) * page_size, page_size, basis.id)
+    pairs = queries.layer_neurons(session, model.id, layer, stored_sort, (page_number - 1) * page_size, page_size,
+                                  basis.id)
     rows = [n for n, _ in pairs]
     stats = {n.neuron: a for n, a in pairs}
     decodings = {row.neuron: unpack_decoding(row) for row in rows}
@@ -382,6 +390,7 @@ def _units_list(session: Session, model: Model, basis: Basis, layer: int, *, pag
         "page_size": page_size,
         f"{basis.unit}s_stored": summary["neurons"],
         "has_activations": any(a is not None for a in stats.values()),
+        "firing_rule": rule.text,
         "max_score": number(summary["max_score"]) if summary["max_score"] is not None else None,
         "prev_page_url": page_url(page_number - 1 if page_number > 1 else None),
         "next_page_url": page_url(page_number + 1 if page_number < pages else None),
@@ -392,7 +401,7 @@ def _units_list(session: Session, model: Model, basis: Basis, layer: int, *, pag
                 "top_token": _token(row.top_token_id, text),
                 "top_score": number(row.top_score),
                 "top_prob": number(row.top_prob),
-                "frequency": number(stat.frequency) if (stat := stats[row.neuron]) is not None else None,
+                "frequency": number(rule.frequency(stat)) if (stat := stats[row.neuron]) is not None else None,
                 "max_activation": number(stat.max_act) if stat is not None else None,
                 "tokens": [
                     _token(t, text, score=number(s)) for t, s in zip(top_ids[row.neuron], top_scores[row.neuron])
@@ -646,7 +655,7 @@ def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: 
     feature_counts = {f.name: f.counts for f in queries.list_features(session, model.id)} if unit_features else {}
     run = examples.run_info(run_row)
     firing = examples.neuron_activations(session, model, activations if run_row else None,
-                                         run_row.context if run_row else 0, arrays=arrays)
+                                         run_row.context if run_row else 0, arrays=arrays, latents=not basis.is_neurons)
 
     def link(pos: tuple[int, int] | None) -> dict | None:
         if pos is None:

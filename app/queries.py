@@ -241,6 +241,11 @@ LAYER_SORTS = {
     # neurons without activation statistics sort last (NULL is neither large nor small)
     "frequency": (NeuronActivations.frequency.is_(None), NeuronActivations.frequency.desc(), Neuron.neuron.asc()),
     "-frequency": (NeuronActivations.frequency.is_(None), NeuronActivations.frequency.asc(), Neuron.neuron.asc()),
+    # the same by the share above 1/5 of each unit's max: a SiLU or GELU model's frequency (app.examples.firing_rule)
+    "frequency_above": (NeuronActivations.frequency_above.is_(None), NeuronActivations.frequency_above.desc(),
+                        Neuron.neuron.asc()),
+    "-frequency_above": (NeuronActivations.frequency_above.is_(None), NeuronActivations.frequency_above.asc(),
+                         Neuron.neuron.asc()),
     "max": (NeuronActivations.max_act.is_(None), NeuronActivations.max_act.desc(), Neuron.neuron.asc()),
 }
 
@@ -743,11 +748,16 @@ def _windows_statement():
             .where(ExampleWindow.model_id == bindparam("m"), ExampleWindow.window.in_(bindparam("ids", expanding=True))))
 
 
-def activation_layer_summaries(session: Session, model_id: int, basis: int = NEURONS) -> dict[int, dict]:
-    """Per layer: units with statistics, dead ones (never fired on the corpus), mean frequency."""
-    dead = func.sum(case((NeuronActivations.frequency <= 0, 1), else_=0))
+def activation_layer_summaries(session: Session, model_id: int, basis: int = NEURONS,
+                               relative: bool = False) -> dict[int, dict]:
+    """Per layer: units with statistics, dead ones and the mean frequency; by app.examples.firing_rule:
+    relative, the silent units and the share above 1/5 of each one's max; else the units that never
+    fired above 0 and that share."""
+    dead = func.sum(case((NeuronActivations.silent.is_(True), 1), else_=0)) if relative else \
+        func.sum(case((NeuronActivations.frequency <= 0, 1), else_=0))
+    frequency = NeuronActivations.frequency_above if relative else NeuronActivations.frequency
     rows = session.execute(
-        select(NeuronActivations.layer, func.count(), dead, func.avg(NeuronActivations.frequency))
+        select(NeuronActivations.layer, func.count(), dead, func.avg(frequency))
         .where(NeuronActivations.model_id == model_id, NeuronActivations.basis == basis)
         .group_by(NeuronActivations.layer)
     )

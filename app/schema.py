@@ -300,7 +300,8 @@ class NeuronActivations(Base):
     activations (float16, [k x context]). int_*: per interval bin, the sampled windows,
     [bins x per_bin] (-1 for none), with acts [bins x per_bin x context]; int_edges
     (float32, bins + 1) and int_counts (int64, firing tokens per bin). hist_*: edges
-    (float32) and counts (int64) of the histogram of every token's activation.
+    (float32) and counts (int64) of the histogram of every token's activation. neg_*: a gated
+    MLP's neuron's top negative contexts, as top_* by each window's min (NULL otherwise).
     """
 
     __tablename__ = "neuron_activations"
@@ -313,6 +314,8 @@ class NeuronActivations(Base):
     frequency: Mapped[float] = mapped_column(Float)
     frequency_above: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # its largest |activation| is under SILENT_SHARE of its layer's median (app/examples.py FIRING); NULL: not computed
+    silent: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     mean: Mapped[float] = mapped_column(Float)
     std: Mapped[float] = mapped_column(Float)
     min_act: Mapped[float] = mapped_column(Float)
@@ -329,6 +332,11 @@ class NeuronActivations(Base):
     int_counts: Mapped[bytes] = mapped_column(LargeBinary)
     hist_edges: Mapped[bytes] = mapped_column(LargeBinary)
     hist_counts: Mapped[bytes] = mapped_column(LargeBinary)
+    # the top negative contexts of a gated MLP's neuron (app/unitarrays.NEGATIVES); NULL where not read
+    neg_windows: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    neg_min: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    neg_pos: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    neg_acts: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     __table_args__ = (
         Index("ix_activations_frequency", "model_id", "basis", "layer", "frequency"),

@@ -37,6 +37,14 @@ EXAMPLES: dict[str, np.dtype] = {
     "hist_counts": INT64,  # [hist_bins]
 }
 
+# the examples row's top negative contexts (a gated MLP's neurons; NULL otherwise), most negative first
+NEGATIVES: dict[str, np.dtype] = {
+    "neg_windows": INT32,  # [top_k]
+    "neg_min": FLOAT32,  # [top_k] the window's min
+    "neg_pos": INT16,  # [top_k] index of the min token in its window
+    "neg_acts": FLOAT16,  # [top_k, context]
+}
+
 
 def pack_units(columns: dict[str, np.dtype], arrays) -> dict[str, list[bytes]]:
     """Each column's blob for every unit of a batch: arrays (a LayerDecoding, a LayerExamples)
@@ -62,4 +70,13 @@ def unpack_examples(row, context: int) -> dict[str, np.ndarray]:
     for name in ("int_windows", "int_max", "int_pos"):
         a[name] = a[name].reshape(bins, per_bin)
     a["int_acts"] = a["int_acts"].reshape(bins, per_bin, context)
+    return a
+
+
+def unpack_negatives(row, context: int) -> dict[str, np.ndarray] | None:
+    """A stored examples row's top negative contexts in NEGATIVES's shapes, or None where none were read."""
+    if any(getattr(row, name, None) is None for name in NEGATIVES):
+        return None
+    a = {name: unpack(getattr(row, name), dtype) for name, dtype in NEGATIVES.items()}
+    a["neg_acts"] = a["neg_acts"].reshape(len(a["neg_windows"]), context)
     return a

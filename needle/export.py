@@ -48,7 +48,7 @@ DECODINGS_PER_BATCH = 4096  # neurons per batch of `decodings` and `probes`
 
 # ---------------------------------------------------------------- types: a small description both formats share
 
-I32, I64, F32, F64, STR = "int32", "int64", "float32", "float64", "string"
+I32, I64, F32, F64, STR, BOOL = "int32", "int64", "float32", "float64", "string", "bool"
 
 
 def List(item) -> tuple:  # a type, so capitalised
@@ -69,7 +69,8 @@ def type_name(t) -> str:
 
 def arrow_type(pa, t):
     if isinstance(t, str):
-        return {I32: pa.int32(), I64: pa.int64(), F32: pa.float32(), F64: pa.float64(), STR: pa.string()}[t]
+        return {I32: pa.int32(), I64: pa.int64(), F32: pa.float32(), F64: pa.float64(), STR: pa.string(),
+                BOOL: pa.bool_()}[t]
     if t[0] == "list":
         return pa.list_(arrow_type(pa, t[1]))
     return pa.struct([(name, arrow_type(pa, ft)) for name, ft, *_ in t[1]])
@@ -133,6 +134,8 @@ TABLES = {
             ("frequency", F64, "share of tokens with activation > 0"),
             ("frequency_above", F64, "share of tokens above the threshold"),
             ("threshold", F64, "the first interval edge (1/5 of the estimated max); null if none"),
+            ("silent", BOOL, "its largest |activation| is under 1% of its layer's median (dead, for SiLU and GELU "
+                               "neurons); null if not computed"),
             ("mean", F64, "mean activation"),
             ("std", F64, "standard deviation of the activation"),
             ("min", F64, "smallest activation"),
@@ -412,6 +415,7 @@ class ExampleBatch:
     def _stats(self, r) -> dict:
         return {"layer": r.layer, "neuron": r.neuron, "tokens": int(r.tokens), "frequency": _float(r.frequency),
                 "frequency_above": _float(r.frequency_above), "threshold": _float(r.threshold),
+                "silent": None if r.silent is None else bool(r.silent),
                 "mean": _float(r.mean), "std": _float(r.std), "min": _float(r.min_act), "max": _float(r.max_act)}
 
     def rows(self) -> list[dict]:

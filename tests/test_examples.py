@@ -130,6 +130,12 @@ def stored(row, context: int) -> dict:
         "int_counts": unpack(row.int_counts, INT64),
         "hist_edges": unpack(row.hist_edges, FLOAT32),
         "hist_counts": unpack(row.hist_counts, INT64),
+        **({} if row.neg_windows is None else {
+            "neg_windows": unpack(row.neg_windows, INT32),
+            "neg_min": unpack(row.neg_min, FLOAT32),
+            "neg_pos": unpack(row.neg_pos, INT16),
+            "neg_acts": unpack(row.neg_acts, FLOAT16, (TOP_K, context)),
+        }),
     }
 
 
@@ -141,6 +147,9 @@ def as_arrays(res: examples.LayerExamples, neuron: int) -> dict:
         "int_pos": res.int_pos[neuron], "int_acts": res.int_acts[neuron], "int_edges": res.int_edges[neuron],
         "int_counts": res.int_counts[neuron], "hist_edges": res.hist_edges[neuron],
         "hist_counts": res.hist_counts[neuron],
+        **({} if res.neg_windows is None else {
+            "neg_windows": res.neg_windows[neuron], "neg_min": res.neg_min[neuron], "neg_pos": res.neg_pos[neuron],
+            "neg_acts": res.neg_acts[neuron]}),
     }  # fmt: skip
 
 
@@ -255,6 +264,23 @@ def check_against_brute_force(arr: dict, row_stats: dict, acts: np.ndarray, est_
         assert acts[win, pos] >= wmax[win] - atol, "the max index points at the max"
         if wmax[win] > 0:
             np.testing.assert_allclose(arr["top_max"][slot], arr["top_acts"][slot][pos], rtol=1e-3)
+
+    # top negative contexts (a gated MLP's neurons): the most negative windows by their min, earlier first on ties
+    if "neg_windows" in arr:
+        wmin = acts.min(axis=1)
+        neg = arr["neg_windows"]
+        assert (neg[k:] == -1).all()
+        neg = neg[:k]
+        assert len(set(neg.tolist())) == k, "a window appears at most once"
+        by_min = sorted(range(w), key=lambda i: (wmin[i], i))
+        np.testing.assert_allclose(arr["neg_min"][:k], wmin[by_min[:k]], rtol=1e-5, atol=atol)
+        np.testing.assert_allclose(arr["neg_min"][:k], wmin[neg], rtol=1e-5, atol=atol)
+        assert (np.diff(arr["neg_min"][:k]) >= 0).all(), "most negative first"
+        if k < w and wmin[by_min[k]] - wmin[by_min[k - 1]] > 2 * atol:
+            assert set(neg.tolist()) == set(by_min[:k])
+        for slot, win in enumerate(neg.tolist()):
+            np.testing.assert_allclose(arr["neg_acts"][slot].astype(np.float64), acts[win], rtol=2e-3, atol=atol)
+            assert acts[win, int(arr["neg_pos"][slot])] <= wmin[win] + atol, "the min index points at the min"
 
     # interval samples: each bin's windows have their max in the bin; a bin with at most PER_BIN
     # windows holds them all; otherwise the PER_BIN with the smallest priority
@@ -431,6 +457,7 @@ def test_stored_activations_equal_a_direct_forward_and_brute_force_stats(detecto
     est_ids = np.arange(N_WINDOWS)
     assert run.settings["estimate_windows"] == N_WINDOWS
     seen = {"whole_bins": 0, "sampled_bins": 0}
+    assert all(row.neg_windows is not None for row in rows.values()), "a gated MLP's neurons keep negative contexts"
     for (layer, neuron), row in rows.items():
         got = check_against_brute_force(stored(row, CONTEXT), row_stats(row), everything[layer][:, :, neuron], est_ids, neuron)
         for k in seen:
@@ -438,6 +465,120 @@ def test_stored_activations_equal_a_direct_forward_and_brute_force_stats(detecto
     # the interval-sample checks ran for most of the 128 neurons' 5 bins (not skipped as borderline)
     assert seen["whole_bins"] + seen["sampled_bins"] >= BINS * len(rows) // 2, seen
     assert seen["whole_bins"] > 0 and seen["sampled_bins"] > 0, seen
+
+
+def test_a_gated_neuron_s_page_shows_its_top_negative_contexts(detector, indexed):
+    """The neuron page (and its JSON) of a gated MLP's neuron lists its top negative contexts, most
+    negative first, each marked at its min token: the stored windows, checked against a direct forward."""
+    import httpx
+    from bs4 import BeautifulSoup
+
+    from app.main import create_app
+    from tests.live_server import running_server
+
+    _, _, rows, wins = load_rows(indexed, "det")
+    everything = direct_acts(detector["path"], expected_windows(tokenizer_of(detector["path"]), detector["words"],
+                                                                N_WINDOWS))
+    layer, neuron = min(rows, key=lambda u: rows[u].min_act)  # the neuron that goes most negative
+    acts = everything[layer][:, :, neuron]
+    with running_server(create_app(Settings(database_url=indexed))) as base, httpx.Client(base_url=base, timeout=30) as http:
+        data = http.get(f"/det/{layer}/{neuron}.json").json()
+        negatives = data["negative_examples"]
+        assert negatives and len(negatives) <= TOP_K
+        mins = [ex["min_activation"] for ex in negatives]
+        assert mins == sorted(mins) and all(m < 0 for m in mins)
+        np.testing.assert_allclose(mins[0], acts.min(), rtol=1e-4)
+        for ex in negatives:
+            np.testing.assert_allclose(ex["min_activation"], acts[ex["window"]].min(), rtol=1e-4, atol=1e-4)
+            assert ex["min_index"] == int(np.argmin(ex["activations"]))
+            assert ex["token_ids"] == wins[ex["window"]].tolist()
+        page = BeautifulSoup(http.get(f"/det/{layer}/{neuron}").text, "html.parser")
+        items = page.select("ol.contexts.negative li")
+        assert len(items) == len(negatives)
+        assert [li.select_one(".ctx-max").get_text() for li in items] == [f"min {m:.4g}" for m in mins]
+        marked = items[0].select(".ctx-tokens .t.max")
+        assert len(marked) == 1, "the min token is marked"
+        # the detector neuron never goes below 0: its list says so
+        empty = BeautifulSoup(http.get(f"/det/{DETECTOR[0]}/{DETECTOR[1]}").text, "html.parser")
+        assert "never went below 0" in empty.select_one("#negative-contexts").find_next("p", class_="empty").get_text()
+
+
+def test_firing_and_dead_as_a_silu_model_s_neurons_make_them_meaningful(detector, indexed):
+    """A SiLU (gated) model: a neuron fires above 1/5 of its max, and a dead one is silent (its largest
+    |activation| under 1% of its layer's median), checked against a direct forward; the model page,
+    the layer page's frequency column and sort and the neuron page use that rule. The same model
+    stored as a ReLU one counts above 0 and never-fired units instead."""
+    import httpx
+    from sqlalchemy import select, update
+
+    from app.main import create_app
+    from app.schema import Model
+    from tests.live_server import running_server
+
+    _, _, rows, _ = load_rows(indexed, "det")
+    everything = direct_acts(detector["path"], expected_windows(tokenizer_of(detector["path"]), detector["words"],
+                                                                N_WINDOWS))
+    for layer, acts in enumerate(everything):
+        peak = np.abs(acts).max(axis=(0, 1))  # [neurons]
+        silent = peak < 0.01 * np.median(peak)
+        for n in range(len(peak)):
+            if abs(peak[n] - 0.01 * np.median(peak)) > 1e-4 * max(1.0, peak.max()):  # no near-tie at the cut
+                assert rows[(layer, n)].silent == bool(silent[n]), (layer, n)
+    dead = {la: sum(bool(rows[(la, n)].silent) for n in range(D)) for la in range(len(everything)) for D in
+            [everything[la].shape[2]]}
+    with running_server(create_app(Settings(database_url=indexed))) as base, httpx.Client(base_url=base, timeout=30) as http:
+        model = http.get("/det.json").json()
+        assert "1/5 of its largest" in model["firing_rule"] and "silent" in model["dead_rule"]
+        for la in model["layers"]:
+            assert la["dead"] == dead[la["layer"]]
+            above = [rows[(la["layer"], n)].frequency_above for n in range(everything[0].shape[2])]
+            assert la["mean_frequency"] == pytest.approx(float(np.mean(above)), rel=1e-5)
+        layer = http.get(f"/det/{DETECTOR[0]}.json?sort=frequency").json()
+        shown = [u["frequency"] for u in layer["neurons"]]
+        assert shown == sorted(shown, reverse=True)
+        assert shown[0] == pytest.approx(max(rows[(DETECTOR[0], n)].frequency_above
+                                             for n in range(everything[0].shape[2])), rel=1e-5)
+        unit = http.get(f"/det/{DETECTOR[0]}/{DETECTOR[1]}.json").json()
+        assert unit["stats"]["firing_frequency"] == unit["stats"]["frequency_above"] and unit["stats"]["firing_relative"]
+        with engine_for(indexed).begin() as c:
+            info = c.execute(select(Model.info).where(Model.name == "det")).scalar_one()
+            assert info["hidden_act"] == "silu"
+            c.execute(update(Model).where(Model.name == "det").values(info={**info, "hidden_act": "relu"}))
+        try:
+            model = http.get("/det.json").json()
+            assert "above 0" in model["firing_rule"] and "never fires" in model["dead_rule"]
+            for la in model["layers"]:
+                assert la["dead"] == sum(rows[(la["layer"], n)].frequency <= 0 for n in range(everything[0].shape[2]))
+            unit = http.get(f"/det/{DETECTOR[0]}/{DETECTOR[1]}.json").json()
+            assert unit["stats"]["firing_frequency"] == unit["stats"]["frequency"]
+        finally:
+            with engine_for(indexed).begin() as c:
+                c.execute(update(Model).where(Model.name == "det").values(info=info))
+
+
+def test_a_neuron_that_does_almost_nothing_is_silent(tmp_path):
+    """workers/store.activation_rows marks silent the units whose largest |activation| is under 1% of their
+    layer's median: a Llama neuron whose up_proj row is scaled by 1e-4 is, checked against a direct forward."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.loading import load_model
+    from workers.store import activation_rows
+
+    path = build_tiny("llama", tmp_path / "m", seed=4)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[9].mul_(1e-4)
+    model.save_pretrained(path)
+    loaded = load_model(str(path), device="cpu")
+    windows = torch.randint(0, 200, (30, 12), generator=torch.Generator().manual_seed(1))
+    results = examples.collect(loaded.model, loaded.adapter, [0, 1], windows, None)
+    acts = direct_acts(path, windows)
+    for res in results:
+        peak = np.abs(acts[res.layer]).max(axis=(0, 1))
+        silent = [r["silent"] for r in activation_rows(res)]
+        assert silent == (peak < 0.01 * np.median(peak)).tolist()
+    assert [r["silent"] for r in activation_rows(results[1])].index(True) == 9
+    assert sum(r["silent"] for res in results for r in activation_rows(res)) == 1
 
 
 # ---------------------------------------------------------------- 3. interval samples, batch size
@@ -470,6 +611,7 @@ def test_interval_samples_and_statistics_against_brute_force(gpt2_collect):
     seen = {"whole_bins": 0, "sampled_bins": 0}
     above_estimate = 0
     for res in results:
+        assert res.neg_windows is None, "a GELU MLP's neurons keep no negative contexts"
         for n in range(len(res.max)):
             a = acts[res.layer][:, :, n]
             stats = {"layer": res.layer, "tokens": res.tokens, "frequency": res.positive[n] / res.tokens,

@@ -200,6 +200,8 @@ class Adapter:
         self.model = model
         self.spec = spec
         self.family: str = spec.name
+        # a gated MLP (act(gate) * up): its neurons are as often negative as positive
+        self.gated: bool = spec.kind in ("gated", "fused_gate_up")
         blocks = _lookup(model, spec.layers)
         if not isinstance(blocks, (nn.ModuleList, list, tuple)) or len(blocks) == 0:
             raise NeedleError(

@@ -26,6 +26,11 @@ Method (the neuron page quotes it):
   end; its end bins also hold anything beyond that (their outer edges are then the true min
   and max). The page drops empty bins at either end and clips the outer edges to the true
   min and max.
+- Top negative contexts, for the neurons of gated MLPs (SwiGLU, GeGLU: silu(gate) * up is as
+  often negative as positive): the same running top-k over each window's min, most negative
+  first (key (-min, earlier window first)), kept beside the top contexts. Not read for other
+  MLPs (a GELU's least value is about -0.17 of its input scale) or for SAE latents (never
+  negative).
 - When the tokenizer prefixes its own BOS token, each window is run with it in front and
   the BOS position is left out of everything.
 
@@ -68,9 +73,15 @@ class Units:
     site: str = "mlp"
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None
     width: int | None = None  # None: the adapter's d_mlp
+    negatives: bool | None = None  # keep the top negative contexts; None: for a gated MLP's neurons
 
     def size(self, adapter) -> int:
         return adapter.d_mlp if self.width is None else self.width
+
+    def reads_negatives(self, adapter) -> bool:
+        if self.negatives is not None:
+            return self.negatives
+        return self.encode is None and adapter.gated
 
 
 NEURON_UNITS = Units()
@@ -131,18 +142,57 @@ class LayerExamples:
     max: np.ndarray  # float32 [N]
     hist_edges: np.ndarray  # float32 [N, HIST_BINS + 1]
     hist_counts: np.ndarray  # int64 [N, HIST_BINS]
+    # the top negative contexts (gated MLPs' neurons), as the top_* fields, by each window's min
+    # (most negative first); None where they are not read
+    neg_windows: np.ndarray | None = None  # int32 [N, K]
+    neg_min: np.ndarray | None = None  # float32 [N, K]
+    neg_pos: np.ndarray | None = None  # int16 [N, K] index of the min token in its window
+    neg_acts: np.ndarray | None = None  # float16 [N, K, T]
+
+
+def merge_top(key: torch.Tensor, pos: torch.Tensor, kept: torch.Tensor, new_key: torch.Tensor,
+              new_pos: torch.Tensor, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A running top-k of windows per unit: the k best of the kept (key, pos, kept acts [k, T, N])
+    and a batch's (new_key, new_pos [B, N], acts [B, T, N]) by key."""
+    k, t, n = kept.shape
+    merged_key, idx = torch.cat([key, new_key]).topk(k, dim=0)
+    from_new = idx >= k
+    old_i = idx.clamp(max=k - 1)
+    new_i = (idx - k).clamp(min=0)
+    pos = torch.where(from_new, new_pos.gather(0, new_i), pos.gather(0, old_i))
+    kept = torch.where(
+        from_new[:, None, :],
+        acts.gather(0, new_i[:, None, :].expand(k, t, n)).to(torch.float16),
+        kept.gather(0, old_i[:, None, :].expand(k, t, n)),
+    )
+    return merged_key, pos, kept
+
+
+def key_windows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A top-k key's (valid, window id or -1, value): the inverse of (ordered_bits(value) << 32) | (MASK32 - window)."""
+    valid = key != MIN_KEY
+    windows = torch.where(valid, MASK32 - (key & MASK32), -1)
+    bits = (key >> 32).to(torch.int64)
+    bits = torch.where(bits < 0, -(bits + 1) | (-(2**31)), bits)
+    return valid, windows, bits.to(torch.int32).view(torch.float32)
 
 
 class LayerAccumulator:
     """Streaming top-k, interval reservoirs and statistics for one layer, on its device."""
 
-    def __init__(self, layer: int, d_mlp: int, context: int, device, est_min: torch.Tensor, est_max: torch.Tensor):
+    def __init__(self, layer: int, d_mlp: int, context: int, device, est_min: torch.Tensor, est_max: torch.Tensor,
+                 negatives: bool = False):
         self.layer, self.n, self.t, self.device = layer, d_mlp, context, device
         n, t = d_mlp, context
         self.neurons = torch.arange(n, device=device)
         self.top_key = torch.full((TOP_K, n), MIN_KEY, dtype=torch.int64, device=device)
         self.top_pos = torch.zeros((TOP_K, n), dtype=torch.int64, device=device)
         self.top_acts = torch.zeros((TOP_K, t, n), dtype=torch.float16, device=device)
+        self.negatives = negatives
+        if negatives:  # the same running top-k over -min
+            self.neg_key = self.top_key.clone()
+            self.neg_pos = self.top_pos.clone()
+            self.neg_acts = self.top_acts.clone()
         self.res_key = torch.full((BINS, PER_BIN, n), EMPTY_KEY, dtype=torch.int64, device=device)
         self.res_max = torch.zeros((BINS, PER_BIN, n), dtype=torch.float32, device=device)
         self.res_pos = torch.zeros((BINS, PER_BIN, n), dtype=torch.int64, device=device)
@@ -178,18 +228,14 @@ class LayerAccumulator:
         wmax = wmax.float()
 
         # ---- top-k windows by their max; earlier window first on ties
-        key = (ordered_bits(wmax) << 32) | (MASK32 - window_ids)[:, None]
-        merged_key, idx = torch.cat([self.top_key, key]).topk(TOP_K, dim=0)
-        from_new = idx >= TOP_K
-        old_i = idx.clamp(max=TOP_K - 1)
-        new_i = (idx - TOP_K).clamp(min=0)
-        self.top_pos = torch.where(from_new, wpos.gather(0, new_i), self.top_pos.gather(0, old_i))
-        self.top_acts = torch.where(
-            from_new[:, None, :],
-            acts.gather(0, new_i[:, None, :].expand(TOP_K, t, n)).to(torch.float16),
-            self.top_acts.gather(0, old_i[:, None, :].expand(TOP_K, t, n)),
-        )
-        self.top_key = merged_key
+        later = (MASK32 - window_ids)[:, None]
+        key = (ordered_bits(wmax) << 32) | later
+        self.top_key, self.top_pos, self.top_acts = merge_top(self.top_key, self.top_pos, self.top_acts, key, wpos, acts)
+        if self.negatives:  # ... and by their min, most negative first
+            wmin, wmin_pos = acts.min(dim=1)
+            nkey = (ordered_bits(-wmin.float()) << 32) | later
+            self.neg_key, self.neg_pos, self.neg_acts = merge_top(self.neg_key, self.neg_pos, self.neg_acts, nkey,
+                                                                  wmin_pos, acts)
 
         # ---- interval reservoirs: per bin, the PER_BIN windows with the smallest priority
         fired = wmax > 0
@@ -234,10 +280,12 @@ class LayerAccumulator:
 
     STATE = ("top_key", "top_pos", "top_acts", "res_key", "res_max", "res_pos", "res_acts",
              "sum", "sumsq", "min", "max", "int_counts", "hist_counts")
+    NEG_STATE = ("neg_key", "neg_pos", "neg_acts")
 
     def state(self) -> dict[str, np.ndarray]:
         """Everything update() accumulated, as CPU arrays: a corpus shard's part of a sharded run."""
-        out = {name: getattr(self, name).cpu().numpy() for name in self.STATE}
+        names = self.STATE + (self.NEG_STATE if self.negatives else ())
+        out = {name: getattr(self, name).cpu().numpy() for name in names}
         out["tokens"] = np.asarray(self.tokens, dtype=np.int64)
         return out
 
@@ -259,6 +307,10 @@ class LayerAccumulator:
         t, n = self.t, self.n
         self.top_pos = cat("top_pos", 0).gather(0, idx)
         self.top_acts = cat("top_acts", 0).gather(0, idx[:, None, :].expand(TOP_K, t, n))
+        if self.negatives:
+            self.neg_key, idx = cat("neg_key", 0).topk(TOP_K, dim=0)
+            self.neg_pos = cat("neg_pos", 0).gather(0, idx)
+            self.neg_acts = cat("neg_acts", 0).gather(0, idx[:, None, :].expand(TOP_K, t, n))
         rkey = cat("res_key", 1)
         self.res_key, ridx = rkey.topk(PER_BIN, dim=1, largest=False)
         self.res_max = cat("res_max", 1).gather(1, ridx)
@@ -277,11 +329,7 @@ class LayerAccumulator:
         def cpu(x: torch.Tensor) -> np.ndarray:
             return x.cpu().numpy()
 
-        valid = self.top_key != MIN_KEY
-        top_windows = torch.where(valid, MASK32 - (self.top_key & MASK32), -1)
-        top_bits = (self.top_key >> 32).to(torch.int64)
-        top_bits = torch.where(top_bits < 0, -(top_bits + 1) | (-(2**31)), top_bits)
-        top_max = top_bits.to(torch.int32).view(torch.float32)
+        valid, top_windows, top_max = key_windows(self.top_key)
         rvalid = self.res_key != EMPTY_KEY
         res_windows = torch.where(rvalid, self.res_key & MASK32, -1)
         # an empty slot (a bin with fewer windows) holds zeros, not whatever a batch left there
@@ -329,7 +377,15 @@ class LayerAccumulator:
             max=cpu(true_max).astype(np.float32),
             hist_edges=cpu(hist_edges).astype(np.float32),
             hist_counts=cpu(self.hist_counts),
+            **(self._negatives(cpu) if self.negatives else {}),
         )
+
+    def _negatives(self, cpu) -> dict[str, np.ndarray]:
+        valid, windows, neg = key_windows(self.neg_key)
+        return {"neg_windows": cpu(windows.T).astype(np.int32),
+                "neg_min": cpu(torch.where(valid, -neg, 0.0).T).astype(np.float32),
+                "neg_pos": cpu(self.neg_pos.T).astype(np.int16),
+                "neg_acts": cpu(self.neg_acts.permute(2, 0, 1))}
 
 
 def forward_windows(model, adapter, layers: list[int], windows: torch.Tensor, bos_id: int | None,
@@ -438,7 +494,8 @@ def accumulate_readers(model, adapter, readers: list[Reader], windows: torch.Ten
     n_windows, context = windows.shape
     stop = n_windows if stop is None else stop
     per_batch = plan(n_windows, context, batch_tokens).batch_windows
-    accs = [{layer: LayerAccumulator(layer, units.size(adapter), context, device, *ranges[r][layer]) for layer in layers}
+    accs = [{layer: LayerAccumulator(layer, units.size(adapter), context, device, *ranges[r][layer],
+                                     negatives=units.reads_negatives(adapter)) for layer in layers}
             for r, (layers, units) in enumerate(readers)]
     all_ids = torch.arange(n_windows, device=device)
     for b0 in range(start, stop, per_batch):

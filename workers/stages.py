@@ -295,7 +295,8 @@ def merge_examples(ctx: JobContext) -> Writer:
             for meta, _ in rows:
                 seconds[(start, meta["shard"])] = meta["seconds"]
                 devices.add(meta["device"])
-            acc = examples.LayerAccumulator(layer, units.size(loaded.adapter), p["context"], device, *ranges[layer])
+            acc = examples.LayerAccumulator(layer, units.size(loaded.adapter), p["context"], device, *ranges[layer],
+                                            negatives=units.reads_negatives(loaded.adapter))
             acc.merge([state for _, state in rows])
             results.append(acc.result())
             del rows, acc

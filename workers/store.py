@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from app import queries
 from app.arrays import FLOAT32, INT32, pack, pack_rows, unpack
-from app.unitarrays import DECODING, EXAMPLES, pack_units
+from app.examples import SILENT_SHARE
+from app.unitarrays import DECODING, EXAMPLES, NEGATIVES, pack_units
 from workers.corpus import Corpus
 from workers.decode import LayerDecoding, merge_search_parts
 from workers.examples import LayerExamples
@@ -106,10 +107,15 @@ def activation_rows(res: LayerExamples) -> list[dict]:
     n = len(res.max)
     tokens = max(res.tokens, 1)
     blobs = pack_units(EXAMPLES, res)
+    if res.neg_windows is not None:  # a gated MLP's neurons: their top negative contexts too
+        blobs.update(pack_units(NEGATIVES, res))
     freq = (res.positive / tokens).tolist()
     above = (res.above / tokens).tolist()
     thr = [None if np.isnan(t) else t for t in res.threshold.tolist()]
     mean, std, lo, hi = res.mean.tolist(), res.std.tolist(), res.min.tolist(), res.max.tolist()
+    # silent: its largest |activation| under SILENT_SHARE of the layer's median one (dead, for SiLU and GELU)
+    peak = np.maximum(np.abs(res.min.astype(np.float64)), np.abs(res.max.astype(np.float64)))
+    silent = (peak < SILENT_SHARE * float(np.median(peak)) if n else peak > 0).tolist()
     return [
         {
             "layer": res.layer,
@@ -118,6 +124,7 @@ def activation_rows(res: LayerExamples) -> list[dict]:
             "frequency": freq[i],
             "frequency_above": above[i],
             "threshold": thr[i],
+            "silent": silent[i],
             "mean": mean[i],
             "std": std[i],
             "min_act": lo[i],
@@ -130,7 +137,9 @@ def activation_rows(res: LayerExamples) -> list[dict]:
 
 def shown_windows(corpus: Corpus, results: Sequence[LayerExamples]) -> list[dict]:
     """The example_windows rows of the windows some unit of these results shows."""
-    shown = np.unique(np.concatenate([np.concatenate([r.top_windows.ravel(), r.int_windows.ravel()]) for r in results]))
+    shown = np.unique(np.concatenate([np.concatenate([r.top_windows.ravel(), r.int_windows.ravel()]
+                                                     + ([r.neg_windows.ravel()] if r.neg_windows is not None else []))
+                                     for r in results]))
     shown = shown[shown >= 0]
     windows = corpus.windows[torch.from_numpy(shown.astype(np.int64))].numpy() if len(shown) else np.zeros((0, 0))
     return [
