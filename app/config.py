@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     examples_batch_tokens: int = 8192
     demo_name: str = "stdlib-demo"
     # The demo's corpus: the Python standard library, capped at this many tokens.
-    demo_corpus: str = "stdlib"
+    demo_corpus: str = "stdlib-sample"
     demo_tokens: int = 262_144
     # Tokens per built-in feature dataset the demo probes (text and python features).
     demo_probe_tokens: int = 16_384

@@ -257,6 +257,36 @@ def test_stdlib_with_a_cap(tok):
     assert str(root) not in c.description, "no server path on public pages"
 
 
+def test_stdlib_sample_is_seeded_spread_over_the_library_and_unseen_text_first(tok):
+    """stdlib-sample: the stdlib's files in a seeded random order, the demo model's held-out files
+    first; the same order every time, and a cap reads files from all over the library."""
+    import random
+
+    from workers.corpus import SAMPLE_SEED
+    from workers.demo_model import is_held_out, stdlib_files
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_files()
+    held, rest = [p for p in files if is_held_out(p)], [p for p in files if not is_held_out(p)]
+    rng = random.Random(SAMPLE_SEED)
+    rng.shuffle(held)
+    rng.shuffle(rest)
+    order = held + rest
+    c = load_corpus("stdlib-sample", tok, context=64, max_tokens=64 * 400)
+    again = load_corpus("stdlib-sample", tok, context=64, max_tokens=64 * 400)
+    assert torch.equal(c.windows, again.windows) and c.sources == again.sources
+    texts = [p.read_text(encoding="utf-8") for p in order[: c.n_documents + 1]]
+    assert torch.equal(c.windows, expected_windows(joined(tok, texts), 64)[:400])
+    assert c.sources[0] == order[0].relative_to(root).as_posix() and is_held_out(order[0])
+    assert c.sources[0] != files[0].relative_to(root).as_posix(), "not the first file by path"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert c.description.startswith(f"stdlib: {c.n_documents} files of a seeded sample of the Python {version} standard")
+    # the demo reads it: its examples come from all over the library, the held-out files first
+    from app.config import Settings
+
+    assert Settings().demo_corpus == "stdlib-sample"
+
+
 def test_stdlib_files_leave_out_tests_caches_and_installed_packages(tmp_path):
     from workers.demo_model import stdlib_files
 

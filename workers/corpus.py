@@ -13,7 +13,11 @@ SPEC is one of:
   default), streamed with the `datasets` package (`pip install 'needle[hf]'`); NAME may also
   be a local dataset folder or data file;
 - `stdlib`: the Python standard library's own .py sources (tests, site-packages and
-  dist-packages left out), the text the demo model was trained on.
+  dist-packages left out), the text the demo model was trained on, in order of path;
+- `stdlib-sample`: the same files in a seeded random order (SAMPLE_SEED), the demo model's
+  held-out files (workers/demo_model.is_held_out, text it never trained on) first: a token
+  cap reads a sample spread over the whole library rather than its first files by name. The
+  demo's examples corpus.
 
 Method: documents (files, lines, rows) are read in a fixed order (sorted paths, line
 order, dataset order), tokenized with add_special_tokens=False, joined into one stream with
@@ -43,7 +47,8 @@ import torch
 from app.errors import NeedleError
 
 HUB_PROBE_TIMEOUT_S = 5.0
-SPEC_FORMS = "a text file, a folder of text files, a .jsonl file, hf:NAME[:split[:field]] or stdlib"
+SPEC_FORMS = "a text file, a folder of text files, a .jsonl file, hf:NAME[:split[:field]], stdlib or stdlib-sample"
+SAMPLE_SEED = 0  # the order of stdlib-sample's files
 
 BATCH_CHARS = 4_000_000  # text per tokenizer batch when everything is read
 MIN_BATCH_CHARS = 16_384
@@ -175,13 +180,22 @@ def _jsonl_docs(path: Path, spec: str) -> Iterator[_Doc]:
             yield _Doc(f"line {number}", _whole(text))
 
 
-def _stdlib_files() -> tuple[Path, list[Path]]:
+def _stdlib_files(sample: bool = False) -> tuple[Path, list[Path]]:
+    """The stdlib's sources by path; with `sample`, in stdlib-sample's order (module docstring)."""
+    import random
     import sysconfig
 
-    from workers.demo_model import stdlib_files
+    from workers.demo_model import is_held_out, stdlib_files
 
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in stdlib_files() if "dist-packages" not in p.relative_to(root).parts]
+    if sample:
+        held = [p for p in files if is_held_out(p)]
+        rest = [p for p in files if not is_held_out(p)]
+        rng = random.Random(SAMPLE_SEED)
+        rng.shuffle(held)
+        rng.shuffle(rest)
+        files = held + rest
     return root, files
 
 
@@ -311,11 +325,14 @@ def _open(spec: str) -> _Source:
     text = spec.strip()
     if not text:
         raise NeedleError("no corpus given", hint=f"Give {SPEC_FORMS}.")
-    if text == "stdlib":
-        root, files = _stdlib_files()
+    if text in ("stdlib", "stdlib-sample"):
+        sample = text == "stdlib-sample"
+        root, files = _stdlib_files(sample)
         # named, not by its folder: the server's install path has no place on public pages
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        return _files_source("stdlib", root, files, f"the Python {version} standard library")
+        what = (f"a seeded sample of the Python {version} standard library (its files in a seeded random order, "
+                "the demo model's held-out files first)") if sample else f"the Python {version} standard library"
+        return _files_source("stdlib", root, files, what)
     if text.startswith("hf:"):
         return _hf_source(text)
     path = Path(text).expanduser()

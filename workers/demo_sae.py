@@ -4,7 +4,7 @@ model (assets/demo-model), by the same code `needle sae train` runs, saved in SA
     python -m workers.demo_sae --out assets/demo-sae
 
 Seeded: the activations are read from the first TOKENS tokens of the Python standard library
-(workers/corpus.py "stdlib", as the demo's examples are), shuffled and trained on for EPOCHS
+(workers/corpus.py "stdlib", its files by path), shuffled and trained on for EPOCHS
 epochs; its quality is measured on the HELD_OUT tokens that follow them. The weights are stored
 in float16 (cfg.json says so; Needle and sae_lens compute in float32), and cfg.json's metadata
 holds how it was trained and its quality.
