@@ -151,20 +151,22 @@ class LayerExamples:
 
 
 def merge_top(key: torch.Tensor, pos: torch.Tensor, kept: torch.Tensor, new_key: torch.Tensor,
-              new_pos: torch.Tensor, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              acts: torch.Tensor, *, lowest: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A running top-k of windows per unit: the k best of the kept (key, pos, kept acts [k, T, N])
-    and a batch's (new_key, new_pos [B, N], acts [B, T, N]) by key."""
+    and a batch's windows (new_key [B, N], acts [B, T, N]) by key. A new window's pos is the
+    index of its max (lowest: its min) over its tokens, found on the k windows gathered, not on
+    the whole batch (an arg-reduction over [B, T, N] cost more than the rest of the merge)."""
     k, t, n = kept.shape
     merged_key, idx = torch.cat([key, new_key]).topk(k, dim=0)
     from_new = idx >= k
     old_i = idx.clamp(max=k - 1)
     new_i = (idx - k).clamp(min=0)
-    pos = torch.where(from_new, new_pos.gather(0, new_i), pos.gather(0, old_i))
-    kept = torch.where(
-        from_new[:, None, :],
-        acts.gather(0, new_i[:, None, :].expand(k, t, n)).to(torch.float16),
-        kept.gather(0, old_i[:, None, :].expand(k, t, n)),
-    )
+    gathered = acts.gather(0, new_i[:, None, :].expand(k, t, n))
+    # (max/min with indices: their kernel is several times faster than argmax/argmin over a middle dimension)
+    new_pos = (gathered.min(dim=1) if lowest else gathered.max(dim=1)).indices
+    pos = torch.where(from_new, new_pos, pos.gather(0, old_i))
+    kept = torch.where(from_new[:, None, :], gathered.to(torch.float16),
+                       kept.gather(0, old_i[:, None, :].expand(k, t, n)))
     return merged_key, pos, kept
 
 
@@ -224,18 +226,17 @@ class LayerAccumulator:
         """acts [B, T, N] in the model's dtype; window_ids [B] int64 on the device."""
         b = acts.shape[0]
         n, t = self.n, self.t
-        wmax, wpos = acts.max(dim=1)  # [B, N]
-        wmax = wmax.float()
+        # each window's max (no arg: where it lies is found for the windows kept, below)
+        wmax = acts.amax(dim=1).float()  # [B, N]
 
         # ---- top-k windows by their max; earlier window first on ties
         later = (MASK32 - window_ids)[:, None]
         key = (ordered_bits(wmax) << 32) | later
-        self.top_key, self.top_pos, self.top_acts = merge_top(self.top_key, self.top_pos, self.top_acts, key, wpos, acts)
+        self.top_key, self.top_pos, self.top_acts = merge_top(self.top_key, self.top_pos, self.top_acts, key, acts)
         if self.negatives:  # ... and by their min, most negative first
-            wmin, wmin_pos = acts.min(dim=1)
-            nkey = (ordered_bits(-wmin.float()) << 32) | later
-            self.neg_key, self.neg_pos, self.neg_acts = merge_top(self.neg_key, self.neg_pos, self.neg_acts, nkey,
-                                                                  wmin_pos, acts)
+            nkey = (ordered_bits(-acts.amin(dim=1).float()) << 32) | later
+            self.neg_key, self.neg_pos, self.neg_acts = merge_top(self.neg_key, self.neg_pos, self.neg_acts, nkey, acts,
+                                                                  lowest=True)
 
         # ---- interval reservoirs: per bin, the PER_BIN windows with the smallest priority
         fired = wmax > 0
@@ -248,11 +249,12 @@ class LayerAccumulator:
         r_old = ridx.clamp(max=PER_BIN - 1)
         r_newi = (ridx - PER_BIN).clamp(min=0)  # [BINS, S, N] window index in batch
         flat_new = r_newi.reshape(BINS * PER_BIN, n)
+        picked = acts.gather(0, flat_new[:, None, :].expand(BINS * PER_BIN, t, n))
         self.res_max = torch.where(r_new, wmax.gather(0, flat_new).view(BINS, PER_BIN, n), self.res_max.gather(1, r_old))
-        self.res_pos = torch.where(r_new, wpos.gather(0, flat_new).view(BINS, PER_BIN, n), self.res_pos.gather(1, r_old))
+        self.res_pos = torch.where(r_new, picked.max(dim=1).indices.view(BINS, PER_BIN, n), self.res_pos.gather(1, r_old))
         self.res_acts = torch.where(
             r_new[:, :, None, :],
-            acts.gather(0, flat_new[:, None, :].expand(BINS * PER_BIN, t, n)).to(torch.float16).view(BINS, PER_BIN, t, n),
+            picked.to(torch.float16).view(BINS, PER_BIN, t, n),
             self.res_acts.gather(1, r_old[:, :, None, :].expand(BINS, PER_BIN, t, n)),
         )
         self.res_key = neg_key
