@@ -301,7 +301,7 @@ def test_demo_indexes_the_bundled_model_and_serves_it(tmp_path):
         search = httpx.get(f"http://127.0.0.1:{port}/stdlib-demo/search.json", params={"token": "def"}, timeout=10).json()
         assert search["results"], "a common Python token has neurons"
         # activation examples from the standard library, and your own text through the demo's worker
-        assert model["examples_run"]["corpus"] == "stdlib" and model["examples_run"]["tokens"] == 262_144
+        assert model["examples_run"]["corpus"] == "stdlib-sample" and model["examples_run"]["tokens"] == 262_144
         assert len(neuron["examples"]) == 20 and neuron["stats"]["tokens"] == 262_144
         run = httpx.post(f"http://127.0.0.1:{port}/stdlib-demo/0/0/text", json={"text": "def f(x):"}, timeout=10)
         assert run.status_code == 202
