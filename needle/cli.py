@@ -175,8 +175,10 @@ def index_model(
             clamp_prompt = default_prompt(loaded.tokenizer, first_window) if first_window or not stored_prompt else stored_prompt
         model = queries.save_model(
             s, name, tokenizer_json=tokenizer_json(loaded.tokenizer),
-            info={"hidden_act": getattr(loaded.config, "hidden_act", None) or getattr(loaded.config, "activation_function", None),
-                  "logit_softcap": adapter.logit_softcap, "head_bias": adapter.head_bias() is not None,
+            info={"hidden_act": getattr(loaded.config, "hidden_act", None) or getattr(loaded.config, "activation_function", None)
+                  or getattr(loaded.config, "activation", None),
+                  "logit_softcap": adapter.logit_softcap, "logit_scale": adapter.logit_scale,
+                  "head_bias": adapter.head_bias() is not None,
                   "clamp_prompt": clamp_prompt},
             **fields,
         )

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tinymodels import GEMMA_FAMILIES, MLP, TINY_FAMILIES, build_tiny
+from tinymodels import GEMMA_FAMILIES, LINEAR_LAYOUT, MLP, TINY_FAMILIES, build_tiny
 from transformers import AutoModel, BertConfig
 from transformers.activations import ACT2FN
 
@@ -16,9 +16,10 @@ from app.errors import NeedleError
 from workers.adapters import adapter_for, family_for_config, supported_model_types
 from workers.loading import load_model
 
-GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm", "smollm3", "granite", "cohere")
 OPT = ("opt", "opt_proj")
-LAYER_NORM = ("gpt2", "gpt_neox", "gptj", "opt", "opt_proj")
+LAYER_NORM = ("gpt2", "gpt_neox", "gptj", "opt", "opt_proj", "stablelm", "gpt_neo", "phi", "gpt_bigcode", "starcoder2",
+              "falcon", "bloom")
 
 # Checkpoint names, written out per family (the adapter's registry is not consulted).
 BLOCK = {
@@ -44,7 +45,12 @@ ACTIVATION_ATTR = {"gpt2": "activation_function", "gptj": "activation_function",
                    "opt_proj": "activation_function", "gpt_neox": "hidden_act", "phi3": "hidden_act",
                    "llama": "hidden_act", "mistral": "hidden_act", "qwen2": "hidden_act", "qwen3": "hidden_act",
                    "gemma": "hidden_act",  # GemmaMLP reads hidden_act; Gemma-2/3 read hidden_activation
-                   "gemma2": "hidden_activation", "gemma3_text": "hidden_activation"}  # fmt: skip
+                   "gemma2": "hidden_activation", "gemma3_text": "hidden_activation",
+                   **dict.fromkeys(("olmo", "olmo2", "stablelm", "smollm3", "granite", "cohere"), "hidden_act")}  # fmt: skip
+
+for _f, (_blocks, _in, _out, _final, _embed, _act) in LINEAR_LAYOUT.items():
+    BLOCK[_f], MLP_IN[_f], MLP_OUT[_f], FINAL_NORM[_f], EMBEDDING[_f], ACTIVATION_ATTR[_f] = (
+        _blocks + ".{L}", _in, _out, _final, _embed, _act)
 
 PROMPTS = ["the dog sat on the mat", "def feed(dog):\n    return"]
 
@@ -100,7 +106,7 @@ def direct_unembedding(family, tensors):
 
 def direct_activations(family, config, tensors, layer, x):
     """The neuron activations computed by hand from the MLP input x."""
-    act = ACT2FN[getattr(config, ACTIVATION_ATTR[family])]
+    act = ACT2FN[getattr(config, ACTIVATION_ATTR[family])] if ACTIVATION_ATTR[family] else ACT2FN["gelu_pytorch_tanh"]
     w_in = w(tensors, family, layer, MLP_IN[family] + ".weight")
     if family == "gpt2":
         return act(x @ w_in + w(tensors, family, layer, "mlp.c_fc.bias"))
@@ -110,7 +116,8 @@ def direct_activations(family, config, tensors, layer, x):
     if family == "phi3":
         gate_up = x @ w_in.T
         return act(gate_up[..., :MLP]) * gate_up[..., MLP:]
-    return act(x @ w_in.T + w(tensors, family, layer, MLP_IN[family] + ".bias"))
+    bias = tensors.get(f"{BLOCK[family].format(L=layer)}.{MLP_IN[family]}.bias")  # Falcon's have none
+    return act(x @ w_in.T + (0 if bias is None else bias))
 
 
 def mlp_input_module(family, model, layer):
@@ -121,7 +128,8 @@ def mlp_input_module(family, model, layer):
 def test_registry_lists_every_family():
     assert supported_model_types() == sorted(
         ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "gptj"]
-        + ["phi3"]
+        + ["phi3", "olmo", "olmo2", "stablelm", "smollm3", "gpt_neo", "phi", "gpt_bigcode", "starcoder2", "falcon", "bloom"]
+        + ["granite", "cohere"]
     )
 
 
@@ -138,22 +146,26 @@ def test_weights_match_the_checkpoint(tiny, family):
     loaded, tensors = tiny(family)
     adapter = loaded.adapter
     assert adapter.family == ("opt" if family == "opt_proj" else family)
-    assert (adapter.n_layers, adapter.d_model, adapter.d_mlp) == (2, 32, MLP)
+    d_model = MLP // 4 if family == "bloom" else 32  # BLOOM's MLP is 4 x d_model
+    assert (adapter.n_layers, adapter.d_model, adapter.d_mlp) == (2, d_model, MLP)
     for layer in range(adapter.n_layers):
         w_in, w_out = adapter.input_weights(layer), adapter.output_weights(layer)
-        assert w_in.shape == w_out.shape == (MLP, 32)
+        assert w_in.shape == w_out.shape == (MLP, d_model)
         assert torch.equal(w_in, direct_input_weights(family, tensors, layer))
         assert torch.equal(w_out, direct_output_weights(family, tensors, layer))
         assert not w_in.requires_grad and not w_out.requires_grad
     w_u = adapter.unembedding()
     torch.testing.assert_close(w_u, direct_unembedding(family, tensors), rtol=1e-6, atol=1e-6)
-    assert w_u.shape == (adapter.vocab_size, 32)
+    assert w_u.shape == (adapter.vocab_size, d_model)
     assert adapter.vocab_size == loaded.model.config.vocab_size
 
-    scale = tensors[FINAL_NORM[family] + ".weight"]
-    torch.testing.assert_close(adapter.final_norm_scale(), 1 + scale if family in GEMMA_FAMILIES else scale)
+    scale = tensors.get(FINAL_NORM[family] + ".weight")
+    if family == "olmo":  # OLMo's LayerNorms have no weight: nothing to scale by
+        assert scale is None and adapter.final_norm_scale() is None
+    else:
+        torch.testing.assert_close(adapter.final_norm_scale(), 1 + scale if family in GEMMA_FAMILIES else scale)
     bias = adapter.head_bias()
-    if family == "gptj":
+    if family in ("gptj", "phi"):  # their LM heads have a bias
         assert torch.equal(bias, tensors["lm_head.bias"])
     else:
         assert bias is None
@@ -219,7 +231,11 @@ def test_unembedding_norm_bias_and_softcap_give_the_logits(tiny, family):
     finally:
         handle.remove()
     h = seen["h"]
-    if family in LAYER_NORM:
+    if family == "olmo":  # a LayerNorm without weight or bias
+        normed = F.layer_norm(h, (h.shape[-1],), eps=1e-5)
+    elif family == "cohere":  # a LayerNorm without bias
+        normed = F.layer_norm(h, (h.shape[-1],), eps=config.layer_norm_eps) * adapter.final_norm_scale()
+    elif family in LAYER_NORM:
         eps = getattr(config, "layer_norm_epsilon", None) or getattr(config, "layer_norm_eps", None) or 1e-5
         normed = F.layer_norm(h, (h.shape[-1],), eps=eps) * adapter.final_norm_scale()
         normed = normed + tensors[FINAL_NORM[family] + ".bias"]
@@ -228,6 +244,12 @@ def test_unembedding_norm_bias_and_softcap_give_the_logits(tiny, family):
     expected = normed @ adapter.unembedding().T
     if adapter.head_bias() is not None:
         expected = expected + adapter.head_bias()
+    if family == "granite":  # the head's own temperature, from the config as transformers names it
+        expected = expected / config.logits_scaling
+    if family == "cohere":
+        expected = expected * config.logit_scale
+    assert adapter.logit_scale == (1 / config.logits_scaling if family == "granite"
+                                   else config.logit_scale if family == "cohere" else None)
     if adapter.logit_softcap:
         expected = adapter.logit_softcap * torch.tanh(expected / adapter.logit_softcap)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ from app.errors import NeedleError
 from app.tokens import visible
 from tests.tinymodels import (
     CLAMP_OUTPUT_SCALE,
+    LINEAR_LAYOUT,
     MLP,
     POSITIONS,
     TINY_FAMILIES,
@@ -591,7 +592,7 @@ def test_sharing_the_blocks_before_the_clamp_changes_nothing(family, tmp_path):
 # a gated MLP, after act(gate) * up. TOO_EARLY: (the module, feature offset) one step before it,
 # the MLP's input projection (pre-activation; up_proj; the up half of Phi-3's fused gate_up_proj),
 # where a clamp would be at the wrong point of the MLP.
-GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm", "smollm3", "granite", "cohere")
 NEURON_AT = {
     "gpt2": "transformer.h.{}.mlp.c_proj",
     "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h",
@@ -607,6 +608,9 @@ TOO_EARLY = {
     "phi3": ("model.layers.{}.mlp.gate_up_proj", MLP),  # [gate; up] on the output axis
     **dict.fromkeys(GATED, ("model.layers.{}.mlp.up_proj", 0)),
 }
+for _f, (_blocks, _in, _out, *_) in LINEAR_LAYOUT.items():
+    NEURON_AT[_f], TOO_EARLY[_f] = f"{_blocks}.{{}}.{_out}", (f"{_blocks}.{{}}.{_in}", 0)
+
 FAMILY_VALUES = clamp.value_range(-24.0, 24.0, 9)
 FAMILY_NEURONS = ((0, 5), (0, 42), (1, 5), (1, 42))
 F32_ATOL = 1e-5  # probabilities of one float32 model, computed two ways

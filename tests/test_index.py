@@ -16,9 +16,10 @@ from app.db import engine_for, session_scope
 from app.errors import NeedleError
 from app.schema import Neuron, TokenIndex
 from needle.cli import index_model
-from tests.tinymodels import build_tiny
+from tests.tinymodels import LINEAR_LAYOUT, build_tiny
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "opt_proj", "gptj", "phi3"]
+FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "opt_proj", "gptj", "phi3",
+            "olmo", "olmo2", "stablelm", "smollm3", "granite", "cohere", "gpt_neo", "phi", "gpt_bigcode", "starcoder2", "falcon", "bloom"]
 
 # Where each family keeps a neuron's input row and output column, by parameter name.
 IN_OUT = {
@@ -29,9 +30,12 @@ IN_OUT = {
     "gptj": ("transformer.h.{L}.mlp.fc_in.weight", "", "transformer.h.{L}.mlp.fc_out.weight", "T"),
     "phi3": ("model.layers.{L}.mlp.gate_up_proj.weight", "second-half", "model.layers.{L}.mlp.down_proj.weight", "T"),
 }
-for fam in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"):
+for fam in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm", "smollm3", "granite",
+            "cohere"):
     IN_OUT[fam] = IN_OUT["llama"]
 IN_OUT["opt_proj"] = IN_OUT["opt"]
+for fam, (blocks, w_in, w_out, *_) in LINEAR_LAYOUT.items():
+    IN_OUT[fam] = (blocks + ".{L}." + w_in + ".weight", "", blocks + ".{L}." + w_out + ".weight", "T")
 
 
 @torch.no_grad()
@@ -64,6 +68,10 @@ def direct_decodings(path, family: str, decode_norm: str = "none"):
         logits = w_in @ w_u.T
         if bias is not None:
             logits = logits + bias.double()
+        if family == "granite":  # the head's temperature
+            logits = logits / cfg.logits_scaling
+        if family == "cohere":
+            logits = logits * cfg.logit_scale
         cap = getattr(cfg, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

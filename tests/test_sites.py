@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tinymodels import TINY_FAMILIES, build_tiny
+from tinymodels import LINEAR_LAYOUT, TINY_FAMILIES, build_tiny
 
 from app.errors import NeedleError, NotFound
 from workers.adapters import SITES
 from workers.loading import load_model
 
-GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
-POST_NORM = ("gemma2", "gemma3_text")  # RMSNorm the MLP output before the residual add
+GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm", "smollm3", "granite", "cohere")
+POST_NORM = ("gemma2", "gemma3_text", "olmo2")  # RMSNorm the MLP output before the residual add
 BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "gptj": "transformer.h", "phi3": "model.layers",
           "opt": "model.decoder.layers", "opt_proj": "model.decoder.layers", **{f: "model.layers" for f in GATED}}  # fmt: skip
 MLP_OUT = {"gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h", "gptj": "mlp.fc_out", "phi3": "mlp.down_proj",
@@ -23,6 +23,9 @@ FINAL = {"gpt2": ["transformer.ln_f"], "gpt_neox": ["gpt_neox.final_layer_norm"]
          "opt": ["model.decoder.final_layer_norm"],
          "opt_proj": ["model.decoder.final_layer_norm", "model.decoder.project_out"],
          "phi3": ["model.norm"], **{f: ["model.norm"] for f in GATED}}  # fmt: skip
+
+for _f, (_blocks, _in, _out, _final, _, _) in LINEAR_LAYOUT.items():
+    BLOCKS[_f], MLP_OUT[_f], FINAL[_f] = _blocks, _out, [_final]
 
 PROMPTS = ["the dog sat on the mat", "def feed(dog):\n    return"]
 LAYERS = (0, 1)
@@ -85,7 +88,8 @@ def test_resid_sites_are_the_hidden_states(tiny, family, hooks):
     last = adapter.n_layers - 1
     block_out = {}
     hooks.append(
-        block(family, model, last).register_forward_hook(lambda m, a, out: block_out.__setitem__("h", out.detach()))
+        block(family, model, last).register_forward_hook(  # (GPT-Neo's and BLOOM's blocks return a tuple)
+            lambda m, a, out: block_out.__setitem__("h", (out[0] if isinstance(out, tuple) else out).detach()))
     )
     pairs = [(layer, site) for layer in LAYERS for site in ("resid_pre", "resid_post")]
     with adapter.read_sites(pairs) as acts:
@@ -121,10 +125,10 @@ def test_mlp_sites_are_the_neurons_and_what_they_write(tiny, family):
         assert torch.equal(acts[(layer, "mlp")], neurons[layer])
         bias = out_projection(family, model, layer).bias
         written = neurons[layer] @ adapter.output_weights(layer) + (0 if bias is None else bias.detach())
-        if family in POST_NORM:  # Gemma RMSNorm: x / rms(x) * (1 + w), in float32
+        if family in POST_NORM:  # RMSNorm: x / rms(x) * w (Gemma: * (1 + w)), in float32
             weight = block(family, model, layer).post_feedforward_layernorm.weight.detach()
             rms = torch.rsqrt(written.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)
-            written = written * rms * (1 + weight)
+            written = written * rms * (weight if family == "olmo2" else 1 + weight)
         torch.testing.assert_close(acts[(layer, "mlp_out")], written, rtol=1e-4, atol=1e-5)
 
 
@@ -133,7 +137,8 @@ def plain_add(family, model, layer, site, delta, hooks):
     if site == "resid_pre":
         hooks.append(block(family, model, layer).register_forward_pre_hook(lambda m, a: (a[0] + delta, *a[1:])))
     elif site == "resid_post":
-        hooks.append(block(family, model, layer).register_forward_hook(lambda m, a, out: out + delta))
+        hooks.append(block(family, model, layer).register_forward_hook(
+            lambda m, a, out: (out[0] + delta, *out[1:]) if isinstance(out, tuple) else out + delta))
     elif site == "mlp_out":  # OPT runs its MLP on [batch * seq, d]
         hooks.append(
             mlp_out_module(family, model, layer).register_forward_hook(lambda m, a, out: out + delta.reshape(out.shape))

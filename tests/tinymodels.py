@@ -33,10 +33,28 @@ POSITIONS = 64
 
 SCRIPT_TOKEN = "<script>alert(1)</script>"
 
-BYTE_LEVEL_FAMILIES = ("gpt2", "gpt_neox", "opt", "opt_proj", "gptj", "qwen2", "qwen3")
-SENTENCEPIECE_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")
+BYTE_LEVEL_FAMILIES = ("gpt2", "gpt_neox", "opt", "opt_proj", "gptj", "qwen2", "qwen3", "gpt_neo", "phi", "gpt_bigcode",
+                       "starcoder2", "falcon", "bloom")
+SENTENCEPIECE_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "stablelm",
+                          "smollm3", "granite", "cohere")
 TINY_FAMILIES = BYTE_LEVEL_FAMILIES + SENTENCEPIECE_FAMILIES
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
+
+# The families with one Linear in and one out: where each keeps its MLP, by the families' own module
+# names (written here for the tests, not read from workers/adapters.py): (blocks, input projection,
+# output projection, final norm, token embedding, the config field naming the activation; None:
+# BLOOM's GELU, its tanh approximation, has none).
+LINEAR_LAYOUT = {
+    "gpt_neo": ("transformer.h", "mlp.c_fc", "mlp.c_proj", "transformer.ln_f", "transformer.wte", "activation_function"),
+    "phi": ("model.layers", "mlp.fc1", "mlp.fc2", "model.final_layernorm", "model.embed_tokens", "hidden_act"),
+    "gpt_bigcode": ("transformer.h", "mlp.c_fc", "mlp.c_proj", "transformer.ln_f", "transformer.wte",
+                    "activation_function"),
+    "starcoder2": ("model.layers", "mlp.c_fc", "mlp.c_proj", "model.norm", "model.embed_tokens", "hidden_act"),
+    "falcon": ("transformer.h", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "transformer.ln_f",
+               "transformer.word_embeddings", "activation"),
+    "bloom": ("transformer.h", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "transformer.ln_f",
+              "transformer.word_embeddings", None),
+}
 
 TRAINING_TEXT = """\
 The dog sat on the mat. A dog is a good friend, and the dog likes the park.
@@ -227,6 +245,40 @@ def _config(family: str, tokenizer):
             vocab_size=vocab, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=MLP,
             rotary_dim=4, tie_word_embeddings=False, **ids,
         )  # fmt: skip
+    if family == "gpt_neo":
+        return tf.GPTNeoConfig(
+            vocab_size=vocab, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, intermediate_size=MLP,
+            max_position_embeddings=POSITIONS, attention_types=[[["global", "local"], LAYERS // 2]], window_size=16,
+            **ids,
+        )  # fmt: skip
+    if family == "phi":
+        return tf.PhiConfig(**decoder, tie_word_embeddings=False)
+    if family == "gpt_bigcode":
+        return tf.GPTBigCodeConfig(
+            vocab_size=vocab, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=MLP, n_positions=POSITIONS, **ids,
+        )  # fmt: skip
+    if family == "starcoder2":
+        return tf.Starcoder2Config(**decoder, num_key_value_heads=2, tie_word_embeddings=False)
+    if family == "falcon":
+        return tf.FalconConfig(
+            vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_hidden_size=MLP,
+            max_position_embeddings=POSITIONS, tie_word_embeddings=False, **ids,
+        )  # fmt: skip
+    if family == "bloom":
+        # BLOOM's MLP is 4 x hidden_size, fixed: a tiny one of hidden 16 has MLP neurons
+        return tf.BloomConfig(vocab_size=vocab, hidden_size=MLP // 4, n_layer=LAYERS, n_head=HEADS, **ids)
+    if family == "granite":
+        return tf.GraniteConfig(**decoder, num_key_value_heads=2, logits_scaling=2.0, tie_word_embeddings=False)
+    if family == "cohere":
+        return tf.CohereConfig(**decoder, num_key_value_heads=2, logit_scale=0.5, tie_word_embeddings=False)
+    if family == "olmo":
+        return tf.OlmoConfig(**decoder, tie_word_embeddings=False)
+    if family == "olmo2":
+        return tf.Olmo2Config(**decoder, tie_word_embeddings=False)
+    if family == "stablelm":
+        return tf.StableLmConfig(**decoder, num_key_value_heads=2, tie_word_embeddings=False)
+    if family == "smollm3":
+        return tf.SmolLM3Config(**decoder, num_key_value_heads=2, tie_word_embeddings=True)
     if family == "phi3":
         return tf.Phi3Config(
             **{**decoder, "vocab_size": _padded(vocab)},

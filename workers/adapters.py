@@ -69,6 +69,14 @@ class Family:
     flattens_tokens: bool = False  # OPT runs its MLP on [batch * seq, d]
     sizes: tuple[str, ...] = SIZES  # the config fields a model of the family must give (missing_sizes)
     mlp_post_norm: str | None = None  # Gemma-2/3 normalise the MLP output before the residual add
+    # GPT-BigCode reshapes its last hidden state to the input's batch, BLOOM builds its ALiBi bias
+    # for it: a sweep's rows cannot share one row's blocks before the clamp there (clamp.sweep_many
+    # runs them as a plain batch)
+    fixed_batch: bool = False
+    # the LM head's own temperature, a config field: Granite divides the logits by logits_scaling,
+    # Cohere multiplies them by logit_scale
+    logit_scale: str | None = None
+    logit_scale_divides: bool = False
 
 
 def _gated(name: str, **extra: Any) -> Family:
@@ -104,6 +112,13 @@ def _families() -> dict[str, Family]:
         _gated("gemma", norm_plus_one=True),
         _gated("gemma2", norm_plus_one=True, softcap=True, mlp_post_norm="post_feedforward_layernorm"),
         _gated("gemma3_text", norm_plus_one=True, softcap=True, mlp_post_norm="post_feedforward_layernorm"),
+        _gated("olmo"),  # its norms are LayerNorms without weights: no final norm scale to apply
+        _gated("olmo2", mlp_post_norm="post_feedforward_layernorm"),
+        _gated("stablelm"),
+        _gated("smollm3"),
+        _gated("granite", logit_scale="logits_scaling", logit_scale_divides=True),
+        # Cohere: LayerNorms without bias, attention and MLP side by side, logits times logit_scale
+        _gated("cohere", logit_scale="logit_scale"),
         Family(
             "opt",
             "model.decoder.layers",
@@ -116,6 +131,17 @@ def _families() -> dict[str, Family]:
             sizes=("hidden_size", "num_hidden_layers", "ffn_dim", "vocab_size"),
         ),
         Family("gptj", "transformer.h", "mlp.fc_in", "mlp.fc_out", "linear", "transformer.ln_f", sizes=SIZES_MLP_4X),
+        # GPT-Neo (the TinyStories models), Phi-1/1.5/2, StarCoder(2), Falcon, BLOOM: one input
+        # projection, an activation, one output projection, all Linear
+        Family("gpt_neo", "transformer.h", "mlp.c_fc", "mlp.c_proj", "linear", "transformer.ln_f", sizes=SIZES_MLP_4X),
+        Family("phi", "model.layers", "mlp.fc1", "mlp.fc2", "linear", "model.final_layernorm"),
+        Family("gpt_bigcode", "transformer.h", "mlp.c_fc", "mlp.c_proj", "linear", "transformer.ln_f", sizes=SIZES_MLP_4X,
+               fixed_batch=True),
+        Family("starcoder2", "model.layers", "mlp.c_fc", "mlp.c_proj", "linear", "model.norm"),
+        Family("falcon", "transformer.h", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "linear", "transformer.ln_f",
+               sizes=SIZES_MLP_4X),
+        Family("bloom", "transformer.h", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "linear", "transformer.ln_f",
+               sizes=SIZES_MLP_4X, fixed_batch=True),
         Family(
             "phi3",
             "model.layers",
@@ -243,6 +269,9 @@ class Adapter:
         self.vocab_size: int = int(self.unembedding().shape[0])
         cap = getattr(model.config, "final_logit_softcapping", None) if spec.softcap else None
         self.logit_softcap: float | None = float(cap) if cap else None
+        scale = getattr(model.config, spec.logit_scale, None) if spec.logit_scale else None
+        # what the head's logits are multiplied by (None: 1)
+        self.logit_scale: float | None = (1.0 / float(scale) if spec.logit_scale_divides else float(scale)) if scale else None
 
     def __repr__(self) -> str:
         return (

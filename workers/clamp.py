@@ -196,7 +196,7 @@ def sweep_many(loaded, prompt: str, items: Sequence[SweepItem], *, last_only: bo
     ids, bos = encode_prompt(loaded, prompt)
     adapter = loaded.adapter
     units = units or NeuronUnits(adapter)
-    share_prefix = share_prefix and units.shares_prefix
+    share_prefix = share_prefix and units.shares_prefix and not adapter.spec.fixed_batch
     device = _device(loaded)
     seq = torch.tensor(([bos] if bos is not None else []) + ids, dtype=torch.long, device=device)
     first = 1 if bos is not None else 0  # the prompt's first position: BOS is never clamped

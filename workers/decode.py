@@ -6,6 +6,7 @@ For each neuron, with W_U the unembedding [vocab x d_model]:
   with p and the normalised score s = p / mean(top-100 p).
   Also the decoding's entropy H = -sum p log p (in nats; pages show bits against log2 V), from
   the logits at hand: H = log Z - E_p[logit], log Z = logit_top - log p_top.
+  A head's own scale (Granite, Cohere) and soft-cap (Gemma-2/3) are applied, as the head applies them.
 - output side: the direct logit effect W_U . w_out (raw logits, no bias, no norm): the most
   promoted and most suppressed tokens.
 - search index: for every vocabulary token, the top-k neurons by s, merged batch by batch
@@ -192,6 +193,7 @@ def decode_layers(
         bias = adapter.head_bias()
         bias = bias.float() if bias is not None else None
         softcap = adapter.logit_softcap
+        logit_scale = getattr(adapter, "logit_scale", None)  # Granite's and Cohere's head temperature
         scale = adapter.final_norm_scale() if decode_norm == "final" else None
         if decode_norm == "final" and scale is None:
             raise ValueError("decode_norm='final' but the model has no final norm weight")
@@ -221,6 +223,8 @@ def decode_layers(
                 logits = _matmul(w_in, w_u_t, buffers[0][:n] if buffers else None)
                 if bias is not None:
                     logits += bias
+                if logit_scale:
+                    logits.mul_(logit_scale)
                 if softcap:
                     logits.div_(softcap).tanh_().mul_(softcap)
                 probs = _softmax(logits, buffers[1][:n] if buffers else None)

@@ -116,6 +116,7 @@ class LatentWeights:
         self.d_mlp = sae.d_sae  # decode_layers' unit count
         self.vocab_size = adapter.vocab_size
         self.logit_softcap = adapter.logit_softcap
+        self.logit_scale = adapter.logit_scale
         self.input_side = "encoder" if sae.site in RESIDUAL_SITES else "decoder"
 
     def output_weights(self, layer: int) -> torch.Tensor:
