@@ -407,6 +407,16 @@ def start_background_worker(engine, settings: Settings):
     return worker
 
 
+def cmd_inspect(args, settings: Settings) -> None:
+    """What Needle finds in a model, before anything is computed or stored (no database needed)."""
+    import json
+
+    from workers.inspect import format_inspection, inspect_model
+
+    info = inspect_model(args.model, device=args.device, dtype=args.dtype)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+
+
 def cmd_serve(args, settings: Settings) -> None:
     serve(settings, args.host or settings.host, args.port or settings.port, with_worker=args.with_worker,
           processes=args.processes)
@@ -587,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the first 16 tokens of --corpus, else 'The')")
     p.add_argument("--queue", action="store_true", help="only enqueue the jobs, for `needle worker`")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("inspect", help="what Needle finds in a model (family, MLP parts, head, memory), "
+                       "before anything is computed or stored")
+    p.add_argument("model", help="a Hugging Face hub id (in the local cache) or a local folder")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="print it as one JSON object")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("probe", help="sparse-probe an indexed model's neurons for labelled features")
     p.add_argument("name", help="the model's name, as given to `needle index --name`")

@@ -1,0 +1,171 @@
+"""`needle inspect MODEL`: what Needle finds in a model, before anything is computed or stored.
+
+The model is built from its config on PyTorch's meta device (shapes, no weights, no memory) and
+read through the same Adapter the stages use: its family, layers, where each layer's MLP input,
+gate and output projections are, the activation, the final norm and its quirks, the LM head
+(tied or not, bias, soft-cap, logit scale), the neuron count, and the memory the model and each
+stage need on the chosen device.
+
+The memory figures are estimates from the shapes, stated per stage: what the stage holds at once
+beyond the model, on the device it runs on, at the default batch sizes (decode: batches of 512
+neurons; examples and probes: 8,192 tokens a batch, windows of 64, 32,768 probe tokens).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.errors import NeedleError
+from workers.adapters import Adapter, family_for_config, missing_sizes
+from workers.decode import SEARCH_K
+from workers.examples import BINS, HIST_BINS, PER_BIN, TOP_K
+from workers.loading import (
+    _hub_config_path,
+    _locate,
+    _quiet_transformers,
+    _read_config_json,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+)
+
+DECODE_BATCH = 512
+EXAMPLE_TOKENS = 8192
+CONTEXT = 64
+PROBE_TOKENS = 32_768
+MIB = 2**20
+
+
+def _activation(config) -> str | None:
+    for name in ("hidden_act", "hidden_activation", "activation_function", "activation"):
+        value = getattr(config, name, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _path(adapter: Adapter, part: str | None, layer: int = 0) -> str | None:
+    return None if part is None else f"{adapter.spec.layers}.{layer}.{part}"
+
+
+def _memory(adapter: Adapter, n_params: int, weight_bytes: int, on_gpu: bool) -> dict[str, Any]:
+    """Bytes each stage holds at once beyond the model, from the shapes (module docstring)."""
+    v, n, layers = adapter.vocab_size, adapter.d_mlp, adapter.n_layers
+
+    # decode: two [batch x vocab] float32 blocks, the running search table (vocab x k: scores and ids)
+    decode = 2 * min(DECODE_BATCH, n) * v * 4 + v * SEARCH_K * 12
+    # examples: every layer's accumulator (top contexts, their negatives for a gated MLP, the
+    # reservoirs, float16 per token; counts) and one batch's activations of a layer in float32
+    kept = (TOP_K * (2 if adapter.gated else 1) + BINS * PER_BIN) * CONTEXT * n * 2
+    counts = n * (HIST_BINS * (BINS + 1) + HIST_BINS + BINS + 1) * 8
+    examples = layers * (kept + counts) + 4 * EXAMPLE_TOKENS * n * 4
+    # probes: every layer's activations on the probe tokens, float16
+    probes = layers * PROBE_TOKENS * n * 2
+    return {
+        "parameters": n_params,
+        "model_bytes": weight_bytes,
+        "stages_bytes": {"decode": decode, "examples": examples, "probes": probes},
+        "device": "GPU" if on_gpu else "CPU",
+        "note": "estimates from the shapes at the default batch sizes: what each stage holds at once beyond "
+                "the model, on its device (the forward pass's own activations not counted)",
+    }
+
+
+def inspect_model(source: str, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
+    """What Needle finds in the model at `source` (a folder or a hub id in the local cache), as a dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolved_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved_device)
+    ref, local = _locate(source)
+    config_path, offline = (Path(ref) / "config.json", True) if local else _hub_config_path(ref)
+    data = _read_config_json(config_path, source)
+    family = family_for_config(data)
+    missing = missing_sizes(family, data)
+    if missing:
+        raise NeedleError(f"{config_path} lacks {', '.join(missing)}: the sizes of a {family.name} model; "
+                          "add them as whole numbers")
+    try:
+        config = AutoConfig.from_pretrained(ref, local_files_only=offline)
+    except Exception as exc:  # noqa: BLE001
+        raise NeedleError(f"could not read the config of {source}: {str(exc).strip().splitlines()[0]}") from None
+    try:
+        with _quiet_transformers(), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise NeedleError(f"could not build {source} from its config: {str(exc).strip().splitlines()[0]}") from None
+    adapter = Adapter(model, family)  # a missing MLP part is its NeedleError, naming the part
+    spec = adapter.spec
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    head = model.get_output_embeddings()
+    norm = model.get_submodule(spec.final_norm) if spec.final_norm else None
+    return {
+        "source": ref if local else source,
+        "model_type": data.get("model_type"),
+        "architecture": (config.architectures or [type(model).__name__])[0],
+        "family": spec.name,
+        "detected": False,  # found in the registry (workers/adapters.py)
+        "layers": adapter.n_layers,
+        "d_model": adapter.d_model,
+        "d_mlp": adapter.d_mlp,
+        "neurons": adapter.n_layers * adapter.d_mlp,
+        "vocab_size": adapter.vocab_size,
+        "mlp": {
+            "kind": spec.kind,
+            "gated": adapter.gated,
+            "activation": _activation(config),
+            "input": _path(adapter, spec.mlp_in),
+            "gate": _path(adapter, spec.mlp_gate),
+            "output": _path(adapter, spec.mlp_out),
+            "output_norm": _path(adapter, spec.mlp_post_norm),
+            "decoded": "the up_proj rows" if spec.kind == "gated" else
+                       "the up half of gate_up_proj" if spec.kind == "fused_gate_up" else "the input projection's rows",
+        },
+        "final_norm": {
+            "path": spec.final_norm,
+            "has_weight": getattr(norm, "weight", None) is not None,
+            "plus_one": spec.norm_plus_one,
+        },
+        "head": {
+            "tied": bool(getattr(config, "tie_word_embeddings", False)),
+            "bias": getattr(head, "bias", None) is not None,
+            "softcap": adapter.logit_softcap,
+            "logit_scale": adapter.logit_scale,
+            "project_out": spec.project_out,
+        },
+        "device": resolved_device,
+        "dtype": dtype_name(torch_dtype),
+        "memory": _memory(adapter, n_params, weight_bytes, resolved_device.startswith("cuda")),
+    }
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    mib = lambda b: f"{b / MIB:,.0f} MiB"  # noqa: E731
+    mlp, norm, head, mem = info["mlp"], info["final_norm"], info["head"], info["memory"]
+    quirks = [q for q, on in (("LM-head bias", head["bias"]), (f"logit soft-cap {head['softcap']}", head["softcap"]),
+                              (f"logit scale {head['logit_scale']}", head["logit_scale"]),
+                              (f"projection {head['project_out']}", head["project_out"])) if on]
+    lines = [
+        f"{info['source']}: {info['architecture']} (model_type {info['model_type']!r}), "
+        f"family {info['family']} ({'detected' if info['detected'] else 'in the registry'})",
+        f"  {info['layers']} layers x {info['d_mlp']:,} MLP neurons = {info['neurons']:,} neurons; "
+        f"d_model {info['d_model']:,}; vocabulary {info['vocab_size']:,}",
+        f"  MLP ({mlp['kind']}{', gated' if mlp['gated'] and mlp['kind'] != 'gated' else ''}, "
+        f"activation {mlp['activation']}): "
+        f"input {mlp['input']}" + (f", gate {mlp['gate']}" if mlp["gate"] and mlp["gate"] != mlp["input"] else "")
+        + f", output {mlp['output']}" + (f", then {mlp['output_norm']}" if mlp["output_norm"] else "")
+        + f"; decoded: {mlp['decoded']}",
+        f"  final norm {norm['path']}" + ("" if norm["has_weight"] else " (no weight)")
+        + (" (multiplies by 1 + w)" if norm["plus_one"] else ""),
+        f"  LM head: {'tied to the embedding' if head['tied'] else 'its own weights'}"
+        + (f"; {', '.join(quirks)}" if quirks else ""),
+        f"  on {info['device']} as {info['dtype']}: the model {mib(mem['model_bytes'])} "
+        f"({mem['parameters']:,} parameters); beyond it, decode {mib(mem['stages_bytes']['decode'])}, "
+        f"examples {mib(mem['stages_bytes']['examples'])}, probes {mib(mem['stages_bytes']['probes'])} "
+        "(estimates from the shapes)",
+    ]
+    return "\n".join(lines)
