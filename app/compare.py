@@ -177,8 +177,9 @@ def _neuron_data(session: Session, a: Model, b: Model, row: Comparison | None, j
 
 def _feature_figures(model: Model, layers: list[FeatureLayer], best: dict) -> dict:
     """One model's figures for one feature: best single neuron, best k-sparse F1, smallest k at K_SHARE of it."""
-    points = [(p["k"], p["f1"], fl.layer) for fl in layers for p in fl.curve
-              if isinstance(p, dict) and isinstance(p.get("f1"), int | float) and math.isfinite(p["f1"])]
+    points = [(p["k"], p["f1"], fl.layer) for fl in layers for p in (fl.curve if isinstance(fl.curve, list) else [])
+              if isinstance(p, dict) and isinstance(p.get("k"), int) and isinstance(p.get("f1"), int | float)
+              and math.isfinite(p["f1"])]  # a stored point that is not one is left out
     top = max((f1 for _, f1, _ in points), default=None)
     k90 = min(((k, layer) for k, f1, layer in points if top is not None and f1 >= K_SHARE * top), default=None)
     return {

@@ -248,6 +248,22 @@ def test_models_of_different_sizes_compare_by_feature(sizes):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == data
 
+    # a stored curve with points that are not points breaks neither the table nor the page
+    from sqlalchemy import select, update
+
+    from app.db import engine_for
+    from app.schema import FeatureLayer, Model
+
+    with engine_for(settings.database_url).begin() as c:
+        wide = c.execute(select(Model.id).where(Model.name == "wide")).scalar_one()
+        c.execute(update(FeatureLayer).where(FeatureLayer.model_id == wide, FeatureLayer.feature == "contains_digit")
+                  .values(curve=[{"f1": 0.99}, "x", {"k": 3, "f1": None}, {"k": 1, "f1": 0.5}]))
+    with running_server(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        broken = http.get("/-/compare/small/wide.json").json()
+        digit = next(r for r in broken["features"]["rows"] if r["feature"] == "contains_digit")
+        assert (digit["b"]["sparse_f1"], digit["b"]["k90"]) == (0.5, 1)
+        assert http.get("/-/compare/small/wide").status_code == 200
+
 
 def test_a_broken_stored_comparison_breaks_no_page(three):
     from sqlalchemy import update
