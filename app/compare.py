@@ -24,6 +24,7 @@ from app.arrays import FLOAT32, INT32, UINT8, unpack
 from app.errors import NeedleError
 from app.schema import Comparison, FeatureLayer, Job, Model
 from app.search import number
+from app.unitarrays import unpack_decoding
 
 TOP = 10  # the top input-weight tokens whose overlap is counted
 CHANGED = 50  # neurons listed as changed most, by each measure
@@ -122,9 +123,9 @@ def _token_lists(session: Session, model: Model, units: list[tuple[int, int]]) -
 
 
 def _changed(session: Session, a: Model, b: Model, order: np.ndarray, same, overlap, cosine) -> list[dict]:
+    """The first CHANGED neurons of `order` (flat indices of neurons that changed), with their figures and tokens."""
     d = a.d_mlp
-    moved = ~((cosine >= UNCHANGED) & (overlap == TOP) & (same == 1))  # NaN compares False: listed
-    units = [(int(i) // d, int(i) % d) for i in order[moved[order]][:CHANGED]]
+    units = [(int(i) // d, int(i) % d) for i in order[:CHANGED]]
     ta, tb = _token_lists(session, a, units), _token_lists(session, b, units)
     return [{"layer": layer, "neuron": n, "cosine": number(cosine[layer * d + n]),
              "overlap": int(overlap[layer * d + n]), "same_top": bool(same[layer * d + n]),
@@ -159,7 +160,8 @@ def _neuron_data(session: Session, a: Model, b: Model, row: Comparison | None, j
     d = a.d_mlp
     finite = np.isfinite(cosine)
     data["same"] = int(same.sum())
-    data["unchanged"] = int(((cosine >= UNCHANGED) & (overlap == TOP) & (same == 1)).sum())
+    unchanged = (cosine >= UNCHANGED) & (overlap == TOP) & (same == 1)  # a NaN cosine is changed
+    data["unchanged"] = int(unchanged.sum())
     data["agreement"] = number(same.mean())
     data["mean_cosine"] = number(cosine[finite].mean()) if finite.any() else None
     for layer in range(a.n_layers):
@@ -170,6 +172,7 @@ def _neuron_data(session: Session, a: Model, b: Model, row: Comparison | None, j
     # NaN cosines (a zero weight vector) sort as changed most: nothing of the neuron is left
     by_cosine = np.lexsort((np.arange(len(cosine)), np.where(finite, cosine, -math.inf)))
     by_tokens = np.lexsort((np.arange(len(cosine)), np.where(finite, cosine, -math.inf), overlap))
+    by_cosine, by_tokens = by_cosine[~unchanged[by_cosine]], by_tokens[~unchanged[by_tokens]]
     data["changed"] = _changed(session, a, b, by_cosine, same, overlap, cosine)
     data["changed_tokens"] = _changed(session, a, b, by_tokens, same, overlap, cosine)
     return data
@@ -241,7 +244,8 @@ def _unit_side(session: Session, model: Model, layer: int, neuron: int) -> dict:
     tokens: list[dict] = []
     if stored is not None:
         try:
-            ids, probs = unpack(stored.in_ids, INT32)[:TOP].tolist(), unpack(stored.in_probs, FLOAT32)[:TOP].tolist()
+            dec = unpack_decoding(stored)
+            ids, probs = dec["in_ids"][:TOP].tolist(), dec["in_probs"][:TOP].tolist()
         except ValueError:
             ids, probs = [], []
         texts = queries.tokens_by_ids(session, model.id, ids)

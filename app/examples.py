@@ -214,9 +214,7 @@ def neuron_activations(session: Session, model: Model, row: NeuronActivations | 
         negative_examples = []
         for k in kept:
             ex = example(int(neg["neg_windows"][k]), neg["neg_acts"][k], int(neg["neg_pos"][k]), neg["neg_min"][k])
-            ex["min_activation"] = ex.pop("max_activation")
-            if "max_index" in ex:
-                ex["min_index"] = ex.pop("max_index")
+            ex["min_activation"], ex["min_index"] = ex.pop("max_activation"), ex.pop("max_index")
             negative_examples.append(ex)
         spans.append([(ids[int(neg["neg_windows"][k])], neg["neg_acts"][k], int(neg["neg_pos"][k])) for k in kept])
     stats: dict[str, Any] = {

@@ -1094,6 +1094,7 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
             hint="The features list shows the features probed in this model.",
         )
     run = queries.probe_run(session, model.id)
+    method, method_text = probe_method(run.settings if run else None)
     layers: list[dict[str, Any]] = []
     for fl in queries.feature_layers(session, model.id, feature):
         layers.append(
@@ -1141,8 +1142,8 @@ def feature_page(session: Session, name: str, feature: str) -> dict:
         "json_url": urls.feature_url(model.name, feature, fmt=urls.JSON),
         "features_url": urls.features_url(model.name),
         "settings": run.settings if run else {},
-        "probe_method": probe_method(run.settings if run else None)[0],
-        "method": probe_method(run.settings if run else None)[1],
+        "probe_method": method,
+        "method": method_text,
         "layers": layers,
     }
 

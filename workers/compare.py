@@ -28,14 +28,14 @@ def top_overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def layer_tops(rows: list[tuple[int, int, bytes]], d_mlp: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(top token id [d_mlp], top TOP ids [d_mlp, TOP], -1 where a neuron keeps fewer) from stored rows."""
+    """(top token id [d_mlp], top TOP ids [d_mlp, TOP], -1 where fewer are kept) from stored rows."""
     if len(rows) != d_mlp:
         raise NeedleError(f"{what} has {len(rows)} of its {d_mlp} neurons decoded.", hint="Run needle index on it first.")
     top = np.array([t for _, t, _ in rows], dtype=np.int64)
+    # one decode wrote every row with the same number of tokens (TOP_IN, or the vocabulary if smaller)
+    stored = unpack(b"".join(blob for _, _, blob in rows), INT32).reshape(d_mlp, -1)[:, :TOP]
     ids = np.full((d_mlp, TOP), -1, dtype=np.int64)
-    for i, (_, _, blob) in enumerate(rows):
-        v = unpack(blob, INT32)[:TOP]
-        ids[i, :len(v)] = v
+    ids[:, :stored.shape[1]] = stored
     return top, ids
 
 

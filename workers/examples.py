@@ -73,14 +73,12 @@ class Units:
     site: str = "mlp"
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None
     width: int | None = None  # None: the adapter's d_mlp
-    negatives: bool | None = None  # keep the top negative contexts; None: for a gated MLP's neurons
 
     def size(self, adapter) -> int:
         return adapter.d_mlp if self.width is None else self.width
 
     def reads_negatives(self, adapter) -> bool:
-        if self.negatives is not None:
-            return self.negatives
+        """Whether the pass keeps the top negative contexts: for a gated MLP's neurons only."""
         return self.encode is None and adapter.gated
 
 

@@ -13,24 +13,15 @@ neurons; examples and probes: 8,192 tokens a batch, windows of 64, 32,768 probe 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from app.errors import NeedleError
-from workers.adapters import Adapter, family_for_config, missing_sizes
+from workers.adapters import Adapter, adapter_for
 from workers.decode import SEARCH_K
 from workers.examples import BINS, HIST_BINS, PER_BIN, TOP_K
-from workers.loading import (
-    _hub_config_path,
-    _locate,
-    _quiet_transformers,
-    _read_config_json,
-    dtype_name,
-    resolve_device,
-    resolve_dtype,
-)
+from workers.loading import _first_line, _quiet_transformers, dtype_name, read_config, resolve_device, resolve_dtype
 
 DECODE_BATCH = 512
 EXAMPLE_TOKENS = 8192
@@ -76,28 +67,17 @@ def _memory(adapter: Adapter, n_params: int, weight_bytes: int, on_gpu: bool) ->
 
 def inspect_model(source: str, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
     """What Needle finds in the model at `source` (a folder or a hub id in the local cache), as a dict."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
-    ref, local = _locate(source)
-    config_path, offline = (Path(ref) / "config.json", True) if local else _hub_config_path(ref)
-    data = _read_config_json(config_path, source)
-    family = family_for_config(data)
-    missing = missing_sizes(family, data)
-    if missing:
-        raise NeedleError(f"{config_path} lacks {', '.join(missing)}: the sizes of a {family.name} model; "
-                          "add them as whole numbers")
-    try:
-        config = AutoConfig.from_pretrained(ref, local_files_only=offline)
-    except Exception as exc:  # noqa: BLE001
-        raise NeedleError(f"could not read the config of {source}: {str(exc).strip().splitlines()[0]}") from None
+    ref, local, _, config = read_config(source)
     try:
         with _quiet_transformers(), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     except Exception as exc:  # noqa: BLE001
-        raise NeedleError(f"could not build {source} from its config: {str(exc).strip().splitlines()[0]}") from None
-    adapter = Adapter(model, family)  # a missing MLP part is its NeedleError, naming the part
+        raise NeedleError(f"could not build {source} from its config: {_first_line(exc)}") from None
+    adapter = adapter_for(model)  # a missing MLP part is its NeedleError, naming the part
     spec = adapter.spec
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -105,7 +85,7 @@ def inspect_model(source: str, device: str = "auto", dtype: str = "auto") -> dic
     norm = model.get_submodule(spec.final_norm) if spec.final_norm else None
     return {
         "source": ref if local else source,
-        "model_type": data.get("model_type"),
+        "model_type": config.model_type,
         "architecture": (config.architectures or [type(model).__name__])[0],
         "family": spec.name,
         "detected": False,  # found in the registry (workers/adapters.py)

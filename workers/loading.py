@@ -221,12 +221,12 @@ def _quiet_transformers() -> Iterator[None]:
             hub_utils.disable_progress_bars()
 
 
-def load_model(source: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode without gradients, and bind its Adapter."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_config(source: str) -> tuple[str, bool, bool, Any]:
+    """A model's config, checked before any weights are read: (where it is, whether that is a local
+    folder, whether to stay offline, the transformers config). NeedleError for an unsupported
+    family or a config.json that lacks the family's sizes."""
+    from transformers import AutoConfig
 
-    resolved_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, resolved_device)
     ref, local = _locate(source)
     config_path: Path | str
     if local:
@@ -241,13 +241,22 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
             f"{config_path} lacks {', '.join(missing)}: the sizes of a {family.name} model, which transformers "
             "would otherwise take from its default model (billions of parameters); add them as whole numbers"
         )
-
-    kwargs = {"local_files_only": offline}
     try:
-        config = AutoConfig.from_pretrained(ref, **kwargs)
+        config = AutoConfig.from_pretrained(ref, local_files_only=offline)
     except Exception as exc:  # noqa: BLE001
         raise NeedleError(f"could not read the config of {source}: {_first_line(exc)}") from None
     family_for_config(config)
+    return ref, local, offline, config
+
+
+def load_model(source: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode without gradients, and bind its Adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved_device)
+    ref, local, offline, config = read_config(source)
+    kwargs = {"local_files_only": offline}
     no_tokenizer = NeedleError(
         f"could not load a tokenizer from {source}: it has no tokenizer files "
         f"({', '.join(_TOKENIZER_FILES[:3])}, ...); save the tokenizer beside the model (tokenizer.save_pretrained)"
