@@ -80,10 +80,15 @@ def decoding_gaps(session: Session, models: tuple[Model, ...]) -> list[str]:
     return out
 
 
-def check_comparable(session: Session, a: Model, b: Model) -> None:
-    """NeedleError naming what differs, when a and b cannot be compared neuron by neuron."""
+def check_two(a: Model, b: Model) -> None:
+    """NeedleError when both are the same model: a comparison is of two."""
     if a.id == b.id:
         raise NeedleError(f"Both models are {a.name!r}.", hint="Name two different models: needle compare BASE TUNED.")
+
+
+def check_comparable(session: Session, a: Model, b: Model) -> None:
+    """NeedleError naming what differs, when a and b cannot be compared neuron by neuron."""
+    check_two(a, b)
     problems = shape_differences(a, b)
     if not problems:
         problems = [p for p in (vocabulary_difference(session, a, b),) if p] + decoding_gaps(session, (a, b))
@@ -225,6 +230,7 @@ def _model_summary(m: Model) -> dict:
 
 def comparison_data(session: Session, a: Model, b: Model) -> dict:
     """/-/compare/{a}/{b}'s data (and its JSON, and `needle compare --json`)."""
+    check_two(a, b)
     row = queries.get_comparison(session, a.id, b.id)
     job = queries.compare_job(session, a.id, b.id)
     return {

@@ -1157,6 +1157,7 @@ def compare_page(session: Session, a: str, b: str) -> dict:
 
 def compare_unit_page(session: Session, a: str, b: str, layer_text: str, neuron_text: str) -> dict:
     ma, mb = _model(session, a), _model(session, b)
+    compare.check_two(ma, mb)
     differences = compare.shape_differences(ma, mb)
     if differences:
         raise NotFound(f"{ma.name!r} and {mb.name!r} have no neurons in common: " + "; ".join(differences) + ".",

@@ -26,7 +26,7 @@ def add_compare_command(sub) -> None:
 
 
 def _models(s, a: str, b: str):
-    from app import queries
+    from app import compare, queries
 
     found = []
     for name in (a, b):
@@ -34,8 +34,7 @@ def _models(s, a: str, b: str):
         if model is None:
             raise NeedleError(f"There is no model named {name!r} here.", hint=f"Index it first: needle index MODEL --name {name}")
         found.append(model)
-    if found[0].id == found[1].id:
-        raise NeedleError(f"Both models are {a!r}.", hint="Name two different models: needle compare BASE TUNED.")
+    compare.check_two(*found)
     return found
 
 

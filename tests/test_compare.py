@@ -155,6 +155,9 @@ def test_what_cannot_be_compared_is_named(three, tmp_path):
         assert data["state"] == "not comparable" and any("decode-norm" in d for d in data["differences"])
         missing = http.get("/-/compare/base/nope")
         assert missing.status_code == 404 and "no model named" in missing.text
+        for path in ("/-/compare/base/base", "/-/compare/base/base.json", "/-/compare/base/base/0/0"):
+            same = http.get(path)
+            assert same.status_code == 400 and "Both models are" in same.text and "base" in same.text, path
         side = http.get("/-/compare/base/normed/0/0")
         assert side.status_code == 404 and "decode-norm" in side.text
         for path in ("/-/compare/base/copy/2/0", "/-/compare/base/copy/0/64", "/-/compare/base/copy/x/0"):
