@@ -627,6 +627,31 @@ def _links(session: Session, model: Model, basis: Basis, layer: int, index: int)
     return out
 
 
+def _expert(model: Model, neuron: int, stats: dict | None, run: dict | None) -> dict | None:
+    """A mixture of experts' neuron N: neuron N % F of expert N // F (F the experts' width), with
+    the share of the corpus's tokens routed to its expert (None before the examples stage)."""
+    experts = (model.info or {}).get("experts")
+    if not isinstance(experts, dict):
+        return None
+    width = experts.get("width")
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        return None
+    routed = stats["tokens"] if stats else None
+    total = run["tokens"] if run else None
+    return {
+        "expert": neuron // width,
+        "index": neuron % width,
+        "experts": experts.get("count"),
+        "width": width,
+        "per_token": experts.get("per_token"),
+        "routed_tokens": routed,
+        "routed_share": number(routed / total) if routed is not None and total else None,
+        "note": "Its evidence (examples, statistics, histogram) counts only the tokens routed to its expert; "
+                "a clamp sets it on those tokens, where the expert runs, weighted by the router as the "
+                "expert's whole output is. Its per-token activations show 0 where the expert did not run.",
+    }
+
+
 def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: int, *, text_max_chars: int,
                live: bool, clamp_prompt_max_chars: int, base_url: str, arrays: bool) -> dict:
     """What a unit's page shows, for a neuron or a latent (basis)."""
@@ -661,6 +686,8 @@ def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: 
         if pos is None:
             return None
         return {"layer": pos[0], unit: pos[1], "url": urls.neuron_url(model.name, *pos, sae=basis.sae)}
+
+    expert = _expert(model, index, firing["stats"], run) if basis.is_neurons else None
 
     return {
         "model": model.name,
@@ -704,6 +731,8 @@ def _unit_page(session: Session, model: Model, basis: Basis, layer: int, index: 
         },
         "previous": link(previous),
         "next": link(following),
+        # a mixture of experts' neuron: its expert, how often the router picks it, what its evidence counts
+        "expert": expert,
         **firing,
         "examples_run": run,
         # the examples, features and clamp curves whose stage has not finished, each with a line that says so

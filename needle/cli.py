@@ -179,7 +179,10 @@ def index_model(
                   or getattr(loaded.config, "activation", None),
                   "logit_softcap": adapter.logit_softcap, "logit_scale": adapter.logit_scale,
                   "head_bias": adapter.head_bias() is not None,
-                  "clamp_prompt": clamp_prompt},
+                  "clamp_prompt": clamp_prompt,
+                  # a mixture of experts: neuron N of a layer is neuron N % width of expert N // width
+                  **({"experts": {"count": adapter.n_experts, "width": adapter.d_expert,
+                                  "per_token": adapter.experts_per_token}} if adapter.n_experts else {})},
             **fields,
         )
         if force or existing is None or queries.vocab_size_stored(s, model.id) != adapter.vocab_size:

@@ -129,7 +129,7 @@ def test_registry_lists_every_family():
     assert supported_model_types() == sorted(
         ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "gptj"]
         + ["phi3", "olmo", "olmo2", "stablelm", "smollm3", "gpt_neo", "phi", "gpt_bigcode", "starcoder2", "falcon", "bloom"]
-        + ["granite", "cohere"]
+        + ["granite", "cohere", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
     )
 
 

@@ -38,6 +38,9 @@ BYTE_LEVEL_FAMILIES = ("gpt2", "gpt_neox", "opt", "opt_proj", "gptj", "qwen2", "
 SENTENCEPIECE_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "stablelm",
                           "smollm3", "granite", "cohere")
 TINY_FAMILIES = BYTE_LEVEL_FAMILIES + SENTENCEPIECE_FAMILIES
+# mixtures of experts (tests/test_moe.py): EXPERTS experts of EXPERT_WIDTH neurons, TOP_EXPERTS per token
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+EXPERTS, EXPERT_WIDTH, TOP_EXPERTS = 4, 16, 2
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 
 # The families with one Linear in and one out: where each keeps its MLP, by the families' own module
@@ -169,7 +172,7 @@ def tiny_tokenizer(style: str):
 
 
 def tokenizer_style(family: str) -> str:
-    return "sentencepiece" if family in SENTENCEPIECE_FAMILIES else "byte_level"
+    return "sentencepiece" if family in SENTENCEPIECE_FAMILIES or family == "mixtral" else "byte_level"
 
 
 def _padded(n: int, multiple: int = 64) -> int:
@@ -279,6 +282,17 @@ def _config(family: str, tokenizer):
         return tf.StableLmConfig(**decoder, num_key_value_heads=2, tie_word_embeddings=False)
     if family == "smollm3":
         return tf.SmolLM3Config(**decoder, num_key_value_heads=2, tie_word_embeddings=True)
+    moe = {**decoder, "num_key_value_heads": 2, "num_experts_per_tok": TOP_EXPERTS, "tie_word_embeddings": False}
+    if family == "mixtral":
+        return tf.MixtralConfig(**{**moe, "intermediate_size": EXPERT_WIDTH}, num_local_experts=EXPERTS)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**{**moe, "intermediate_size": EXPERT_WIDTH}, num_experts=EXPERTS)
+    if family == "qwen2_moe":  # with its shared expert; every layer sparse
+        return tf.Qwen2MoeConfig(**moe, moe_intermediate_size=EXPERT_WIDTH, shared_expert_intermediate_size=24,
+                                 num_experts=EXPERTS, decoder_sparse_step=1, mlp_only_layers=[])
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**moe, moe_intermediate_size=EXPERT_WIDTH, num_experts=EXPERTS, head_dim=8,
+                                 decoder_sparse_step=1, mlp_only_layers=[])
     if family == "phi3":
         return tf.Phi3Config(
             **{**decoder, "vocab_size": _padded(vocab)},
@@ -304,7 +318,7 @@ def _randomise(model, seed: int, *, norm_center: float) -> None:
 
 
 def build_tiny(family: str, path, *, seed: int = 0) -> Path:
-    """Save a tiny random model of `family` (one of TINY_FAMILIES) with its tokenizer into `path`."""
+    """Save a tiny random model of `family` (one of TINY_FAMILIES or MOE_FAMILIES) with its tokenizer into `path`."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)

@@ -39,7 +39,7 @@ from app.errors import NeedleError, NotFound
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-InputKind = Literal["conv1d", "linear", "gated", "fused_gate_up"]
+InputKind = Literal["conv1d", "linear", "gated", "fused_gate_up", "experts"]
 
 # The config fields that size a model. transformers fills one that config.json lacks from its
 # default model of the family (a Llama without them has 7 billion parameters).
@@ -77,18 +77,32 @@ class Family:
     # Cohere multiplies them by logit_scale
     logit_scale: str | None = None
     logit_scale_divides: bool = False
+    # a mixture of experts (kind "experts"): mlp_in, mlp_gate and mlp_out all name the experts
+    # module (every expert's gate_up_proj [E, 2F, d_model] and down_proj [E, d_model, F]), and
+    # this the block whose output is what the MLP adds to the residual stream (router included)
+    moe_block: str | None = None
 
 
 def _gated(name: str, **extra: Any) -> Family:
-    return Family(
+    """A Llama-style block: model.layers.L.mlp's up_proj, gate_proj and down_proj (what `extra` does not change)."""
+    where = {"layers": "model.layers", "mlp_in": "mlp.up_proj", "mlp_gate": "mlp.gate_proj", "mlp_out": "mlp.down_proj",
+             "kind": "gated", "final_norm": "model.norm"}
+    return Family(name, **{**where, **extra})
+
+
+def _experts(name: str) -> Family:
+    """Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: a router picks top-k of E experts per token, each
+    a SwiGLU MLP of width F, stored fused as transformers 5 keeps them."""
+    return _gated(
         name,
-        layers="model.layers",
-        mlp_in="mlp.up_proj",
-        mlp_gate="mlp.gate_proj",
-        mlp_out="mlp.down_proj",
-        kind="gated",
-        final_norm="model.norm",
-        **extra,
+        mlp_in="mlp.experts",
+        mlp_gate="mlp.experts",
+        mlp_out="mlp.experts",
+        kind="experts",
+        moe_block="mlp",
+        flattens_tokens=True,  # the experts run on [batch * seq, d]
+        fixed_batch=True,  # the MoE block views its input flat: a sweep's rows cannot be an expanded view
+        sizes=("hidden_size", "num_hidden_layers", "vocab_size"),
     )
 
 
@@ -142,6 +156,10 @@ def _families() -> dict[str, Family]:
                sizes=SIZES_MLP_4X),
         Family("bloom", "transformer.h", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "linear", "transformer.ln_f",
                sizes=SIZES_MLP_4X, fixed_batch=True),
+        _experts("mixtral"),
+        _experts("qwen2_moe"),  # its shared expert's neurons are not units (README)
+        _experts("qwen3_moe"),
+        _experts("olmoe"),
         Family(
             "phi3",
             "model.layers",
@@ -219,6 +237,67 @@ def adapter_for(model: PreTrainedModel) -> Adapter:
     return Adapter(model, family_for_config(model.config))
 
 
+class ExpertActs(nn.Module):
+    """Where a mixture of experts' neuron activations pass, [tokens, E * F], expert by expert
+    (neuron e * F + i is neuron i of expert e): Needle's forward of the experts module
+    (`_experts_forward`) calls it between the experts' input and output projections, so the
+    hooks that read and clamp a dense MLP's out projection read and clamp the experts the
+    same way. A token's entries for an expert it was not routed to are 0 (the expert did not
+    run on it); `routed` holds the latest pass's routing, [tokens, E] bool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routed: torch.Tensor | None = None
+
+    def forward(self, acts: torch.Tensor) -> torch.Tensor:
+        return acts
+
+
+def _experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' eager experts forward (Mixtral, Qwen-MoE, OLMoE), with every routed
+    token's activations [tokens, E * F] passed through `self.needle_acts` (ExpertActs) before
+    the down projections. Each expert's output is weighted by the router as there, so a
+    replaced activation changes the output only on the tokens routed to its expert."""
+    n_experts, width = int(self.num_experts), int(self.intermediate_dim)
+    tokens = hidden_states.shape[0]
+    valid = top_k_index < n_experts  # an index of E means "no expert" (expert parallelism)
+    index = torch.where(valid, top_k_index, 0)
+    weights = top_k_weights.new_zeros(tokens, n_experts).scatter_add_(1, index, torch.where(valid, top_k_weights, 0))
+    routed = torch.zeros(tokens, n_experts, dtype=torch.int32, device=hidden_states.device)
+    routed = routed.scatter_add_(1, index, valid.to(torch.int32)) > 0
+    acts = hidden_states.new_zeros(tokens, n_experts, width)
+    hit = [(e, routed[:, e].nonzero()[:, 0]) for e in routed.any(0).nonzero()[:, 0].tolist()]
+    for e, token in hit:
+        gate, up = nn.functional.linear(hidden_states[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+        acts[token, e] = self.act_fn(gate) * up
+    probe = self.needle_acts
+    probe.routed = routed
+    acts = probe(acts.view(tokens, n_experts * width)).view(tokens, n_experts, width)
+    out = torch.zeros_like(hidden_states)
+    for e, token in hit:
+        down = nn.functional.linear(acts[token, e], self.down_proj[e]) * weights[token, e, None]
+        out.index_add_(0, token, down.to(out.dtype))
+    return out
+
+
+def _expert_acts(experts: nn.Module, where: str) -> ExpertActs:
+    """The ExpertActs of an experts module, installed with Needle's forward on first use."""
+    probe = getattr(experts, "needle_acts", None)
+    if isinstance(probe, ExpertActs):
+        return probe
+    parts = (getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None))
+    if not all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in parts) or not hasattr(experts, "act_fn"):
+        raise NeedleError(
+            f"{where} is not a mixture of experts as Needle reads them (gate_up_proj [E, 2F, d] and down_proj "
+            "[E, d, F]): a model whose layers mix dense and MoE MLPs, or stores its experts otherwise, is not supported"
+        )
+    probe = ExpertActs()
+    experts.add_module("needle_acts", probe)
+    experts.forward = _experts_forward.__get__(experts)
+    return probe
+
+
 class Adapter:
     """Neuron access for one loaded model. Weights come back as detached views on the model's device and dtype."""
 
@@ -227,7 +306,7 @@ class Adapter:
         self.spec = spec
         self.family: str = spec.name
         # a gated MLP (act(gate) * up): its neurons are as often negative as positive
-        self.gated: bool = spec.kind in ("gated", "fused_gate_up")
+        self.gated: bool = spec.kind in ("gated", "fused_gate_up", "experts")
         blocks = _lookup(model, spec.layers)
         if not isinstance(blocks, (nn.ModuleList, list, tuple)) or len(blocks) == 0:
             raise NeedleError(
@@ -241,6 +320,12 @@ class Adapter:
         for index, block in enumerate(self._blocks):
             for path in (spec.mlp_in, spec.mlp_gate, spec.mlp_out, spec.mlp_post_norm):
                 if path is not None and _lookup(block, path) is None:
+                    if spec.kind == "experts":
+                        raise NeedleError(
+                            f"layer {index} of this {spec.name} model has no experts ({spec.layers}.{index}.{path}): "
+                            "its MLP is dense; Needle reads mixture-of-experts models whose every layer routes to "
+                            "experts (set decoder_sparse_step 1 and no mlp_only_layers)"
+                        )
                     raise NeedleError(
                         f"model has no MLP module {spec.layers}.{index}.{path}, which the {spec.name} family "
                         "must have; the checkpoint does not match its config"
@@ -249,10 +334,23 @@ class Adapter:
             if spec.mlp_gate is not None and spec.mlp_gate != spec.mlp_in:
                 self._gate.append(_lookup(block, spec.mlp_gate))
             self._out.append(_lookup(block, spec.mlp_out))
+        # a mixture of experts: E experts of F neurons each per layer, neuron e * F + i being
+        # neuron i of expert e; their activations pass through each layer's ExpertActs
+        self.n_experts: int | None = None
+        self.d_expert: int | None = None
+        self.experts_per_token: int | None = None
+        self._experts: list[nn.Module] = []
+        if spec.kind == "experts":
+            self._experts = self._out
+            self._out = [_expert_acts(m, f"{spec.layers}.{i}.{spec.mlp_out}") for i, m in enumerate(self._experts)]
+            first: Any = self._experts[0]
+            self.n_experts, self.d_expert = int(first.num_experts), int(first.intermediate_dim)
+            top_k = getattr(model.config, "num_experts_per_tok", None)
+            self.experts_per_token = int(top_k) if isinstance(top_k, int) else None
         # the module whose output is the "mlp_out" site
+        site_out = spec.mlp_post_norm or spec.moe_block
         self._mlp_out: list[nn.Module] = [
-            _lookup(block, spec.mlp_post_norm) if spec.mlp_post_norm else out
-            for block, out in zip(self._blocks, self._out, strict=True)
+            _lookup(block, site_out) if site_out else out for block, out in zip(self._blocks, self._out, strict=True)
         ]
         self.n_layers: int = len(self._blocks)
         w_out = self.output_weights(0)
@@ -301,6 +399,9 @@ class Adapter:
 
     def input_weights(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model]: row i is the input weight vector of neuron i (the up_proj row for gated MLPs)."""
+        if self._experts:  # each expert's up half of gate_up_proj [E, 2F, d], experts one after another
+            fused = cast(torch.Tensor, self._experts[self._layer(layer)].gate_up_proj).detach()
+            return fused[:, fused.shape[1] // 2 :].reshape(-1, fused.shape[2])
         weight = cast(torch.Tensor, self._in[self._layer(layer)].weight).detach()
         if self.spec.kind == "conv1d":  # Conv1D stores [in, out]
             return weight.T
@@ -310,6 +411,9 @@ class Adapter:
 
     def output_weights(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model]: row i is the direction neuron i writes to the residual stream."""
+        if self._experts:  # down_proj [E, d, F] -> [E * F, d]
+            down = cast(torch.Tensor, self._experts[self._layer(layer)].down_proj).detach()
+            return down.transpose(1, 2).reshape(-1, down.shape[1])
         weight = cast(torch.Tensor, self._out[self._layer(layer)].weight).detach()
         return weight if self.spec.kind == "conv1d" else weight.T
 
@@ -346,7 +450,16 @@ class Adapter:
     def read_modules(self) -> dict[str, list[nn.Module]]:
         """The modules whose weights the adapter reads, {"mlp": [...], "head": [...]}: a checkpoint must have them."""
         head = [self._head] + ([self._project_out] if self._project_out is not None else [])
-        return {"mlp": [*self._in, *self._gate, *self._out], "head": head}
+        return {"mlp": self._experts or [*self._in, *self._gate, *self._out], "head": head}
+
+    def routed(self, layer: int) -> torch.Tensor | None:
+        """A mixture of experts: which experts the latest forward pass routed each token to at
+        `layer`, [batch * seq, E] bool (None before any pass, and for a dense MLP)."""
+        return cast(ExpertActs, self._out[self._layer(layer)]).routed if self._experts else None
+
+    def expert_of(self, neuron: int) -> tuple[int, int] | None:
+        """(expert, index within it) of a mixture of experts' neuron; None for a dense MLP."""
+        return None if self.d_expert is None else divmod(self._neuron(neuron), self.d_expert)
 
     # ---- hooks -----------------------------------------------------------------------------
 

@@ -33,6 +33,11 @@ Method (the neuron page quotes it):
   negative).
 - When the tokenizer prefixes its own BOS token, each window is run with it in front and
   the BOS position is left out of everything.
+- A mixture of experts' neuron is read on the tokens routed to its expert only: a window
+  counts for its top contexts, samples and negatives by its routed tokens (one with none is
+  left out), its max and min are over them, and every statistic (frequency, mean, histogram,
+  min, max) is over them, `tokens` being their count. Its stored per-token activations keep 0
+  where the expert did not run.
 
 The same pass serves any basis of units (`Units`): the neurons read as above, or a sparse
 autoencoder's latents, its encoder applied to the activations read at its site of its layer
@@ -80,6 +85,10 @@ class Units:
     def reads_negatives(self, adapter) -> bool:
         """Whether the pass keeps the top negative contexts: for a gated MLP's neurons only."""
         return self.encode is None and adapter.gated
+
+    def reads_routing(self, adapter) -> bool:
+        """Whether each unit is read on the tokens routed to it only: a mixture of experts' neurons."""
+        return self.encode is None and adapter.n_experts is not None
 
 
 NEURON_UNITS = Units()
@@ -146,22 +155,28 @@ class LayerExamples:
     neg_min: np.ndarray | None = None  # float32 [N, K]
     neg_pos: np.ndarray | None = None  # int16 [N, K] index of the min token in its window
     neg_acts: np.ndarray | None = None  # float16 [N, K, T]
+    # a mixture of experts' neurons: the tokens routed to each one's expert, what its statistics count
+    unit_tokens: np.ndarray | None = None  # int64 [N]
 
 
 def merge_top(key: torch.Tensor, pos: torch.Tensor, kept: torch.Tensor, new_key: torch.Tensor,
-              acts: torch.Tensor, *, lowest: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              acts: torch.Tensor, *, lowest: bool = False,
+              search: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A running top-k of windows per unit: the k best of the kept (key, pos, kept acts [k, T, N])
     and a batch's windows (new_key [B, N], acts [B, T, N]) by key. A new window's pos is the
     index of its max (lowest: its min) over its tokens, found on the k windows gathered, not on
-    the whole batch (an arg-reduction over [B, T, N] cost more than the rest of the merge)."""
+    the whole batch (an arg-reduction over [B, T, N] cost more than the rest of the merge).
+    `search` (acts with the tokens not to be found set to -inf, or +inf for lowest) is where
+    the index is looked for, when not acts."""
     k, t, n = kept.shape
     merged_key, idx = torch.cat([key, new_key]).topk(k, dim=0)
     from_new = idx >= k
     old_i = idx.clamp(max=k - 1)
     new_i = (idx - k).clamp(min=0)
     gathered = acts.gather(0, new_i[:, None, :].expand(k, t, n))
+    looked = gathered if search is None else search.gather(0, new_i[:, None, :].expand(k, t, n))
     # (max/min with indices: their kernel is several times faster than argmax/argmin over a middle dimension)
-    new_pos = (gathered.min(dim=1) if lowest else gathered.max(dim=1)).indices
+    new_pos = (looked.min(dim=1) if lowest else looked.max(dim=1)).indices
     pos = torch.where(from_new, new_pos, pos.gather(0, old_i))
     kept = torch.where(from_new[:, None, :], gathered.to(torch.float16),
                        kept.gather(0, old_i[:, None, :].expand(k, t, n)))
@@ -181,7 +196,7 @@ class LayerAccumulator:
     """Streaming top-k, interval reservoirs and statistics for one layer, on its device."""
 
     def __init__(self, layer: int, d_mlp: int, context: int, device, est_min: torch.Tensor, est_max: torch.Tensor,
-                 negatives: bool = False):
+                 negatives: bool = False, routing: bool = False):
         self.layer, self.n, self.t, self.device = layer, d_mlp, context, device
         n, t = d_mlp, context
         self.neurons = torch.arange(n, device=device)
@@ -209,6 +224,9 @@ class LayerAccumulator:
         self.hist_scale = HIST_BINS / span
         self.hist_span = span
         self.tokens = 0
+        self.routing = routing  # update() gets each token's routing: counts are per unit
+        if routing:
+            self.unit_tokens = torch.zeros(n, dtype=torch.int64, device=device)
         self.sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.sumsq = torch.zeros(n, dtype=torch.float64, device=device)
         self.min = torch.full((n,), math.inf, device=device)
@@ -220,21 +238,32 @@ class LayerAccumulator:
         if n * HIST_BINS * (BINS + 1) >= 2**31:
             raise ValueError(f"{n} neurons in one layer is more than the joint histogram's int32 index can count")
 
-    def update(self, acts: torch.Tensor, window_ids: torch.Tensor) -> None:
-        """acts [B, T, N] in the model's dtype; window_ids [B] int64 on the device."""
+    def update(self, acts: torch.Tensor, window_ids: torch.Tensor, routed: torch.Tensor | None = None) -> None:
+        """acts [B, T, N] in the model's dtype; window_ids [B] int64 on the device; routed [B, T, N]
+        bool, whether each token was routed to each unit's expert (an accumulator made with routing)."""
         b = acts.shape[0]
         n, t = self.n, self.t
+        high = low = acts
+        if self.routing:  # a token not routed to a unit's expert is none of its evidence
+            assert routed is not None
+            high, low = acts.masked_fill(~routed, -math.inf), acts.masked_fill(~routed, math.inf)
+            seen = routed.any(dim=1)  # [B, N] windows with a routed token
         # each window's max (no arg: where it lies is found for the windows kept, below)
-        wmax = acts.amax(dim=1).float()  # [B, N]
+        wmax = high.amax(dim=1).float()  # [B, N]
 
         # ---- top-k windows by their max; earlier window first on ties
         later = (MASK32 - window_ids)[:, None]
         key = (ordered_bits(wmax) << 32) | later
-        self.top_key, self.top_pos, self.top_acts = merge_top(self.top_key, self.top_pos, self.top_acts, key, acts)
+        if self.routing:
+            key = torch.where(seen, key, MIN_KEY)
+        self.top_key, self.top_pos, self.top_acts = merge_top(self.top_key, self.top_pos, self.top_acts, key, acts,
+                                                              search=high if self.routing else None)
         if self.negatives:  # ... and by their min, most negative first
-            nkey = (ordered_bits(-acts.amin(dim=1).float()) << 32) | later
+            nkey = (ordered_bits(-low.amin(dim=1).float()) << 32) | later
+            if self.routing:
+                nkey = torch.where(seen, nkey, MIN_KEY)
             self.neg_key, self.neg_pos, self.neg_acts = merge_top(self.neg_key, self.neg_pos, self.neg_acts, nkey, acts,
-                                                                  lowest=True)
+                                                                  lowest=True, search=low if self.routing else None)
 
         # ---- interval reservoirs: per bin, the PER_BIN windows with the smallest priority
         fired = wmax > 0
@@ -248,8 +277,9 @@ class LayerAccumulator:
         r_newi = (ridx - PER_BIN).clamp(min=0)  # [BINS, S, N] window index in batch
         flat_new = r_newi.reshape(BINS * PER_BIN, n)
         picked = acts.gather(0, flat_new[:, None, :].expand(BINS * PER_BIN, t, n))
+        looked = high.gather(0, flat_new[:, None, :].expand(BINS * PER_BIN, t, n)) if self.routing else picked
         self.res_max = torch.where(r_new, wmax.gather(0, flat_new).view(BINS, PER_BIN, n), self.res_max.gather(1, r_old))
-        self.res_pos = torch.where(r_new, picked.max(dim=1).indices.view(BINS, PER_BIN, n), self.res_pos.gather(1, r_old))
+        self.res_pos = torch.where(r_new, looked.max(dim=1).indices.view(BINS, PER_BIN, n), self.res_pos.gather(1, r_old))
         self.res_acts = torch.where(
             r_new[:, :, None, :],
             picked.to(torch.float16).view(BINS, PER_BIN, t, n),
@@ -262,9 +292,10 @@ class LayerAccumulator:
         if flat.dtype != torch.float32:
             flat = flat.float()
         self.tokens += b * t
+        # (a token not routed has activation 0: it adds nothing to the sums)
         self.sum += flat.sum(0).double()
         self.sumsq += (flat * flat).sum(0).double()
-        torch.minimum(self.min, flat.amin(0), out=self.min)
+        torch.minimum(self.min, (low.reshape(b * t, n).float() if self.routing else flat).amin(0), out=self.min)
         torch.maximum(self.max, wmax.amax(0), out=self.max)
         # one bincount for both: histogram bin h and interval bin i (0: not firing, k: ((k-1)w, kw])
         joint = torch.sub(flat, self.hist_lo).mul_(self.hist_scale).floor_().clamp_(0, HIST_BINS - 1)
@@ -274,7 +305,14 @@ class LayerAccumulator:
             index = joint.add_(self.offsets_joint).to(torch.int32)
         else:
             index = joint.to(torch.int32).add_(self.offsets_joint.to(torch.int32))
-        counts = torch.bincount(index.view(-1), minlength=n * HIST_BINS * (BINS + 1)).view(n, HIST_BINS, BINS + 1)
+        size = n * HIST_BINS * (BINS + 1)
+        if routed is not None:  # (self.routing) a token not routed counts in one more bin, dropped
+            flat_routed = routed.reshape(b * t, n)
+            self.unit_tokens += flat_routed.sum(0)
+            index = index.masked_fill_(~flat_routed, size)
+            counts = torch.bincount(index.view(-1), minlength=size + 1)[:size].view(n, HIST_BINS, BINS + 1)
+        else:
+            counts = torch.bincount(index.view(-1), minlength=size).view(n, HIST_BINS, BINS + 1)
         self.hist_counts += counts.sum(2)
         self.int_counts += counts.sum(1)
 
@@ -284,7 +322,7 @@ class LayerAccumulator:
 
     def state(self) -> dict[str, np.ndarray]:
         """Everything update() accumulated, as CPU arrays: a corpus shard's part of a sharded run."""
-        names = self.STATE + (self.NEG_STATE if self.negatives else ())
+        names = self.STATE + (self.NEG_STATE if self.negatives else ()) + (("unit_tokens",) if self.routing else ())
         out = {name: getattr(self, name).cpu().numpy() for name in names}
         out["tokens"] = np.asarray(self.tokens, dtype=np.int64)
         return out
@@ -324,6 +362,8 @@ class LayerAccumulator:
             torch.maximum(self.max, torch.from_numpy(st["max"]).to(dev), out=self.max)
             self.int_counts += torch.from_numpy(st["int_counts"]).to(dev)
             self.hist_counts += torch.from_numpy(st["hist_counts"]).to(dev)
+            if self.routing:
+                self.unit_tokens += torch.from_numpy(st["unit_tokens"]).to(dev)
 
     def result(self) -> LayerExamples:
         def cpu(x: torch.Tensor) -> np.ndarray:
@@ -338,6 +378,9 @@ class LayerAccumulator:
         res_acts = torch.where(rvalid[:, :, None, :], self.res_acts, torch.zeros((), dtype=self.res_acts.dtype))
 
         true_max, true_min = self.max, self.min
+        if self.routing:  # a unit whose expert no token was routed to: 0, not +-inf
+            never = self.unit_tokens == 0
+            true_max, true_min = true_max.masked_fill(never, 0.0), true_min.masked_fill(never, 0.0)
         estimated = torch.isfinite(self.width)
         edges = torch.where(estimated, self.width, 0.0)[:, None] * torch.arange(BINS + 1, device=self.device)[None, :]
         edges[:, BINS] = torch.maximum(edges[:, BINS], true_max)
@@ -348,7 +391,7 @@ class LayerAccumulator:
         )[None, :] / HIST_BINS
         hist_edges[:, 0] = torch.minimum(hist_edges[:, 0], true_min)
         hist_edges[:, HIST_BINS] = torch.maximum(hist_edges[:, HIST_BINS], true_max)
-        tokens = max(self.tokens, 1)
+        tokens = self.unit_tokens.clamp(min=1) if self.routing else max(self.tokens, 1)
         mean = self.sum / tokens
         var = torch.clamp(self.sumsq / tokens - mean * mean, min=0)
         positive = self.int_counts[:, 1:].sum(1)
@@ -378,6 +421,7 @@ class LayerAccumulator:
             hist_edges=cpu(hist_edges).astype(np.float32),
             hist_counts=cpu(self.hist_counts),
             **(self._negatives(cpu) if self.negatives else {}),
+            unit_tokens=cpu(self.unit_tokens) if self.routing else None,
         )
 
     def _negatives(self, cpu) -> dict[str, np.ndarray]:
@@ -431,6 +475,15 @@ def forward_readers(model, adapter, readers: list[Reader], windows: torch.Tensor
             model(input_ids=ids, use_cache=False)
         except StopForward:
             pass
+
+
+def routed_units(adapter, layer: int, acts: torch.Tensor, bos: bool) -> torch.Tensor:
+    """[B, T, N] bool: whether each token of the latest pass (BOS left out) was routed to each
+    neuron's expert at `layer` (a mixture of experts; acts [B, T, N] its neurons' activations)."""
+    routed = adapter.routed(layer)  # [B * (T + bos), E]
+    b, t, n = acts.shape
+    routed = routed.view(b, t + bos, -1)[:, int(bos):]
+    return routed[..., None].expand(b, t, routed.shape[-1], n // routed.shape[-1]).reshape(b, t, n)
 
 
 def batches(ids: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
@@ -495,7 +548,8 @@ def accumulate_readers(model, adapter, readers: list[Reader], windows: torch.Ten
     stop = n_windows if stop is None else stop
     per_batch = plan(n_windows, context, batch_tokens).batch_windows
     accs = [{layer: LayerAccumulator(layer, units.size(adapter), context, device, *ranges[r][layer],
-                                     negatives=units.reads_negatives(adapter)) for layer in layers}
+                                     negatives=units.reads_negatives(adapter), routing=units.reads_routing(adapter))
+             for layer in layers}
             for r, (layers, units) in enumerate(readers)]
     all_ids = torch.arange(n_windows, device=device)
     for b0 in range(start, stop, per_batch):
@@ -503,7 +557,8 @@ def accumulate_readers(model, adapter, readers: list[Reader], windows: torch.Ten
         ids = all_ids[b0:b1]
 
         def add(r: int, layer: int, acts: torch.Tensor, ids: torch.Tensor = ids) -> None:
-            accs[r][layer].update(acts, ids)
+            acc = accs[r][layer]
+            acc.update(acts, ids, routed_units(adapter, layer, acts, bos_id is not None) if acc.routing else None)
 
         forward_readers(model, adapter, readers, windows[b0:b1], bos_id, add, device)
         progress((b1 - b0) * context)

@@ -83,6 +83,8 @@ def inspect_model(source: str, device: str = "auto", dtype: str = "auto") -> dic
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     head = model.get_output_embeddings()
     norm = model.get_submodule(spec.final_norm) if spec.final_norm else None
+    moe = adapter.model.get_submodule(f"{spec.layers}.0.{spec.moe_block}") if spec.moe_block else None
+    shared = getattr(moe, "shared_expert", None) is not None
     return {
         "source": ref if local else source,
         "model_type": config.model_type,
@@ -103,8 +105,15 @@ def inspect_model(source: str, device: str = "auto", dtype: str = "auto") -> dic
             "output": _path(adapter, spec.mlp_out),
             "output_norm": _path(adapter, spec.mlp_post_norm),
             "decoded": "the up_proj rows" if spec.kind == "gated" else
-                       "the up half of gate_up_proj" if spec.kind == "fused_gate_up" else "the input projection's rows",
+                       "the up half of gate_up_proj" if spec.kind == "fused_gate_up" else
+                       "the up half of each expert's gate_up_proj" if spec.kind == "experts" else "the input projection's rows",
         },
+        # a mixture of experts: neuron N of a layer is neuron N % width of expert N // width
+        "experts": {"count": adapter.n_experts, "width": adapter.d_expert, "per_token": adapter.experts_per_token,
+                    "router": _path(adapter, f"{spec.moe_block}.gate"),
+                    # Qwen2-MoE's always-on expert beside the routed ones: its neurons are not units
+                    "shared_expert": _path(adapter, f"{spec.moe_block}.shared_expert") if shared else None}
+        if adapter.n_experts else None,
         "final_norm": {
             "path": spec.final_norm,
             "has_weight": getattr(norm, "weight", None) is not None,
@@ -139,6 +148,10 @@ def format_inspection(info: dict[str, Any]) -> str:
         f"input {mlp['input']}" + (f", gate {mlp['gate']}" if mlp["gate"] and mlp["gate"] != mlp["input"] else "")
         + f", output {mlp['output']}" + (f", then {mlp['output_norm']}" if mlp["output_norm"] else "")
         + f"; decoded: {mlp['decoded']}",
+        *([f"  mixture of experts: {ex['count']} experts of {ex['width']:,} neurons ({ex['per_token']} per token, "
+           f"router {ex['router']}); neuron N is neuron N % {ex['width']} of expert N // {ex['width']}"
+           + (f"; the shared expert {ex['shared_expert']} is not read" if ex["shared_expert"] else "")]
+          if (ex := info["experts"]) else []),
         f"  final norm {norm['path']}" + ("" if norm["has_weight"] else " (no weight)")
         + (" (multiplies by 1 + w)" if norm["plus_one"] else ""),
         f"  LM head: {'tied to the embedding' if head['tied'] else 'its own weights'}"

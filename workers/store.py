@@ -105,7 +105,9 @@ def write_token_index(session: Session, model_id: int, arrays: Sequence[tuple[np
 def activation_rows(res: LayerExamples) -> list[dict]:
     """One neuron_activations row per neuron of a layer, arrays packed once per layer."""
     n = len(res.max)
-    tokens = max(res.tokens, 1)
+    # a mixture of experts' neuron counts the tokens routed to its expert (its statistics are over them)
+    counted = [res.tokens] * n if res.unit_tokens is None else res.unit_tokens.tolist()
+    tokens = np.maximum(res.tokens if res.unit_tokens is None else res.unit_tokens, 1)
     blobs = pack_units(EXAMPLES, res)
     if res.neg_windows is not None:  # a gated MLP's neurons: their top negative contexts too
         blobs.update(pack_units(NEGATIVES, res))
@@ -120,7 +122,7 @@ def activation_rows(res: LayerExamples) -> list[dict]:
         {
             "layer": res.layer,
             "neuron": i,
-            "tokens": res.tokens,
+            "tokens": counted[i],
             "frequency": freq[i],
             "frequency_above": above[i],
             "threshold": thr[i],
