@@ -432,7 +432,29 @@ def layer_page(
         "prev_layer_url": urls.layer_url(model.name, layer - 1) if layer > 0 else None,
         "next_layer_url": urls.layer_url(model.name, layer + 1) if layer + 1 < model.n_layers else None,
         "saes": [_sae_summary(model, x) for x in queries.list_saes(session, model.id) if x.layer == layer],
+        "experts": _layer_experts(session, model, layer),
     }
+
+
+def _layer_experts(session: Session, model: Model, layer: int) -> list[dict] | None:
+    """A mixture of experts' layer: each expert's neurons and its share of the corpus's tokens
+    (None for a dense MLP; shares None before the examples stage)."""
+    stored = _expert(model, 0, None, None)  # the stored experts, checked
+    if stored is None:
+        return None
+    width = stored["width"]
+    run = queries.example_run(session, model.id)
+    routed = queries.expert_tokens(session, model.id, layer, width) if run is not None else {}
+    return [
+        {
+            "expert": e,
+            "first": e * width,
+            "url": urls.neuron_url(model.name, layer, e * width),
+            "routed_tokens": routed.get(e),
+            "routed_share": number(routed[e] / run.n_tokens) if e in routed and run and run.n_tokens else None,
+        }
+        for e in range(model.d_mlp // width)
+    ]
 
 
 # ---------------------------------------------------------------- sparse autoencoders

@@ -729,6 +729,17 @@ def example_run(session: Session, model_id: int) -> ExampleRun | None:
     return session.get(ExampleRun, model_id)
 
 
+def expert_tokens(session: Session, model_id: int, layer: int, width: int) -> dict[int, int]:
+    """A mixture of experts' layer: {expert: the corpus tokens routed to it}, read from the
+    examples row of each expert's first neuron (every neuron of an expert counts the same tokens)."""
+    rows = session.execute(
+        select(NeuronActivations.neuron, NeuronActivations.tokens).where(
+            NeuronActivations.model_id == model_id, NeuronActivations.basis == NEURONS,
+            NeuronActivations.layer == layer, NeuronActivations.neuron % width == 0)
+    )
+    return {int(neuron) // width: int(tokens) for neuron, tokens in rows}
+
+
 def neuron_activations(session: Session, model_id: int, layer: int, neuron: int,
                        basis: int = NEURONS) -> NeuronActivations | None:
     return session.get(NeuronActivations, (model_id, basis, layer, neuron))

@@ -27,6 +27,7 @@ from app.schema import Neuron, NeuronActivations
 from needle.cli import index_model
 from tests.live_server import get_json, get_soup, running_server
 from tests.tinymodels import EXPERT_WIDTH, EXPERTS, MOE_FAMILIES, TOP_EXPERTS, build_tiny
+from workers import clamp
 from workers.corpus import bos_prefix_id, load_corpus
 from workers.inspect import format_inspection, inspect_model
 from workers.loading import load_model
@@ -46,11 +47,12 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().double() for name, p in model.named_parameters()}
 
 
-def direct_moe(model, params, layer: int, x: torch.Tensor, clamp: tuple[int, float] | None = None):
+def direct_moe(model, params, layer: int, x: torch.Tensor, clamp: tuple[int, float] | None = None,
+               positions: slice = slice(None)):
     """The MoE block of `layer` on its input x [T, d], from named parameters in float64: (the
     neuron activations [T, E * F], 0 where a token was not routed to the expert; the routing
     [T, E] bool; the block's output [T, d], with neuron clamp[0] set to clamp[1] on the tokens
-    routed to its expert)."""
+    of `positions` routed to its expert)."""
     cfg = model.config
     pre = f"model.layers.{layer}.mlp"
     x = x.double()
@@ -66,7 +68,9 @@ def direct_moe(model, params, layer: int, x: torch.Tensor, clamp: tuple[int, flo
     acts = acts * routed[:, :, None]
     if clamp is not None:
         e, i = divmod(clamp[0], width)
-        acts[routed[:, e], e, i] = clamp[1]
+        where = torch.zeros(len(x), dtype=torch.bool)
+        where[positions] = True
+        acts[routed[:, e] & where, e, i] = clamp[1]
     out = torch.einsum("te,tef,edf->td", weights, acts, down)
     if f"{pre}.shared_expert.up_proj.weight" in params:  # Qwen2-MoE's shared expert, always on
         s = lambda n: params[f"{pre}.shared_expert.{n}.weight"]  # noqa: E731
@@ -137,6 +141,51 @@ def test_every_expert_neuron_reads_and_clamps_as_the_model_computes(family, tiny
     torch.testing.assert_close(unclamped, plain, rtol=1e-4, atol=1e-4)
     changed = (got - unclamped).abs().amax(1) > 0
     assert torch.equal(changed, routed[:, 2])  # only where its expert ran
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_the_workers_sweep_matches_the_direct_computation(family, tiny):
+    """clamp.sweep_many, as `needle index` and the clamp page run it: for each value, p(target)
+    at the last position equals a forward pass of transformers' own model whose MoE block output
+    at the layer is replaced by the direct computation with the neuron clamped."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_model(str(tiny[family]), device="cpu", dtype="float32")
+    reference = AutoModelForCausalLM.from_pretrained(tiny[family], dtype=torch.float32).eval()
+    params = _params(reference)
+    prompt = PROMPTS[0]
+    ids = torch.tensor([loaded.tokenizer(prompt).input_ids])
+    values = [-6.0, -1.0, 0.5, 3.0, 8.0]
+    inputs = _mlp_inputs(reference, [0, 1], ids)
+    # in each layer, a neuron of an expert the last token is routed to (elsewhere a clamp there does nothing)
+    neurons = [(layer, int(direct_moe(reference, params, layer, inputs[layer])[1][-1].nonzero()[-1]) * EXPERT_WIDTH + 5)
+               for layer in (0, 1)]
+    for last_only in (False, True):
+        want: dict[tuple[int, int], torch.Tensor] = {}  # (layer, neuron) -> p(next token) [values, V]
+        for layer, neuron in neurons:
+            probs = []
+            for value in values:
+                where = slice(-1, None) if last_only else slice(None)
+
+                def replace(module, args, output, layer=layer, value=value, neuron=neuron, where=where):
+                    x = args[0].reshape(-1, args[0].shape[-1])
+                    out = direct_moe(reference, params, layer, x, clamp=(neuron, value), positions=where)[2]
+                    return out.reshape(output.shape).to(output.dtype)
+
+                handle = reference.model.layers[layer].mlp.register_forward_hook(replace)
+                try:
+                    with torch.no_grad():
+                        probs.append(torch.softmax(reference(input_ids=ids).logits[0, -1].double(), -1))
+                finally:
+                    handle.remove()
+            want[(layer, neuron)] = torch.stack(probs)
+        # the token whose probability the clamp moves most
+        items = [clamp.SweepItem(layer, neuron, int((p[-1] - p[0]).abs().argmax()), values) for (layer, neuron), p in want.items()]
+        results = clamp.sweep_many(loaded, prompt, items, last_only=last_only)
+        for item, res in zip(items, results, strict=True):
+            expected = want[(item.layer, item.neuron)][:, item.token_id]
+            assert float(expected.max() - expected.min()) > 1e-3, "the clamp must move the target's probability"
+            np.testing.assert_allclose(res["probs"], expected.numpy(), rtol=0, atol=1e-5, err_msg=f"{family} {item} {last_only}")
 
 
 def test_a_layer_without_experts_is_refused_with_what_to_do(tmp_path):
@@ -233,9 +282,20 @@ def test_index_reads_each_expert_on_its_routed_tokens(family, tiny, db_url, tmp_
         with httpx.Client(base_url=base, timeout=30) as http:
             data = get_json(http, urls.neuron_url(name, 1, neuron, fmt="json"))
             soup = get_soup(http, urls.neuron_url(name, 1, neuron))
+            card = get_soup(http, urls.embed_url(name, 1, neuron))
+            layer = get_json(http, urls.layer_url(name, 1, fmt="json"))
+            layer_soup = get_soup(http, urls.layer_url(name, 1))
     expert = data["expert"]
     assert (expert["expert"], expert["index"], expert["experts"], expert["width"]) == (3, 2, EXPERTS, EXPERT_WIDTH)
-    assert expert["routed_tokens"] == row.tokens and expert["routed_share"] == pytest.approx(row.tokens / n_tokens, rel=1e-6)
+    assert expert["routed_tokens"] == row.tokens and expert["routed_share"] == pytest.approx(row.tokens / n_tokens, rel=1e-5)
     facts = soup.select_one(".expert-facts").get_text(" ", strip=True)
     assert "expert 3" in facts and f"{100 * row.tokens / n_tokens:.3g}%" in facts
     assert "the tokens routed to its expert" in soup.select_one("#firing").get_text(" ", strip=True)
+    assert "(expert 3, its neuron 2)" in card.select_one("h1").get_text(" ", strip=True)
+    # the layer page: every expert's routing share, each expert's neurons counting its tokens
+    shares = [x["routed_share"] for x in layer["experts"]]
+    assert [x["expert"] for x in layer["experts"]] == list(range(EXPERTS))
+    by_expert = [r.tokens for r in stats if r.layer == 1][::EXPERT_WIDTH]
+    assert shares == pytest.approx([t / n_tokens for t in by_expert], rel=1e-5)  # 6 digits shown
+    assert sum(by_expert) == TOP_EXPERTS * n_tokens  # each token goes to TOP_EXPERTS experts
+    assert len(layer_soup.select("table.experts tbody tr")) == EXPERTS
