@@ -96,6 +96,11 @@ EXAMPLE = Struct(
     ("window", I32), ("source", STR), ("token_ids", List(I32)), ("tokens", List(STR)),
     ("activations", List(F32)), ("max_activation", F32), ("max_index", I32),
 )
+# a top negative context: the same fields in the same order, its min and where it is for its max
+NEGATIVE_EXAMPLE = Struct(
+    ("window", I32), ("source", STR), ("token_ids", List(I32)), ("tokens", List(STR)),
+    ("activations", List(F32)), ("min_activation", F32), ("min_index", I32),
+)
 EXAMPLE_TEXT = ("{window, source, token_ids, tokens, activations, max_activation, max_index}: a corpus window "
                 "(id into the corpus's windows, and the file it came from), its token ids and strings, the neuron's "
                 "activation on each token, its max and where it is")
@@ -147,6 +152,9 @@ TABLES = {
             ("interval_samples", List(Struct(("bin", I32), ("low", F32), ("high", F32), ("tokens", I64),
                                              ("examples", List(EXAMPLE)))),
              "per interval bin (low, high]: firing tokens in it and the windows sampled from it"),
+            ("negative_examples", List(NEGATIVE_EXAMPLE),
+             "a gated MLP's neuron (SwiGLU, GeGLU): the top windows by their min activation, most negative first, "
+             "those below 0, as examples with min_activation and min_index; null for other MLPs and SAE latents"),
         )),
         Table("probes", "probes", "One row per neuron of the exported layers: the features for which it is among "
               "its layer's top neurons by mean difference, with its single-neuron probe (best F1 first; empty for "
@@ -396,15 +404,20 @@ class ExampleBatch:
 
     def __init__(self, stored: list, context: int, windows: dict, vocab: Vocabulary):
         from app.arrays import INT32, unpack
-        from app.unitarrays import unpack_examples
+        from app.unitarrays import unpack_examples, unpack_negatives
 
         self.stored, self.vocab = stored, vocab
         self.neurons = []
         for r in stored:
             a = unpack_examples(r, context)
+            neg = unpack_negatives(r, context)
             self.neurons.append({
                 **a, "top_windows": a["top_windows"].tolist(), "int_windows": a["int_windows"].tolist(),
                 "top_acts": a["top_acts"].astype(np.float32), "int_acts": a["int_acts"].astype(np.float32),
+                # (window, acts, min, index) of the top negative contexts below 0, as the page keeps them
+                "negatives": None if neg is None else [
+                    (w, neg["neg_acts"][k].astype(np.float32), neg["neg_min"][k], neg["neg_pos"][k])
+                    for k, w in enumerate(neg["neg_windows"].tolist()) if w >= 0 and neg["neg_min"][k] < 0],
             })
         # window -> (token ids, source); a window some neuron names but that is not stored is left out, as on the page
         self.windows = {w: (unpack(blob, INT32), _text(source)) for w, (blob, source) in windows.items()}
@@ -428,10 +441,10 @@ class ExampleBatch:
             shown[w] = (ids[at : at + n], texts[at : at + n], self.windows[w][1])
             at += n
 
-        def example(w: int, acts: list, max_act, pos) -> dict:
+        def example(w: int, acts: list, max_act, pos, extreme: str = "max") -> dict:
             token_ids, tokens, source = shown[w]
             return {"window": w, "source": source, "token_ids": token_ids, "tokens": tokens, "activations": acts,
-                    "max_activation": _float(max_act), "max_index": int(pos)}
+                    f"{extreme}_activation": _float(max_act), f"{extreme}_index": int(pos)}
 
         out = []
         for r, a in zip(self.stored, self.neurons):
@@ -451,21 +464,26 @@ class ExampleBatch:
                                   for j, w in enumerate(a["int_windows"][b]) if w in shown]}
                     for b in range(len(counts))
                 ],
+                "negative_examples": None if a["negatives"] is None else [
+                    example(w, _floats(acts), low, pos, "min") for w, acts, low, pos in a["negatives"] if w in shown],
             })
         return out
 
     def arrow(self, pa, schema):
         example_type = schema.field("examples").type.value_type
+        negative_type = schema.field("negative_examples").type.value_type
         bin_type = schema.field("interval_samples").type.value_type
 
         def lists(values: list, arrow_values, t):
-            """A list array of per-row lengths len(v) for v in values over the flat arrow_values."""
+            """A list array of per-row lengths len(v) for v in values over the flat arrow_values (null where v is None)."""
             offsets = np.zeros(len(values) + 1, dtype=np.int32)
-            np.cumsum([len(v) for v in values], out=offsets[1:])
-            return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), arrow_values, type=t)
+            np.cumsum([0 if v is None else len(v) for v in values], out=offsets[1:])
+            nulls = [v is None for v in values]
+            return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), arrow_values, type=t,
+                                            mask=pa.array(nulls, pa.bool_()) if any(nulls) else None)
 
-        def examples(picks: list[tuple[int, np.ndarray, float, int]]):
-            """StructArray of examples from (window, activations, max, max index)."""
+        def examples(picks: list[tuple[int, np.ndarray, float, int]], struct=example_type):
+            """StructArray of examples (or negative examples) from (window, activations, max or min, its index)."""
             windows = [p[0] for p in picks]
             token_ids = [self.windows[w][0] for w in windows]
             flat = np.concatenate(token_ids) if picks else np.zeros(0, np.int32)
@@ -480,10 +498,16 @@ class ExampleBatch:
                 "max_activation": _arrow_floats(pa, np.array([p[2] for p in picks], np.float32), pa.float32()),
                 "max_index": pa.array([int(p[3]) for p in picks], pa.int32()),
             }
-            return pa.StructArray.from_arrays([fields[f.name] for f in example_type], fields=list(example_type))
+            # the struct's fields in EXAMPLE's order (a negative example's min in place of the max)
+            return pa.StructArray.from_arrays([fields[f.name] for f in example_type], fields=list(struct))
 
         top, top_per, bins, bins_per, bin_picks, bin_per = [], [], [], [], [], []
+        negatives: list = []
+        negatives_per: list[list | None] = []
         for a in self.neurons:
+            picked = None if a["negatives"] is None else [p for p in a["negatives"] if p[0] in self.windows]
+            negatives.extend(picked or ())
+            negatives_per.append(picked)
             picked = [(w, a["top_acts"][k], a["top_max"][k], a["top_pos"][k])
                       for k, w in enumerate(a["top_windows"]) if w in self.windows]
             top.extend(picked)
@@ -516,6 +540,7 @@ class ExampleBatch:
             "interval_samples": lists(
                 bins_per, pa.StructArray.from_arrays([bin_fields[f.name] for f in bin_type], fields=list(bin_type)),
                 pa.list_(bin_type)),
+            "negative_examples": lists(negatives_per, examples(negatives, negative_type), pa.list_(negative_type)),
         }
         return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
@@ -534,7 +559,7 @@ def examples_batch(slots: int, context: int) -> int:
 def _example_rows(session, model, layers: range, vocab: Vocabulary, batch: int | None) -> Iterator[ExampleBatch]:
     from app import queries
     from app.arrays import unpack
-    from app.unitarrays import EXAMPLES
+    from app.unitarrays import EXAMPLES, NEGATIVES
 
     run = queries.example_run(session, model.id)
     assert run is not None, "export() exports examples only where a run is stored"
@@ -544,8 +569,9 @@ def _example_rows(session, model, layers: range, vocab: Vocabulary, batch: int |
     for layer in layers:
         for start in range(0, model.d_mlp, batch):
             stored = queries.activations_in_range(session, model.id, layer, start, start + batch, model.basis)
-            wanted = {int(w) for r in stored for c in ("top_windows", "int_windows")
-                      for w in unpack(getattr(r, c), EXAMPLES[c]).tolist() if w >= 0}
+            wanted = {int(w) for r in stored for c in ("top_windows", "int_windows", "neg_windows")
+                      if getattr(r, c) is not None
+                      for w in unpack(getattr(r, c), {**EXAMPLES, **NEGATIVES}[c]).tolist() if w >= 0}
             out = ExampleBatch(stored, run.context, queries.window_tokens(session, model.id, wanted), vocab)
             session.expunge_all()
             yield out

@@ -338,7 +338,7 @@ def test_examples_equal_the_pages_and_the_stored_arrays(indexed, exported, pages
                 "max_activation": round(e["max_activation"], 4), "max_index": e["max_index"], "source": e["source"],
                 "window": e["window"]}
 
-    shown = 0
+    shown = negatives = 0
     for key, page in pages["neurons"].items():
         row = rows[key]
         assert [as_page(e) for e in row["examples"]] == page["examples"], key
@@ -356,7 +356,14 @@ def test_examples_equal_the_pages_and_the_stored_arrays(indexed, exported, pages
         assert {**stats, "histogram": hist} == {k: v for k, v in page["stats"].items() if k not in derived}, key
         assert page["stats"]["firing_frequency"] == row["frequency_above"], "a SiLU model's neurons: above 1/5 of the max"
         shown += len(row["examples"])
+        # a gated MLP's neuron: its top negative contexts, as the page shows them
+        assert [{**as_page({**e, "max_activation": e["min_activation"], "max_index": e["min_index"]}),
+                 } for e in row["negative_examples"]] == [
+            {**{k: v for k, v in e.items() if not k.startswith("min_")}, "max_activation": e["min_activation"],
+             "max_index": e["min_index"]} for e in page["negative_examples"]], key
+        negatives += len(row["negative_examples"])
     assert shown > 128  # most neurons have examples to compare
+    assert negatives > 64 and all(e["min_activation"] < 0 for r in rows.values() for e in r["negative_examples"])
 
     # the stored float16 activations exactly, for the neurons that fire on one thing
     with session_scope(engine_for(indexed["url"])) as s:
@@ -605,3 +612,20 @@ def test_values_that_are_not_finite_are_null_in_both_formats():
     assert _floats(arr) == [[1.5, None], [None, None]]
     assert _arrow_floats(pa, arr.ravel(), pa.float32()).to_pylist() == [1.5, None, None, None]
     assert all(isinstance(v, float) and math.isfinite(v) for v in _floats(np.array([0.1, 2.0], np.float32)))
+
+
+def test_a_mlp_that_is_not_gated_has_no_negative_examples_in_either_format(tmp_path, sqlite_url):
+    """GPT-2's neurons (GELU): examples exported, their negative_examples null (none were read), in
+    Parquet and JSONL alike; the gated model above has them."""
+    path = build_tiny("gpt2", tmp_path / "gpt2")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text()[:4000], encoding="utf-8")
+    index_model(Settings(database_url=sqlite_url), str(path), "g", device="cpu", corpus=str(corpus), context=CONTEXT,
+                clamp=False, quiet=True)
+    for fmt in ("parquet", "jsonl"):
+        folder = tmp_path / fmt
+        proc = needle("export", "g", "--format", fmt, "--out", str(folder), "--what", "examples", db_url=sqlite_url)
+        assert proc.returncode == 0, proc.stderr
+        rows = read_all(folder)["examples"]
+        assert len(rows) == 2 * 64 and sum(len(r["examples"]) for r in rows) > 64
+        assert all(r["negative_examples"] is None for r in rows), fmt
