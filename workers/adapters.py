@@ -247,7 +247,7 @@ def _as_index(value: Any) -> int | None:
 _MLP_WIDTHS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 # a norm that multiplies by (1 + w), as its forward's code says: Gemma's "(1.0 + self.weight", Nemotron's
 # "self.weight + 1.0"
-_PLUS_ONE = re.compile(r"\(\s*1(?:\.0*)?\s*\+\s*self\.weight\b|\bself\.weight\s*\+\s*1(?:\.0*)?\b")
+_PLUS_ONE = re.compile(r"\(\s*1(?:\.0*)?\s*\+\s*self\.weight\b|\bself\.weight\s*\+\s*1(?:\.0*)?(?![\w.])")
 
 
 def detectable_model_type(config: Any) -> str:
