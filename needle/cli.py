@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -21,6 +22,9 @@ from needle.export import add_export_command
 from needle.jobs import add_jobs_command
 from needle.running import say, work_until_idle
 from needle.sae import add_sae_commands
+
+if TYPE_CHECKING:
+    from workers.adapters import Family
 
 DEMO_MODEL = ROOT / "assets" / "demo-model"
 DEMO_SAE = ROOT / "assets" / "demo-sae"  # trained by workers/demo_sae.py, in SAELens's format
@@ -118,6 +122,8 @@ def index_model(
     require_migrated(engine)
     loaded = load_model(source, device=device, dtype=dtype)
     adapter = loaded.adapter
+    if adapter.spec.detected and not quiet:
+        say(detected_line(source, adapter.spec))
     if decode_norm == "final" and adapter.final_norm_scale() is None:
         raise NeedleError(f"{source} has no final norm weight to apply.", hint="Use --decode-norm none.")
     examples_params = None
@@ -148,7 +154,7 @@ def index_model(
         encode_prompt(loaded, clamp_prompt)  # an empty or too long prompt is an error before any write
     fields = {
         "source": loaded.source,  # a local folder as its resolved path: the same model however it is named
-        "family": adapter.family,
+        "family": family_label(adapter.spec),
         "architecture": (loaded.config.architectures or [type(loaded.model).__name__])[0],
         "n_layers": adapter.n_layers,
         "d_model": adapter.d_model,
@@ -203,6 +209,19 @@ def index_model(
         return model_id
     work_until_idle(engine, settings, spec, loaded, model_id, what=f"Indexing {name!r}", quiet=quiet)
     return model_id
+
+
+def family_label(spec: Family) -> str:
+    """The family as a model row stores it: a detected one says so ("nemotron (detected)"), in 50 characters."""
+    return f"{spec.name[:39]} (detected)" if spec.detected else spec.name
+
+
+def detected_line(source: str, spec: Family) -> str:
+    where = f"{spec.layers}.L"
+    parts = f"{where}.{spec.mlp_in}" + (f" (gate {where}.{spec.mlp_gate})" if spec.kind == "gated" else "")
+    return (f"{source}: model_type {spec.name!r} is not in Needle's registry; its MLP was detected from the module "
+            f"tree ({spec.kind}): {parts} -> {where}.{spec.mlp_out}, final norm {spec.final_norm}. "
+            f"`needle inspect {source}` shows all that was found.")
 
 
 def check_examples_options(context: int, tokens: int | None) -> None:

@@ -319,15 +319,31 @@ def _randomise(model, seed: int, *, norm_center: float) -> None:
 
 def build_tiny(family: str, path, *, seed: int = 0) -> Path:
     """Save a tiny random model of `family` (one of TINY_FAMILIES or MOE_FAMILIES) with its tokenizer into `path`."""
+    tokenizer = tiny_tokenizer(tokenizer_style(family))
+    return save_tiny(_config(family, tokenizer), tokenizer, path, seed=seed,
+                     norm_center=0.0 if family in GEMMA_FAMILIES else 1.0)
+
+
+def tiny_model(family: str, *, seed: int = 0):
+    """The model build_tiny saves for `family`, in memory, in eval mode (nothing written)."""
+    config = _config(family, tiny_tokenizer(tokenizer_style(family)))
+    return random_model(config, seed=seed, norm_center=0.0 if family in GEMMA_FAMILIES else 1.0)
+
+
+def random_model(config, *, seed: int = 0, norm_center: float = 1.0):
+    """A causal LM of a transformers `config`, its weights drawn by _randomise, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    tokenizer = tiny_tokenizer(tokenizer_style(family))
-    config = _config(family, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    _randomise(model, seed, norm_center=0.0 if family in GEMMA_FAMILIES else 1.0)
-    model.eval()
+    _randomise(model, seed, norm_center=norm_center)
+    return model.eval()
+
+
+def save_tiny(config, tokenizer, path, *, seed: int = 0, norm_center: float = 1.0) -> Path:
+    """Save a random causal LM of a transformers `config` (weights as _randomise draws them) with `tokenizer` into `path`."""
+    path = Path(path)
+    model = random_model(config, seed=seed, norm_center=norm_center)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -7,7 +7,8 @@ weights are the row that produces it (a column of GPT-2's Conv1D, the up_proj ro
 gated MLP, as in Davies et al.).
 
 One `Family` per supported `config.model_type` says where each family keeps these modules;
-`adapter_for(model)` binds one to a loaded model.
+`adapter_for(model)` binds one to a loaded model. A causal LM outside the registry gets a Family
+that `detect_family` finds in its module tree (marked `detected`).
 
 Beyond the neurons, each layer L has four *sites* (SITES) that can be read and replaced, named as
 in sparse-autoencoder work (TransformerLens's hook names in brackets):
@@ -25,7 +26,9 @@ in sparse-autoencoder work (TransformerLens's hook names in brackets):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -81,6 +84,8 @@ class Family:
     # module (every expert's gate_up_proj [E, 2F, d_model] and down_proj [E, d_model, F]), and
     # this the block whose output is what the MLP adds to the residual stream (router included)
     moe_block: str | None = None
+    # found by detect_family from the module tree of a model outside the registry (name: its model_type)
+    detected: bool = False
 
 
 def _gated(name: str, **extra: Any) -> Family:
@@ -183,29 +188,51 @@ def supported_model_types() -> list[str]:
 
 def family_for_config(config: Any) -> Family:
     """The Family of a transformers config (or a config.json dict); NeedleError if unsupported."""
-    if isinstance(config, Mapping):
-        model_type, architectures = config.get("model_type"), config.get("architectures")
-    else:
-        model_type, architectures = getattr(config, "model_type", None), getattr(config, "architectures", None)
-    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    family = registry_family(config)
     if family is not None:
         return family
+    raise _unsupported(config)
+
+
+def registry_family(config: Any) -> Family | None:
+    """The registry's Family of a transformers config (or a config.json dict), or None."""
+    model_type = _field(config, "model_type")
+    return FAMILIES.get(model_type) if isinstance(model_type, str) else None
+
+
+def _field(config: Any, name: str) -> Any:
+    return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+
+
+def _unsupported(config: Any, why: str = "") -> NeedleError:
+    model_type, architectures = _field(config, "model_type"), _field(config, "architectures")
     what = f"model_type {model_type!r}" if model_type else "a config without model_type"
     if architectures:
         what += f" ({', '.join(map(str, architectures))})"
-    raise NeedleError(
-        f"unsupported architecture: {what}; Needle supports the model types {', '.join(supported_model_types())}"
+    return NeedleError(
+        f"unsupported architecture: {what}{why}; Needle supports the model types {', '.join(supported_model_types())}, "
+        "and detects the MLP of other causal LMs transformers builds"
     )
 
 
 def missing_sizes(family: Family, config: Mapping) -> list[str]:
     """The size fields of `family` that a config.json (as a dict) does not give as a whole number,
     each named as the family's config.json names it (GPT-2's n_embd for hidden_size)."""
+    return _missing_sizes(family.name, family.sizes, config)
+
+
+def detection_missing_sizes(config: Mapping) -> list[str]:
+    """missing_sizes for a config.json (a dict) of a model to detect: the sizes every family gives
+    (hidden_size, num_hidden_layers, vocab_size); detect_family reads the MLP's width from the model."""
+    return _missing_sizes(detectable_model_type(config), SIZES_MLP_4X, config)
+
+
+def _missing_sizes(model_type: str, sizes: tuple[str, ...], config: Mapping) -> list[str]:
     from transformers import CONFIG_MAPPING
 
-    aliases = CONFIG_MAPPING[family.name].attribute_map
+    aliases = CONFIG_MAPPING[model_type].attribute_map
     missing = []
-    for field in family.sizes:
+    for field in sizes:
         name = aliases.get(field, field)
         value = config.get(name, config.get(field))
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -232,9 +259,313 @@ def _as_index(value: Any) -> int | None:
         return None
 
 
+# ---- detection: a causal LM outside the registry ----------------------------------------------
+
+# the config fields that may give the MLP's width: a hint that picks the MLP among candidates
+_MLP_WIDTHS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+# a norm that multiplies by (1 + w), as its forward's code says: Gemma's "(1.0 + self.weight", Nemotron's
+# "self.weight + 1.0"
+_PLUS_ONE = re.compile(r"\(\s*1(?:\.0*)?\s*\+\s*self\.weight\b|\bself\.weight\s*\+\s*1(?:\.0*)?(?![\w.])")
+
+
+def detectable_model_type(config: Any) -> str:
+    """The model_type of a config (or config.json dict) that detect_family may read: one transformers
+    builds as a causal decoder LM. NeedleError saying what it is otherwise (unknown to transformers,
+    an encoder-decoder, an encoder)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = _field(config, "model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise _unsupported(config, ", which transformers does not know" if model_type else "")
+    if _field(config, "is_encoder_decoder"):
+        raise _unsupported(config, ", an encoder-decoder model: Needle reads causal (decoder-only) language models")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise _unsupported(config, ", which transformers has no causal LM (AutoModelForCausalLM) class for: "
+                           "Needle reads causal (decoder-only) language models")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not _field(config, "is_decoder"):
+        raise _unsupported(config, ", an encoder (a masked LM): Needle reads causal (decoder-only) language models")
+    return model_type
+
+
+def detect_family(model: PreTrainedModel) -> Family:
+    """The Family of a causal LM outside the registry, found in its module tree (only shapes are read:
+    a model on the meta device will do). The blocks are the nn.ModuleList of config.num_hidden_layers
+    identical modules; the MLP, in block 0, an out projection (nn.Linear or Conv1D) mapping d_mlp ->
+    d_model beside its input projection(s) mapping d_model -> d_mlp: one (linear, conv1d), two of which
+    one is named gate (gated), or one of 2 x d_mlp named gate first (fused_gate_up); the final norm, the
+    last norm outside the blocks before the LM head; d_model, the LM head's width (or, through OPT's
+    project_out, hidden_size). Every block must have the same parts with the same shapes. NeedleError
+    naming the part that was not found. adapter_for binds it as it binds a registry family."""
+    model_type = detectable_model_type(model.config)
+    try:
+        return _detect(model, model_type)
+    except NeedleError as exc:
+        raise NeedleError(
+            f"could not detect the MLP of model_type {model_type!r} (it is not in Needle's registry): {exc.message}",
+            hint="Needle reads causal LMs whose blocks hold an MLP: an out projection (nn.Linear or Conv1D) mapping "
+            "d_mlp -> d_model beside the input projection(s) mapping d_model -> d_mlp.",
+        ) from None
+
+
+def _detect(model: PreTrainedModel, model_type: str) -> Family:
+    config = model.config
+    head = model.get_output_embeddings()
+    head_weight = getattr(head, "weight", None)
+    if head is None or head_weight is None:
+        raise NeedleError(
+            "model has no LM head (get_output_embeddings() is None); pass a causal LM, not a base model"
+        )
+    layers, blocks = _detect_blocks(model)
+    d_model, project_out = _detect_width(model, layers, int(head_weight.shape[1]))
+    kind, mlp_in, mlp_gate, mlp_out = _detect_mlp(blocks[0], f"{layers}.0", d_model, config)
+    post_norm = next((name for name, module in blocks[0].named_modules() if _post_mlp_norm(name, module, d_model)),
+                     None)
+    _check_same_parts(blocks, layers, [mlp_in, mlp_gate, mlp_out, post_norm])
+    final_norm = _detect_final_norm(model, layers, head, d_model)
+    scale = next((name for name in ("logits_scaling", "logit_scale") if _positive(getattr(config, name, None))), None)
+    return Family(
+        model_type,
+        layers=layers,
+        mlp_in=mlp_in,
+        mlp_out=mlp_out,
+        kind=kind,
+        final_norm=final_norm,
+        mlp_gate=mlp_gate,
+        norm_plus_one=final_norm is not None and _adds_one(model.get_submodule(final_norm)),
+        softcap=_positive(getattr(config, "final_logit_softcapping", None)),
+        project_out=project_out,
+        # whether the blocks run their MLP on flattened tokens, or share one row's blocks over a
+        # sweep's batch, cannot be read from the shapes: the ways that hold for every family
+        # (reshape what comes flat; run a sweep's rows as a plain batch)
+        flattens_tokens=True,
+        fixed_batch=True,
+        moe_block=mlp_out.rpartition(".")[0] if kind == "experts" else None,
+        sizes=SIZES_MLP_4X,  # the MLP's width is read from the model
+        mlp_post_norm=post_norm,
+        logit_scale=scale,
+        logit_scale_divides=scale == "logits_scaling",  # Granite divides, Cohere multiplies
+        detected=True,
+    )
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _maps(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of an nn.Linear or a transformers Conv1D (which stores [in, out]); None for others."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _detect_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, list) of the blocks: the nn.ModuleList of config.num_hidden_layers modules of one class
+    (the outermost, the one with the most parameters if several)."""
+    n = _as_index(getattr(model.config, "num_hidden_layers", None))
+    lists = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) and len({type(b) for b in module}) == 1]
+    if n is not None:
+        lists = [(name, module) for name, module in lists if len(module) == n]
+    elif lists:
+        longest = max(len(module) for _, module in lists)
+        lists = [(name, module) for name, module in lists if len(module) == longest]
+    lists = [(name, module) for name, module in lists if not any(_inside(name, other) for other, _ in lists
+                                                                  if other != name)]
+    if not lists:
+        what = f"{n} blocks" if n is not None else "blocks"
+        raise NeedleError(
+            f"found no list of {what} in the model (an nn.ModuleList of config.num_hidden_layers modules of one "
+            "class): Needle cannot tell where its layers are; it reads causal LMs built of repeated blocks"
+        )
+    return max(lists, key=lambda entry: sum(p.numel() for p in entry[1].parameters()))
+
+
+def _detect_width(model: nn.Module, layers: str, d_head: int) -> tuple[int, str | None]:
+    """(d_model, the path of a projection from it to the LM head's width, or None)."""
+    hidden = _as_index(getattr(model.config, "hidden_size", None))
+    if hidden is None or hidden == d_head:
+        return d_head, None
+    projections = [name for name, module in model.named_modules()
+                   if not _inside(name, layers) and _maps(module) == (hidden, d_head)]
+    if not projections:
+        raise NeedleError(
+            f"the LM head reads {d_head} features but hidden_size is {hidden}, and the model has no module "
+            f"mapping {hidden} -> {d_head} outside its blocks (a projection to the head, as OPT's project_out)"
+        )
+    return hidden, projections[-1]
+
+
+def _fused_experts(module: nn.Module, d_model: int) -> bool:
+    """An experts module as transformers 5 keeps Mixtral's, which Needle's experts forward runs: every
+    expert's gate_up_proj [E, 2F, d_model] (gate first) and down_proj [E, d_model, F], no bias, act(gate) * up,
+    called with the router's top-k indices and weights."""
+    from transformers.integrations import moe
+
+    up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == down.dim() == 3):
+        return False
+    n, width = _as_index(getattr(module, "num_experts", None)), _as_index(getattr(module, "intermediate_dim", None))
+    layout = (getattr(module, "has_gate", True), getattr(module, "has_bias", False), getattr(module, "is_transposed", False),
+              getattr(module, "is_concatenated", True), getattr(module, "has_post_expert_norm", False))
+    try:
+        takes = set(inspect.signature(type(module).forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return (n is not None and width is not None and tuple(up.shape) == (n, 2 * width, d_model)
+            and tuple(down.shape) == (n, d_model, width) and layout == (True, False, False, True, False)
+            and hasattr(module, "act_fn") and {"top_k_index", "top_k_weights"} <= takes
+            and getattr(type(module), "_apply_gate", moe._default_apply_gate) is moe._default_apply_gate)
+
+
+def _detect_mlp(block: nn.Module, where: str, d_model: int, config: Any) -> tuple[InputKind, str, str | None, str]:
+    """(kind, mlp_in, mlp_gate, mlp_out) of one block, paths from the block."""
+    fused = [name for name, module in block.named_modules() if _fused_experts(module, d_model)]
+    if len(fused) == 1:  # a mixture of experts in transformers' fused layout (the registry's MoE families')
+        return "experts", fused[0], fused[0], fused[0]
+    experts = [name for name, _ in block.named_modules() if "expert" in name.lower() or "router" in name.lower()]
+    if experts:
+        raise NeedleError(
+            f"block {where} is a mixture of experts ({where}.{experts[0]}) whose experts are not kept as "
+            "transformers keeps Mixtral's (gate_up_proj [E, 2F, d], down_proj [E, d, F], act(gate) * up): "
+            "detection reads those and dense MLPs"
+        )
+    hint = next((w for w in (_as_index(getattr(config, name, None)) for name in _MLP_WIDTHS) if w), None)
+    candidates = []  # (out path, its parent's path, d_mlp, the parent's modules mapping d_model -> d_mlp or 2 d_mlp)
+    for name, module in block.named_modules():
+        shape = _maps(module)
+        if shape is None or shape[1] != d_model or shape[0] == d_model:
+            continue
+        parent, _, _ = name.rpartition(".")
+        width = shape[0]
+        inputs = [(child, sizes[1]) for child, sibling in block.get_submodule(parent).named_children()
+                  if isinstance(sibling, nn.Linear) == isinstance(module, nn.Linear) and (sizes := _maps(sibling)) in ((d_model, width), (d_model, 2 * width))]
+        candidates.append((name, parent, width, inputs))
+    if not candidates:
+        raise NeedleError(
+            f"block {where} has no module mapping {hint or 'd_mlp'} -> d_model {d_model} (the MLP's out projection, "
+            "an nn.Linear or Conv1D): Needle cannot find its MLP"
+        )
+    paired = [c for c in candidates if c[3]]
+    if not paired:
+        name, _, width, _ = candidates[0]
+        raise NeedleError(
+            f"block {where}: {where}.{name} maps {width} -> d_model {d_model}, but no module beside it maps d_model "
+            f"{d_model} -> {width} (the MLP's input projection): Needle cannot find its MLP"
+        )
+
+    def rank(candidate: tuple) -> tuple[bool, bool]:  # the config's MLP width, then not attention
+        name = candidate[0].lower()
+        return candidate[2] == hint, "attn" not in name and "attention" not in name
+
+    best = [c for c in paired if rank(c) == max(map(rank, paired))]
+    if len(best) > 1:
+        raise NeedleError(
+            f"block {where} has several modules that could be the MLP's out projection "
+            f"({', '.join(where + '.' + c[0] for c in best)}): Needle cannot tell which"
+        )
+    out, parent, width, inputs = best[0]
+    prefix = parent + "." if parent else ""
+    conv1d = not isinstance(block.get_submodule(out), nn.Linear)
+    plain = [child for child, size in inputs if size == width]
+    fused = [child for child, size in inputs if size == 2 * width]
+    parts = f"{where}.{parent or ''}".rstrip(".")
+    if len(plain) == 1 and not fused:
+        return ("conv1d" if conv1d else "linear"), prefix + plain[0], None, out
+    if conv1d:
+        raise NeedleError(f"block {where}: {parts} has Conv1D input projections Needle cannot tell apart "
+                          f"({', '.join(plain + fused)})")
+    if len(plain) == 2 and not fused:
+        gates = [child for child in plain if "gate" in child.lower()]
+        if len(gates) != 1:
+            raise NeedleError(
+                f"block {where}: {parts} has two modules mapping d_model {d_model} -> {width} ({', '.join(plain)}), "
+                "a gated MLP whose gate cannot be told from its up projection (neither or both is named gate)"
+            )
+        up = next(child for child in plain if child != gates[0])
+        return "gated", prefix + up, prefix + gates[0], out
+    if len(fused) == 1 and not plain:
+        name = fused[0].lower()
+        if "gate" not in name or ("up" in name and name.index("up") < name.index("gate")):
+            raise NeedleError(
+                f"block {where}: {parts}.{fused[0]} maps d_model {d_model} -> 2 x {width}, a fused gate and up "
+                "projection whose name does not say that the gate is its first half (as gate_up_proj does)"
+            )
+        return "fused_gate_up", prefix + fused[0], prefix + fused[0], out
+    raise NeedleError(
+        f"block {where}: {parts} has {len(inputs)} modules mapping d_model {d_model} -> {width} or {2 * width} "
+        f"({', '.join(child for child, _ in inputs)}): Needle cannot tell the MLP's input projection"
+    )
+def _norm_like(module: nn.Module, d_model: int) -> bool:
+    """A leaf module that is a norm: its class says so (OLMo's have no weight), or it holds one weight of [d_model]."""
+    if next(module.children(), None) is not None or _maps(module) is not None or isinstance(module, nn.Embedding):
+        return False
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return tuple(weight.shape) == (d_model,)
+    return "norm" in type(module).__name__.lower()
+
+
+def _post_mlp_norm(name: str, module: nn.Module, d_model: int) -> bool:
+    """Gemma-2's post_feedforward_layernorm, GLM-4's post_mlp_layernorm: a norm of the MLP's output, by name."""
+    last = name.rpartition(".")[2].lower()
+    return "post" in last and any(k in last for k in ("feedforward", "mlp", "ffn")) and _norm_like(module, d_model)
+
+
+def _check_same_parts(blocks: nn.ModuleList, layers: str, paths: list[str | None]) -> None:
+    """Every block has block 0's parts, of the same class and shape (one d_mlp for the whole model)."""
+    def shape(module: nn.Module) -> tuple:
+        weight = getattr(module, "weight", None)
+        return type(module), tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+
+    for path in filter(None, paths):
+        first = shape(blocks[0].get_submodule(path))
+        for index, block in enumerate(blocks):
+            module = _lookup(block, path)
+            if not isinstance(module, nn.Module):
+                raise NeedleError(f"block {layers}.{index} has no {path}, which block {layers}.0 has: "
+                                  "detection reads models whose blocks have the same parts")
+            if shape(module) != first:
+                raise NeedleError(f"{layers}.{index}.{path} differs from {layers}.0.{path} in class or shape: "
+                                  "detection reads models whose blocks have the same MLP")
+
+
+def _detect_final_norm(model: nn.Module, layers: str, head: nn.Module, d_model: int) -> str | None:
+    """The last norm outside the blocks before the LM head in module order (not an embedding's norm), or None."""
+    found = None
+    for name, module in model.named_modules():
+        if module is head:
+            break
+        if not _inside(name, layers) and "emb" not in name.lower() and _norm_like(module, d_model):
+            found = name
+    return found
+
+
+def _adds_one(norm: nn.Module) -> bool:
+    """Whether a norm multiplies by (1 + w), as its forward's code says (Gemma's and Nemotron's norms do)."""
+    try:
+        source = inspect.getsource(type(norm).forward)
+    except (OSError, TypeError):
+        return False
+    return _PLUS_ONE.search(source) is not None
+
+
 def adapter_for(model: PreTrainedModel) -> Adapter:
-    """An Adapter for a loaded Hugging Face causal LM; NeedleError if its family is unknown or its MLP missing."""
-    return Adapter(model, family_for_config(model.config))
+    """An Adapter for a loaded Hugging Face causal LM: its registry family, or for a model_type outside
+    the registry the family detect_family finds. NeedleError if it is not a causal LM or its MLP is missing."""
+    return Adapter(model, registry_family(model.config) or detect_family(model))
 
 
 class ExpertActs(nn.Module):

@@ -1,7 +1,7 @@
 """`needle inspect MODEL`: what Needle finds in a model, before anything is computed or stored.
 
 The model is built from its config on PyTorch's meta device (shapes, no weights, no memory) and
-read through the same Adapter the stages use: its family, layers, where each layer's MLP input,
+read through the same Adapter the stages use: its family (from the registry, or detected), layers, where each layer's MLP input,
 gate and output projections are, the activation, the final norm and its quirks, the LM head
 (tied or not, bias, soft-cap, logit scale), the neuron count, and the memory the model and each
 stage need on the chosen device.
@@ -28,6 +28,11 @@ EXAMPLE_TOKENS = 8192
 CONTEXT = 64
 PROBE_TOKENS = 32_768
 MIB = 2**20
+DETECTED_NOTE = (
+    "  detected from the module tree (its model_type is not in the registry): the parts above are where the "
+    "shapes put the MLP; a (1 + w) final norm is read from the norm's code, head quirks from the config "
+    "(final_logit_softcapping, logits_scaling, logit_scale); clamp sweeps run each row in full"
+)
 
 
 def _activation(config) -> str | None:
@@ -77,7 +82,8 @@ def inspect_model(source: str, device: str = "auto", dtype: str = "auto") -> dic
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     except Exception as exc:  # noqa: BLE001
         raise NeedleError(f"could not build {source} from its config: {_first_line(exc)}") from None
-    adapter = adapter_for(model)  # a missing MLP part is its NeedleError, naming the part
+    # a missing MLP part is its NeedleError, naming the part; a model_type outside the registry is detected
+    adapter = adapter_for(model)
     spec = adapter.spec
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -90,7 +96,7 @@ def inspect_model(source: str, device: str = "auto", dtype: str = "auto") -> dic
         "model_type": config.model_type,
         "architecture": (config.architectures or [type(model).__name__])[0],
         "family": spec.name,
-        "detected": False,  # found in the registry (workers/adapters.py)
+        "detected": spec.detected,  # False: found in the registry (workers/adapters.py)
         "layers": adapter.n_layers,
         "d_model": adapter.d_model,
         "d_mlp": adapter.d_mlp,
@@ -156,6 +162,7 @@ def format_inspection(info: dict[str, Any]) -> str:
         + (" (multiplies by 1 + w)" if norm["plus_one"] else ""),
         f"  LM head: {'tied to the embedding' if head['tied'] else 'its own weights'}"
         + (f"; {', '.join(quirks)}" if quirks else ""),
+        *([DETECTED_NOTE] if info["detected"] else []),
         f"  on {info['device']} as {info['dtype']}: the model {mib(mem['model_bytes'])} "
         f"({mem['parameters']:,} parameters); beyond it, decode {mib(mem['stages_bytes']['decode'])}, "
         f"examples {mib(mem['stages_bytes']['examples'])}, probes {mib(mem['stages_bytes']['probes'])} "

@@ -1,7 +1,8 @@
 """Load a Hugging Face causal LM and its tokenizer from a local folder or a hub id; device, dtype, vocabulary.
 
 The architecture is checked from config.json before any weights are read, so an unsupported
-model fails in a second with the list of supported families. A hub id is looked up in the
+model fails in a second with the list of supported families; a causal LM outside them goes on,
+and its MLP is detected from the built model (workers.adapters.detect_family). A hub id is looked up in the
 local Hugging Face cache first; only if it is not there is the hub asked, once, with a short
 timeout and no retries, so that a machine without network fails fast with a clear message.
 """
@@ -21,7 +22,15 @@ import torch
 
 from app.errors import NeedleError
 from app.tokens import byte_names, search_key
-from workers.adapters import Adapter, adapter_for, family_for_config, missing_sizes
+from workers.adapters import (
+    Adapter,
+    adapter_for,
+    detectable_model_type,
+    detection_missing_sizes,
+    family_for_config,
+    missing_sizes,
+    registry_family,
+)
 
 HUB_PROBE_TIMEOUT_S = 5.0
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
@@ -223,8 +232,9 @@ def _quiet_transformers() -> Iterator[None]:
 
 def read_config(source: str) -> tuple[str, bool, bool, Any]:
     """A model's config, checked before any weights are read: (where it is, whether that is a local
-    folder, whether to stay offline, the transformers config). NeedleError for an unsupported
-    family or a config.json that lacks the family's sizes."""
+    folder, whether to stay offline, the transformers config). NeedleError for what is neither a
+    registry family nor a causal LM whose MLP can be detected once built, or for a config.json
+    that lacks the family's sizes."""
     from transformers import AutoConfig
 
     ref, local = _locate(source)
@@ -234,18 +244,24 @@ def read_config(source: str) -> tuple[str, bool, bool, Any]:
     else:
         config_path, offline = _hub_config_path(ref)
     data = _read_config_json(config_path, source)
-    family = family_for_config(data)  # unsupported -> error before any weights
-    missing = missing_sizes(family, data)
+    # a registry family, or a causal LM whose MLP detect_family is to find once it is built;
+    # anything else -> error before any weights
+    family = registry_family(data)
+    name = family.name if family is not None else detectable_model_type(data)
+    missing = missing_sizes(family, data) if family is not None else detection_missing_sizes(data)
     if missing:  # transformers would build its default model of the family: billions of parameters
         raise NeedleError(
-            f"{config_path} lacks {', '.join(missing)}: the sizes of a {family.name} model, which transformers "
+            f"{config_path} lacks {', '.join(missing)}: the sizes of a {name} model, which transformers "
             "would otherwise take from its default model (billions of parameters); add them as whole numbers"
         )
     try:
         config = AutoConfig.from_pretrained(ref, local_files_only=offline)
     except Exception as exc:  # noqa: BLE001
         raise NeedleError(f"could not read the config of {source}: {_first_line(exc)}") from None
-    family_for_config(config)
+    if family is not None:
+        family_for_config(config)
+    else:
+        detectable_model_type(config)  # now with transformers' defaults: an encoder-decoder says so here
     return ref, local, offline, config
 
 
