@@ -207,7 +207,8 @@ def examples_map(r: dict) -> list[str]:
     return [f"{r['model']}, {r['tokens']:,} tokens, {r['dtype']}, device map over {' + '.join(r['device_map_places'])} "
             f"({r['max_memory']})", f"device map {num(tps['device_map'])} tokens/s",
             f"one {r['one_device']} {num(tps['one_device'])} tokens/s",
-            f"map / one device {r['ratio_device_map_over_one_device']:.0%}", "-"]
+            f"map / one {r['ratio_device_map_over_one_device']:.0%}",
+            f"spread over more than one place: {met(len(r['device_map_places']) > 1)}"]
 
 
 def probes(r: dict) -> list[str]:
