@@ -21,7 +21,7 @@ from app.bases import SITE_TEXT, Basis, neuron_basis, sae_basis
 from app.errors import NeedleError, NotFound
 from app.fastpage import token_texts
 from app.plots import STRIP_POINTS
-from app.schema import Job, Model, Sae
+from app.schema import DEVICE_MAP_AUTO, Job, Model, Sae
 from app.search import add_decoding_ranks, firing_units, matching_tokens, number, ranked_neurons, tokenize_query
 from app.tokens import from_visible
 from app.unitarrays import unpack_decoding
@@ -46,6 +46,15 @@ SORT_LABELS = {
 
 
 # ---------------------------------------------------------------- shared pieces
+
+
+def device_text(device: str, max_memory: dict | None = None) -> str:
+    """Where a model's stages run, for its page: the device, or the device map and its caps."""
+    if device != DEVICE_MAP_AUTO:
+        return device
+    caps = ", ".join(f"{place} {size / 2**30:.3g} GiB" for place, size in (max_memory or {}).items()
+                     if isinstance(size, (int, float)))
+    return "a device map (auto: spread over the GPUs, CPU memory and disk" + (f"; at most {caps}" if caps else "") + ")"
 
 
 def _model(session: Session, name: str) -> Model:
@@ -312,6 +321,7 @@ def model_page(session: Session, name: str) -> dict:
         "d_mlp": model.d_mlp,
         "vocab_size": model.vocab_size,
         "device": model.device,
+        "device_text": device_text(model.device, (model.info or {}).get("max_memory")),
         "dtype": model.dtype,
         "decode_norm": model.decode_norm,
         "decode_norm_text": DECODE_NORMS.get(model.decode_norm, model.decode_norm),

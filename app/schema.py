@@ -27,6 +27,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# models.device of a model spread over its machine's GPUs, CPU memory and disk by accelerate (--device-map auto)
+DEVICE_MAP_AUTO = "map:auto"
 
 class Base(DeclarativeBase):
     pass
@@ -46,6 +48,7 @@ class Model(Base):
     d_model: Mapped[int] = mapped_column(Integer)
     d_mlp: Mapped[int] = mapped_column(Integer)
     vocab_size: Mapped[int] = mapped_column(Integer)
+    # the device it was loaded on, or DEVICE_MAP_AUTO (--device-map auto; its --max-memory caps in info["max_memory"])
     device: Mapped[str] = mapped_column(String(20))
     dtype: Mapped[str] = mapped_column(String(20))
     decode_norm: Mapped[str] = mapped_column(String(20))

@@ -218,6 +218,76 @@ def _nothing(layer: int, acts: torch.Tensor) -> None:
     pass
 
 
+# ---- --device-map auto -----------------------------------------------------------------------
+
+
+def save_shape(shape: str, context: int, folder: Path) -> None:
+    """The random-weight shape saved as a model folder (bfloat16 weights, a stand-in tokenizer), for load_model."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    model, _ = build_shape(shape, context, "cpu", torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(folder)
+
+
+def device_map_case(args, device: str) -> None:
+    """The examples stage on the model spread by --device-map auto (capped by --max-memory) against the
+    same model on `device` alone, the same windows, timed alternately; tokens/s and their ratio."""
+    import tempfile
+
+    from workers.devices import DEVICE_MAP_AUTO, spread
+    from workers.loading import parse_max_memory
+
+    caps = parse_max_memory(args.max_memory)
+    tokens = args.tokens or DEFAULT_TOKENS[args.shape]
+    windows = random_windows(tokens // args.context, args.context, SHAPES[args.shape]["vocab_size"])
+    with tempfile.TemporaryDirectory(prefix="needle-bench-") as folder:
+        t0 = time.perf_counter()
+        save_shape(args.shape, args.context, Path(folder))
+        save_s = time.perf_counter() - t0
+        loads, runs = {}, {}
+        for case, where, cap in (("one_device", device, None), ("device_map", DEVICE_MAP_AUTO, caps)):
+            t0 = time.perf_counter()
+            loads[case] = (load_model(folder, where, args.dtype, max_memory=cap), time.perf_counter() - t0)
+            runs[case] = []
+        placed = {str(v) for v in spread(loads["device_map"][0].model).values()}
+        for r in range(args.repeats + 1):  # the first is a warm-up
+            for case in (("one_device", "device_map") if r % 2 else ("device_map", "one_device")):
+                loaded = loads[case][0]
+                sync(device)
+                t0 = time.perf_counter()
+                examples.collect(loaded.model, loaded.adapter, list(range(loaded.adapter.n_layers)), windows, 1,
+                                 batch_tokens=args.batch_tokens)
+                sync(device)
+                if r:
+                    runs[case].append(time.perf_counter() - t0)
+        dtype = loads["one_device"][0].dtype
+    n = windows.numel()
+    tps = {case: round(n / statistics.median(t)) for case, t in runs.items()}
+    ratios = [a / b for a, b in zip(runs["one_device"], runs["device_map"], strict=True)]
+    machine = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
+        f"{cpu_name()}, {os.cpu_count()} cores"
+    result = {
+        "case": "device_map", "model": args.shape, "device": machine, "one_device": device, "dtype": dtype,
+        "max_memory": args.max_memory, "device_map_places": sorted(placed), "threads": torch.get_num_threads(),
+        "tokens": n, "context": args.context, "batch_tokens": args.batch_tokens, "repeats": args.repeats,
+        "save_s": round(save_s, 2), "load_s": {case: round(v[1], 2) for case, v in loads.items()},
+        "tokens_per_s": tps, "seconds_all": {case: [round(x, 3) for x in t] for case, t in runs.items()},
+        "ratio_device_map_over_one_device": round(statistics.median(ratios), 3),
+        "ratio_all": [round(x, 3) for x in ratios],
+    }
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"examples stage, {args.shape}: device map ({', '.join(sorted(placed))}; --max-memory {args.max_memory}) "
+          f"{tps['device_map']:,} tokens/s = {result['ratio_device_map_over_one_device']:.0%} of one {device} "
+          f"({tps['one_device']:,} tokens/s); median of {args.repeats} on {machine}")
+
+
 # ---- main ----------------------------------------------------------------------------------
 
 
@@ -237,10 +307,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
     ap.add_argument("--json-out", type=Path, metavar="FILE",
                     help="also write the figures printed as JSON to FILE (bench/gpu.sh reads it)")
+    ap.add_argument("--device-map", choices=["auto"],
+                    help="with --shape: the stage on the model spread over the devices (capped by --max-memory) "
+                    "against the same model on --device alone")
+    ap.add_argument("--max-memory", default="", metavar="CAPS", help="caps for --device-map, e.g. cpu=1GiB or cuda:0=8GiB")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.device_map:
+        if not args.shape:
+            sys.exit("--device-map needs --shape")
+        device_map_case(args, device)
+        return
     dtype = resolve_dtype(args.dtype, device)
     tokens = args.tokens or DEFAULT_TOKENS[args.shape or "model"]
 

@@ -111,11 +111,15 @@ print(f"machine: {where}; torch {torch.__version__}; Python {platform.python_ver
 EOF
 
 # ---- the benchmarks --------------------------------------------------------------------------
-# name, time limit in seconds, arguments. The full run's limits add up to 9.75 minutes.
+# name (bench/NAME.py; a second case of one script is NAME-CASE), time limit in seconds, arguments.
+# The full run's limits add up to 10.75 minutes.
+if [ "$device" = cpu ]; then small_cap=cpu=600KB; else small_cap=cuda:0=600KB; fi
 if [ "$small" = 1 ]; then
   runs=(
     "decode 180 --shape tiny --device $device --batch 128"
     "examples 180 --shape tiny --device $device --tokens 4096 --repeats 1 --memory-batches 1"
+    # the same stage on the tiny shape spread by --device-map auto (a cap below its 0.9 MB), against one device
+    "examples-map 120 --shape tiny --device $device --dtype float32 --tokens 4096 --repeats 1 --device-map auto --max-memory $small_cap"
     "probes 180 --synthetic 2 2 2000 64 --prune-pairs 1 --device $device"
     "clamp 180 --device $device --repeats 2 --count 11"
     "sae 180 --small --device $device --repeats 1"
@@ -127,6 +131,8 @@ else
     "decode 75 --shape llama-8b --device $device --dtype bfloat16"
     # Llama-3-8B's shape, bf16: 327,680 tokens, so the estimate pass is at its floor of 1/20
     "examples 210 --shape llama-8b --device $device --repeats 2 --memory-batches 4"
+    # Llama-3.2-1B's shape (2.5 GB in bf16) with cuda:0 capped at 1 GiB: spread over the GPU and the CPU, against the GPU alone
+    "examples-map 60 --shape llama-1b --device $device --dtype bfloat16 --tokens 32768 --repeats 2 --device-map auto --max-memory cuda:0=1GiB"
     # the demo's built-in features x 4 layers; sklearn on the CPU beside it (no saga pruning: 40 s a pair)
     "probes 120 --device $device --prune-pairs 0"
     # the demo model's default 41-value sweep
@@ -147,10 +153,10 @@ for run in "${runs[@]}"; do
   read -r name seconds args <<<"$run"
   seconds=${limit:-$seconds}
   log="$out/$name.log"
-  printf '%s: bench/%s.py %s (limit %s s) ... ' "$name" "$name" "$args" "$seconds"
+  printf '%s: bench/%s.py %s (limit %s s) ... ' "$name" "${name%%-*}" "$args" "$seconds"
   started=$(date +%s.%N)
   # shellcheck disable=SC2086  # $args is a list of words
-  PYTHONUNBUFFERED=1 timeout -k 5 "$seconds" "$py" "bench/$name.py" $args --json-out "$json_dir/$name.json" \
+  PYTHONUNBUFFERED=1 timeout -k 5 "$seconds" "$py" "bench/${name%%-*}.py" $args --json-out "$json_dir/$name.json" \
     >"$log" 2>&1
   rc=$?
   took=$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
@@ -194,6 +200,15 @@ def examples(r: dict) -> list[str]:
     return [f"{r['model']}, {r['tokens']:,} tokens, {r['dtype']}", f"stage {num(tps['stage'])} tokens/s",
             f"bare forward {num(tps['bare'])} tokens/s", f"stage / bare {ratio:.0%}",
             f">= {r['goal']:.0%}: {met(r['goal_met'])}"]
+
+
+def examples_map(r: dict) -> list[str]:
+    tps = r["tokens_per_s"]
+    return [f"{r['model']}, {r['tokens']:,} tokens, {r['dtype']}, device map over {' + '.join(r['device_map_places'])} "
+            f"({r['max_memory']})", f"device map {num(tps['device_map'])} tokens/s",
+            f"one {r['one_device']} {num(tps['one_device'])} tokens/s",
+            f"map / one {r['ratio_device_map_over_one_device']:.0%}",
+            f"spread over more than one place: {met(len(r['device_map_places']) > 1)}"]
 
 
 def probes(r: dict) -> list[str]:
@@ -243,7 +258,7 @@ for row in sys.argv[5:]:
     else:
         run = f"ok, {took} s"
         try:
-            cells = globals()[name](result)
+            cells = globals()[name.replace("-", "_")](result)
         except (KeyError, TypeError, ValueError) as exc:  # a figure missing from its JSON: say so, keep the table
             cells, run, unreadable = ["-"] * 5, f"FAILED: its figures could not be read ({exc!r})", True
         if machine in (None, "cpu"):

@@ -28,9 +28,10 @@ class Unit:
         """The clamped units for workers/clamp.py: None for a neuron."""
         if self.sae is None:
             return None
+        from workers.devices import compute_device
         from workers.saestages import LatentUnits
 
-        return LatentUnits(loaded.adapter, self.sae.to(next(loaded.model.parameters()).device))
+        return LatentUnits(loaded.adapter, self.sae.to(compute_device(loaded.model)))
 
     def json(self) -> dict:
         return {"layer": self.layer, "neuron": self.index} if self.sae_name is None else \
@@ -104,7 +105,8 @@ def _token_id(engine, model_id: int, text: str) -> int | None:
 def _load(model, device: str | None):
     from workers.loading import load_model
 
-    return load_model(model.source, device=device or model.device, dtype=model.dtype)
+    return load_model(model.source, device=device or model.device, dtype=model.dtype,
+                      max_memory=(model.info or {}).get("max_memory"))
 
 
 def cmd_clamp(args, settings: Settings) -> None:

@@ -90,6 +90,7 @@ def index_model(
     *,
     device: str = "auto",
     dtype: str = "auto",
+    max_memory: dict[str, int] | None = None,
     decode_norm: str = "none",
     force: bool = False,
     layers_per_job: int = 0,
@@ -120,7 +121,7 @@ def index_model(
     check_name(name)
     engine = get_engine(settings)
     require_migrated(engine)
-    loaded = load_model(source, device=device, dtype=dtype)
+    loaded = load_model(source, device=device, dtype=dtype, max_memory=max_memory)
     adapter = loaded.adapter
     if adapter.spec.detected and not quiet:
         say(detected_line(source, adapter.spec))
@@ -188,7 +189,8 @@ def index_model(
                   "clamp_prompt": clamp_prompt,
                   # a mixture of experts: neuron N of a layer is neuron N % width of expert N // width
                   **({"experts": {"count": adapter.n_experts, "width": adapter.d_expert,
-                                  "per_token": adapter.experts_per_token}} if adapter.n_experts else {})},
+                                  "per_token": adapter.experts_per_token}} if adapter.n_experts else {}),
+                  **({"max_memory": max_memory} if max_memory else {})},
             **fields,
         )
         if force or existing is None or queries.vocab_size_stored(s, model.id) != adapter.vocab_size:
@@ -282,10 +284,35 @@ def _model_is_indexed(settings: Settings, name: str) -> bool:
 # ---------------------------------------------------------------- commands
 
 
+def add_placement_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-map", choices=["auto"],
+                   help="auto: spread the model over the GPUs, CPU memory and disk (accelerate), for a model "
+                   "no one device holds; instead of --device")
+    p.add_argument("--max-memory", metavar="CAPS",
+                   help="at most this much memory per place, e.g. cpu=2GiB,cuda:0=20GiB,disk=0 (with --device-map "
+                   "auto, the places the map may fill; else the device's, for the check that the model fits)")
+
+
+def placement(args) -> tuple[str | None, dict[str, int] | None]:
+    """(device, memory caps) of --device, --device-map and --max-memory."""
+    from workers.devices import DEVICE_MAP_AUTO
+    from workers.loading import parse_max_memory
+
+    device = args.device
+    if args.device_map is not None:
+        if device not in (None, "auto"):
+            raise NeedleError(f"--device {device} and --device-map {args.device_map} were both given.",
+                              hint="Give one: --device for one device, --device-map auto to spread the model.")
+        device = DEVICE_MAP_AUTO
+    return device, parse_max_memory(args.max_memory) if args.max_memory is not None else None
+
+
 def cmd_index(args, settings: Settings) -> None:
     t0 = time.time()
+    device, max_memory = placement(args)
     index_model(
-        settings, args.model, args.name, device=args.device, dtype=args.dtype, decode_norm=args.decode_norm,
+        settings, args.model, args.name, device=device or "auto", dtype=args.dtype, max_memory=max_memory,
+        decode_norm=args.decode_norm,
         force=args.force, layers_per_job=args.layers_per_job, corpus_shards=args.corpus_shards, queue_only=args.queue,
         corpus=args.corpus, tokens=args.tokens, context=args.context,
         features=args.features, probe_corpus=args.probe_corpus, probe_tokens=args.probe_tokens,
@@ -325,9 +352,11 @@ def cmd_probe(args, settings: Settings) -> None:
                 hint=f"Index it first: needle index MODEL --name {args.name} (add --features to probe in the same run).",
             )
         source, device, dtype, decode_norm = model.source, model.device, model.dtype, model.decode_norm
+        max_memory = (model.info or {}).get("max_memory")
     t0 = time.time()
     index_model(
-        settings, source, args.name, device=args.device or device, dtype=dtype, decode_norm=decode_norm,
+        settings, source, args.name, device=args.device or device, dtype=dtype, max_memory=max_memory,
+        decode_norm=decode_norm,
         force_probes=args.force, queue_only=args.queue, context=args.context, clamp=False,
         features=args.features, probe_corpus=args.probe_corpus, probe_tokens=args.probe_tokens,
         probe_method=args.probe_method,
@@ -435,7 +464,8 @@ def cmd_inspect(args, settings: Settings) -> None:
 
     from workers.inspect import format_inspection, inspect_model
 
-    info = inspect_model(args.model, device=args.device, dtype=args.dtype)
+    device, max_memory = placement(args)
+    info = inspect_model(args.model, device=device or "auto", dtype=args.dtype, max_memory=max_memory)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
 
 
@@ -542,14 +572,14 @@ def cmd_worker(args, settings: Settings) -> None:
     from app.db import get_engine, require_migrated
     from workers.worker import Worker
 
-    device = None
-    if args.device is not None:
+    device, max_memory = placement(args)
+    if device is not None:
         from workers.loading import resolve_device
 
-        device = resolve_device(args.device)  # a GPU that is not there is an error now, not in a job
+        device = resolve_device(device)  # a GPU that is not there is an error now, not in a job
     engine = get_engine(settings)
     require_migrated(engine)
-    worker = Worker(engine, settings, device=device, on_wait=say)
+    worker = Worker(engine, settings, device=device, max_memory=max_memory, on_wait=say)
 
     def terminate(signum, frame):
         # the job in hand goes back to the queue (Worker.run_job releases it on SystemExit)
@@ -600,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="the model's name in URLs (a slug)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_placement_options(p)
     p.add_argument("--decode-norm", default="none", choices=["none", "final"],
                    help="'final' multiplies input weights by the final norm's weight before decoding")
     p.add_argument("--force", action="store_true", help="recompute what is already stored")
@@ -625,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a Hugging Face hub id (in the local cache) or a local folder")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_placement_options(p)
     p.add_argument("--json", action="store_true", help="print it as one JSON object")
     p.set_defaults(func=cmd_inspect)
 
@@ -652,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-idle", action="store_true", help="exit when no job is left")
     p.add_argument("--device", help="load models here (auto, cpu, cuda, cuda:N) instead of on the device "
                    "each model was indexed with")
+    add_placement_options(p)
     p.set_defaults(func=cmd_worker)
 
     add_sae_commands(sub)

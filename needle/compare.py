@@ -67,7 +67,7 @@ def compare_models(settings: Settings, a: str, b: str, *, queue_only: bool = Fal
                                 max_attempts=settings.max_attempts, force=True)
             spec = ModelSpec.of(ma)
     if spec is not None and not queue_only:
-        loaded = load_model(spec.source, device=spec.device, dtype=spec.dtype)
+        loaded = load_model(spec.source, device=spec.device, dtype=spec.dtype, max_memory=spec.max_memory)
         work_until_idle(engine, settings, spec, loaded, spec.id, what=f"Comparing {a!r} with {b!r}", quiet=quiet)
     with session_scope(engine) as s:
         ma, mb = _models(s, a, b)

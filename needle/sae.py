@@ -78,9 +78,11 @@ def register_sae(settings: Settings, model_name: str, *, sae_name: str, layer: i
             raise NeedleError(f"Model {model_name!r} already has an SAE named {sae_name!r}.",
                               hint="Choose another --sae-name.")
         source_path, model_device, dtype = model.source, model.device, model.dtype
+        max_memory = (model.info or {}).get("max_memory")
         examples_params = _examples_params(s, model.id)
     _check_layer_site(layer, site, model.n_layers)
-    loaded = None if queue_only else load_model(source_path, device=device or model_device, dtype=dtype)
+    loaded = None if queue_only else load_model(source_path, device=device or model_device, dtype=dtype,
+                                                  max_memory=max_memory)
     width = loaded.adapter.site_width(site) if loaded is not None else (model.d_mlp if site == "mlp" else model.d_model)
     if d_in != width:
         raise NeedleError(f"The SAE reads {d_in} values per token, but {site} of {model_name!r} has {width}.",

@@ -83,7 +83,7 @@ def test_bench_ceiling_refuses_a_missing_page_file_with_a_clear_error(tmp_path):
     assert run.returncode == 2 and "missing.html is not a file" in run.stderr and "Traceback" not in run.stderr
 
 
-BENCHMARKS = ["decode", "examples", "probes", "clamp", "sae", "text"]
+BENCHMARKS = ["decode", "examples", "examples-map", "probes", "clamp", "sae", "text"]
 
 
 def gpu_sh(tmp_path, python: str, *args: str) -> subprocess.CompletedProcess:

@@ -55,7 +55,9 @@ def test_the_command_prints_it_as_text_or_json_without_a_database(tmp_path):
     path = build_tiny("gpt2", tmp_path / "gpt2")
     proc = run(str(path), "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == inspect_model(str(path), device="cpu")
+    printed, info = json.loads(proc.stdout), inspect_model(str(path), device="cpu")
+    assert printed["fits"]["fits"] is info["fits"]["fits"] is True  # the free memory itself moves between calls
+    assert {k: v for k, v in printed.items() if k != "fits"} == {k: v for k, v in info.items() if k != "fits"}
     proc = run(str(path), "--dtype", "float16", "--device", "cpu")
     assert proc.returncode == 0 and "gpt2" in proc.stdout and "float16" in proc.stdout
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from app.bases import SITES
 from app.errors import NeedleError, NotFound
+from workers.devices import compute_device, parameter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -625,7 +626,10 @@ def _expert_acts(experts: nn.Module, where: str) -> ExpertActs:
         )
     probe = ExpertActs()
     experts.add_module("needle_acts", probe)
-    experts.forward = _experts_forward.__get__(experts)
+    if hasattr(experts, "_old_forward"):  # accelerate's hook wraps forward (a device map): its inner one
+        experts._old_forward = _experts_forward.__get__(experts)
+    else:
+        experts.forward = _experts_forward.__get__(experts)
     return probe
 
 
@@ -635,6 +639,7 @@ class Adapter:
     def __init__(self, model: PreTrainedModel, spec: Family):
         self.model = model
         self.spec = spec
+        self.device: torch.device = compute_device(model)  # where the weights it reads are combined
         self.family: str = spec.name
         # a gated MLP (act(gate) * up): its neurons are as often negative as positive
         self.gated: bool = spec.kind in ("gated", "fused_gate_up", "experts")
@@ -710,6 +715,11 @@ class Adapter:
 
     # ---- weights ---------------------------------------------------------------------------
 
+    def _weight(self, module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+        """A module's weight on the adapter's device (from accelerate's offload store when offloaded)."""
+        weight = parameter(module, name)
+        return None if weight is None else weight.to(self.device)
+
     def _layer(self, layer: int) -> int:
         index = _as_index(layer)
         if index is None or not 0 <= index < len(self._blocks):
@@ -731,9 +741,9 @@ class Adapter:
     def input_weights(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model]: row i is the input weight vector of neuron i (the up_proj row for gated MLPs)."""
         if self._experts:  # each expert's up half of gate_up_proj [E, 2F, d], experts one after another
-            fused = cast(torch.Tensor, self._experts[self._layer(layer)].gate_up_proj).detach()
+            fused = cast(torch.Tensor, self._weight(self._experts[self._layer(layer)], "gate_up_proj"))
             return fused[:, fused.shape[1] // 2 :].reshape(-1, fused.shape[2])
-        weight = cast(torch.Tensor, self._in[self._layer(layer)].weight).detach()
+        weight = cast(torch.Tensor, self._weight(self._in[self._layer(layer)]))
         if self.spec.kind == "conv1d":  # Conv1D stores [in, out]
             return weight.T
         if self.spec.kind == "fused_gate_up":  # [gate; up] stacked on the output axis
@@ -743,9 +753,9 @@ class Adapter:
     def output_weights(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model]: row i is the direction neuron i writes to the residual stream."""
         if self._experts:  # down_proj [E, d, F] -> [E * F, d]
-            down = cast(torch.Tensor, self._experts[self._layer(layer)].down_proj).detach()
+            down = cast(torch.Tensor, self._weight(self._experts[self._layer(layer)], "down_proj"))
             return down.transpose(1, 2).reshape(-1, down.shape[1])
-        weight = cast(torch.Tensor, self._out[self._layer(layer)].weight).detach()
+        weight = cast(torch.Tensor, self._weight(self._out[self._layer(layer)]))
         return weight if self.spec.kind == "conv1d" else weight.T
 
     def out_projection(self, layer: int) -> nn.Module:
@@ -755,25 +765,23 @@ class Adapter:
     def unembedding(self) -> torch.Tensor:
         """[V, d_model]: the LM head (composed with OPT's project_out), one row per token id."""
         if self._unembedding is None:
-            weight = self._head.weight.detach()
+            weight = cast(torch.Tensor, self._weight(self._head))
             if self._project_out is not None:
                 with torch.no_grad():
-                    weight = weight @ self._project_out.weight.detach()
+                    weight = weight @ cast(torch.Tensor, self._weight(self._project_out))
             self._unembedding = weight
         return self._unembedding
 
     def head_bias(self) -> torch.Tensor | None:
         """[V]: the LM head's bias (GPT-J), or None."""
-        bias = getattr(self._head, "bias", None)
-        return None if bias is None else bias.detach()
+        return self._weight(self._head, "bias")
 
     def final_norm_scale(self) -> torch.Tensor | None:
         """[d_model]: the final norm's multiplicative weight ((1 + w) for Gemma), or None if there is none."""
         norm = _lookup(self.model, self.spec.final_norm) if self.spec.final_norm else None
-        weight = getattr(norm, "weight", None)
+        weight = self._weight(norm) if norm is not None else None
         if weight is None:
             return None
-        weight = weight.detach()
         if self.spec.norm_plus_one:
             return (1.0 + weight.float()).to(weight.dtype)
         return weight
@@ -951,7 +959,8 @@ class Adapter:
             own = acts[0][:, n].T.float()  # [rows, T]: the neuron's activation at each position
             coef = torch.zeros_like(own)
             coef[:, pos] = values.to(device=acts.device, dtype=torch.float32)[:, None] - own[:, pos]
-            w = self.output_weights(layer)[n].float()  # [rows, d_model]
+            w_out = self.output_weights(layer)
+            w = w_out[n.to(w_out.device)].to(output.device).float()  # [rows, d_model]
             return (output.float() + coef[:, :, None] * w[:, None, :]).to(output.dtype)
 
         handles = [module.register_forward_pre_hook(read, prepend=True), module.register_forward_hook(widen)]

@@ -57,6 +57,7 @@ from app.clamping import (  # the inputs' rules, shared with the pages and the C
 from app.errors import NeedleError
 from app.tokens import from_visible
 from workers.corpus import bos_prefix_id
+from workers.devices import compute_device
 from workers.loading import max_positions, token_texts
 
 __all__ = [
@@ -169,7 +170,7 @@ def _logits_kwargs(model) -> dict:
 
 
 def _device(loaded) -> torch.device:
-    return next(loaded.model.parameters()).device
+    return compute_device(loaded.model)
 
 
 def _last_probs(loaded, ids: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from workers.devices import compute_device
+
 TOP_K = 20
 BINS = 5
 PER_BIN = 5
@@ -459,6 +461,7 @@ def forward_readers(model, adapter, readers: list[Reader], windows: torch.Tensor
 
     def read(layer: int, site: str, acts: torch.Tensor) -> None:
         acts = acts[:, 1:] if bos_id is not None else acts
+        acts = acts.to(device)  # a layer of a model spread over devices: read where the readers are
         for r in at[(layer, site)]:
             encode = readers[r][1].encode
             fn(r, layer, acts if encode is None else encode(acts))
@@ -543,7 +546,7 @@ def accumulate_readers(model, adapter, readers: list[Reader], windows: torch.Ten
                        stop: int | None = None, batch_tokens: int = 8192, device=None,
                        progress: Callable[[int], None] = lambda n: None) -> list[dict[int, LayerAccumulator]]:
     """accumulate for several readers in the same forward passes: one result per reader."""
-    device = device or next(model.parameters()).device
+    device = device or compute_device(model)
     n_windows, context = windows.shape
     stop = n_windows if stop is None else stop
     per_batch = plan(n_windows, context, batch_tokens).batch_windows
@@ -579,7 +582,7 @@ def collect_readers(model, adapter, readers: list[Reader], windows: torch.Tensor
                     progress: Callable[[int], None] = lambda n: None) -> list[list[LayerExamples]]:
     """collect for several readers (the neurons, and SAEs' latents) in the same forward passes:
     per reader, what collect gives it alone."""
-    device = device or next(model.parameters()).device
+    device = device or compute_device(model)
     n_windows, context = windows.shape
     plan_ = plan(n_windows, context, batch_tokens)
     ranges = estimate_ranges(model, adapter, readers, windows, bos_id, plan_, device, progress)

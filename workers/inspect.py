@@ -15,13 +15,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from app.errors import NeedleError
 from workers.adapters import Adapter, adapter_for
 from workers.decode import SEARCH_K
+from workers.devices import is_device_map
 from workers.examples import BINS, HIST_BINS, PER_BIN, TOP_K
-from workers.loading import _first_line, _quiet_transformers, dtype_name, read_config, resolve_device, resolve_dtype
+from workers.loading import (
+    build_meta,
+    dtype_name,
+    fits,
+    format_bytes,
+    memory_places,
+    read_config,
+    resolve_device,
+    resolve_dtype,
+    weight_bytes,
+)
 
 DECODE_BATCH = 512
 EXAMPLE_TOKENS = 8192
@@ -47,7 +55,7 @@ def _path(adapter: Adapter, part: str | None, layer: int = 0) -> str | None:
     return None if part is None else f"{adapter.spec.layers}.{layer}.{part}"
 
 
-def _memory(adapter: Adapter, n_params: int, weight_bytes: int, on_gpu: bool) -> dict[str, Any]:
+def _memory(adapter: Adapter, n_params: int, model_bytes: int, on_gpu: bool) -> dict[str, Any]:
     """Bytes each stage holds at once beyond the model, from the shapes (module docstring)."""
     v, n, layers = adapter.vocab_size, adapter.d_mlp, adapter.n_layers
 
@@ -62,7 +70,7 @@ def _memory(adapter: Adapter, n_params: int, weight_bytes: int, on_gpu: bool) ->
     probes = layers * PROBE_TOKENS * n * 2
     return {
         "parameters": n_params,
-        "model_bytes": weight_bytes,
+        "model_bytes": model_bytes,
         "stages_bytes": {"decode": decode, "examples": examples, "probes": probes},
         "device": "GPU" if on_gpu else "CPU",
         "note": "estimates from the shapes at the default batch sizes: what each stage holds at once beyond "
@@ -70,23 +78,19 @@ def _memory(adapter: Adapter, n_params: int, weight_bytes: int, on_gpu: bool) ->
     }
 
 
-def inspect_model(source: str, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
+def inspect_model(source: str, device: str = "auto", dtype: str = "auto",
+                  max_memory: dict[str, int] | None = None) -> dict[str, Any]:
     """What Needle finds in the model at `source` (a folder or a hub id in the local cache), as a dict."""
-    from transformers import AutoModelForCausalLM
-
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
     ref, local, _, config = read_config(source)
-    try:
-        with _quiet_transformers(), torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    except Exception as exc:  # noqa: BLE001
-        raise NeedleError(f"could not build {source} from its config: {_first_line(exc)}") from None
+    model = build_meta(config, torch_dtype, source)
     # a missing MLP part is its NeedleError, naming the part; a model_type outside the registry is detected
     adapter = adapter_for(model)
     spec = adapter.spec
     n_params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model_bytes = weight_bytes(model)
+    places = memory_places(resolved_device, max_memory)
     head = model.get_output_embeddings()
     norm = model.get_submodule(spec.final_norm) if spec.final_norm else None
     moe = adapter.model.get_submodule(f"{spec.layers}.0.{spec.moe_block}") if spec.moe_block else None
@@ -134,7 +138,9 @@ def inspect_model(source: str, device: str = "auto", dtype: str = "auto") -> dic
         },
         "device": resolved_device,
         "dtype": dtype_name(torch_dtype),
-        "memory": _memory(adapter, n_params, weight_bytes, resolved_device.startswith("cuda")),
+        "memory": _memory(adapter, n_params, model_bytes, resolved_device.startswith("cuda")),
+        # whether the weights fit where they would be loaded: the bytes free at each place (or its cap)
+        "fits": {"fits": fits(model_bytes, places), "needed_bytes": model_bytes, "free_bytes": places},
     }
 
 
@@ -163,9 +169,22 @@ def format_inspection(info: dict[str, Any]) -> str:
         f"  LM head: {'tied to the embedding' if head['tied'] else 'its own weights'}"
         + (f"; {', '.join(quirks)}" if quirks else ""),
         *([DETECTED_NOTE] if info["detected"] else []),
-        f"  on {info['device']} as {info['dtype']}: the model {mib(mem['model_bytes'])} "
+        f"  on {'a device map' if is_device_map(info['device']) else info['device']} as {info['dtype']}: the model {mib(mem['model_bytes'])} "
         f"({mem['parameters']:,} parameters); beyond it, decode {mib(mem['stages_bytes']['decode'])}, "
         f"examples {mib(mem['stages_bytes']['examples'])}, probes {mib(mem['stages_bytes']['probes'])} "
         "(estimates from the shapes)",
+        _fit_line(info),
     ]
     return "\n".join(lines)
+
+
+def _fit_line(info: dict[str, Any]) -> str:
+    fit = info["fits"]
+    where = ("the device map: " if is_device_map(info["device"]) else "") + ", ".join(
+        f"{place} {format_bytes(free)}" for place, free in fit["free_bytes"].items())
+    if fit["fits"]:
+        return f"  fits: the weights take {format_bytes(fit['needed_bytes'])}; free: {where}"
+    todo = "--max-memory caps, a smaller --dtype" if is_device_map(info["device"]) else \
+        "--device-map auto, a smaller --dtype or another --device"
+    return (f"  does not fit: the weights take {format_bytes(fit['needed_bytes'])}, and only {where} is free "
+            f"(needle index would refuse it; try {todo})")

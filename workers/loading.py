@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from workers.adapters import (
     missing_sizes,
     registry_family,
 )
+from workers.devices import is_device_map
 
 HUB_PROBE_TIMEOUT_S = 5.0
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
@@ -54,16 +57,20 @@ class LoadedModel:
     adapter: Adapter
     config: Any
     source: str  # a local folder's resolved path, or the hub id as given
-    device: str
+    device: str  # a device, or DEVICE_MAP_AUTO: spread over the devices by accelerate
     dtype: str
+    offload: Any = None  # the offload folder of a model spread onto disk (removed with this object)
 
 
 # ---- device and dtype ------------------------------------------------------------------------
 
 
 def resolve_device(device: str = "auto") -> str:
-    """"auto" -> "cuda" if a GPU is available, else "cpu"; "cuda"/"cuda:N" are checked to exist."""
+    """"auto" -> "cuda" if a GPU is available, else "cpu"; "cuda"/"cuda:N" are checked to exist;
+    DEVICE_MAP_AUTO (--device-map auto) stays as it is."""
     name = (device or "auto").strip().lower()
+    if is_device_map(name):
+        return name
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
@@ -90,7 +97,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """"auto" -> bfloat16 on a GPU that supports it, else float16 on GPU; float32 off GPU. Or an explicit name."""
     name = (dtype or "auto").strip().lower()
     if name == "auto":
-        if device.startswith("cuda"):
+        if device.startswith("cuda") or (is_device_map(device) and torch.cuda.is_available()):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if name in _DTYPES:
@@ -100,6 +107,121 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+GIB = 2**30
+
+
+def parse_max_memory(text: str | None) -> dict[str, int]:
+    """--max-memory "cpu=2GiB,cuda:0=20GiB,disk=0" as {place: bytes}: a cap per place ("cpu",
+    "cuda:N" ("cuda" is cuda:0), "disk": the offload folder). NeedleError for anything else."""
+    caps: dict[str, int] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        place, _, size = part.partition("=")
+        place = place.strip().lower()
+        place = "cuda:0" if place == "cuda" else place
+        match = _SIZE.fullmatch(size.strip())
+        if not (place in ("cpu", "disk") or re.fullmatch(r"cuda:\d+", place)) or not match:
+            raise NeedleError(
+                f"--max-memory {part.strip()!r} is not PLACE=SIZE",
+                hint="Give caps such as cpu=2GiB,cuda:0=20GiB,disk=0 (places cpu, cuda:N, disk; sizes in B, MB, GB, MiB, GiB).",
+            )
+        caps[place] = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    return caps
+
+
+def format_bytes(n: float) -> str:
+    """GiB from 1 GiB up, else MiB (KiB under 1 MiB): "13.5 GiB", "0.2 MiB"."""
+    if n >= GIB:
+        return f"{n / GIB:,.1f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:,.1f} MiB"
+    return f"{n / 2**10:,.1f} KiB"
+
+
+def _memory_available_cpu() -> int:
+    """The system memory available to a new process: /proc/meminfo's MemAvailable (Linux), else
+    the free pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _memory_available(place: str) -> int:
+    if place == "cpu":
+        return _memory_available_cpu()
+    if place == "disk":
+        return shutil.disk_usage(tempfile.gettempdir()).free
+    if place.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(place))[0])
+    return 0  # mps: unknown here
+
+
+def memory_places(device: str, caps: dict[str, int] | None = None) -> dict[str, int]:
+    """The bytes each place a model loaded on `device` may use: what is free there, or its cap
+    if lower. One device: that device. DEVICE_MAP_AUTO: every GPU, the CPU and the disk."""
+    caps = caps or {}
+    if is_device_map(device):
+        places = [f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["cpu", "disk"]
+    else:
+        places = ["cuda:0" if device == "cuda" else device]
+    out = {}
+    for place in places:
+        free = _memory_available(place) if caps.get(place, 1) > 0 else 0
+        out[place] = min(free, caps[place]) if place in caps else free
+    return out
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def build_meta(config, torch_dtype: torch.dtype, source: str):
+    """The model built from its config on PyTorch's meta device: its shapes, no weights, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _quiet_transformers(), torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise NeedleError(f"could not build {source} from its config: {_first_line(exc)}") from None
+
+
+def fits(needed: int, places: dict[str, int]) -> bool:
+    return needed <= sum(places.values())
+
+
+def check_fits(source: str, needed: int, torch_dtype: torch.dtype, device: str, places: dict[str, int]) -> None:
+    """Refuse a model whose weights do not fit where it is to be loaded, with the figures."""
+    if fits(needed, places):
+        return
+    have = sum(places.values())
+    if is_device_map(device):
+        where = "the device map (" + ", ".join(f"{p} {format_bytes(b)}" for p, b in places.items()) + ")"
+        todo = "Raise or drop the --max-memory caps, use a smaller --dtype (bfloat16, float16), or a machine with more memory."
+    else:
+        where = next(iter(places))
+        todo = "Use --device-map auto (spread it over the GPUs, CPU memory and disk), a smaller --dtype (bfloat16, float16) or another --device."
+    raise NeedleError(
+        f"{source} needs {format_bytes(needed)} for its weights as {dtype_name(torch_dtype)}, "
+        f"and {where} has {format_bytes(have)} free: it does not fit, so nothing was loaded.",
+        hint=todo,
+    )
 
 
 # ---- where the model is ------------------------------------------------------------------------
@@ -265,13 +387,20 @@ def read_config(source: str) -> tuple[str, bool, bool, Any]:
     return ref, local, offline, config
 
 
-def load_model(source: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode without gradients, and bind its Adapter."""
+def load_model(source: str, device: str = "auto", dtype: str = "auto", max_memory: dict[str, int] | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode without gradients, and bind its Adapter.
+
+    The weights are read in `dtype` straight onto `device` (never a float32 copy first, never
+    a copy on the CPU first), or with device=DEVICE_MAP_AUTO spread by accelerate over the GPUs,
+    the CPU and an offload folder on disk, each up to its cap in `max_memory` ({place: bytes},
+    parse_max_memory). A model whose weights do not fit there is refused before any is read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
     ref, local, offline, config = read_config(source)
+    places = memory_places(resolved_device, max_memory)
+    check_fits(source, weight_bytes(build_meta(config, torch_dtype, source)), torch_dtype, resolved_device, places)
     kwargs = {"local_files_only": offline}
     no_tokenizer = NeedleError(
         f"could not load a tokenizer from {source}: it has no tokenizer files "
@@ -285,17 +414,16 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
         raise NeedleError(f"could not load a tokenizer from {source}: {_first_line(exc)}") from None
     if len(tokenizer) <= len(getattr(tokenizer, "added_tokens_decoder", {})):  # transformers 5 builds an empty one
         raise no_tokenizer
+    placing, offload = _placing(resolved_device, max_memory or {}, places)
     try:
-        # no device_map: transformers wants `accelerate` for it; one .to() does the same on one device
         with _quiet_transformers():
             model, info = cast(tuple[Any, dict], AutoModelForCausalLM.from_pretrained(
-                ref, config=config, dtype=torch_dtype, output_loading_info=True, **kwargs
+                ref, config=config, dtype=torch_dtype, output_loading_info=True, **placing, **kwargs
             ))
-        model.to(resolved_device)
     except torch.OutOfMemoryError:
         raise NeedleError(
             f"out of memory loading {source} on {resolved_device} as {dtype_name(torch_dtype)}; "
-            "try a smaller dtype (float16) or another device"
+            "try a smaller dtype (float16), --device-map auto or another device"
         ) from None
     except OSError as exc:
         raise NeedleError(
@@ -316,7 +444,29 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
         source=ref if local else source,
         device=resolved_device,
         dtype=dtype_name(torch_dtype),
+        offload=offload,
     )
+
+
+def _placing(device: str, caps: dict[str, int], places: dict[str, int]) -> tuple[dict[str, Any], Any]:
+    """from_pretrained's placement arguments, and the offload folder (a TemporaryDirectory) if any.
+    One device: device_map is that device, so each weight is read onto it in its dtype. The map:
+    accelerate's own view of what is free (90% of a GPU's free memory, say), lowered to the caps."""
+    if not is_device_map(device):
+        return {"device_map": device}, None
+    from accelerate.utils import get_max_memory
+
+    budget: dict[Any, Any] = dict(get_max_memory())
+    for place, cap in caps.items():
+        key: Any = int(place.removeprefix("cuda:")) if place.startswith("cuda:") else place
+        if key in budget:
+            budget[key] = min(int(budget[key]), cap)
+    budget.pop("disk", None)
+    offload = tempfile.TemporaryDirectory(prefix="needle-offload-") if places.get("disk", 0) > 0 else None
+    placing: dict[str, Any] = {"device_map": "auto", "max_memory": budget}
+    if offload is not None:
+        placing["offload_folder"] = offload.name
+    return placing, offload
 
 
 def _check_nothing_read_is_random(adapter: Adapter, missing_keys, source: str) -> None:

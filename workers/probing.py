@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workers import probes
+from workers.devices import compute_device
 from workers.examples import NEURON_UNITS, Units, forward_windows
 from workers.features import Feature, ProbeDataset
 
@@ -26,7 +27,7 @@ def collect_activations(
 ) -> dict[int, torch.Tensor]:
     """Every layer's activations on every row of the dataset, float16 [rows, context, units], on the
     model's device: the neurons', or an SAE's latents' (units)."""
-    device = next(model.parameters()).device
+    device = compute_device(model)
     rows, context = dataset.windows.shape
     width = units.size(adapter)
     out = {layer: torch.zeros((rows, context, width), dtype=torch.float16, device=device) for layer in layers}

@@ -30,6 +30,7 @@ from app.errors import NeedleError
 from workers import examples, store
 from workers.corpus import bos_prefix_id, load_corpus
 from workers.decode import SEARCH_K, RunningTopK, decode_layers
+from workers.devices import compute_device
 from workers.sae import Sae, sae_from_bytes, sae_to_bytes, train_sae
 
 SAE_TRAIN = "sae_train"
@@ -163,7 +164,7 @@ class LatentUnits:
         got: dict[int, torch.Tensor] = {}
 
         def keep(acts: torch.Tensor) -> None:
-            got[self.sae.layer] = self.sae.encode(acts.float())
+            got[self.sae.layer] = self.sae.encode(acts.to(self.sae.W_dec.device).float())
 
         with self.adapter.site_hook(self.sae.layer, self.sae.site, keep):
             yield got
@@ -176,15 +177,16 @@ class LatentUnits:
 
         def replace(acts: torch.Tensor) -> torch.Tensor:
             where = positions(acts.shape[1]) if callable(positions) else positions
-            pos = torch.arange(acts.shape[1], device=acts.device)[where]
-            r, i = rows.to(acts.device), indices.to(acts.device)
-            x = acts.float()
+            dev = sae.W_dec.device  # the SAE's, where a layer of a model spread over devices may not be
+            pos = torch.arange(acts.shape[1], device=dev)[where]
+            r, i = rows.to(dev), indices.to(dev)
+            x = acts.to(dev).float()
             picked = x[r[:, None], pos[None, :]]  # [n, P, d_in]
             own = sae.encode(picked).gather(-1, i[:, None, None].expand(-1, len(pos), 1))[..., 0]  # [n, P]
-            v = values.to(device=acts.device, dtype=torch.float32)
+            v = values.to(device=dev, dtype=torch.float32)
             out = x.clone()
             out[r[:, None], pos[None, :]] = picked + (v[:, None] - own)[..., None] * sae.W_dec[i].float()[:, None, :]
-            return out.to(acts.dtype)
+            return out.to(acts.device, acts.dtype)
 
         return self.adapter.site_hook(sae.layer, sae.site, replace, prepend=True)
 
@@ -195,7 +197,7 @@ def units_for(ctx, loaded) -> Any:
     sae_id = ctx.params.get("sae")
     if sae_id is None:
         return None
-    return LatentUnits(loaded.adapter, stored_sae(ctx, sae_id, next(loaded.model.parameters()).device))
+    return LatentUnits(loaded.adapter, stored_sae(ctx, sae_id, compute_device(loaded.model)))
 
 
 # ---- reading a site ------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def units_for(ctx, loaded) -> Any:
 def site_activations(loaded, layer: int, site: str, windows: torch.Tensor, bos: int | None, batch_tokens: int,
                      progress) -> torch.Tensor:
     """The site's activations on every token of `windows` (BOS left out), [tokens, d_in] float32 on the CPU."""
-    device = next(loaded.model.parameters()).device
+    device = compute_device(loaded.model)
     per_batch = max(1, batch_tokens // windows.shape[1])
     parts: list[torch.Tensor] = []
 
@@ -267,7 +269,7 @@ def training_corpus(tokenizer, p: dict) -> tuple[Any, torch.Tensor, torch.Tensor
 def run_sae_train(ctx) -> Any:
     p = ctx.params
     loaded = ctx.load(ctx.model)
-    device = next(loaded.model.parameters()).device
+    device = compute_device(loaded.model)
     corpus, train, held = training_corpus(loaded.tokenizer, p)
     bos = bos_prefix_id(loaded.tokenizer)
     steps = max(1, math.ceil(train.numel() * p["epochs"] / p["batch_size"]))
@@ -312,7 +314,7 @@ def evaluate(loaded, sae: Sae, windows: torch.Tensor, bos: int | None, batch_tok
     """An SAE's quality on windows (see the module docstring). Variance explained is
     1 - sum |x - x_hat|^2 / sum |x - mean x|^2 over every token (BOS left out of it)."""
     model, adapter = loaded.model, loaded.adapter
-    device = next(model.parameters()).device
+    device = compute_device(model)
     per_batch = max(1, batch_tokens // windows.shape[1])
     ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
     n_pred = 0
@@ -364,7 +366,7 @@ def evaluate(loaded, sae: Sae, windows: torch.Tensor, bos: int | None, batch_tok
 def run_sae_eval(ctx) -> Any:
     p = ctx.params
     loaded = ctx.load(ctx.model)
-    device = next(loaded.model.parameters()).device
+    device = compute_device(loaded.model)
     sae = stored_sae(ctx, p["sae"], device)
     corpus = load_corpus(p["corpus"], loaded.tokenizer, context=p["context"],
                          max_tokens=None if p.get("tokens") is None else p["tokens"] + p["eval_tokens"])
@@ -432,7 +434,7 @@ def run_sae_decode(ctx) -> Any:
 def run_sae_examples(ctx) -> Any:
     p = ctx.params
     loaded = ctx.load(ctx.model)
-    device = next(loaded.model.parameters()).device
+    device = compute_device(loaded.model)
     sae = stored_sae(ctx, p["sae"], device)
     corpus = load_corpus(p["corpus"], loaded.tokenizer, context=p["context"], max_tokens=p.get("tokens"))
     bos = bos_prefix_id(loaded.tokenizer)

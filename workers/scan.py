@@ -24,6 +24,7 @@ from app.arrays import INT32, pack
 from app.errors import NeedleError
 from workers import examples, saestages
 from workers.corpus import bos_prefix_id
+from workers.devices import compute_device
 from workers.loading import max_positions
 
 MAX_TEXT_TOKENS = 512  # a user's own text on one unit: the tokens a live request runs at most
@@ -137,7 +138,7 @@ def scan(loaded, ids: list[int], bos: int | None, maxima: dict[tuple[int, int], 
 
     of_text = _Best(1, TOP_OF_TEXT)
     passes: list[_Best] = []
-    device = next(loaded.model.parameters()).device
+    device = compute_device(loaded.model)
     for start, windows in text_windows(ids, window_tokens(loaded)):
         per_token = _Best(windows.numel(), TOP_PER_TOKEN)
 
@@ -182,7 +183,7 @@ def run_scan(ctx) -> Any:
     loaded = ctx.load(ctx.model)
     scan_id, text = ctx.params["scan"], ctx.params["text"]
     ids, n_tokens, bos = user_text_ids(loaded, text, MAX_SCAN_TOKENS)
-    device = next(loaded.model.parameters()).device
+    device = compute_device(loaded.model)
 
     def read(session: Session) -> tuple[list, list[int]]:
         return queries.unit_maxima(session, ctx.model.id), [x.id for x in queries.list_saes(session, ctx.model.id)]

@@ -25,6 +25,7 @@ from app.schema import Model
 from workers import compare, examples, saestages, scan, store
 from workers.corpus import bos_prefix_id, load_corpus
 from workers.decode import SEARCH_K, RunningTopK, decode_layers
+from workers.devices import compute_device
 from workers.loading import LoadedModel, max_positions
 
 Writer = Callable[[Session], None]
@@ -43,10 +44,12 @@ class ModelSpec:
     n_layers: int
     d_mlp: int
     vocab_size: int
+    max_memory: dict[str, int] | None = None  # --max-memory's caps of a model on a device map (its info)
 
     @classmethod
     def of(cls, m: Model) -> ModelSpec:
-        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
+        fields = {f: getattr(m, f) for f in cls.__dataclass_fields__ if f != "max_memory"}
+        return cls(**fields, max_memory=(m.info or {}).get("max_memory"))
 
 
 @dataclass
@@ -127,7 +130,7 @@ def run_examples(ctx: JobContext) -> Writer:
     estimate = examples.plan(n_windows, p["context"], batch_tokens).estimate_ids
     ctx.set_total((len(estimate) + n_windows) * p["context"])
     # the SAEs whose latents' examples wait for these windows are read in the same forward passes
-    riders = saestages.riding_latents(ctx, next(loaded.model.parameters()).device)
+    riders = saestages.riding_latents(ctx, compute_device(loaded.model))
     readers: list[examples.Reader] = [(list(range(ctx.model.n_layers)), examples.NEURON_UNITS)]
     readers += [([sae.layer], saestages.latent_units(sae)) for _, _, sae in riders]
     started = time.perf_counter()
@@ -204,7 +207,7 @@ def _reader(ctx: JobContext, loaded) -> tuple[examples.Units, str]:
     sae_id = ctx.params.get("sae")
     if sae_id is None:
         return examples.NEURON_UNITS, ""
-    sae = saestages.stored_sae(ctx, sae_id, next(loaded.model.parameters()).device)
+    sae = saestages.stored_sae(ctx, sae_id, compute_device(loaded.model))
     return saestages.latent_units(sae), saestages.parts_prefix(sae_id)
 
 
@@ -219,7 +222,7 @@ def run_examples_range(ctx: JobContext) -> Writer:
     ctx.set_total(len(plan_.estimate_ids) * p["context"])
     ranges = examples.estimate_range(
         loaded.model, loaded.adapter, list(range(start, stop)), corpus.windows, bos_prefix_id(loaded.tokenizer),
-        plan_, next(loaded.model.parameters()).device, ctx.advance, units,
+        plan_, compute_device(loaded.model), ctx.advance, units,
     )
     rows = [{"layer": layer, "meta": {"windows": len(plan_.estimate_ids)},
              "data": _npz({"min": lo.cpu().numpy(), "max": hi.cpu().numpy()})} for layer, (lo, hi) in ranges.items()]
@@ -274,7 +277,7 @@ def merge_examples(ctx: JobContext) -> Writer:
     units, prefix = _reader(ctx, loaded)
     corpus = _examples_corpus(ctx, loaded)
     shards = p["shards"]
-    device = next(loaded.model.parameters()).device
+    device = compute_device(loaded.model)
     ctx.set_total(sum(stop - start for start, stop in p["layer_ranges"]))
     results, seconds, devices, parts = [], {}, set(), []
     for start, stop in p["layer_ranges"]:
@@ -366,7 +369,7 @@ def run_text(ctx: JobContext) -> Writer:
     def read(at: int, acts: torch.Tensor) -> None:
         got[at] = acts[0, :, neuron].float().cpu()
 
-    device = next(loaded.model.parameters()).device
+    device = compute_device(loaded.model)
     units = examples.NEURON_UNITS
     if ctx.params.get("sae") is not None:  # a latent: its SAE's encoder at its site
         sae = saestages.stored_sae(ctx, ctx.params["sae"], device)
@@ -404,7 +407,7 @@ def run_probes(ctx: JobContext) -> Writer:
     del acts
     features, layers, neurons = probing.result_rows(results)
     # the same probes over each trained SAE's latents, at its layer: is a feature sparser in that basis?
-    device = next(loaded.model.parameters()).device
+    device = compute_device(loaded.model)
     for sae_id in ctx.read(lambda s: [x.id for x in queries.list_saes(s, ctx.model.id)]):
         try:
             sae = saestages.stored_sae(ctx, sae_id, device)

@@ -66,21 +66,26 @@ def with_database(fn, what: str, stopping: threading.Event | None = None):
 
 
 class ModelCache:
-    """Loaded models by (source, device, dtype): a worker loads each model once."""
+    """Loaded models by (source, device, dtype, memory caps): a worker loads each model once."""
 
     def __init__(self):
-        self._models: dict[tuple[str, str, str], object] = {}
+        self._models: dict[tuple, object] = {}
         self.loads = 0  # models loaded from disk so far
 
+    @staticmethod
+    def _key(spec: ModelSpec) -> tuple:
+        return spec.source, spec.device, spec.dtype, tuple(sorted((spec.max_memory or {}).items()))
+
     def put(self, spec: ModelSpec, loaded) -> None:
-        self._models[(spec.source, spec.device, spec.dtype)] = loaded
+        self._models[self._key(spec)] = loaded
 
     def get(self, spec: ModelSpec):
-        key = (spec.source, spec.device, spec.dtype)
+        key = self._key(spec)
         if key not in self._models:
             from workers.loading import load_model
 
-            self._models[key] = load_model(spec.source, device=spec.device, dtype=spec.dtype)
+            self._models[key] = load_model(spec.source, device=spec.device, dtype=spec.dtype,
+                                           max_memory=spec.max_memory)
             self.loads += 1
         return self._models[key]
 
@@ -167,6 +172,7 @@ class Worker:
         only_model_id: int | None = None,
         progress_factory: Callable[[str, int, str], JobProgress] = Progress,  # (desc, total, unit)
         device: str | None = None,
+        max_memory: dict[str, int] | None = None,
         on_wait: Callable[[str], None] | None = None,  # told, with until_idle, which job it waits for
     ):
         self.engine, self.settings = engine, settings
@@ -176,6 +182,7 @@ class Worker:
         self.progress_factory = progress_factory
         self.stopping = threading.Event()
         self.device = device  # load every model here instead of on the device it was indexed with
+        self.max_memory = max_memory  # and with these caps (--max-memory) instead of the model's own
         self.on_wait = on_wait
         self._waited: set[tuple[int, str | None]] = set()  # (job, worker) pairs already told of
 
@@ -211,6 +218,8 @@ class Worker:
             spec = ModelSpec.of(model)
             if self.device is not None:
                 spec.device = self.device
+            if self.max_memory is not None:
+                spec.max_memory = self.max_memory
             ctx = JobContext(
                 job_id=job.id, stage=job.stage, key=job.key, params=dict(job.params), model=spec,
                 load=self.cache.get, batch_size=self.settings.decode_batch_size,
