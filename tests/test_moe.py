@@ -299,3 +299,34 @@ def test_index_reads_each_expert_on_its_routed_tokens(family, tiny, db_url, tmp_
     assert shares == pytest.approx([t / n_tokens for t in by_expert], rel=1e-5)  # 6 digits shown
     assert sum(by_expert) == TOP_EXPERTS * n_tokens  # each token goes to TOP_EXPERTS experts
     assert len(layer_soup.select("table.experts tbody tr")) == EXPERTS
+
+
+def test_a_mixture_of_experts_spread_by_a_device_map_reads_and_clamps_as_on_one_device(tiny):
+    """Mixtral over the CPU and an offload folder (a --max-memory cap forces it): the expert weights
+    read from the offload store, every layer's activations and routing, and a clamp sweep are those
+    of the model on one device."""
+    from workers.devices import DEVICE_MAP_AUTO, spread
+
+    path = str(tiny["mixtral"])
+    weights = inspect_model(path, device="cpu", dtype="float32")["memory"]["model_bytes"]
+    spread_out = load_model(path, device=DEVICE_MAP_AUTO, dtype="float32", max_memory={"cpu": weights * 3 // 4})
+    assert set(map(str, spread(spread_out.model).values())) == {"cpu", "disk"}, spread(spread_out.model)
+    one = load_model(path, device="cpu", dtype="float32")
+    a, b = spread_out.adapter, one.adapter
+    for layer in (0, 1):
+        assert a.input_weights(layer).equal(b.input_weights(layer))
+        assert a.output_weights(layer).equal(b.output_weights(layer))
+    ids = torch.tensor([one.tokenizer(PROMPTS[1]).input_ids])
+    with torch.no_grad(), a.read_activations([0, 1]) as got, b.read_activations([0, 1]) as want:
+        spread_out.model(input_ids=ids)
+        one.model(input_ids=ids)
+    for layer in (0, 1):
+        torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        spread_out.model(input_ids=ids)
+        one.model(input_ids=ids)
+    assert torch.equal(a.routed(1), b.routed(1))
+    items = [clamp.SweepItem(layer, neuron, 7, [-4.0, 0.0, 5.0]) for layer, neuron in ((0, 3), (1, 2 * EXPERT_WIDTH + 1))]
+    for g, w in zip(clamp.sweep_many(spread_out, PROMPTS[1], items), clamp.sweep_many(one, PROMPTS[1], items),
+                    strict=True):
+        assert g["probs"] == pytest.approx(w["probs"], rel=1e-5, abs=1e-7)
