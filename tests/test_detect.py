@@ -38,7 +38,8 @@ from tests.tinymodels import (
     tiny_model,
     tiny_tokenizer,
 )
-from workers.adapters import FAMILIES, Adapter, adapter_for, detect_family
+from workers.adapters import FAMILIES, Adapter, adapter_for
+from workers.detect import detect_family
 from workers.inspect import format_inspection, inspect_model
 from workers.loading import load_model
 

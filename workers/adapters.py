@@ -26,9 +26,7 @@ in sparse-autoencoder work (TransformerLens's hook names in brackets):
 from __future__ import annotations
 
 import contextlib
-import inspect
 import operator
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -39,6 +37,7 @@ from torch import nn
 from app.bases import SITES
 from app.errors import NeedleError, NotFound
 from workers.devices import compute_device, parameter
+from workers.experts import ExpertActs, expert_acts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -192,21 +191,21 @@ def family_for_config(config: Any) -> Family:
     family = registry_family(config)
     if family is not None:
         return family
-    raise _unsupported(config)
+    raise unsupported(config)
 
 
 def registry_family(config: Any) -> Family | None:
     """The registry's Family of a transformers config (or a config.json dict), or None."""
-    model_type = _field(config, "model_type")
+    model_type = config_field(config, "model_type")
     return FAMILIES.get(model_type) if isinstance(model_type, str) else None
 
 
-def _field(config: Any, name: str) -> Any:
+def config_field(config: Any, name: str) -> Any:
     return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
 
 
-def _unsupported(config: Any, why: str = "") -> NeedleError:
-    model_type, architectures = _field(config, "model_type"), _field(config, "architectures")
+def unsupported(config: Any, why: str = "") -> NeedleError:
+    model_type, architectures = config_field(config, "model_type"), config_field(config, "architectures")
     what = f"model_type {model_type!r}" if model_type else "a config without model_type"
     if architectures:
         what += f" ({', '.join(map(str, architectures))})"
@@ -219,16 +218,10 @@ def _unsupported(config: Any, why: str = "") -> NeedleError:
 def missing_sizes(family: Family, config: Mapping) -> list[str]:
     """The size fields of `family` that a config.json (as a dict) does not give as a whole number,
     each named as the family's config.json names it (GPT-2's n_embd for hidden_size)."""
-    return _missing_sizes(family.name, family.sizes, config)
+    return sizes_missing(family.name, family.sizes, config)
 
 
-def detection_missing_sizes(config: Mapping) -> list[str]:
-    """missing_sizes for a config.json (a dict) of a model to detect: the sizes every family gives
-    (hidden_size, num_hidden_layers, vocab_size); detect_family reads the MLP's width from the model."""
-    return _missing_sizes(detectable_model_type(config), SIZES_MLP_4X, config)
-
-
-def _missing_sizes(model_type: str, sizes: tuple[str, ...], config: Mapping) -> list[str]:
+def sizes_missing(model_type: str, sizes: tuple[str, ...], config: Mapping) -> list[str]:
     from transformers import CONFIG_MAPPING
 
     aliases = CONFIG_MAPPING[model_type].attribute_map
@@ -241,7 +234,7 @@ def _missing_sizes(model_type: str, sizes: tuple[str, ...], config: Mapping) -> 
     return missing
 
 
-def _lookup(root: nn.Module, path: str) -> Any:
+def lookup_path(root: nn.Module, path: str) -> Any:
     obj: Any = root
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -250,7 +243,7 @@ def _lookup(root: nn.Module, path: str) -> Any:
     return obj
 
 
-def _as_index(value: Any) -> int | None:
+def as_index(value: Any) -> int | None:
     """An int from an int-like (numpy and 0-d torch integers too); None for anything else, bools included."""
     if isinstance(value, bool):
         return None
@@ -260,377 +253,12 @@ def _as_index(value: Any) -> int | None:
         return None
 
 
-# ---- detection: a causal LM outside the registry ----------------------------------------------
-
-# the config fields that may give the MLP's width: a hint that picks the MLP among candidates
-_MLP_WIDTHS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
-# a norm that multiplies by (1 + w), as its forward's code says: Gemma's "(1.0 + self.weight", Nemotron's
-# "self.weight + 1.0"
-_PLUS_ONE = re.compile(r"\(\s*1(?:\.0*)?\s*\+\s*self\.weight\b|\bself\.weight\s*\+\s*1(?:\.0*)?(?![\w.])")
-
-
-def detectable_model_type(config: Any) -> str:
-    """The model_type of a config (or config.json dict) that detect_family may read: one transformers
-    builds as a causal decoder LM. NeedleError saying what it is otherwise (unknown to transformers,
-    an encoder-decoder, an encoder)."""
-    from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    model_type = _field(config, "model_type")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise _unsupported(config, ", which transformers does not know" if model_type else "")
-    if _field(config, "is_encoder_decoder"):
-        raise _unsupported(config, ", an encoder-decoder model: Needle reads causal (decoder-only) language models")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise _unsupported(config, ", which transformers has no causal LM (AutoModelForCausalLM) class for: "
-                           "Needle reads causal (decoder-only) language models")
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not _field(config, "is_decoder"):
-        raise _unsupported(config, ", an encoder (a masked LM): Needle reads causal (decoder-only) language models")
-    return model_type
-
-
-def detect_family(model: PreTrainedModel) -> Family:
-    """The Family of a causal LM outside the registry, found in its module tree (only shapes are read:
-    a model on the meta device will do). The blocks are the nn.ModuleList of config.num_hidden_layers
-    identical modules; the MLP, in block 0, an out projection (nn.Linear or Conv1D) mapping d_mlp ->
-    d_model beside its input projection(s) mapping d_model -> d_mlp: one (linear, conv1d), two of which
-    one is named gate (gated), or one of 2 x d_mlp named gate first (fused_gate_up); the final norm, the
-    last norm outside the blocks before the LM head; d_model, the LM head's width (or, through OPT's
-    project_out, hidden_size). Every block must have the same parts with the same shapes. NeedleError
-    naming the part that was not found. adapter_for binds it as it binds a registry family."""
-    model_type = detectable_model_type(model.config)
-    try:
-        return _detect(model, model_type)
-    except NeedleError as exc:
-        raise NeedleError(
-            f"could not detect the MLP of model_type {model_type!r} (it is not in Needle's registry): {exc.message}",
-            hint="Needle reads causal LMs whose blocks hold an MLP: an out projection (nn.Linear or Conv1D) mapping "
-            "d_mlp -> d_model beside the input projection(s) mapping d_model -> d_mlp.",
-        ) from None
-
-
-def _detect(model: PreTrainedModel, model_type: str) -> Family:
-    config = model.config
-    head = model.get_output_embeddings()
-    head_weight = getattr(head, "weight", None)
-    if head is None or head_weight is None:
-        raise NeedleError(
-            "model has no LM head (get_output_embeddings() is None); pass a causal LM, not a base model"
-        )
-    layers, blocks = _detect_blocks(model)
-    d_model, project_out = _detect_width(model, layers, int(head_weight.shape[1]))
-    kind, mlp_in, mlp_gate, mlp_out = _detect_mlp(blocks[0], f"{layers}.0", d_model, config)
-    post_norm = next((name for name, module in blocks[0].named_modules() if _post_mlp_norm(name, module, d_model)),
-                     None)
-    _check_same_parts(blocks, layers, [mlp_in, mlp_gate, mlp_out, post_norm])
-    final_norm = _detect_final_norm(model, layers, head, d_model)
-    scale = next((name for name in ("logits_scaling", "logit_scale") if _positive(getattr(config, name, None))), None)
-    return Family(
-        model_type,
-        layers=layers,
-        mlp_in=mlp_in,
-        mlp_out=mlp_out,
-        kind=kind,
-        final_norm=final_norm,
-        mlp_gate=mlp_gate,
-        norm_plus_one=final_norm is not None and _adds_one(model.get_submodule(final_norm)),
-        softcap=_positive(getattr(config, "final_logit_softcapping", None)),
-        project_out=project_out,
-        # whether the blocks run their MLP on flattened tokens, or share one row's blocks over a
-        # sweep's batch, cannot be read from the shapes: the ways that hold for every family
-        # (reshape what comes flat; run a sweep's rows as a plain batch)
-        flattens_tokens=True,
-        fixed_batch=True,
-        moe_block=mlp_out.rpartition(".")[0] if kind == "experts" else None,
-        sizes=SIZES_MLP_4X,  # the MLP's width is read from the model
-        mlp_post_norm=post_norm,
-        logit_scale=scale,
-        logit_scale_divides=scale == "logits_scaling",  # Granite divides, Cohere multiplies
-        detected=True,
-    )
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-def _maps(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) features of an nn.Linear or a transformers Conv1D (which stores [in, out]); None for others."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, Conv1D):
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
-    return None
-
-
-def _inside(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def _detect_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(path, list) of the blocks: the nn.ModuleList of config.num_hidden_layers modules of one class
-    (the outermost, the one with the most parameters if several)."""
-    n = _as_index(getattr(model.config, "num_hidden_layers", None))
-    lists = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.ModuleList) and len(module) and len({type(b) for b in module}) == 1]
-    if n is not None:
-        lists = [(name, module) for name, module in lists if len(module) == n]
-    elif lists:
-        longest = max(len(module) for _, module in lists)
-        lists = [(name, module) for name, module in lists if len(module) == longest]
-    lists = [(name, module) for name, module in lists if not any(_inside(name, other) for other, _ in lists
-                                                                  if other != name)]
-    if not lists:
-        what = f"{n} blocks" if n is not None else "blocks"
-        raise NeedleError(
-            f"found no list of {what} in the model (an nn.ModuleList of config.num_hidden_layers modules of one "
-            "class): Needle cannot tell where its layers are; it reads causal LMs built of repeated blocks"
-        )
-    return max(lists, key=lambda entry: sum(p.numel() for p in entry[1].parameters()))
-
-
-def _detect_width(model: nn.Module, layers: str, d_head: int) -> tuple[int, str | None]:
-    """(d_model, the path of a projection from it to the LM head's width, or None)."""
-    hidden = _as_index(getattr(model.config, "hidden_size", None))
-    if hidden is None or hidden == d_head:
-        return d_head, None
-    projections = [name for name, module in model.named_modules()
-                   if not _inside(name, layers) and _maps(module) == (hidden, d_head)]
-    if not projections:
-        raise NeedleError(
-            f"the LM head reads {d_head} features but hidden_size is {hidden}, and the model has no module "
-            f"mapping {hidden} -> {d_head} outside its blocks (a projection to the head, as OPT's project_out)"
-        )
-    return hidden, projections[-1]
-
-
-def _fused_experts(module: nn.Module, d_model: int) -> bool:
-    """An experts module as transformers 5 keeps Mixtral's, which Needle's experts forward runs: every
-    expert's gate_up_proj [E, 2F, d_model] (gate first) and down_proj [E, d_model, F], no bias, act(gate) * up,
-    called with the router's top-k indices and weights."""
-    from transformers.integrations import moe
-
-    up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == down.dim() == 3):
-        return False
-    n, width = _as_index(getattr(module, "num_experts", None)), _as_index(getattr(module, "intermediate_dim", None))
-    layout = (getattr(module, "has_gate", True), getattr(module, "has_bias", False), getattr(module, "is_transposed", False),
-              getattr(module, "is_concatenated", True), getattr(module, "has_post_expert_norm", False))
-    try:
-        takes = set(inspect.signature(type(module).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return (n is not None and width is not None and tuple(up.shape) == (n, 2 * width, d_model)
-            and tuple(down.shape) == (n, d_model, width) and layout == (True, False, False, True, False)
-            and hasattr(module, "act_fn") and {"top_k_index", "top_k_weights"} <= takes
-            and getattr(type(module), "_apply_gate", moe._default_apply_gate) is moe._default_apply_gate)
-
-
-def _detect_mlp(block: nn.Module, where: str, d_model: int, config: Any) -> tuple[InputKind, str, str | None, str]:
-    """(kind, mlp_in, mlp_gate, mlp_out) of one block, paths from the block."""
-    fused = [name for name, module in block.named_modules() if _fused_experts(module, d_model)]
-    if len(fused) == 1:  # a mixture of experts in transformers' fused layout (the registry's MoE families')
-        return "experts", fused[0], fused[0], fused[0]
-    experts = [name for name, _ in block.named_modules() if "expert" in name.lower() or "router" in name.lower()]
-    if experts:
-        raise NeedleError(
-            f"block {where} is a mixture of experts ({where}.{experts[0]}) whose experts are not kept as "
-            "transformers keeps Mixtral's (gate_up_proj [E, 2F, d], down_proj [E, d, F], act(gate) * up): "
-            "detection reads those and dense MLPs"
-        )
-    hint = next((w for w in (_as_index(getattr(config, name, None)) for name in _MLP_WIDTHS) if w), None)
-    candidates = []  # (out path, its parent's path, d_mlp, the parent's modules mapping d_model -> d_mlp or 2 d_mlp)
-    for name, module in block.named_modules():
-        shape = _maps(module)
-        if shape is None or shape[1] != d_model or shape[0] == d_model:
-            continue
-        parent, _, _ = name.rpartition(".")
-        width = shape[0]
-        inputs = [(child, sizes[1]) for child, sibling in block.get_submodule(parent).named_children()
-                  if isinstance(sibling, nn.Linear) == isinstance(module, nn.Linear) and (sizes := _maps(sibling)) in ((d_model, width), (d_model, 2 * width))]
-        candidates.append((name, parent, width, inputs))
-    if not candidates:
-        raise NeedleError(
-            f"block {where} has no module mapping {hint or 'd_mlp'} -> d_model {d_model} (the MLP's out projection, "
-            "an nn.Linear or Conv1D): Needle cannot find its MLP"
-        )
-    paired = [c for c in candidates if c[3]]
-    if not paired:
-        name, _, width, _ = candidates[0]
-        raise NeedleError(
-            f"block {where}: {where}.{name} maps {width} -> d_model {d_model}, but no module beside it maps d_model "
-            f"{d_model} -> {width} (the MLP's input projection): Needle cannot find its MLP"
-        )
-
-    def rank(candidate: tuple) -> tuple[bool, bool]:  # the config's MLP width, then not attention
-        name = candidate[0].lower()
-        return candidate[2] == hint, "attn" not in name and "attention" not in name
-
-    best = [c for c in paired if rank(c) == max(map(rank, paired))]
-    if len(best) > 1:
-        raise NeedleError(
-            f"block {where} has several modules that could be the MLP's out projection "
-            f"({', '.join(where + '.' + c[0] for c in best)}): Needle cannot tell which"
-        )
-    out, parent, width, inputs = best[0]
-    prefix = parent + "." if parent else ""
-    conv1d = not isinstance(block.get_submodule(out), nn.Linear)
-    plain = [child for child, size in inputs if size == width]
-    fused = [child for child, size in inputs if size == 2 * width]
-    parts = f"{where}.{parent or ''}".rstrip(".")
-    if len(plain) == 1 and not fused:
-        return ("conv1d" if conv1d else "linear"), prefix + plain[0], None, out
-    if conv1d:
-        raise NeedleError(f"block {where}: {parts} has Conv1D input projections Needle cannot tell apart "
-                          f"({', '.join(plain + fused)})")
-    if len(plain) == 2 and not fused:
-        gates = [child for child in plain if "gate" in child.lower()]
-        if len(gates) != 1:
-            raise NeedleError(
-                f"block {where}: {parts} has two modules mapping d_model {d_model} -> {width} ({', '.join(plain)}), "
-                "a gated MLP whose gate cannot be told from its up projection (neither or both is named gate)"
-            )
-        up = next(child for child in plain if child != gates[0])
-        return "gated", prefix + up, prefix + gates[0], out
-    if len(fused) == 1 and not plain:
-        name = fused[0].lower()
-        if "gate" not in name or ("up" in name and name.index("up") < name.index("gate")):
-            raise NeedleError(
-                f"block {where}: {parts}.{fused[0]} maps d_model {d_model} -> 2 x {width}, a fused gate and up "
-                "projection whose name does not say that the gate is its first half (as gate_up_proj does)"
-            )
-        return "fused_gate_up", prefix + fused[0], prefix + fused[0], out
-    raise NeedleError(
-        f"block {where}: {parts} has {len(inputs)} modules mapping d_model {d_model} -> {width} or {2 * width} "
-        f"({', '.join(child for child, _ in inputs)}): Needle cannot tell the MLP's input projection"
-    )
-def _norm_like(module: nn.Module, d_model: int) -> bool:
-    """A leaf module that is a norm: its class says so (OLMo's have no weight), or it holds one weight of [d_model]."""
-    if next(module.children(), None) is not None or _maps(module) is not None or isinstance(module, nn.Embedding):
-        return False
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return tuple(weight.shape) == (d_model,)
-    return "norm" in type(module).__name__.lower()
-
-
-def _post_mlp_norm(name: str, module: nn.Module, d_model: int) -> bool:
-    """Gemma-2's post_feedforward_layernorm, GLM-4's post_mlp_layernorm: a norm of the MLP's output, by name."""
-    last = name.rpartition(".")[2].lower()
-    return "post" in last and any(k in last for k in ("feedforward", "mlp", "ffn")) and _norm_like(module, d_model)
-
-
-def _check_same_parts(blocks: nn.ModuleList, layers: str, paths: list[str | None]) -> None:
-    """Every block has block 0's parts, of the same class and shape (one d_mlp for the whole model)."""
-    def shape(module: nn.Module) -> tuple:
-        weight = getattr(module, "weight", None)
-        return type(module), tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
-
-    for path in filter(None, paths):
-        first = shape(blocks[0].get_submodule(path))
-        for index, block in enumerate(blocks):
-            module = _lookup(block, path)
-            if not isinstance(module, nn.Module):
-                raise NeedleError(f"block {layers}.{index} has no {path}, which block {layers}.0 has: "
-                                  "detection reads models whose blocks have the same parts")
-            if shape(module) != first:
-                raise NeedleError(f"{layers}.{index}.{path} differs from {layers}.0.{path} in class or shape: "
-                                  "detection reads models whose blocks have the same MLP")
-
-
-def _detect_final_norm(model: nn.Module, layers: str, head: nn.Module, d_model: int) -> str | None:
-    """The last norm outside the blocks before the LM head in module order (not an embedding's norm), or None."""
-    found = None
-    for name, module in model.named_modules():
-        if module is head:
-            break
-        if not _inside(name, layers) and "emb" not in name.lower() and _norm_like(module, d_model):
-            found = name
-    return found
-
-
-def _adds_one(norm: nn.Module) -> bool:
-    """Whether a norm multiplies by (1 + w), as its forward's code says (Gemma's and Nemotron's norms do)."""
-    try:
-        source = inspect.getsource(type(norm).forward)
-    except (OSError, TypeError):
-        return False
-    return _PLUS_ONE.search(source) is not None
-
-
 def adapter_for(model: PreTrainedModel) -> Adapter:
     """An Adapter for a loaded Hugging Face causal LM: its registry family, or for a model_type outside
     the registry the family detect_family finds. NeedleError if it is not a causal LM or its MLP is missing."""
+    from workers.detect import detect_family  # (detection builds on this module's Family)
+
     return Adapter(model, registry_family(model.config) or detect_family(model))
-
-
-class ExpertActs(nn.Module):
-    """Where a mixture of experts' neuron activations pass, [tokens, E * F], expert by expert
-    (neuron e * F + i is neuron i of expert e): Needle's forward of the experts module
-    (`_experts_forward`) calls it between the experts' input and output projections, so the
-    hooks that read and clamp a dense MLP's out projection read and clamp the experts the
-    same way. A token's entries for an expert it was not routed to are 0 (the expert did not
-    run on it); `routed` holds the latest pass's routing, [tokens, E] bool."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.routed: torch.Tensor | None = None
-
-    def forward(self, acts: torch.Tensor) -> torch.Tensor:
-        return acts
-
-
-def _experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' eager experts forward (Mixtral, Qwen-MoE, OLMoE), with every routed
-    token's activations [tokens, E * F] passed through `self.needle_acts` (ExpertActs) before
-    the down projections. Each expert's output is weighted by the router as there, so a
-    replaced activation changes the output only on the tokens routed to its expert."""
-    n_experts, width = int(self.num_experts), int(self.intermediate_dim)
-    tokens = hidden_states.shape[0]
-    valid = top_k_index < n_experts  # an index of E means "no expert" (expert parallelism)
-    index = torch.where(valid, top_k_index, 0)
-    weights = top_k_weights.new_zeros(tokens, n_experts).scatter_add_(1, index, torch.where(valid, top_k_weights, 0))
-    routed = torch.zeros(tokens, n_experts, dtype=torch.int32, device=hidden_states.device)
-    routed = routed.scatter_add_(1, index, valid.to(torch.int32)) > 0
-    acts = hidden_states.new_zeros(tokens, n_experts, width)
-    hit = [(e, routed[:, e].nonzero()[:, 0]) for e in routed.any(0).nonzero()[:, 0].tolist()]
-    for e, token in hit:
-        gate, up = nn.functional.linear(hidden_states[token], self.gate_up_proj[e]).chunk(2, dim=-1)
-        acts[token, e] = self.act_fn(gate) * up
-    probe = self.needle_acts
-    probe.routed = routed
-    acts = probe(acts.view(tokens, n_experts * width)).view(tokens, n_experts, width)
-    out = torch.zeros_like(hidden_states)
-    for e, token in hit:
-        down = nn.functional.linear(acts[token, e], self.down_proj[e]) * weights[token, e, None]
-        out.index_add_(0, token, down.to(out.dtype))
-    return out
-
-
-def _expert_acts(experts: nn.Module, where: str) -> ExpertActs:
-    """The ExpertActs of an experts module, installed with Needle's forward on first use."""
-    probe = getattr(experts, "needle_acts", None)
-    if isinstance(probe, ExpertActs):
-        return probe
-    parts = (getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None))
-    if not all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in parts) or not hasattr(experts, "act_fn"):
-        raise NeedleError(
-            f"{where} is not a mixture of experts as Needle reads them (gate_up_proj [E, 2F, d] and down_proj "
-            "[E, d, F]): a model whose layers mix dense and MoE MLPs, or stores its experts otherwise, is not supported"
-        )
-    probe = ExpertActs()
-    experts.add_module("needle_acts", probe)
-    if hasattr(experts, "_old_forward"):  # accelerate's hook wraps forward (a device map): its inner one
-        experts._old_forward = _experts_forward.__get__(experts)
-    else:
-        experts.forward = _experts_forward.__get__(experts)
-    return probe
 
 
 class Adapter:
@@ -643,7 +271,7 @@ class Adapter:
         self.family: str = spec.name
         # a gated MLP (act(gate) * up): its neurons are as often negative as positive
         self.gated: bool = spec.kind in ("gated", "fused_gate_up", "experts")
-        blocks = _lookup(model, spec.layers)
+        blocks = lookup_path(model, spec.layers)
         if not isinstance(blocks, (nn.ModuleList, list, tuple)) or len(blocks) == 0:
             raise NeedleError(
                 f"model has no MLP layers at {spec.layers} as the {spec.name} family keeps them; "
@@ -655,7 +283,7 @@ class Adapter:
         self._out: list[nn.Module] = []
         for index, block in enumerate(self._blocks):
             for path in (spec.mlp_in, spec.mlp_gate, spec.mlp_out, spec.mlp_post_norm):
-                if path is not None and _lookup(block, path) is None:
+                if path is not None and lookup_path(block, path) is None:
                     if spec.kind == "experts":
                         raise NeedleError(
                             f"layer {index} of this {spec.name} model has no experts ({spec.layers}.{index}.{path}): "
@@ -666,10 +294,10 @@ class Adapter:
                         f"model has no MLP module {spec.layers}.{index}.{path}, which the {spec.name} family "
                         "must have; the checkpoint does not match its config"
                     )
-            self._in.append(_lookup(block, spec.mlp_in))
+            self._in.append(lookup_path(block, spec.mlp_in))
             if spec.mlp_gate is not None and spec.mlp_gate != spec.mlp_in:
-                self._gate.append(_lookup(block, spec.mlp_gate))
-            self._out.append(_lookup(block, spec.mlp_out))
+                self._gate.append(lookup_path(block, spec.mlp_gate))
+            self._out.append(lookup_path(block, spec.mlp_out))
         # a mixture of experts: E experts of F neurons each per layer, neuron e * F + i being
         # neuron i of expert e; their activations pass through each layer's ExpertActs
         self.n_experts: int | None = None
@@ -678,7 +306,7 @@ class Adapter:
         self._experts: list[nn.Module] = []
         if spec.kind == "experts":
             self._experts = self._out
-            self._out = [_expert_acts(m, f"{spec.layers}.{i}.{spec.mlp_out}") for i, m in enumerate(self._experts)]
+            self._out = [expert_acts(m, f"{spec.layers}.{i}.{spec.mlp_out}") for i, m in enumerate(self._experts)]
             first: Any = self._experts[0]
             self.n_experts, self.d_expert = int(first.num_experts), int(first.intermediate_dim)
             top_k = getattr(model.config, "num_experts_per_tok", None)
@@ -686,7 +314,7 @@ class Adapter:
         # the module whose output is the "mlp_out" site
         site_out = spec.mlp_post_norm or spec.moe_block
         self._mlp_out: list[nn.Module] = [
-            _lookup(block, site_out) if site_out else out for block, out in zip(self._blocks, self._out, strict=True)
+            lookup_path(block, site_out) if site_out else out for block, out in zip(self._blocks, self._out, strict=True)
         ]
         self.n_layers: int = len(self._blocks)
         w_out = self.output_weights(0)
@@ -698,7 +326,7 @@ class Adapter:
                 "model has no LM head (get_output_embeddings() is None); pass a causal LM, not a base model"
             )
         self._head = head
-        self._project_out = _lookup(model, spec.project_out) if spec.project_out else None
+        self._project_out = lookup_path(model, spec.project_out) if spec.project_out else None
         self._unembedding: torch.Tensor | None = None
         self.vocab_size: int = int(self.unembedding().shape[0])
         cap = getattr(model.config, "final_logit_softcapping", None) if spec.softcap else None
@@ -721,13 +349,13 @@ class Adapter:
         return None if weight is None else weight.to(self.device)
 
     def _layer(self, layer: int) -> int:
-        index = _as_index(layer)
+        index = as_index(layer)
         if index is None or not 0 <= index < len(self._blocks):
             raise NotFound(f"no layer {layer}: the model has layers 0 to {len(self._blocks) - 1}")
         return index
 
     def _neuron(self, neuron: int) -> int:
-        index = _as_index(neuron)
+        index = as_index(neuron)
         if index is None or not 0 <= index < self.d_mlp:
             raise NotFound(f"no neuron {neuron}: each layer has neurons 0 to {self.d_mlp - 1}")
         return index
@@ -778,7 +406,7 @@ class Adapter:
 
     def final_norm_scale(self) -> torch.Tensor | None:
         """[d_model]: the final norm's multiplicative weight ((1 + w) for Gemma), or None if there is none."""
-        norm = _lookup(self.model, self.spec.final_norm) if self.spec.final_norm else None
+        norm = lookup_path(self.model, self.spec.final_norm) if self.spec.final_norm else None
         weight = self._weight(norm) if norm is not None else None
         if weight is None:
             return None

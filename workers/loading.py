@@ -24,15 +24,8 @@ import torch
 
 from app.errors import NeedleError
 from app.tokens import byte_names, search_key
-from workers.adapters import (
-    Adapter,
-    adapter_for,
-    detectable_model_type,
-    detection_missing_sizes,
-    family_for_config,
-    missing_sizes,
-    registry_family,
-)
+from workers.adapters import Adapter, adapter_for, family_for_config, missing_sizes, registry_family
+from workers.detect import detectable_model_type, detection_missing_sizes
 from workers.devices import is_device_map
 
 HUB_PROBE_TIMEOUT_S = 5.0
