@@ -161,7 +161,7 @@ UNREGISTERED_MOE = {
 
 
 @pytest.mark.parametrize("model_type", sorted(UNREGISTERED_MOE))
-def test_an_unregistered_mixture_of_experts_is_detected_and_indexed(model_type, sqlite_url, tmp_path):
+def test_an_unregistered_mixture_of_experts_is_detected_and_indexed(model_type, db_url, tmp_path):
     block, sizes = UNREGISTERED_MOE[model_type]
     assert model_type not in FAMILIES
     tokenizer = tiny_tokenizer("sentencepiece")
@@ -189,9 +189,9 @@ def test_an_unregistered_mixture_of_experts_is_detected_and_indexed(model_type, 
         assert (routed.sum(-1) == 2).all()
         assert torch.equal(acts[layer].view(2, 9, 4, 16).abs().sum(-1) > 0, routed)
 
-    settings = Settings(database_url=sqlite_url)
+    settings = Settings(database_url=db_url)
     index_model(settings, str(path), "moe", device="cpu", quiet=True)  # its clamp sweeps run too
-    with session_scope(engine_for(sqlite_url)) as s:
+    with session_scope(engine_for(db_url)) as s:
         stored = queries.get_model(s, "moe")
         assert stored.family == f"{model_type} (detected)" and stored.info["experts"]["count"] == 4
         rows = s.scalars(select(Neuron).where(Neuron.model_id == stored.id).order_by(Neuron.layer, Neuron.neuron)).all()
@@ -224,14 +224,14 @@ def direct_decodings(path, model_type: str):
 
 
 @pytest.mark.parametrize("model_type", sorted(UNREGISTERED))
-def test_an_unregistered_family_is_indexed_and_says_it_was_detected(model_type, sqlite_url, tmp_path, capsys):
+def test_an_unregistered_family_is_indexed_and_says_it_was_detected(model_type, db_url, tmp_path, capsys):
     path = build_unregistered(model_type, tmp_path / model_type)
     capsys.readouterr()
-    index_model(Settings(database_url=sqlite_url), str(path), "m")  # its clamp stage's sweeps run too
+    index_model(Settings(database_url=db_url), str(path), "m")  # its clamp stage's sweeps run too
     said = capsys.readouterr().err
     assert f"model_type {model_type!r} is not in Needle's registry" in said and "detected" in said
 
-    with session_scope(engine_for(sqlite_url)) as s:
+    with session_scope(engine_for(db_url)) as s:
         model = queries.get_model(s, "m")
         assert model.family == f"{model_type} (detected)"
         assert (model.n_layers, model.d_model, model.d_mlp) == (LAYERS, HIDDEN, MLP)
@@ -254,7 +254,7 @@ def test_an_unregistered_family_is_indexed_and_says_it_was_detected(model_type, 
 
     from app.main import create_app
 
-    page = TestClient(create_app(Settings(database_url=sqlite_url))).get("/m.json").json()
+    page = TestClient(create_app(Settings(database_url=db_url))).get("/m.json").json()
     assert page["family"] == f"{model_type} (detected)"
 
 
