@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from workers.adapters import Adapter, adapter_for
 from workers.decode import SEARCH_K
 from workers.devices import is_device_map
@@ -138,7 +140,9 @@ def inspect_model(source: str, device: str = "auto", dtype: str = "auto",
         },
         "device": resolved_device,
         "dtype": dtype_name(torch_dtype),
-        "memory": _memory(adapter, n_params, model_bytes, resolved_device.startswith("cuda")),
+        # a device map's stages combine what they read on its first GPU (where the embedding goes), if any
+        "memory": _memory(adapter, n_params, model_bytes, resolved_device.startswith("cuda")
+                          or (is_device_map(resolved_device) and torch.cuda.is_available())),
         # whether the weights fit where they would be loaded: the bytes free at each place (or its cap)
         "fits": {"fits": fits(model_bytes, places), "needed_bytes": model_bytes, "free_bytes": places},
     }
